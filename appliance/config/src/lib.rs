@@ -1,0 +1,270 @@
+//! Site configuration of a Kakehashi box.
+//!
+//! The file is TOML (`/etc/kakehashi/kakehashi.toml` by default). It is read
+//! strictly — an unknown key is an error that names it — and validated once,
+//! at load, into typed values ([`Config`]); the rest of the box never sees a
+//! raw string from the file. Every validation error names the key, the bad
+//! value and what would be accepted.
+//!
+//! Not here: the tunnel and TPM sections (later issues), hot reload (the
+//! daemon reads its config once at start; restart it to apply changes).
+
+#![forbid(unsafe_code)]
+
+mod raw;
+mod units;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use units::{format_bytes, parse_bytes, parse_duration};
+
+/// Default path of the site configuration.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kakehashi/kakehashi.toml";
+/// Default path of the operator control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/kakehashi/control.sock";
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}` = {value:?} is not valid: expected {expected}")]
+    Invalid {
+        key: String,
+        value: String,
+        expected: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(
+        key: impl Into<String>,
+        value: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            value: value.into(),
+            expected: expected.into(),
+        }
+    }
+}
+
+/// The validated configuration of the box.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub dicom: DicomConfig,
+    pub destinations: Vec<Destination>,
+    pub spool: SpoolConfig,
+    pub retry: RetryPolicy,
+    pub control: ControlConfig,
+    pub log: LogConfig,
+}
+
+/// The box's own DICOM node (the SCP the hospital sends to).
+#[derive(Debug, Clone)]
+pub struct DicomConfig {
+    pub ae_title: AeTitle,
+    pub listen: SocketAddr,
+    /// Largest P-DATA PDU the box accepts (we announce it in A-ASSOCIATE-AC).
+    pub max_pdu: u32,
+    /// Associations served at once; more are rejected (transient, local limit).
+    pub max_associations: usize,
+    /// How long an association may stay silent before it is aborted.
+    pub idle_timeout: Duration,
+    pub sources: Vec<Source>,
+}
+
+/// A node allowed to send to the box.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub ae_title: AeTitle,
+    pub address: Option<IpNet>,
+}
+
+/// Where studies are forwarded.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub name: String,
+    pub ae_title: AeTitle,
+    /// `host:port`; the host may be a DNS name, resolved at each connection.
+    pub address: String,
+    /// Calling AE title the box uses towards this destination.
+    pub calling_ae_title: AeTitle,
+    pub max_pdu: u32,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    /// Keep an association open this long waiting for more work.
+    pub linger: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub max_size: u64,
+    /// Refuse new instances when the filesystem has less free space than this.
+    pub min_free: u64,
+    /// Keep delivered payloads this long (zero: delete on delivery).
+    pub retention: Duration,
+}
+
+/// Exponential backoff with full jitter between `initial` and `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// journald when started by systemd, text otherwise.
+    Auto,
+    Text,
+    Json,
+    Journald,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// A DICOM application entity title: 1–16 characters of the default
+/// character repertoire, no backslash, not only spaces. Stored trimmed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AeTitle(String);
+
+impl AeTitle {
+    pub fn parse(key: &str, value: &str) -> Result<Self, ConfigError> {
+        let expected = "1 to 16 printable ASCII characters, no backslash, not only spaces";
+        let trimmed = value.trim_matches(' ');
+        if trimmed.is_empty()
+            || value.len() > 16
+            || !value
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+        {
+            return Err(ConfigError::invalid(key, value, expected));
+        }
+        Ok(AeTitle(trimmed.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for AeTitle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An IP network (an address is a /32 or /128 network).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(key: &str, value: &str) -> Result<Self, ConfigError> {
+        let bad = || {
+            ConfigError::invalid(
+                key,
+                value,
+                "an IP address or CIDR network such as \"192.168.10.20\" or \"192.168.10.0/24\"",
+            )
+        };
+        let (addr, prefix) = match value.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (value, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().map_err(|_| bad())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(IpNet { addr, prefix })
+    }
+
+    /// Whether `ip` lies in this network. IPv4-mapped IPv6 peers match IPv4 networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        raw.validate()
+    }
+
+    pub fn destination(&self, name: &str) -> Option<&Destination> {
+        self.destinations.iter().find(|d| d.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests;

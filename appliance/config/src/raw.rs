@@ -1,0 +1,324 @@
+//! The file as written, before validation. Every struct denies unknown keys.
+
+use serde::Deserialize;
+
+use crate::units::{parse_bytes, parse_duration};
+use crate::{
+    AeTitle, Config, ConfigError, ControlConfig, Destination, DicomConfig, IpNet, LogConfig,
+    LogFormat, RetryPolicy, Source, SpoolConfig, DEFAULT_CONTROL_SOCKET,
+};
+use std::path::PathBuf;
+use std::time::Duration;
+
+const DURATION: &str = "a duration such as \"250ms\", \"30s\", \"5m\", \"2h\" or \"7d\"";
+const SIZE: &str = "a size such as \"500 MiB\", \"50 GiB\" or a number of bytes";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    dicom: RawDicom,
+    #[serde(default)]
+    destinations: Vec<RawDestination>,
+    spool: RawSpool,
+    #[serde(default)]
+    retry: RawRetry,
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDicom {
+    ae_title: String,
+    listen: String,
+    max_pdu: Option<i64>,
+    max_associations: Option<i64>,
+    idle_timeout: Option<String>,
+    #[serde(default)]
+    sources: Vec<RawSource>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    ae_title: String,
+    address: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    name: String,
+    ae_title: String,
+    address: String,
+    calling_ae_title: Option<String>,
+    max_pdu: Option<i64>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    linger: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    dir: String,
+    max_size: String,
+    min_free: Option<String>,
+    retention: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    initial: Option<String>,
+    max: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+fn duration(key: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => parse_duration(v).ok_or_else(|| ConfigError::invalid(key, v, DURATION)),
+    }
+}
+
+fn size(key: &str, value: &str) -> Result<u64, ConfigError> {
+    parse_bytes(value).ok_or_else(|| ConfigError::invalid(key, value, SIZE))
+}
+
+fn max_pdu(key: &str, value: Option<i64>, default: u32) -> Result<u32, ConfigError> {
+    let v = value.unwrap_or(i64::from(default));
+    if !(4096..=16 * 1024 * 1024).contains(&v) {
+        return Err(ConfigError::invalid(
+            key,
+            v.to_string(),
+            "a PDU size in bytes from 4096 to 16777216",
+        ));
+    }
+    // The PDV length must be even on the wire; round down so ours always is.
+    Ok((v as u32) & !1)
+}
+
+impl RawConfig {
+    pub(crate) fn validate(self) -> Result<Config, ConfigError> {
+        let d = self.dicom;
+        let ae_title = AeTitle::parse("dicom.ae_title", &d.ae_title)?;
+        let listen = d.listen.parse().map_err(|_| {
+            ConfigError::invalid(
+                "dicom.listen",
+                &d.listen,
+                "an IP address and port such as \"0.0.0.0:104\" or \"127.0.0.1:11112\"",
+            )
+        })?;
+        if d.sources.is_empty() {
+            return Err(ConfigError::invalid(
+                "dicom.sources",
+                "[]",
+                "at least one [[dicom.sources]] entry (the AE titles allowed to send to the box)",
+            ));
+        }
+        let mut sources = Vec::new();
+        for (i, s) in d.sources.iter().enumerate() {
+            let src = Source {
+                ae_title: AeTitle::parse(&format!("dicom.sources[{i}].ae_title"), &s.ae_title)?,
+                address: s
+                    .address
+                    .as_deref()
+                    .map(|a| IpNet::parse(&format!("dicom.sources[{i}].address"), a))
+                    .transpose()?,
+            };
+            sources.push(src);
+        }
+        let max_associations = d.max_associations.unwrap_or(16);
+        if !(1..=1024).contains(&max_associations) {
+            return Err(ConfigError::invalid(
+                "dicom.max_associations",
+                max_associations.to_string(),
+                "a number from 1 to 1024",
+            ));
+        }
+        let dicom = DicomConfig {
+            ae_title: ae_title.clone(),
+            listen,
+            max_pdu: max_pdu("dicom.max_pdu", d.max_pdu, 256 * 1024)?,
+            max_associations: max_associations as usize,
+            idle_timeout: duration(
+                "dicom.idle_timeout",
+                d.idle_timeout.as_deref(),
+                Duration::from_secs(120),
+            )?,
+            sources,
+        };
+
+        if self.destinations.is_empty() {
+            return Err(ConfigError::invalid(
+                "destinations",
+                "[]",
+                "at least one [[destinations]] entry (where studies are forwarded)",
+            ));
+        }
+        let mut destinations: Vec<Destination> = Vec::new();
+        for (i, r) in self.destinations.into_iter().enumerate() {
+            let key = |k: &str| format!("destinations[{i}].{k}");
+            let name_ok = !r.name.is_empty()
+                && r.name.len() <= 64
+                && r.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !name_ok {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    &r.name,
+                    "1 to 64 characters of a-z, A-Z, 0-9, '-' and '_'",
+                ));
+            }
+            if destinations.iter().any(|d| d.name == r.name) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    &r.name,
+                    "a name not used by another destination",
+                ));
+            }
+            let addr_ok = r.address.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !addr_ok {
+                return Err(ConfigError::invalid(
+                    key("address"),
+                    &r.address,
+                    "host:port, e.g. \"10.8.0.1:104\" or \"pacs.center.example:11112\"",
+                ));
+            }
+            destinations.push(Destination {
+                ae_title: AeTitle::parse(&key("ae_title"), &r.ae_title)?,
+                calling_ae_title: match &r.calling_ae_title {
+                    Some(t) => AeTitle::parse(&key("calling_ae_title"), t)?,
+                    None => ae_title.clone(),
+                },
+                max_pdu: max_pdu(&key("max_pdu"), r.max_pdu, 256 * 1024)?,
+                connect_timeout: duration(
+                    &key("connect_timeout"),
+                    r.connect_timeout.as_deref(),
+                    Duration::from_secs(10),
+                )?,
+                response_timeout: duration(
+                    &key("response_timeout"),
+                    r.response_timeout.as_deref(),
+                    Duration::from_secs(120),
+                )?,
+                linger: duration(&key("linger"), r.linger.as_deref(), Duration::from_secs(5))?,
+                name: r.name,
+                address: r.address,
+            });
+        }
+
+        let s = self.spool;
+        if s.dir.trim().is_empty() || !s.dir.starts_with('/') {
+            return Err(ConfigError::invalid(
+                "spool.dir",
+                &s.dir,
+                "an absolute directory path",
+            ));
+        }
+        let max_size = size("spool.max_size", &s.max_size)?;
+        if max_size < 1 << 20 {
+            return Err(ConfigError::invalid(
+                "spool.max_size",
+                &s.max_size,
+                "at least 1 MiB",
+            ));
+        }
+        let spool = SpoolConfig {
+            dir: PathBuf::from(s.dir),
+            max_size,
+            min_free: match &s.min_free {
+                Some(v) => size("spool.min_free", v)?,
+                None => 512 << 20,
+            },
+            retention: duration("spool.retention", s.retention.as_deref(), Duration::ZERO)?,
+        };
+
+        let initial = duration(
+            "retry.initial",
+            self.retry.initial.as_deref(),
+            Duration::from_secs(5),
+        )?;
+        let max = duration(
+            "retry.max",
+            self.retry.max.as_deref(),
+            Duration::from_secs(300),
+        )?;
+        if initial.is_zero() {
+            return Err(ConfigError::invalid(
+                "retry.initial",
+                self.retry.initial.unwrap_or_default(),
+                "a duration above zero",
+            ));
+        }
+        if max < initial {
+            return Err(ConfigError::invalid(
+                "retry.max",
+                self.retry.max.unwrap_or_default(),
+                format!("a duration not shorter than retry.initial ({initial:?})"),
+            ));
+        }
+
+        let socket = self
+            .control
+            .socket
+            .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.to_string());
+        if !socket.starts_with('/') {
+            return Err(ConfigError::invalid(
+                "control.socket",
+                &socket,
+                "an absolute path",
+            ));
+        }
+        let format = match self.log.format.as_deref().unwrap_or("auto") {
+            "auto" => LogFormat::Auto,
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            "journald" => LogFormat::Journald,
+            other => {
+                return Err(ConfigError::invalid(
+                    "log.format",
+                    other,
+                    "one of \"auto\", \"text\", \"json\", \"journald\"",
+                ))
+            }
+        };
+        let level = self.log.level.unwrap_or_else(|| "info".to_string());
+        if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+            return Err(ConfigError::invalid(
+                "log.level",
+                &level,
+                "one of \"error\", \"warn\", \"info\", \"debug\", \"trace\"",
+            ));
+        }
+
+        Ok(Config {
+            dicom,
+            destinations,
+            spool,
+            retry: RetryPolicy { initial, max },
+            control: ControlConfig {
+                socket: PathBuf::from(socket),
+            },
+            log: LogConfig { format, level },
+        })
+    }
+}

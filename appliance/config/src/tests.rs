@@ -1,0 +1,117 @@
+use super::*;
+
+const ISSUE_EXAMPLE: &str = r#"
+[dicom]
+ae_title = "KAKEHASHI"
+listen = "127.0.0.1:11112"
+
+[[dicom.sources]]          # who may send to the box; an association from anyone else is rejected
+ae_title = "MODALITY1"
+# address = "192.168.10.0/24"   # optional IP or CIDR the association must come from
+
+[[destinations]]
+name = "reading-center"
+ae_title = "READCENTER"
+address = "127.0.0.1:11113"
+
+[spool]
+dir = "/var/lib/kakehashi/spool"
+max_size = "50 GiB"
+"#;
+
+fn err(text: &str) -> String {
+    Config::parse(text)
+        .expect_err("config should be rejected")
+        .to_string()
+}
+
+#[test]
+fn issue_example_means_what_it_says() {
+    let c = Config::parse(ISSUE_EXAMPLE).expect("the documented example must load");
+    assert_eq!(c.dicom.ae_title.as_str(), "KAKEHASHI");
+    assert_eq!(c.dicom.listen, "127.0.0.1:11112".parse().expect("addr"));
+    assert_eq!(
+        c.dicom.sources,
+        vec![Source {
+            ae_title: AeTitle("MODALITY1".into()),
+            address: None
+        }]
+    );
+    assert_eq!(c.destinations[0].name, "reading-center");
+    assert_eq!(c.destinations[0].ae_title.as_str(), "READCENTER");
+    assert_eq!(c.destinations[0].address, "127.0.0.1:11113");
+    assert_eq!(c.destinations[0].calling_ae_title.as_str(), "KAKEHASHI");
+    assert_eq!(c.spool.dir, PathBuf::from("/var/lib/kakehashi/spool"));
+    assert_eq!(c.spool.max_size, 50 * (1 << 30));
+    assert_eq!(c.control.socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+}
+
+#[test]
+fn shipped_examples_load() {
+    for name in ["kakehashi.toml", "minimal.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples")
+            .join(name);
+        Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let e = err(&ISSUE_EXAMPLE.replace(
+        "max_size = \"50 GiB\"",
+        "max_size = \"50 GiB\"\nmax_sise = 1",
+    ));
+    assert!(e.contains("max_sise"), "{e}");
+}
+
+#[test]
+fn bad_values_name_key_value_and_expectation() {
+    let e = err(&ISSUE_EXAMPLE.replace("\"50 GiB\"", "\"fifty\""));
+    assert!(
+        e.contains("spool.max_size") && e.contains("fifty") && e.contains("GiB"),
+        "{e}"
+    );
+    let e = err(&ISSUE_EXAMPLE.replace("\"MODALITY1\"", "\"THIS_AE_TITLE_IS_TOO_LONG\""));
+    assert!(
+        e.contains("dicom.sources[0].ae_title") && e.contains("16"),
+        "{e}"
+    );
+    let e = err(&ISSUE_EXAMPLE.replace("\"127.0.0.1:11113\"", "\"nohostport\""));
+    assert!(e.contains("destinations[0].address"), "{e}");
+    let e = err(&ISSUE_EXAMPLE.replace(
+        "# address = \"192.168.10.0/24\"",
+        "address = \"192.168.10.0/33\"",
+    ));
+    assert!(
+        e.contains("dicom.sources[0].address") && e.contains("CIDR"),
+        "{e}"
+    );
+    let e = err(&ISSUE_EXAMPLE.replace("listen = \"127.0.0.1:11112\"", "listen = \"localhost\""));
+    assert!(e.contains("dicom.listen"), "{e}");
+}
+
+#[test]
+fn cidr_matching() {
+    let net = IpNet::parse("k", "192.168.10.0/24").expect("net");
+    assert!(net.contains("192.168.10.77".parse().expect("ip")));
+    assert!(!net.contains("192.168.11.1".parse().expect("ip")));
+    assert!(net.contains("::ffff:192.168.10.5".parse().expect("ip")));
+    let host = IpNet::parse("k", "10.0.0.1").expect("host");
+    assert!(host.contains("10.0.0.1".parse().expect("ip")));
+    assert!(!host.contains("10.0.0.2".parse().expect("ip")));
+    assert!(IpNet::parse("k", "0.0.0.0/0")
+        .expect("any")
+        .contains("8.8.8.8".parse().expect("ip")));
+}
+
+#[test]
+fn units() {
+    assert_eq!(parse_bytes("1.5 KiB"), Some(1536));
+    assert_eq!(parse_bytes("10MB"), Some(10_000_000));
+    assert_eq!(parse_bytes("12 parsecs"), None);
+    assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+    assert_eq!(parse_duration("7d"), Some(Duration::from_secs(7 * 86400)));
+    assert_eq!(parse_duration("5 fortnights"), None);
+    assert_eq!(format_bytes(1536), "1.5 KiB");
+}

@@ -1,0 +1,966 @@
+//! The durable store-and-forward spool.
+//!
+//! An instance is *accepted* when [`Incoming::commit`] returns: its payload
+//! file was written to a temp name, fsynced, renamed into `data/`, the
+//! directory fsynced, and its index record committed (redb, `Immediate`
+//! durability) together with its audit record. Only then may the ingress
+//! answer C-STORE Success. Nothing accepted is ever deleted except when every
+//! destination has it (or an operator purges a dead letter).
+//!
+//! Layout of `spool.dir`:
+//! - `index.redb` — instance records, SOP Instance UID map, audit trail, format marker
+//! - `data/<id>.dcm` — payload files: Part 10 files (file meta header + the dataset as received)
+//! - `tmp/<id>.part` — payloads being received; removed at start-up
+//!
+//! This crate is synchronous (std::fs + redb); the daemon calls it from
+//! blocking tasks. It does not schedule (see the daemon's forwarder) and
+//! does not parse DICOM (see `kakehashi-dicom`).
+//!
+//! Limitations: payloads are stored in clear (sealing arrives with the TPM
+//! issue); the size limit counts payload bytes, not index overhead.
+
+#![forbid(unsafe_code)]
+
+mod record;
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use sha2::{Digest, Sha256};
+
+pub use record::{
+    AuditEvent, AuditRecord, DecodeError, InstanceMeta, InstanceRecord, Priority, Route, RouteState,
+};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const INSTANCES: TableDefinition<u64, &[u8]> = TableDefinition::new("instances");
+const UIDS: TableDefinition<&str, u64> = TableDefinition::new("uids");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+/// Magic and version of the spool as a whole (`meta["format"]`).
+pub const FORMAT_MAGIC: &[u8; 4] = b"KKHS";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spool index {action}: {source}")]
+    Index {
+        action: &'static str,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("spool index record {key} is unreadable: {source}")]
+    Record {
+        key: String,
+        #[source]
+        source: DecodeError,
+    },
+    #[error(
+        "spool at {dir} has format {found}, this kakehashid understands version {FORMAT_VERSION}"
+    )]
+    Format { dir: PathBuf, found: String },
+    #[error("spool is full: {used} bytes used of {max}; refusing new data (nothing queued is deleted to make room)")]
+    Full { used: u64, max: u64 },
+    #[error("filesystem of {dir} has {free} bytes free, below the {min_free} bytes kept free")]
+    DiskLow {
+        dir: PathBuf,
+        free: u64,
+        min_free: u64,
+    },
+    #[error("no instance {0} in the spool")]
+    NotFound(u64),
+}
+
+impl SpoolError {
+    /// Whether the failure means "no room" (DICOM 0xA700), as opposed to a fault.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            SpoolError::Full { .. } | SpoolError::DiskLow { .. } => true,
+            SpoolError::Io { source, .. } => source.raw_os_error() == Some(libc_enospc()),
+            _ => false,
+        }
+    }
+}
+
+fn libc_enospc() -> i32 {
+    nix::errno::Errno::ENOSPC as i32
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn idx<E: Into<redb::Error>>(action: &'static str) -> impl FnOnce(E) -> SpoolError {
+    move |e| SpoolError::Index {
+        action,
+        source: e.into(),
+    }
+}
+
+/// Limits the spool enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_size: u64,
+    pub min_free: u64,
+}
+
+/// What start-up recovery found and repaired.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub records: usize,
+    pub in_flight_requeued: usize,
+    pub temp_files_removed: usize,
+    /// Payload files without an index record: never acknowledged, removed.
+    pub orphan_files_removed: usize,
+    /// Records whose payload file is missing or short: dead-lettered.
+    pub missing_payloads: Vec<u64>,
+}
+
+impl RecoveryReport {
+    pub fn is_clean(&self) -> bool {
+        self.in_flight_requeued == 0
+            && self.temp_files_removed == 0
+            && self.orphan_files_removed == 0
+            && self.missing_payloads.is_empty()
+    }
+}
+
+/// Outcome of committing a received instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    Queued(InstanceRecord),
+    /// Same SOP Instance UID and same bytes as an instance still in the spool.
+    Duplicate {
+        existing: u64,
+    },
+}
+
+/// Per-destination numbers for `status`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DestinationCounts {
+    pub queued: u64,
+    pub queued_bytes: u64,
+    pub dead_letter: u64,
+    pub oldest_received_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    data_dir: PathBuf,
+    tmp_dir: PathBuf,
+    db: Database,
+    destinations: Vec<String>,
+    limits: Limits,
+    /// Bytes of payload files in `data/`.
+    used: AtomicU64,
+    /// Bytes being received right now (counted against the limit).
+    reserved: AtomicU64,
+    next_id: AtomicU64,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool at `dir` and recovers it.
+    pub fn open(
+        dir: &Path,
+        destinations: Vec<String>,
+        limits: Limits,
+        now_ms: u64,
+    ) -> Result<(Arc<Spool>, RecoveryReport), SpoolError> {
+        let data_dir = dir.join("data");
+        let tmp_dir = dir.join("tmp");
+        for d in [dir, &data_dir, &tmp_dir] {
+            fs::create_dir_all(d).map_err(io(d))?;
+        }
+        let db_path = dir.join("index.redb");
+        let db = Database::create(&db_path).map_err(idx("open"))?;
+        let spool = Spool {
+            dir: dir.to_path_buf(),
+            data_dir,
+            tmp_dir,
+            db,
+            destinations,
+            limits,
+            used: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+        };
+        spool.check_format()?;
+        let report = spool.recover(now_ms)?;
+        Ok((Arc::new(spool), report))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    fn check_format(&self) -> Result<(), SpoolError> {
+        let mut marker = FORMAT_MAGIC.to_vec();
+        marker.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+        let txn = self.db.begin_write().map_err(idx("begin"))?;
+        {
+            let mut meta = txn.open_table(META).map_err(idx("open meta"))?;
+            let found = meta
+                .get("format")
+                .map_err(idx("read format"))?
+                .map(|v| v.value().to_vec());
+            match found {
+                None => {
+                    meta.insert("format", marker.as_slice())
+                        .map_err(idx("write format"))?;
+                }
+                Some(f) if f == marker => {}
+                // Future format versions add their migrations here, oldest first.
+                Some(f) => {
+                    return Err(SpoolError::Format {
+                        dir: self.dir.clone(),
+                        found: if f.starts_with(FORMAT_MAGIC) && f.len() == 8 {
+                            format!("version {}", u32::from_be_bytes([f[4], f[5], f[6], f[7]]))
+                        } else {
+                            "an unknown marker (not a Kakehashi spool?)".to_string()
+                        },
+                    })
+                }
+            }
+            txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+            txn.open_table(UIDS).map_err(idx("open uids"))?;
+            txn.open_table(AUDIT).map_err(idx("open audit"))?;
+        }
+        txn.commit().map_err(idx("commit format"))?;
+        Ok(())
+    }
+
+    fn payload_path(&self, id: u64) -> PathBuf {
+        self.data_dir.join(format!("{id:016x}.dcm"))
+    }
+
+    fn recover(&self, now_ms: u64) -> Result<RecoveryReport, SpoolError> {
+        let mut report = RecoveryReport::default();
+        for entry in fs::read_dir(&self.tmp_dir).map_err(io(&self.tmp_dir))? {
+            let entry = entry.map_err(io(&self.tmp_dir))?;
+            fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
+            report.temp_files_removed += 1;
+        }
+        let mut on_disk: HashMap<u64, u64> = HashMap::new();
+        for entry in fs::read_dir(&self.data_dir).map_err(io(&self.data_dir))? {
+            let entry = entry.map_err(io(&self.data_dir))?;
+            let name = entry.file_name();
+            let id = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".dcm"))
+                .and_then(|n| u64::from_str_radix(n, 16).ok());
+            let len = entry.metadata().map_err(io(&entry.path()))?.len();
+            match id {
+                Some(id) => {
+                    on_disk.insert(id, len);
+                }
+                None => {
+                    tracing::warn!(file = %entry.path().display(), "unexpected file in spool data directory left alone")
+                }
+            }
+        }
+
+        let txn = self.begin_write(Durability::Immediate)?;
+        let mut max_id = 0;
+        let mut used = 0;
+        {
+            let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+            let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
+            let mut audit = txn.open_table(AUDIT).map_err(idx("open audit"))?;
+            let mut updates = Vec::new();
+            for item in table.iter().map_err(idx("scan instances"))? {
+                let (k, v) = item.map_err(idx("scan instances"))?;
+                let id = k.value();
+                let mut rec: InstanceRecord = decode_record(id, v.value())?;
+                report.records += 1;
+                max_id = max_id.max(id);
+                let mut changed = false;
+                for r in &mut rec.routes {
+                    if r.state == RouteState::InFlight {
+                        r.state = RouteState::Queued;
+                        report.in_flight_requeued += 1;
+                        changed = true;
+                    }
+                }
+                // A destination added to the config since: route to it too.
+                for d in &self.destinations {
+                    if rec.route(d).is_none() && !rec.is_done() {
+                        rec.routes.push(new_route(d));
+                        changed = true;
+                    }
+                }
+                match on_disk.remove(&id) {
+                    Some(len) if len == rec.file_size() => used += len,
+                    found => {
+                        if !rec.is_done() {
+                            let why = match found {
+                                Some(len) => format!(
+                                    "payload file is {len} bytes, expected {}",
+                                    rec.file_size()
+                                ),
+                                None => "payload file is missing".to_string(),
+                            };
+                            for r in rec.routes.iter_mut().filter(|r| r.state.is_pending()) {
+                                r.state = RouteState::DeadLetter;
+                                r.last_error =
+                                    Some(format!("integrity: {why} (found at start-up)"));
+                            }
+                            report.missing_payloads.push(id);
+                            changed = true;
+                            if let Some(len) = found {
+                                used += len;
+                            }
+                        }
+                    }
+                }
+                if changed {
+                    updates.push(rec);
+                }
+            }
+            for rec in updates {
+                if rec.is_done() && !self.payload_path(rec.id).exists() {
+                    table.remove(rec.id).map_err(idx("drop record"))?;
+                    continue;
+                }
+                if report.missing_payloads.contains(&rec.id) {
+                    let seq = next_seq(&audit)?;
+                    let a = AuditRecord {
+                        seq,
+                        time_ms: now_ms,
+                        event: AuditEvent::DeadLettered,
+                        actor: "kakehashid".into(),
+                        sop_instance_uid: Some(rec.meta.sop_instance_uid.clone()),
+                        study_instance_uid: Some(rec.meta.study_instance_uid.clone()),
+                        destination: None,
+                        detail: "payload file missing or short at start-up".into(),
+                    };
+                    audit
+                        .insert(seq, record::encode(&a).as_slice())
+                        .map_err(idx("write audit"))?;
+                }
+                uids.insert(rec.meta.sop_instance_uid.as_str(), rec.id)
+                    .map_err(idx("write uid"))?;
+                table
+                    .insert(rec.id, record::encode(&rec).as_slice())
+                    .map_err(idx("write record"))?;
+            }
+        }
+        txn.commit().map_err(idx("commit recovery"))?;
+
+        // Renamed into data/ but never committed: the sender was never told
+        // Success, so it still holds the image. Remove.
+        for (id, _) in on_disk {
+            let path = self.payload_path(id);
+            fs::remove_file(&path).map_err(io(&path))?;
+            report.orphan_files_removed += 1;
+            max_id = max_id.max(id);
+        }
+        if report.orphan_files_removed > 0 || report.temp_files_removed > 0 {
+            sync_dir(&self.data_dir)?;
+        }
+        self.used.store(used, Ordering::SeqCst);
+        self.next_id.store(max_id + 1, Ordering::SeqCst);
+        Ok(report)
+    }
+
+    fn begin_write(&self, durability: Durability) -> Result<redb::WriteTransaction, SpoolError> {
+        let mut txn = self.db.begin_write().map_err(idx("begin"))?;
+        txn.set_durability(durability)
+            .map_err(idx("set durability"))?;
+        Ok(txn)
+    }
+
+    /// Starts receiving an instance: `header` (the Part 10 file meta) is
+    /// written first, then the dataset via [`Incoming::write`].
+    pub fn begin(self: &Arc<Self>, header: &[u8]) -> Result<Incoming, SpoolError> {
+        self.check_room(header.len() as u64)?;
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let tmp = self.tmp_dir.join(format!("{id:016x}.part"));
+        let mut file = File::create(&tmp).map_err(io(&tmp))?;
+        let mut incoming = Incoming {
+            spool: Arc::clone(self),
+            id,
+            tmp,
+            file: None,
+            header_len: header.len() as u64,
+            dataset_len: 0,
+            reserved: 0,
+            hasher: Sha256::new(),
+        };
+        incoming.reserve(header.len() as u64)?;
+        file.write_all(header).map_err(io(&incoming.tmp))?;
+        incoming.file = Some(std::io::BufWriter::with_capacity(1 << 20, file));
+        Ok(incoming)
+    }
+
+    fn check_room(&self, extra: u64) -> Result<(), SpoolError> {
+        let used = self.used.load(Ordering::SeqCst) + self.reserved.load(Ordering::SeqCst);
+        if used + extra > self.limits.max_size {
+            return Err(SpoolError::Full {
+                used,
+                max: self.limits.max_size,
+            });
+        }
+        let free = free_space(&self.dir)?;
+        if free < self.limits.min_free + extra {
+            return Err(SpoolError::DiskLow {
+                dir: self.dir.clone(),
+                free,
+                min_free: self.limits.min_free,
+            });
+        }
+        Ok(())
+    }
+
+    /// Every record, for rebuilding schedules and listings.
+    pub fn records(&self) -> Result<Vec<InstanceRecord>, SpoolError> {
+        let txn = self.db.begin_read().map_err(idx("begin read"))?;
+        let table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(idx("scan instances"))? {
+            let (k, v) = item.map_err(idx("scan instances"))?;
+            out.push(decode_record(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn get(&self, id: u64) -> Result<InstanceRecord, SpoolError> {
+        let txn = self.db.begin_read().map_err(idx("begin read"))?;
+        let table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+        let v = table
+            .get(id)
+            .map_err(idx("read instance"))?
+            .ok_or(SpoolError::NotFound(id))?;
+        decode_record(id, v.value())
+    }
+
+    pub fn counts(&self) -> Result<HashMap<String, DestinationCounts>, SpoolError> {
+        let mut out: HashMap<String, DestinationCounts> = self
+            .destinations
+            .iter()
+            .map(|d| (d.clone(), DestinationCounts::default()))
+            .collect();
+        for rec in self.records()? {
+            for r in &rec.routes {
+                let c = out.entry(r.destination.clone()).or_default();
+                match r.state {
+                    RouteState::Queued | RouteState::InFlight => {
+                        c.queued += 1;
+                        c.queued_bytes += rec.dataset_size;
+                        c.oldest_received_ms = Some(
+                            c.oldest_received_ms
+                                .map_or(rec.received_ms, |o| o.min(rec.received_ms)),
+                        );
+                    }
+                    RouteState::DeadLetter => c.dead_letter += 1,
+                    RouteState::Delivered => {}
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens the payload of `id` for reading, positioned nowhere in particular.
+    pub fn open_payload(&self, rec: &InstanceRecord) -> Result<(File, PathBuf), SpoolError> {
+        let path = self.payload_path(rec.id);
+        let f = File::open(&path).map_err(io(&path))?;
+        Ok((f, path))
+    }
+
+    /// Applies `change` to the route of `destination` in record `id`, writes
+    /// `audit` in the same transaction, and deletes the payload once no route
+    /// needs it (unless it is retained).
+    pub fn update_route(
+        &self,
+        id: u64,
+        destination: &str,
+        durability: Durability,
+        audit: Option<(AuditEvent, String)>,
+        now_ms: u64,
+        keep_payload: bool,
+        change: impl FnOnce(&mut Route),
+    ) -> Result<InstanceRecord, SpoolError> {
+        let txn = self.begin_write(durability)?;
+        let rec;
+        let mut delete = false;
+        {
+            let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+            let v = table
+                .get(id)
+                .map_err(idx("read instance"))?
+                .ok_or(SpoolError::NotFound(id))?;
+            let mut r = decode_record(id, v.value())?;
+            drop(v);
+            let route = r.route_mut(destination).ok_or(SpoolError::NotFound(id))?;
+            change(route);
+            if let Some((event, detail)) = audit {
+                let mut a = txn.open_table(AUDIT).map_err(idx("open audit"))?;
+                let seq = next_seq(&a)?;
+                let rec = AuditRecord {
+                    seq,
+                    time_ms: now_ms,
+                    event,
+                    actor: "kakehashid".into(),
+                    sop_instance_uid: Some(r.meta.sop_instance_uid.clone()),
+                    study_instance_uid: Some(r.meta.study_instance_uid.clone()),
+                    destination: Some(destination.to_string()),
+                    detail,
+                };
+                a.insert(seq, record::encode(&rec).as_slice())
+                    .map_err(idx("write audit"))?;
+            }
+            if r.is_done() && !keep_payload {
+                table.remove(id).map_err(idx("remove instance"))?;
+                let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
+                let mapped = uids
+                    .get(r.meta.sop_instance_uid.as_str())
+                    .map_err(idx("read uid"))?
+                    .map(|v| v.value());
+                if mapped == Some(id) {
+                    uids.remove(r.meta.sop_instance_uid.as_str())
+                        .map_err(idx("remove uid"))?;
+                }
+                delete = true;
+            } else {
+                table
+                    .insert(id, record::encode(&r).as_slice())
+                    .map_err(idx("write instance"))?;
+            }
+            rec = r;
+        }
+        txn.commit().map_err(idx("commit route"))?;
+        if delete {
+            self.delete_payload(&rec)?;
+        }
+        Ok(rec)
+    }
+
+    fn delete_payload(&self, rec: &InstanceRecord) -> Result<(), SpoolError> {
+        let path = self.payload_path(rec.id);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                self.used
+                    .fetch_sub(rec.file_size().min(self.used_bytes()), Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Removes delivered instances whose retention has passed.
+    pub fn sweep_retained(&self, older_than_ms: u64) -> Result<usize, SpoolError> {
+        let done: Vec<InstanceRecord> = self
+            .records()?
+            .into_iter()
+            .filter(|r| {
+                r.is_done()
+                    && r.routes
+                        .iter()
+                        .all(|x| x.delivered_ms.is_some_and(|t| t < older_than_ms))
+            })
+            .collect();
+        if done.is_empty() {
+            return Ok(0);
+        }
+        let txn = self.begin_write(Durability::Immediate)?;
+        {
+            let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+            let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
+            for r in &done {
+                table.remove(r.id).map_err(idx("remove instance"))?;
+                let mapped = uids
+                    .get(r.meta.sop_instance_uid.as_str())
+                    .map_err(idx("read uid"))?
+                    .map(|v| v.value());
+                if mapped == Some(r.id) {
+                    uids.remove(r.meta.sop_instance_uid.as_str())
+                        .map_err(idx("remove uid"))?;
+                }
+            }
+        }
+        txn.commit().map_err(idx("commit sweep"))?;
+        for r in &done {
+            self.delete_payload(r)?;
+        }
+        Ok(done.len())
+    }
+
+    /// Puts dead letters (of one destination, or all) back in the queue.
+    /// Returns the ids requeued.
+    pub fn retry_dead(
+        &self,
+        destination: Option<&str>,
+        ids: &[u64],
+        now_ms: u64,
+    ) -> Result<Vec<u64>, SpoolError> {
+        self.operator_change(destination, ids, now_ms, AuditEvent::Retried, |route| {
+            route.state = RouteState::Queued;
+            route.attempts = 0;
+            route.next_attempt_ms = 0;
+            true
+        })
+    }
+
+    /// Drops dead-lettered routes; deletes payloads nothing else needs.
+    pub fn purge_dead(
+        &self,
+        destination: Option<&str>,
+        ids: &[u64],
+        now_ms: u64,
+    ) -> Result<Vec<u64>, SpoolError> {
+        self.operator_change(destination, ids, now_ms, AuditEvent::Purged, |_| false)
+    }
+
+    /// `change` returns whether to keep the route (false: drop it).
+    fn operator_change(
+        &self,
+        destination: Option<&str>,
+        ids: &[u64],
+        now_ms: u64,
+        event: AuditEvent,
+        change: impl Fn(&mut Route) -> bool,
+    ) -> Result<Vec<u64>, SpoolError> {
+        let txn = self.begin_write(Durability::Immediate)?;
+        let mut touched = Vec::new();
+        let mut to_delete = Vec::new();
+        {
+            let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+            let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
+            let mut audit = txn.open_table(AUDIT).map_err(idx("open audit"))?;
+            let mut recs = Vec::new();
+            for item in table.iter().map_err(idx("scan instances"))? {
+                let (k, v) = item.map_err(idx("scan instances"))?;
+                if ids.is_empty() || ids.contains(&k.value()) {
+                    recs.push(decode_record(k.value(), v.value())?);
+                }
+            }
+            for mut rec in recs {
+                let mut hit = false;
+                let mut kept = Vec::new();
+                for mut route in std::mem::take(&mut rec.routes) {
+                    let selected = route.state == RouteState::DeadLetter
+                        && destination.is_none_or(|d| d == route.destination);
+                    if !selected {
+                        kept.push(route);
+                        continue;
+                    }
+                    hit = true;
+                    let seq = next_seq(&audit)?;
+                    let a = AuditRecord {
+                        seq,
+                        time_ms: now_ms,
+                        event,
+                        actor: "operator".into(),
+                        sop_instance_uid: Some(rec.meta.sop_instance_uid.clone()),
+                        study_instance_uid: Some(rec.meta.study_instance_uid.clone()),
+                        destination: Some(route.destination.clone()),
+                        detail: route.last_error.clone().unwrap_or_default(),
+                    };
+                    audit
+                        .insert(seq, record::encode(&a).as_slice())
+                        .map_err(idx("write audit"))?;
+                    if change(&mut route) {
+                        kept.push(route);
+                    }
+                }
+                rec.routes = kept;
+                if !hit {
+                    continue;
+                }
+                touched.push(rec.id);
+                if rec.is_done() {
+                    table.remove(rec.id).map_err(idx("remove instance"))?;
+                    let mapped = uids
+                        .get(rec.meta.sop_instance_uid.as_str())
+                        .map_err(idx("read uid"))?
+                        .map(|v| v.value());
+                    if mapped == Some(rec.id) {
+                        uids.remove(rec.meta.sop_instance_uid.as_str())
+                            .map_err(idx("remove uid"))?;
+                    }
+                    to_delete.push(rec);
+                } else {
+                    table
+                        .insert(rec.id, record::encode(&rec).as_slice())
+                        .map_err(idx("write instance"))?;
+                }
+            }
+        }
+        txn.commit().map_err(idx("commit operator change"))?;
+        for rec in &to_delete {
+            self.delete_payload(rec)?;
+        }
+        Ok(touched)
+    }
+
+    /// Appends an audit record that stands alone (associations, refusals).
+    pub fn audit(&self, mut rec: AuditRecord) -> Result<(), SpoolError> {
+        let txn = self.begin_write(Durability::Immediate)?;
+        {
+            let mut audit = txn.open_table(AUDIT).map_err(idx("open audit"))?;
+            rec.seq = next_seq(&audit)?;
+            audit
+                .insert(rec.seq, record::encode(&rec).as_slice())
+                .map_err(idx("write audit"))?;
+        }
+        txn.commit().map_err(idx("commit audit"))?;
+        Ok(())
+    }
+
+    /// Audit records with `seq > after`, oldest first, at most `limit`.
+    pub fn audit_since(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, SpoolError> {
+        let txn = self.db.begin_read().map_err(idx("begin read"))?;
+        let table = txn.open_table(AUDIT).map_err(idx("open audit"))?;
+        let mut out = Vec::new();
+        for item in table.range(after + 1..).map_err(idx("scan audit"))? {
+            let (k, v) = item.map_err(idx("scan audit"))?;
+            out.push(
+                record::decode(v.value()).map_err(|source| SpoolError::Record {
+                    key: format!("audit/{}", k.value()),
+                    source,
+                })?,
+            );
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn new_route(destination: &str) -> Route {
+    Route {
+        destination: destination.to_string(),
+        state: RouteState::Queued,
+        attempts: 0,
+        next_attempt_ms: 0,
+        last_error: None,
+        delivered_ms: None,
+    }
+}
+
+fn decode_record(id: u64, bytes: &[u8]) -> Result<InstanceRecord, SpoolError> {
+    record::decode(bytes).map_err(|source| SpoolError::Record {
+        key: format!("instances/{id}"),
+        source,
+    })
+}
+
+fn next_seq(audit: &redb::Table<u64, &[u8]>) -> Result<u64, SpoolError> {
+    Ok(audit
+        .last()
+        .map_err(idx("read audit"))?
+        .map_or(1, |(k, _)| k.value() + 1))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+fn free_space(dir: &Path) -> Result<u64, SpoolError> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| SpoolError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::from(e),
+    })?;
+    Ok(u64::from(st.blocks_available()) * u64::from(st.fragment_size()))
+}
+
+/// An instance being received. Dropping it without [`Incoming::commit`]
+/// removes the temp file and releases its reservation.
+#[derive(Debug)]
+pub struct Incoming {
+    spool: Arc<Spool>,
+    id: u64,
+    tmp: PathBuf,
+    file: Option<std::io::BufWriter<File>>,
+    header_len: u64,
+    dataset_len: u64,
+    reserved: u64,
+    hasher: Sha256,
+}
+
+impl Incoming {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn reserve(&mut self, n: u64) -> Result<(), SpoolError> {
+        let before = self.spool.reserved.fetch_add(n, Ordering::SeqCst);
+        self.reserved += n;
+        let used = self.spool.used.load(Ordering::SeqCst);
+        if used + before + n > self.spool.limits.max_size {
+            return Err(SpoolError::Full {
+                used: used + before,
+                max: self.spool.limits.max_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends dataset bytes. Fails with [`SpoolError::Full`] as soon as the
+    /// spool would exceed its size; the caller then answers 0xA700.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+        self.reserve(bytes.len() as u64)?;
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        file.write_all(bytes).map_err(io(&self.tmp))?;
+        self.hasher.update(bytes);
+        self.dataset_len += bytes.len() as u64;
+        // Re-check the filesystem every 64 MiB: other writers share it.
+        if self.dataset_len % (64 << 20) < bytes.len() as u64 {
+            let free = free_space(&self.spool.dir)?;
+            if free < self.spool.limits.min_free {
+                return Err(SpoolError::DiskLow {
+                    dir: self.spool.dir.clone(),
+                    free,
+                    min_free: self.spool.limits.min_free,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn dataset_len(&self) -> u64 {
+        self.dataset_len
+    }
+
+    /// Makes the instance durable and queues it for every destination.
+    pub fn commit(mut self, meta: InstanceMeta, now_ms: u64) -> Result<Accepted, SpoolError> {
+        let spool = Arc::clone(&self.spool);
+        let Some(writer) = self.file.take() else {
+            return Err(io(&self.tmp)(std::io::Error::other("already committed")));
+        };
+        let file = writer
+            .into_inner()
+            .map_err(|e| io(&self.tmp)(e.into_error()))?;
+        file.sync_all().map_err(io(&self.tmp))?;
+        drop(file);
+        let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
+
+        // Duplicate of an instance still spooled, byte for byte: acknowledge, keep one.
+        if let Some(existing) = spool.find_duplicate(&meta.sop_instance_uid, &sha256)? {
+            let _ = fs::remove_file(&self.tmp);
+            spool.audit(AuditRecord {
+                seq: 0,
+                time_ms: now_ms,
+                event: AuditEvent::Duplicate,
+                actor: format!("{}@{}", meta.source_ae, meta.source_ip),
+                sop_instance_uid: Some(meta.sop_instance_uid.clone()),
+                study_instance_uid: Some(meta.study_instance_uid.clone()),
+                destination: None,
+                detail: format!("identical to spooled instance {existing}; not queued again"),
+            })?;
+            return Ok(Accepted::Duplicate { existing });
+        }
+
+        let path = spool.payload_path(self.id);
+        fs::rename(&self.tmp, &path).map_err(io(&path))?;
+        sync_dir(&spool.data_dir)?;
+
+        let rec = InstanceRecord {
+            id: self.id,
+            dataset_size: self.dataset_len,
+            dataset_offset: self.header_len,
+            sha256,
+            received_ms: now_ms,
+            routes: spool.destinations.iter().map(|d| new_route(d)).collect(),
+            meta,
+        };
+        let txn = spool.begin_write(Durability::Immediate)?;
+        {
+            let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+            table
+                .insert(rec.id, record::encode(&rec).as_slice())
+                .map_err(idx("write instance"))?;
+            let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
+            uids.insert(rec.meta.sop_instance_uid.as_str(), rec.id)
+                .map_err(idx("write uid"))?;
+            let mut audit = txn.open_table(AUDIT).map_err(idx("open audit"))?;
+            let seq = next_seq(&audit)?;
+            let a = AuditRecord {
+                seq,
+                time_ms: now_ms,
+                event: AuditEvent::Received,
+                actor: format!("{}@{}", rec.meta.source_ae, rec.meta.source_ip),
+                sop_instance_uid: Some(rec.meta.sop_instance_uid.clone()),
+                study_instance_uid: Some(rec.meta.study_instance_uid.clone()),
+                destination: None,
+                detail: format!(
+                    "{} bytes, {}",
+                    rec.dataset_size, rec.meta.transfer_syntax_uid
+                ),
+            };
+            audit
+                .insert(seq, record::encode(&a).as_slice())
+                .map_err(idx("write audit"))?;
+        }
+        if let Err(e) = txn.commit() {
+            // Not acknowledged: the payload must not linger as an orphan.
+            let _ = fs::remove_file(&path);
+            return Err(idx("commit instance")(e));
+        }
+        spool.used.fetch_add(rec.file_size(), Ordering::SeqCst);
+        Ok(Accepted::Queued(rec))
+    }
+}
+
+impl Spool {
+    fn find_duplicate(
+        &self,
+        sop_instance_uid: &str,
+        sha256: &str,
+    ) -> Result<Option<u64>, SpoolError> {
+        let txn = self.db.begin_read().map_err(idx("begin read"))?;
+        let uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
+        let Some(id) = uids
+            .get(sop_instance_uid)
+            .map_err(idx("read uid"))?
+            .map(|v| v.value())
+        else {
+            return Ok(None);
+        };
+        let table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+        let Some(v) = table.get(id).map_err(idx("read instance"))? else {
+            return Ok(None);
+        };
+        let rec = decode_record(id, v.value())?;
+        Ok((rec.sha256 == sha256 && !rec.is_done()).then_some(id))
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.spool
+            .reserved
+            .fetch_sub(self.reserved, Ordering::SeqCst);
+        // After a successful commit the temp name no longer exists.
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests;

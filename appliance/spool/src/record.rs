@@ -1,0 +1,174 @@
+//! What the index stores, and how it is encoded on disk.
+//!
+//! Every value starts with one format byte ([`RECORD_VERSION`]) followed by
+//! JSON. A reader that meets a newer version refuses it rather than guess;
+//! older versions are upgraded by [`crate::Spool::open`]'s migrations.
+
+use serde::{Deserialize, Serialize};
+
+/// Version byte written before every record value.
+pub const RECORD_VERSION: u8 = 1;
+
+/// C-STORE priority, as the sender gave it (PS3.7 C.4.1.1.2 Priority).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    Medium,
+    High,
+}
+
+impl Priority {
+    /// From the DIMSE Priority field (0000,0700).
+    pub fn from_dimse(value: u16) -> Priority {
+        match value {
+            0x0001 => Priority::High,
+            0x0002 => Priority::Low,
+            _ => Priority::Medium,
+        }
+    }
+
+    pub fn to_dimse(self) -> u16 {
+        match self {
+            Priority::Medium => 0x0000,
+            Priority::High => 0x0001,
+            Priority::Low => 0x0002,
+        }
+    }
+}
+
+/// Where one instance stands towards one destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouteState {
+    Queued,
+    /// Being sent now. Never survives a restart: recovery makes it `Queued`.
+    InFlight,
+    Delivered,
+    DeadLetter,
+}
+
+impl RouteState {
+    pub fn is_pending(self) -> bool {
+        matches!(self, RouteState::Queued | RouteState::InFlight)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub destination: String,
+    pub state: RouteState,
+    pub attempts: u32,
+    /// Unix milliseconds before which no new attempt is made.
+    pub next_attempt_ms: u64,
+    pub last_error: Option<String>,
+    pub delivered_ms: Option<u64>,
+}
+
+/// What the ingress knows about an instance when it is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceMeta {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub transfer_syntax_uid: String,
+    pub study_instance_uid: String,
+    pub patient_id: String,
+    pub source_ae: String,
+    pub source_ip: String,
+    pub priority: Priority,
+}
+
+/// One spooled instance and its routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: u64,
+    #[serde(flatten)]
+    pub meta: InstanceMeta,
+    /// Bytes of the dataset (what goes on the wire), without the file meta header.
+    pub dataset_size: u64,
+    /// Offset of the dataset in the payload file (after the Part 10 header).
+    pub dataset_offset: u64,
+    /// SHA-256 of the dataset bytes, hex.
+    pub sha256: String,
+    pub received_ms: u64,
+    pub routes: Vec<Route>,
+}
+
+impl InstanceRecord {
+    pub fn file_size(&self) -> u64 {
+        self.dataset_offset + self.dataset_size
+    }
+
+    pub fn route(&self, destination: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.destination == destination)
+    }
+
+    pub fn route_mut(&mut self, destination: &str) -> Option<&mut Route> {
+        self.routes
+            .iter_mut()
+            .find(|r| r.destination == destination)
+    }
+
+    /// No route still needs the payload (all delivered; dead letters keep it).
+    pub fn is_done(&self) -> bool {
+        self.routes.iter().all(|r| r.state == RouteState::Delivered)
+    }
+}
+
+/// One line of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub event: AuditEvent,
+    /// Who: the calling AE title and address, or "operator", or "kakehashid".
+    pub actor: String,
+    pub sop_instance_uid: Option<String>,
+    pub study_instance_uid: Option<String>,
+    pub destination: Option<String>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuditEvent {
+    AssociationAccepted,
+    AssociationRejected,
+    Received,
+    Duplicate,
+    Refused,
+    Delivered,
+    DeadLettered,
+    Retried,
+    Purged,
+    Recovered,
+}
+
+/// Errors decoding a stored value.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty record")]
+    Empty,
+    #[error(
+        "record format version {0} is newer than this kakehashid understands ({RECORD_VERSION})"
+    )]
+    TooNew(u8),
+    #[error("record is not valid: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![RECORD_VERSION];
+    // Serializing these plain structs to a Vec cannot fail (no maps with
+    // non-string keys, no custom serializers).
+    serde_json::to_writer(&mut out, value).expect("plain struct serializes");
+    out
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeError> {
+    match bytes.split_first() {
+        None => Err(DecodeError::Empty),
+        Some((&RECORD_VERSION, rest)) => Ok(serde_json::from_slice(rest)?),
+        Some((&v, _)) => Err(DecodeError::TooNew(v)),
+    }
+}
