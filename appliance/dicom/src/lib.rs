@@ -1,0 +1,33 @@
+//! The DICOM upper layer as Kakehashi needs it.
+//!
+//! Built on dicom-ul's PDU codec ([`dicom_ul::pdu`]); the association logic
+//! is ours because a relay must accept what dicom-ul 0.10's acceptor will
+//! not: any transfer syntax as-is (its acceptor only takes syntaxes its
+//! registry can decode, so deflate without a feature and private syntaxes are
+//! refused), rejection by source address, and P-DATA handed over fragment by
+//! fragment so an instance is never held whole in memory.
+//!
+//! - [`wire`]: read/write one PDU on an async stream, with a size limit
+//! - [`negotiate`]: A-ASSOCIATE-RQ → AC or RJ, a pure function
+//! - [`dimse`]: command sets (C-ECHO, C-STORE) in implicit VR little endian
+//! - [`scan`]: study and patient IDs from the first bytes of a dataset
+//! - [`part10`]: the file meta header that makes a spooled payload a Part 10 file
+//! - [`scu`]: the storage SCU the forwarder uses
+//!
+//! Not here: C-FIND/C-MOVE (prefetch is a later issue), TLS, asynchronous
+//! operations windows (one outstanding operation per association).
+
+#![forbid(unsafe_code)]
+
+pub mod dimse;
+pub mod negotiate;
+pub mod part10;
+pub mod scan;
+pub mod scu;
+pub mod uids;
+pub mod wire;
+
+/// Kakehashi's implementation class UID (a 2.25 UUID-derived UID).
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.92377486244339045301182542746108877573";
+/// Implementation version name sent in associations and file meta headers.
+pub const IMPLEMENTATION_VERSION_NAME: &str = "KAKEHASHI_010";

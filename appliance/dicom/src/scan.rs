@@ -1,0 +1,267 @@
+//! Reads the routing keys (Patient ID, Study Instance UID) out of the first
+//! bytes of a dataset, in whatever transfer syntax it came.
+//!
+//! The relay never decodes a dataset; it only needs these two values to
+//! group a study and to show operators what waits. The scanner looks at a
+//! bounded prefix ([`SCAN_LIMIT`]), walks top-level elements in tag order,
+//! skips sequences, and stops after (0020,000D). It never fails: a value it
+//! cannot find is `None`.
+
+use std::io::Read;
+
+use crate::uids::{DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE, IMPLICIT_VR_LE};
+
+/// How many leading dataset bytes are kept for scanning.
+pub const SCAN_LIMIT: usize = 64 * 1024;
+
+const PATIENT_ID: u32 = 0x0010_0020;
+const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
+const ITEM: u32 = 0xFFFE_E000;
+const ITEM_END: u32 = 0xFFFE_E00D;
+const SEQUENCE_END: u32 = 0xFFFE_E0DD;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RoutingKeys {
+    pub patient_id: Option<String>,
+    pub study_instance_uid: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Syntax {
+    explicit: bool,
+    big: bool,
+}
+
+/// Scans `prefix` (the first bytes of a dataset in `transfer_syntax`).
+pub fn routing_keys(transfer_syntax: &str, prefix: &[u8]) -> RoutingKeys {
+    let syntax = match transfer_syntax {
+        IMPLICIT_VR_LE => Syntax {
+            explicit: false,
+            big: false,
+        },
+        EXPLICIT_VR_BE => Syntax {
+            explicit: true,
+            big: true,
+        },
+        // Every other standard syntax encodes the dataset in explicit VR LE.
+        _ => Syntax {
+            explicit: true,
+            big: false,
+        },
+    };
+    if transfer_syntax == DEFLATED_EXPLICIT_VR_LE {
+        let mut inflated = Vec::new();
+        // A truncated deflate stream yields what it can before erroring.
+        let _ = flate2::read::DeflateDecoder::new(prefix)
+            .take(SCAN_LIMIT as u64)
+            .read_to_end(&mut inflated);
+        return Scanner {
+            buf: &inflated,
+            syntax,
+            found: RoutingKeys::default(),
+        }
+        .run();
+    }
+    Scanner {
+        buf: prefix,
+        syntax,
+        found: RoutingKeys::default(),
+    }
+    .run()
+}
+
+struct Scanner<'a> {
+    buf: &'a [u8],
+    syntax: Syntax,
+    found: RoutingKeys,
+}
+
+/// One element header: tag, value length (None: undefined), header size.
+struct Header {
+    tag: u32,
+    len: Option<u32>,
+    size: usize,
+}
+
+impl Scanner<'_> {
+    fn u16_at(&self, pos: usize) -> Option<u16> {
+        let b = self.buf.get(pos..pos + 2)?;
+        Some(if self.syntax.big {
+            u16::from_be_bytes([b[0], b[1]])
+        } else {
+            u16::from_le_bytes([b[0], b[1]])
+        })
+    }
+
+    fn u32_at(&self, pos: usize) -> Option<u32> {
+        let b = self.buf.get(pos..pos + 4)?;
+        let a = [b[0], b[1], b[2], b[3]];
+        Some(if self.syntax.big {
+            u32::from_be_bytes(a)
+        } else {
+            u32::from_le_bytes(a)
+        })
+    }
+
+    fn header(&self, pos: usize) -> Option<Header> {
+        let tag = (u32::from(self.u16_at(pos)?) << 16) | u32::from(self.u16_at(pos + 2)?);
+        let (raw, size) = if (tag >> 16) == 0xFFFE || !self.syntax.explicit {
+            (self.u32_at(pos + 4)?, 8)
+        } else {
+            let vr = self.buf.get(pos + 4..pos + 6)?;
+            match vr {
+                b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN"
+                | b"UR" | b"UT" | b"UV" => (self.u32_at(pos + 8)?, 12),
+                _ => (u32::from(self.u16_at(pos + 6)?), 8),
+            }
+        };
+        Some(Header {
+            tag,
+            len: (raw != u32::MAX).then_some(raw),
+            size,
+        })
+    }
+
+    /// Skips elements until `end` (an item or sequence delimiter), returning
+    /// the position after it. `depth` bounds recursion on hostile input.
+    fn skip_until(&self, mut pos: usize, end: u32, depth: u8) -> Option<usize> {
+        if depth > 16 {
+            return None;
+        }
+        loop {
+            let h = self.header(pos)?;
+            pos += h.size;
+            if h.tag == end {
+                return Some(pos);
+            }
+            pos = match h.len {
+                Some(len) => pos.checked_add(len as usize)?,
+                None if h.tag == ITEM => self.skip_until(pos, ITEM_END, depth + 1)?,
+                None => self.skip_until(pos, SEQUENCE_END, depth + 1)?,
+            };
+        }
+    }
+
+    fn run(mut self) -> RoutingKeys {
+        let mut pos = 0;
+        while let Some(h) = self.header(pos) {
+            if h.tag > STUDY_INSTANCE_UID || (h.tag >> 16) == 0xFFFE {
+                break;
+            }
+            let start = pos + h.size;
+            match h.len {
+                Some(len) => {
+                    let Some(end) = start.checked_add(len as usize) else {
+                        break;
+                    };
+                    if h.tag == PATIENT_ID || h.tag == STUDY_INSTANCE_UID {
+                        let Some(value) = self.buf.get(start..end) else {
+                            break;
+                        };
+                        let text = String::from_utf8_lossy(value)
+                            .trim_end_matches(['\0', ' '])
+                            .trim_start()
+                            .to_string();
+                        if h.tag == PATIENT_ID {
+                            self.found.patient_id = Some(text);
+                        } else {
+                            self.found.study_instance_uid = Some(text);
+                        }
+                    }
+                    pos = end;
+                }
+                None => match self.skip_until(start, SEQUENCE_END, 0) {
+                    Some(p) => pos = p,
+                    None => break,
+                },
+            }
+        }
+        self.found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn el_explicit(group: u16, elem: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&group.to_le_bytes());
+        v.extend_from_slice(&elem.to_le_bytes());
+        v.extend_from_slice(vr);
+        v.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        v.extend_from_slice(value);
+        v
+    }
+
+    fn undefined_sequence_explicit(group: u16, elem: u16, inner: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&group.to_le_bytes());
+        v.extend_from_slice(&elem.to_le_bytes());
+        v.extend_from_slice(b"SQ\0\0");
+        v.extend_from_slice(&u32::MAX.to_le_bytes());
+        // one item of undefined length holding `inner`
+        v.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
+        v.extend_from_slice(&u32::MAX.to_le_bytes());
+        v.extend_from_slice(inner);
+        v.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        v.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        v
+    }
+
+    fn sample() -> Vec<u8> {
+        let mut ds = el_explicit(0x0008, 0x0005, b"CS", b"ISO_IR 192");
+        // a nested sequence before the keys, holding a decoy Patient ID
+        ds.extend(undefined_sequence_explicit(
+            0x0008,
+            0x1140,
+            &el_explicit(0x0010, 0x0020, b"LO", b"DECOY "),
+        ));
+        ds.extend(el_explicit(0x0010, 0x0010, b"PN", "山田^太郎 ".as_bytes()));
+        ds.extend(el_explicit(0x0010, 0x0020, b"LO", b"PID-001 "));
+        ds.extend(el_explicit(0x0020, 0x000D, b"UI", b"1.2.3.4\0"));
+        ds.extend(el_explicit(0x7FE0, 0x0010, b"OB", b""));
+        ds
+    }
+
+    #[test]
+    fn finds_keys_past_nested_sequences() {
+        let k = routing_keys("1.2.840.10008.1.2.1", &sample());
+        assert_eq!(k.patient_id.as_deref(), Some("PID-001"));
+        assert_eq!(k.study_instance_uid.as_deref(), Some("1.2.3.4"));
+    }
+
+    #[test]
+    fn implicit_and_deflated() {
+        let mut ds = Vec::new();
+        for (g, e, v) in [
+            (0x0010u16, 0x0020u16, &b"P2"[..]),
+            (0x0020, 0x000D, &b"9.8\0"[..]),
+        ] {
+            ds.extend_from_slice(&g.to_le_bytes());
+            ds.extend_from_slice(&e.to_le_bytes());
+            ds.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            ds.extend_from_slice(v);
+        }
+        let k = routing_keys(IMPLICIT_VR_LE, &ds);
+        assert_eq!(
+            (k.patient_id.as_deref(), k.study_instance_uid.as_deref()),
+            (Some("P2"), Some("9.8"))
+        );
+
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&sample()).expect("deflate");
+        let k = routing_keys(DEFLATED_EXPLICIT_VR_LE, &z.finish().expect("deflate"));
+        assert_eq!(k.study_instance_uid.as_deref(), Some("1.2.3.4"));
+    }
+
+    #[test]
+    fn every_truncation_is_safe() {
+        let ds = sample();
+        for cut in 0..ds.len() {
+            let k = routing_keys("1.2.840.10008.1.2.1", &ds[..cut]);
+            assert_ne!(k.patient_id.as_deref(), Some("DECOY"), "cut at {cut}");
+        }
+    }
+}

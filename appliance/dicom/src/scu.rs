@@ -1,0 +1,413 @@
+//! The storage SCU the forwarder drives: one association, one operation at
+//! a time, datasets streamed from any `AsyncRead` in PDU-sized fragments.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use dicom_ul::pdu::{
+    AbortRQSource, AssociationRJResult, AssociationRQ, PDataValueType, Pdu,
+    PresentationContextProposed, PresentationContextResultReason, UserVariableItem,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use crate::dimse::{self, Command};
+use crate::negotiate::AcceptedContext;
+use crate::uids::{APPLICATION_CONTEXT, IMPLICIT_VR_LE, VERIFICATION};
+use crate::wire::{self, WireError, PDATA_OVERHEAD};
+
+#[derive(Debug, Clone)]
+pub struct ScuOptions {
+    pub calling_ae: String,
+    pub called_ae: String,
+    /// Largest PDU we accept from the peer.
+    pub max_pdu: u32,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScuError {
+    #[error("cannot resolve {address}: {source}")]
+    Resolve {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no answer from {peer} within {after:?} while {what}")]
+    Timeout {
+        peer: String,
+        what: &'static str,
+        after: Duration,
+    },
+    #[error("association rejected by {peer} ({}): {reason}", if *.permanent { "permanent" } else { "transient" })]
+    Rejected {
+        peer: String,
+        reason: String,
+        permanent: bool,
+    },
+    #[error("association aborted by {peer}: {reason}")]
+    Aborted { peer: String, reason: String },
+    #[error("protocol error with {peer}: {detail}")]
+    Protocol { peer: String, detail: String },
+    #[error("connection to {peer} failed: {source}")]
+    Wire {
+        peer: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("cannot read the dataset to send: {0}")]
+    Source(std::io::Error),
+}
+
+#[derive(Debug)]
+pub struct Scu {
+    peer: String,
+    stream: TcpStream,
+    buf: BytesMut,
+    contexts: Vec<AcceptedContext>,
+    peer_max_pdu: u32,
+    our_max_pdu: u32,
+    next_id: u16,
+    response_timeout: Duration,
+    frame: Vec<u8>,
+}
+
+impl Scu {
+    /// Resolves `address` (host:port) afresh, connects and negotiates the
+    /// given (abstract syntax, transfer syntax) pairs, one context each.
+    pub async fn connect(
+        address: &str,
+        opts: &ScuOptions,
+        proposed: &[(String, String)],
+    ) -> Result<Scu, ScuError> {
+        let addrs: Vec<_> = tokio::net::lookup_host(address)
+            .await
+            .map_err(|source| ScuError::Resolve {
+                address: address.to_string(),
+                source,
+            })?
+            .collect();
+        let mut last = None;
+        let mut stream = None;
+        for a in addrs {
+            match timeout(opts.connect_timeout, TcpStream::connect(a)).await {
+                Ok(Ok(s)) => {
+                    stream = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("timed out after {:?}", opts.connect_timeout),
+                    ))
+                }
+            }
+        }
+        let Some(mut stream) = stream else {
+            return Err(ScuError::Connect {
+                address: address.to_string(),
+                source: last
+                    .unwrap_or_else(|| std::io::Error::other("name resolved to no address")),
+            });
+        };
+        let _ = stream.set_nodelay(true);
+        let peer = format!("{}@{}", opts.called_ae, address);
+
+        let mut contexts: Vec<PresentationContextProposed> = proposed
+            .iter()
+            .take(127)
+            .enumerate()
+            .map(|(i, (a, t))| PresentationContextProposed {
+                id: (2 * i + 1) as u8,
+                abstract_syntax: a.clone(),
+                transfer_syntaxes: vec![t.clone()],
+            })
+            .collect();
+        if contexts.is_empty() {
+            contexts.push(PresentationContextProposed {
+                id: 1,
+                abstract_syntax: VERIFICATION.into(),
+                transfer_syntaxes: vec![IMPLICIT_VR_LE.into()],
+            });
+        }
+        let rq = Pdu::AssociationRQ(AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: opts.calling_ae.clone(),
+            called_ae_title: opts.called_ae.clone(),
+            application_context_name: APPLICATION_CONTEXT.into(),
+            presentation_contexts: contexts.clone(),
+            user_variables: vec![
+                UserVariableItem::MaxLength(opts.max_pdu),
+                UserVariableItem::ImplementationClassUID(crate::IMPLEMENTATION_CLASS_UID.into()),
+                UserVariableItem::ImplementationVersionName(
+                    crate::IMPLEMENTATION_VERSION_NAME.into(),
+                ),
+            ],
+        });
+        wire::write_pdu(&mut stream, &rq)
+            .await
+            .map_err(|source| ScuError::Wire {
+                peer: peer.clone(),
+                source,
+            })?;
+        let mut buf = BytesMut::new();
+        let reply = timeout(
+            opts.response_timeout,
+            wire::read_pdu(&mut stream, &mut buf, opts.max_pdu),
+        )
+        .await
+        .map_err(|_| ScuError::Timeout {
+            peer: peer.clone(),
+            what: "negotiating the association",
+            after: opts.response_timeout,
+        })?
+        .map_err(|source| ScuError::Wire {
+            peer: peer.clone(),
+            source,
+        })?;
+        match reply {
+            Pdu::AssociationAC(ac) => {
+                let mut peer_max_pdu = 16384;
+                for v in &ac.user_variables {
+                    if let UserVariableItem::MaxLength(len) = v {
+                        peer_max_pdu = *len;
+                    }
+                }
+                let accepted = ac
+                    .presentation_contexts
+                    .iter()
+                    .filter(|r| r.reason == PresentationContextResultReason::Acceptance)
+                    .filter_map(|r| {
+                        let p = contexts.iter().find(|p| p.id == r.id)?;
+                        // Only what we proposed counts; a peer "accepting" another syntax is refusing ours.
+                        p.transfer_syntaxes
+                            .contains(&r.transfer_syntax)
+                            .then(|| AcceptedContext {
+                                id: r.id,
+                                abstract_syntax: p.abstract_syntax.clone(),
+                                transfer_syntax: r.transfer_syntax.clone(),
+                            })
+                    })
+                    .collect();
+                Ok(Scu {
+                    peer,
+                    stream,
+                    buf,
+                    contexts: accepted,
+                    peer_max_pdu,
+                    our_max_pdu: opts.max_pdu,
+                    next_id: 1,
+                    response_timeout: opts.response_timeout,
+                    frame: Vec::new(),
+                })
+            }
+            Pdu::AssociationRJ(rj) => Err(ScuError::Rejected {
+                peer,
+                reason: rj.source.to_string(),
+                permanent: rj.result == AssociationRJResult::Permanent,
+            }),
+            Pdu::AbortRQ { source } => Err(ScuError::Aborted {
+                peer,
+                reason: abort_reason(&source),
+            }),
+            other => Err(ScuError::Protocol {
+                peer,
+                detail: format!("expected A-ASSOCIATE-AC, got {}", other.short_description()),
+            }),
+        }
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// The context accepted for exactly this SOP class and transfer syntax.
+    pub fn context_for(&self, sop_class: &str, transfer_syntax: &str) -> Option<u8> {
+        self.contexts
+            .iter()
+            .find(|c| c.abstract_syntax == sop_class && c.transfer_syntax == transfer_syntax)
+            .map(|c| c.id)
+    }
+
+    fn next_message_id(&mut self) -> u16 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// C-ECHO on the Verification context (if it was proposed and accepted).
+    pub async fn echo(&mut self) -> Result<(), ScuError> {
+        let pc = self
+            .context_for(VERIFICATION, IMPLICIT_VR_LE)
+            .ok_or_else(|| ScuError::Protocol {
+                peer: self.peer.clone(),
+                detail: "Verification was not accepted".into(),
+            })?;
+        let id = self.next_message_id();
+        wire::send_command(&mut self.stream, pc, &dimse::c_echo_rq(id))
+            .await
+            .map_err(|source| ScuError::Wire {
+                peer: self.peer.clone(),
+                source,
+            })?;
+        let rsp = self.read_command("waiting for C-ECHO-RSP").await?;
+        match rsp.status() {
+            Some(0) => Ok(()),
+            other => Err(ScuError::Protocol {
+                peer: self.peer.clone(),
+                detail: format!("C-ECHO status {other:?}"),
+            }),
+        }
+    }
+
+    /// Sends one C-STORE and returns the response status and error comment.
+    pub async fn store<R: AsyncRead + Unpin>(
+        &mut self,
+        pc_id: u8,
+        sop_class: &str,
+        sop_instance: &str,
+        priority: u16,
+        mut data: R,
+        size: u64,
+    ) -> Result<(u16, Option<String>), ScuError> {
+        let id = self.next_message_id();
+        let peer = self.peer.clone();
+        let werr = |source| ScuError::Wire {
+            peer: peer.clone(),
+            source,
+        };
+        wire::send_command(
+            &mut self.stream,
+            pc_id,
+            &dimse::c_store_rq(id, sop_class, sop_instance, priority),
+        )
+        .await
+        .map_err(werr)?;
+        let max_fragment = match self.peer_max_pdu {
+            0 => 1 << 20,
+            n => (n.min(1 << 20) as usize).saturating_sub(6).max(2) & !1,
+        };
+        let mut remaining = size;
+        loop {
+            let n = remaining.min(max_fragment as u64) as usize;
+            self.frame.resize(PDATA_OVERHEAD + n, 0);
+            data.read_exact(&mut self.frame[PDATA_OVERHEAD..])
+                .await
+                .map_err(ScuError::Source)?;
+            remaining -= n as u64;
+            wire::frame_pdata(&mut self.frame, pc_id, false, remaining == 0);
+            self.stream
+                .write_all(&self.frame)
+                .await
+                .map_err(|e| werr(WireError::Io(e)))?;
+            if remaining == 0 {
+                break;
+            }
+        }
+        let rsp = self.read_command("waiting for C-STORE-RSP").await?;
+        if rsp.responded_to() != Some(id) || rsp.command_field().ok() != Some(dimse::C_STORE_RSP) {
+            return Err(ScuError::Protocol {
+                peer: self.peer.clone(),
+                detail: format!("unexpected response to C-STORE {id}"),
+            });
+        }
+        let status = rsp.status().ok_or_else(|| ScuError::Protocol {
+            peer: self.peer.clone(),
+            detail: "C-STORE-RSP without status".into(),
+        })?;
+        Ok((status, rsp.error_comment()))
+    }
+
+    async fn read_command(&mut self, what: &'static str) -> Result<Command, ScuError> {
+        let mut bytes = Vec::new();
+        loop {
+            let pdu = timeout(
+                self.response_timeout,
+                wire::read_pdu(&mut self.stream, &mut self.buf, self.our_max_pdu),
+            )
+            .await
+            .map_err(|_| ScuError::Timeout {
+                peer: self.peer.clone(),
+                what,
+                after: self.response_timeout,
+            })?
+            .map_err(|source| ScuError::Wire {
+                peer: self.peer.clone(),
+                source,
+            })?;
+            match pdu {
+                Pdu::PData { data } => {
+                    for v in data {
+                        if v.value_type != PDataValueType::Command {
+                            return Err(ScuError::Protocol {
+                                peer: self.peer.clone(),
+                                detail: "dataset received where a response was expected".into(),
+                            });
+                        }
+                        bytes.extend_from_slice(&v.data);
+                        if v.is_last {
+                            return Command::parse(&bytes).map_err(|e| ScuError::Protocol {
+                                peer: self.peer.clone(),
+                                detail: e.to_string(),
+                            });
+                        }
+                    }
+                }
+                Pdu::AbortRQ { source } => {
+                    return Err(ScuError::Aborted {
+                        peer: self.peer.clone(),
+                        reason: abort_reason(&source),
+                    })
+                }
+                other => {
+                    return Err(ScuError::Protocol {
+                        peer: self.peer.clone(),
+                        detail: format!("unexpected {} while {what}", other.short_description()),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Orderly release; errors are irrelevant at this point and ignored.
+    pub async fn release(mut self) {
+        if wire::write_pdu(&mut self.stream, &Pdu::ReleaseRQ)
+            .await
+            .is_ok()
+        {
+            let _ = timeout(
+                Duration::from_secs(5),
+                wire::read_pdu(&mut self.stream, &mut self.buf, self.our_max_pdu),
+            )
+            .await;
+        }
+        let _ = self.stream.shutdown().await;
+    }
+
+    pub async fn abort(mut self) {
+        let _ = wire::write_pdu(
+            &mut self.stream,
+            &Pdu::AbortRQ {
+                source: AbortRQSource::ServiceUser,
+            },
+        )
+        .await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+fn abort_reason(source: &AbortRQSource) -> String {
+    match source {
+        AbortRQSource::ServiceUser => "by the service user".into(),
+        other => format!("{other:?}"),
+    }
+}
