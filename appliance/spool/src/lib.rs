@@ -30,12 +30,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest, Sha256};
 
 pub use record::{
     AuditEvent, AuditRecord, DecodeError, InstanceMeta, InstanceRecord, Priority, Route, RouteState,
 };
+pub use redb::Durability;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const INSTANCES: TableDefinition<u64, &[u8]> = TableDefinition::new("instances");

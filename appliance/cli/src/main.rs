@@ -1,0 +1,344 @@
+//! `kakehashi`, the operator CLI. It talks to a running kakehashid over the
+//! control socket; it never opens the spool itself (the daemon owns it).
+//!
+//! Exit codes: 0 done; 1 the daemon answered with an error; 2 usage;
+//! 69 the daemon cannot be reached.
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+use kakehashi_config::{format_bytes, DEFAULT_CONTROL_SOCKET};
+use kakehashi_control::{call, QueueEntry, Request, Response, StatusReport};
+
+/// Operate a Kakehashi box: see what waits, what failed, and act on it.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about,
+    after_help = "Examples:\n  kakehashi status\n  kakehashi queue list --dead\n  kakehashi queue retry --all\n  kakehashi queue purge 42 --yes\n  kakehashi audit --limit 50 --json"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Control socket of kakehashid.
+    #[arg(long, global = true, env = "KAKEHASHI_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
+    socket: PathBuf,
+    /// Machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Health of the box: spool use, and per destination queue, age, last success and error.
+    Status,
+    /// The store-and-forward queue.
+    #[command(subcommand)]
+    Queue(QueueCmd),
+    /// The audit trail: associations, receptions, deliveries, dead letters, operator actions.
+    Audit {
+        /// Show records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many records.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCmd {
+    /// Instances waiting or dead-lettered.
+    List {
+        /// Only this destination.
+        #[arg(long)]
+        destination: Option<String>,
+        /// Only dead letters.
+        #[arg(long)]
+        dead: bool,
+    },
+    /// Put dead letters back in the queue (by id, or --all).
+    Retry(Select),
+    /// Delete dead letters for good (by id, or --all). Asks for confirmation.
+    Purge {
+        #[command(flatten)]
+        select: Select,
+        /// Do not ask.
+        #[arg(long, short)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Select {
+    /// Instance ids as shown by `queue list`.
+    ids: Vec<u64>,
+    /// Every dead letter (of --destination, if given).
+    #[arg(long, conflicts_with = "ids")]
+    all: bool,
+    /// Only this destination.
+    #[arg(long)]
+    destination: Option<String>,
+}
+
+impl Select {
+    fn check(&self) -> Result<(), String> {
+        if self.ids.is_empty() && !self.all {
+            return Err("name instance ids, or --all for every dead letter".into());
+        }
+        Ok(())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kakehashi: {e}");
+            ExitCode::from(69)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
+    let request = match &cli.command {
+        Command::Status => Request::Status,
+        Command::Audit { after, limit } => Request::Audit {
+            after: *after,
+            limit: *limit,
+        },
+        Command::Queue(QueueCmd::List { destination, dead }) => Request::QueueList {
+            destination: destination.clone(),
+            dead_only: *dead,
+        },
+        Command::Queue(QueueCmd::Retry(sel)) => {
+            if let Err(e) = sel.check() {
+                eprintln!("kakehashi queue retry: {e}");
+                return Ok(ExitCode::from(2));
+            }
+            Request::QueueRetry {
+                destination: sel.destination.clone(),
+                ids: sel.ids.clone(),
+            }
+        }
+        Command::Queue(QueueCmd::Purge { select, yes }) => {
+            if let Err(e) = select.check() {
+                eprintln!("kakehashi queue purge: {e}");
+                return Ok(ExitCode::from(2));
+            }
+            // Show what would go, then ask.
+            let listing = call(
+                &cli.common.socket,
+                &Request::QueueList {
+                    destination: select.destination.clone(),
+                    dead_only: true,
+                },
+            )?;
+            let victims: Vec<QueueEntry> = match listing {
+                Response::Queue { entries } => entries
+                    .into_iter()
+                    .filter(|e| select.all || select.ids.contains(&e.id))
+                    .collect(),
+                other => return Ok(print_error(&other)),
+            };
+            if victims.is_empty() {
+                println!(
+                    "No matching dead letters; nothing to purge (only dead letters can be purged)."
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            if !*yes {
+                print_queue(&victims);
+                if !confirm(&format!("Delete these {} dead-lettered instance(s) for good? They will never reach the destination.", victims.len())) {
+                    println!("Nothing purged.");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            Request::QueuePurge {
+                destination: select.destination.clone(),
+                ids: victims.iter().map(|v| v.id).collect(),
+            }
+        }
+    };
+    let response = call(&cli.common.socket, &request)?;
+    if cli.common.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&response).unwrap_or_default()
+        );
+        return Ok(if matches!(response, Response::Error { .. }) {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    match &response {
+        Response::Status(s) => print_status(s),
+        Response::Queue { entries } => print_queue(entries),
+        Response::Retried { ids } => println!("Requeued {} instance(s): {}", ids.len(), join(ids)),
+        Response::Purged { ids } => println!("Purged {} instance(s): {}", ids.len(), join(ids)),
+        Response::Audit { records } => {
+            for r in records {
+                println!(
+                    "{:>6}  {}  {:<20} {:<24} {}{}{}",
+                    r.seq,
+                    when(r.time_ms),
+                    serde_json::to_value(r.event)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    r.actor,
+                    r.sop_instance_uid
+                        .as_deref()
+                        .map(|u| format!("{u} "))
+                        .unwrap_or_default(),
+                    r.destination
+                        .as_deref()
+                        .map(|d| format!("→ {d} "))
+                        .unwrap_or_default(),
+                    r.detail
+                );
+            }
+        }
+        Response::Error { .. } => return Ok(print_error(&response)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_error(r: &Response) -> ExitCode {
+    if let Response::Error { message } = r {
+        eprintln!("kakehashi: kakehashid says: {message}");
+    } else {
+        eprintln!("kakehashi: unexpected answer from kakehashid");
+    }
+    ExitCode::from(1)
+}
+
+fn confirm(question: &str) -> bool {
+    if !std::io::stdin().is_terminal() {
+        eprintln!("{question}\nNot a terminal: pass --yes to confirm.");
+        return false;
+    }
+    print!("{question} [y/N] ");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    matches!(line.trim(), "y" | "Y" | "yes")
+}
+
+fn join(ids: &[u64]) -> String {
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn age(seconds: u64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn when(ms: u64) -> String {
+    format!("{} ago", age(now_ms().saturating_sub(ms) / 1000))
+}
+
+fn print_status(s: &StatusReport) {
+    println!(
+        "kakehashid {}  AE {} on {}  up {}  associations {}",
+        s.version,
+        s.ae_title,
+        s.listen,
+        age(s.uptime_s),
+        s.active_associations
+    );
+    println!(
+        "spool {}: {} of {} used, {} free on disk",
+        s.spool.dir,
+        format_bytes(s.spool.used_bytes),
+        format_bytes(s.spool.max_bytes),
+        format_bytes(s.spool.free_bytes)
+    );
+    for d in &s.destinations {
+        println!();
+        println!(
+            "destination {} ({}@{}): {}",
+            d.name, d.ae_title, d.address, d.state
+        );
+        println!(
+            "  queued {} ({}), oldest {}, dead letters {}",
+            d.queued,
+            format_bytes(d.queued_bytes),
+            d.oldest_age_s.map_or("-".into(), age),
+            d.dead_letter
+        );
+        println!(
+            "  delivered since start {}, last success {}",
+            d.delivered_since_start,
+            d.last_success_ms.map_or("never".into(), when)
+        );
+        if let Some(e) = &d.last_error {
+            println!(
+                "  last error {}: {e}",
+                d.last_error_ms.map_or("-".into(), when)
+            );
+        }
+        if let Some(n) = d.next_attempt_in_s {
+            println!("  next attempt in {}", age(n));
+        }
+    }
+}
+
+fn print_queue(entries: &[QueueEntry]) {
+    if entries.is_empty() {
+        println!("Queue is empty.");
+        return;
+    }
+    println!(
+        "{:>6}  {:<16} {:<11} {:<6} {:>10}  {:>8}  {:<12} SOP instance / last error",
+        "id", "destination", "state", "prio", "size", "age", "patient"
+    );
+    for e in entries {
+        let state = serde_json::to_value(e.state)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let prio = serde_json::to_value(e.priority)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        println!(
+            "{:>6}  {:<16} {:<11} {:<6} {:>10}  {:>8}  {:<12} {}",
+            e.id,
+            e.destination,
+            state,
+            prio,
+            format_bytes(e.size),
+            age(now_ms().saturating_sub(e.received_ms) / 1000),
+            e.patient_id,
+            e.sop_instance_uid
+        );
+        if let Some(err) = &e.last_error {
+            println!("{:>6}  └ attempts {}: {err}", "", e.attempts);
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The control protocol: one JSON request line, one JSON response line, over
+//! the daemon's unix socket (`/run/kakehashi/control.sock`, mode 0660).
+//!
+//! The socket's file mode is the access control: root and the `kakehashi`
+//! group may operate the box; nobody else can connect.
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use kakehashi_spool::{AuditRecord, Priority, RouteState};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    QueueList {
+        destination: Option<String>,
+        dead_only: bool,
+    },
+    QueueRetry {
+        destination: Option<String>,
+        ids: Vec<u64>,
+    },
+    QueuePurge {
+        destination: Option<String>,
+        ids: Vec<u64>,
+    },
+    Audit {
+        after: u64,
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "kebab-case")]
+pub enum Response {
+    Status(StatusReport),
+    Queue { entries: Vec<QueueEntry> },
+    Retried { ids: Vec<u64> },
+    Purged { ids: Vec<u64> },
+    Audit { records: Vec<AuditRecord> },
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub uptime_s: u64,
+    pub ae_title: String,
+    pub listen: String,
+    pub active_associations: usize,
+    pub spool: SpoolStatus,
+    pub destinations: Vec<DestinationStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpoolStatus {
+    pub dir: String,
+    pub used_bytes: u64,
+    pub max_bytes: u64,
+    pub free_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DestinationStatus {
+    pub name: String,
+    pub ae_title: String,
+    pub address: String,
+    /// idle | sending | backoff
+    pub state: String,
+    pub queued: u64,
+    pub queued_bytes: u64,
+    pub dead_letter: u64,
+    pub oldest_age_s: Option<u64>,
+    pub delivered_since_start: u64,
+    pub last_success_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_ms: Option<u64>,
+    pub next_attempt_in_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueEntry {
+    pub id: u64,
+    pub destination: String,
+    pub state: RouteState,
+    pub priority: Priority,
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub study_instance_uid: String,
+    pub patient_id: String,
+    pub source_ae: String,
+    pub size: u64,
+    pub received_ms: u64,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to kakehashid at {path}: {source} (is kakehashid running? is --socket right? are you root or in the kakehashi group?)")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kakehashid sent an answer this CLI does not understand: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Sends one request and waits for its answer.
+pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+    let io = |source| ClientError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(io)?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    Ok(serde_json::from_str(&answer)?)
+}

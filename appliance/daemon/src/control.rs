@@ -1,0 +1,241 @@
+//! The operator control socket: JSON lines, one request per connection.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use kakehashi_control::{QueueEntry, Request, Response, SpoolStatus, StatusReport};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::{now_ms, Shared};
+
+/// Binds the socket, replacing a stale one, readable by owner and group only.
+pub fn bind(path: &Path) -> Result<UnixListener, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            format!(
+                "cannot create control socket directory {}: {e}",
+                dir.display()
+            )
+        })?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "control socket {} is in use: is another kakehashid running?",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale control socket {}: {e}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| format!("cannot bind control socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("cannot restrict control socket {}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+pub async fn serve(shared: Arc<Shared>, listener: UnixListener, token: CancellationToken) {
+    loop {
+        let conn = tokio::select! {
+            _ = token.cancelled() => return,
+            c = listener.accept() => c,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    if let Err(e) = handle(shared, stream).await {
+                        tracing::debug!("control connection: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("control socket accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle(shared: Arc<Shared>, stream: UnixStream) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).take_line(&mut line).await?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => {
+            let shared2 = Arc::clone(&shared);
+            match tokio::task::spawn_blocking(move || answer(&shared2, req)).await {
+                Ok(r) => r,
+                Err(e) => Response::Error {
+                    message: format!("internal error: {e}"),
+                },
+            }
+        }
+        Err(e) => Response::Error {
+            message: format!("not a valid request: {e}"),
+        },
+    };
+    if let Response::Retried { ids } = &response {
+        for id in ids {
+            if let Ok(rec) = shared.spool.get(*id) {
+                for f in &shared.forwarders {
+                    f.enqueue(&rec);
+                    f.wake();
+                }
+            }
+        }
+    }
+    let mut out = serde_json::to_vec(&response)
+        .unwrap_or_else(|e| format!("{{\"response\":\"error\",\"message\":\"{e}\"}}").into_bytes());
+    out.push(b'\n');
+    write.write_all(&out).await
+}
+
+trait TakeLine {
+    async fn take_line(&mut self, line: &mut String) -> std::io::Result<()>;
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> TakeLine for BufReader<R> {
+    async fn take_line(&mut self, line: &mut String) -> std::io::Result<()> {
+        // Requests are tiny; a client that sends megabytes is not ours.
+        let mut limited = tokio::io::AsyncReadExt::take(self, 64 * 1024);
+        limited.read_line(line).await.map(|_| ())
+    }
+}
+
+fn answer(shared: &Shared, req: Request) -> Response {
+    let err = |e: kakehashi_spool::SpoolError| Response::Error {
+        message: e.to_string(),
+    };
+    let known = |d: &Option<String>| match d {
+        Some(name) if shared.config.destination(name).is_none() => Err(Response::Error {
+            message: format!(
+                "no destination named {name:?}; configured: {}",
+                shared
+                    .config
+                    .destinations
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+        _ => Ok(()),
+    };
+    match req {
+        Request::Status => {
+            let counts = match shared.spool.counts() {
+                Ok(c) => c,
+                Err(e) => return err(e),
+            };
+            let free = nix::sys::statvfs::statvfs(shared.spool.dir())
+                .map(|s| u64::from(s.blocks_available()) * u64::from(s.fragment_size()))
+                .unwrap_or(0);
+            Response::Status(StatusReport {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                uptime_s: shared.started.elapsed().as_secs(),
+                ae_title: shared.config.dicom.ae_title.to_string(),
+                listen: shared.config.dicom.listen.to_string(),
+                active_associations: shared
+                    .active_associations
+                    .load(std::sync::atomic::Ordering::SeqCst),
+                spool: SpoolStatus {
+                    dir: shared.spool.dir().display().to_string(),
+                    used_bytes: shared.spool.used_bytes(),
+                    max_bytes: shared.spool.limits().max_size,
+                    free_bytes: free,
+                },
+                destinations: shared
+                    .forwarders
+                    .iter()
+                    .map(|f| f.status(counts.get(&f.dest.name)))
+                    .collect(),
+            })
+        }
+        Request::QueueList {
+            destination,
+            dead_only,
+        } => {
+            if let Err(r) = known(&destination) {
+                return r;
+            }
+            let records = match shared.spool.records() {
+                Ok(r) => r,
+                Err(e) => return err(e),
+            };
+            let mut entries = Vec::new();
+            for rec in records {
+                for route in &rec.routes {
+                    if destination
+                        .as_ref()
+                        .is_some_and(|d| *d != route.destination)
+                    {
+                        continue;
+                    }
+                    if dead_only && route.state != kakehashi_spool::RouteState::DeadLetter {
+                        continue;
+                    }
+                    if route.state == kakehashi_spool::RouteState::Delivered {
+                        continue;
+                    }
+                    entries.push(QueueEntry {
+                        id: rec.id,
+                        destination: route.destination.clone(),
+                        state: route.state,
+                        priority: rec.meta.priority,
+                        sop_instance_uid: rec.meta.sop_instance_uid.clone(),
+                        sop_class_uid: rec.meta.sop_class_uid.clone(),
+                        study_instance_uid: rec.meta.study_instance_uid.clone(),
+                        patient_id: rec.meta.patient_id.clone(),
+                        source_ae: rec.meta.source_ae.clone(),
+                        size: rec.dataset_size,
+                        received_ms: rec.received_ms,
+                        attempts: route.attempts,
+                        last_error: route.last_error.clone(),
+                    });
+                }
+            }
+            Response::Queue { entries }
+        }
+        Request::QueueRetry { destination, ids } => {
+            if let Err(r) = known(&destination) {
+                return r;
+            }
+            match shared
+                .spool
+                .retry_dead(destination.as_deref(), &ids, now_ms())
+            {
+                Ok(ids) => {
+                    tracing::info!(count = ids.len(), "operator requeued dead letters");
+                    Response::Retried { ids }
+                }
+                Err(e) => err(e),
+            }
+        }
+        Request::QueuePurge { destination, ids } => {
+            if let Err(r) = known(&destination) {
+                return r;
+            }
+            match shared
+                .spool
+                .purge_dead(destination.as_deref(), &ids, now_ms())
+            {
+                Ok(ids) => {
+                    tracing::warn!(count = ids.len(), "operator purged dead letters");
+                    Response::Purged { ids }
+                }
+                Err(e) => err(e),
+            }
+        }
+        Request::Audit { after, limit } => {
+            match shared.spool.audit_since(after, limit.clamp(1, 10_000)) {
+                Ok(records) => Response::Audit { records },
+                Err(e) => err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! One forwarder task per destination: takes instances from its queue (see
+//! [`crate::schedule`]), sends a study over one association, and records
+//! each outcome in the spool before moving on.
+//!
+//! Failure handling: anything about the connection (refused, timeout,
+//! abort, association rejected) backs off the whole destination and burns
+//! nothing; a transient C-STORE status (0xA7xx, 0x0110…) backs off that
+//! instance; a permanent status or a refused SOP class/transfer syntax
+//! dead-letters it with the reason. Transient failures never dead-letter.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kakehashi_config::Destination;
+use kakehashi_control::DestinationStatus;
+use kakehashi_dicom::dimse::{classify_store_status, StatusClass};
+use kakehashi_dicom::scu::{Scu, ScuError, ScuOptions};
+use kakehashi_spool::Durability;
+use kakehashi_spool::{AuditEvent, InstanceRecord, RouteState};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, BufReader};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::schedule::{backoff, Item, Queue};
+use crate::{now_ms, Shared};
+
+#[derive(Debug, Default)]
+struct Stats {
+    sending: bool,
+    delivered: u64,
+    last_success_ms: Option<u64>,
+    last_error: Option<String>,
+    last_error_ms: Option<u64>,
+    /// Destination-level backoff after a connection failure.
+    blocked_until_ms: u64,
+    connect_failures: u32,
+}
+
+#[derive(Debug)]
+pub struct Handle {
+    pub dest: Destination,
+    queue: Mutex<Queue>,
+    notify: Notify,
+    stats: Mutex<Stats>,
+}
+
+impl Handle {
+    pub fn new(dest: Destination, records: &[InstanceRecord]) -> Handle {
+        let mut queue = Queue::default();
+        for r in records {
+            if let Some(item) = Item::from_record(r, &dest.name) {
+                queue.push(item);
+            }
+        }
+        Handle {
+            dest,
+            queue: Mutex::new(queue),
+            notify: Notify::new(),
+            stats: Mutex::new(Stats::default()),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A panic while holding this lock is a bug that already killed the
+        // task; the queue itself stays consistent (single-field updates).
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by the ingress after a commit, and by `queue retry`.
+    pub fn enqueue(&self, rec: &InstanceRecord) {
+        if let Some(item) = Item::from_record(rec, &self.dest.name) {
+            self.queue().push(item);
+            self.notify.notify_one();
+        }
+    }
+
+    /// Lets an operator's retry skip the current backoff.
+    pub fn wake(&self) {
+        self.stats().blocked_until_ms = 0;
+        self.notify.notify_one();
+    }
+
+    pub fn status(&self, counts: Option<&kakehashi_spool::DestinationCounts>) -> DestinationStatus {
+        let now = now_ms();
+        let s = self.stats();
+        let q = self.queue();
+        let next_due = q.next_due_ms().map(|d| d.max(s.blocked_until_ms));
+        DestinationStatus {
+            name: self.dest.name.clone(),
+            ae_title: self.dest.ae_title.to_string(),
+            address: self.dest.address.clone(),
+            state: if s.sending {
+                "sending"
+            } else if s.blocked_until_ms > now && q.len() > 0 {
+                "backoff"
+            } else {
+                "idle"
+            }
+            .to_string(),
+            queued: counts.map_or(q.len() as u64, |c| c.queued),
+            queued_bytes: counts.map_or(q.bytes(), |c| c.queued_bytes),
+            dead_letter: counts.map_or(0, |c| c.dead_letter),
+            oldest_age_s: counts
+                .and_then(|c| c.oldest_received_ms)
+                .map(|t| now.saturating_sub(t) / 1000),
+            delivered_since_start: s.delivered,
+            last_success_ms: s.last_success_ms,
+            last_error: s.last_error.clone(),
+            last_error_ms: s.last_error_ms,
+            next_attempt_in_s: next_due
+                .filter(|d| *d > now)
+                .map(|d| (d - now).div_ceil(1000)),
+        }
+    }
+
+    fn note_error(&self, message: String) {
+        let mut s = self.stats();
+        s.last_error = Some(message);
+        s.last_error_ms = Some(now_ms());
+    }
+}
+
+/// Outcome of one C-STORE, as the forwarder acts on it.
+enum Sent {
+    Delivered(u16),
+    Retry(String),
+    Dead(String),
+    /// The association is unusable; back off the destination.
+    Connection(ScuError),
+}
+
+pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationToken) {
+    let dest = handle.dest.clone();
+    let opts = ScuOptions {
+        calling_ae: dest.calling_ae_title.to_string(),
+        called_ae: dest.ae_title.to_string(),
+        max_pdu: dest.max_pdu,
+        connect_timeout: dest.connect_timeout,
+        response_timeout: dest.response_timeout,
+    };
+    let mut assoc: Option<(Scu, String)> = None;
+    loop {
+        if token.is_cancelled() {
+            break;
+        }
+        let now = now_ms();
+        let blocked_until = handle.stats().blocked_until_ms;
+        let picked = if blocked_until > now {
+            None
+        } else {
+            let q = handle.queue();
+            q.pick(now, assoc.as_ref().map(|(_, s)| s.as_str()))
+                .cloned()
+        };
+        let Some(item) = picked else {
+            // Nothing due: wait for new work, the next due time, or cancellation;
+            // an open association lingers a little for more of its study.
+            let due = handle.queue().next_due_ms().map(|d| d.max(blocked_until));
+            let wait = due.map_or(Duration::from_secs(3600), |d| {
+                Duration::from_millis(d.saturating_sub(now).max(10))
+            });
+            let linger = if assoc.is_some() {
+                dest.linger
+            } else {
+                Duration::MAX
+            };
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = handle.notify.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(linger) => {
+                    if let Some((a, _)) = assoc.take() {
+                        a.release().await;
+                    }
+                }
+            }
+            continue;
+        };
+
+        // Reuse the association only if it carries this exact context.
+        let reusable = assoc
+            .as_ref()
+            .and_then(|(a, _)| a.context_for(&item.sop_class, &item.transfer_syntax))
+            .is_some();
+        if !reusable {
+            if let Some((a, _)) = assoc.take() {
+                a.release().await;
+            }
+            let contexts = {
+                let q = handle.queue();
+                let mut c = q.contexts_for_study(&item.study, now);
+                let own = (item.sop_class.clone(), item.transfer_syntax.clone());
+                if !c.contains(&own) {
+                    c.insert(0, own);
+                }
+                c
+            };
+            let connected = tokio::select! {
+                _ = token.cancelled() => break,
+                c = Scu::connect(&dest.address, &opts, &contexts) => c,
+            };
+            match connected {
+                Ok(a) => {
+                    handle.stats().connect_failures = 0;
+                    tracing::debug!(destination = %dest.name, study = %item.study, contexts = contexts.len(), "association open");
+                    assoc = Some((a, item.study.clone()));
+                }
+                Err(e) => {
+                    destination_failed(&handle, &shared, e);
+                    continue;
+                }
+            }
+        }
+        let Some((scu, study)) = assoc.as_mut() else {
+            continue;
+        };
+        *study = item.study.clone();
+        let Some(pc) = scu.context_for(&item.sop_class, &item.transfer_syntax) else {
+            let why = format!(
+                "destination {} refused SOP class {} with transfer syntax {} (presentation context not accepted)",
+                dest.name, item.sop_class, item.transfer_syntax
+            );
+            settle(&shared, &handle, &item, Sent::Dead(why)).await;
+            continue;
+        };
+
+        handle.stats().sending = true;
+        let outcome = tokio::select! {
+            _ = token.cancelled() => { handle.stats().sending = false; break }
+            o = send_one(&shared, scu, pc, &item) => o,
+        };
+        handle.stats().sending = false;
+        if let Sent::Connection(_) = &outcome {
+            if let Some((a, _)) = assoc.take() {
+                a.abort().await;
+            }
+        }
+        settle(&shared, &handle, &item, outcome).await;
+    }
+    if let Some((a, _)) = assoc.take() {
+        a.release().await;
+    }
+}
+
+fn destination_failed(handle: &Handle, shared: &Shared, e: impl std::fmt::Display) {
+    let mut s = handle.stats();
+    s.connect_failures += 1;
+    let delay = backoff(shared.config.retry, s.connect_failures, fastrand::f64());
+    s.blocked_until_ms = now_ms() + delay.as_millis() as u64;
+    let failures = s.connect_failures;
+    drop(s);
+    tracing::warn!(destination = %handle.dest.name, failures, retry_in = ?delay, "destination unreachable: {e}");
+    handle.note_error(e.to_string());
+}
+
+async fn send_one(shared: &Shared, scu: &mut Scu, pc: u8, item: &Item) -> Sent {
+    let rec = match shared.spool.get(item.id) {
+        Ok(r) => r,
+        Err(e) => return Sent::Dead(format!("spool record unreadable: {e}")),
+    };
+    let (file, path) = match shared.spool.open_payload(&rec) {
+        Ok(f) => f,
+        Err(e) => return Sent::Dead(format!("integrity: {e}")),
+    };
+    let mut file = tokio::fs::File::from_std(file);
+    if let Err(e) = file.seek(std::io::SeekFrom::Start(item.offset)).await {
+        return Sent::Dead(format!("integrity: cannot seek {}: {e}", path.display()));
+    }
+    let reader = BufReader::with_capacity(1 << 20, file).take(item.size);
+    match scu
+        .store(
+            pc,
+            &item.sop_class,
+            &item.sop_instance,
+            rec.meta.priority.to_dimse(),
+            reader,
+            item.size,
+        )
+        .await
+    {
+        Ok((status, comment)) => {
+            let detail = |what: &str| {
+                format!(
+                    "{what} 0x{status:04X} from {}{}",
+                    scu.peer(),
+                    comment
+                        .as_deref()
+                        .map(|c| format!(": {c}"))
+                        .unwrap_or_default()
+                )
+            };
+            match classify_store_status(status) {
+                StatusClass::Delivered => Sent::Delivered(status),
+                StatusClass::Transient => Sent::Retry(detail("transient status")),
+                StatusClass::Permanent => Sent::Dead(detail("permanent status")),
+            }
+        }
+        Err(ScuError::Source(e)) => Sent::Dead(format!(
+            "integrity: payload {} is shorter than its record: {e}",
+            path.display()
+        )),
+        Err(e) => Sent::Connection(e),
+    }
+}
+
+/// Records the outcome in the spool (and the queue, and the stats).
+async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome: Sent) {
+    let now = now_ms();
+    let name = handle.dest.name.clone();
+    let retention = !shared.config.spool.retention.is_zero();
+    let (state, error, event, attempts, next) = match &outcome {
+        Sent::Delivered(status) => {
+            let mut s = handle.stats();
+            s.delivered += 1;
+            s.last_success_ms = Some(now);
+            drop(s);
+            handle.queue().remove(item.id);
+            (
+                RouteState::Delivered,
+                None,
+                Some((AuditEvent::Delivered, format!("status 0x{status:04X}"))),
+                item.attempts + 1,
+                0,
+            )
+        }
+        Sent::Retry(why) => {
+            let attempts = item.attempts + 1;
+            let next =
+                now + backoff(shared.config.retry, attempts, fastrand::f64()).as_millis() as u64;
+            if let Some(i) = handle.queue().get_mut(item.id) {
+                i.attempts = attempts;
+                i.next_attempt_ms = next;
+            }
+            tracing::warn!(destination = %name, sop_instance = %item.sop_instance, attempts, "will retry: {why}");
+            handle.note_error(why.clone());
+            (RouteState::Queued, Some(why.clone()), None, attempts, next)
+        }
+        Sent::Dead(why) => {
+            handle.queue().remove(item.id);
+            tracing::error!(destination = %name, sop_instance = %item.sop_instance, "dead-lettered: {why}");
+            handle.note_error(why.clone());
+            (
+                RouteState::DeadLetter,
+                Some(why.clone()),
+                Some((AuditEvent::DeadLettered, why.clone())),
+                item.attempts + 1,
+                0,
+            )
+        }
+        Sent::Connection(e) => {
+            destination_failed(handle, shared, e);
+            // Not the instance's fault: its attempts and schedule stay as they were.
+            return;
+        }
+    };
+    let spool = Arc::clone(&shared.spool);
+    let id = item.id;
+    let durability = if event.is_some() {
+        Durability::Immediate
+    } else {
+        Durability::None
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        spool.update_route(id, &name, durability, event, now, retention, |r| {
+            r.state = state;
+            r.attempts = attempts;
+            r.next_attempt_ms = next;
+            if error.is_some() {
+                r.last_error = error;
+            }
+            if state == RouteState::Delivered {
+                r.delivered_ms = Some(now);
+            }
+        })
+    })
+    .await;
+    match result {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(id, "cannot record the delivery outcome (the instance may be sent again after a restart): {e}"),
+        Err(e) => tracing::error!(id, "delivery bookkeeping task failed: {e}"),
+    }
+}

@@ -1,0 +1,569 @@
+//! The DICOM SCP the hospital sends to.
+//!
+//! Each association runs in its own task. P-DATA fragments go, as they
+//! arrive, through a bounded channel to a blocking writer that appends them
+//! to the spool file; the C-STORE-RSP is sent only after the spool commit
+//! (fsync + index) returns. A malformed PDU ends that connection, with a log
+//! line, and nothing else.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PDataValueType, Pdu};
+use kakehashi_dicom::dimse::{self, status, Command};
+use kakehashi_dicom::negotiate::{self, AcceptedContext, AddressMatch, Policy, SourceRule};
+use kakehashi_dicom::{part10, scan, wire};
+use kakehashi_spool::{Accepted, AuditEvent, AuditRecord, InstanceMeta, Priority, SpoolError};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use crate::{now_ms, Shared};
+
+#[derive(Debug)]
+struct Cidr(kakehashi_config::IpNet);
+
+impl AddressMatch for Cidr {
+    fn matches(&self, ip: std::net::IpAddr) -> bool {
+        self.0.contains(ip)
+    }
+}
+
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, token: CancellationToken) {
+    let policy = Arc::new(Policy {
+        ae_title: shared.config.dicom.ae_title.to_string(),
+        sources: shared
+            .config
+            .dicom
+            .sources
+            .iter()
+            .map(|s| SourceRule {
+                ae_title: s.ae_title.to_string(),
+                address: s
+                    .address
+                    .map(|a| Box::new(Cidr(a)) as Box<dyn AddressMatch>),
+            })
+            .collect(),
+        max_pdu: shared.config.dicom.max_pdu,
+    });
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = token.cancelled() => break,
+            a = listener.accept() => a,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let shared = Arc::clone(&shared);
+                let policy = Arc::clone(&policy);
+                let token = token.clone();
+                conns.spawn(async move {
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = association(shared, policy, stream, peer) => {}
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("accepting a DICOM connection failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    conns.shutdown().await;
+}
+
+/// Decrements the active-association count however the task ends.
+struct Active<'a>(&'a Shared);
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active_associations.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn audit(shared: &Shared, event: AuditEvent, actor: String, detail: String) {
+    let spool = Arc::clone(&shared.spool);
+    let rec = AuditRecord {
+        seq: 0,
+        time_ms: now_ms(),
+        event,
+        actor,
+        sop_instance_uid: None,
+        study_instance_uid: None,
+        destination: None,
+        detail,
+    };
+    match tokio::task::spawn_blocking(move || spool.audit(rec)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("cannot write the audit record: {e}"),
+        Err(e) => tracing::error!("audit task failed: {e}"),
+    }
+}
+
+async fn association(
+    shared: Arc<Shared>,
+    policy: Arc<Policy>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = stream.set_nodelay(true);
+    let idle = shared.config.dicom.idle_timeout;
+    let max_pdu = shared.config.dicom.max_pdu;
+    let mut buf = BytesMut::new();
+    let first = match timeout(idle, wire::read_pdu(&mut stream, &mut buf, max_pdu)).await {
+        Err(_) => {
+            tracing::warn!(%peer, "connection sent nothing for {idle:?}; closed");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, "dropped connection before association: {e}");
+            return;
+        }
+        Ok(Ok(p)) => p,
+    };
+    let Pdu::AssociationRQ(rq) = first else {
+        tracing::warn!(%peer, "dropped connection: expected A-ASSOCIATE-RQ, got {}", first.short_description());
+        let _ = wire::write_pdu(
+            &mut stream,
+            &abort(AbortRQServiceProviderReason::UnexpectedPdu),
+        )
+        .await;
+        return;
+    };
+    let calling = rq.calling_ae_title.trim().to_string();
+    let active = shared.active_associations.fetch_add(1, Ordering::SeqCst);
+    let _guard = Active(&shared);
+    let decision = negotiate::negotiate(
+        &rq,
+        peer.ip(),
+        &policy,
+        active >= shared.config.dicom.max_associations,
+    );
+    let accepted = match decision {
+        Err(rej) => {
+            tracing::warn!(%peer, calling_ae = %calling, called_ae = %rq.called_ae_title.trim(), "association rejected: {}", rej.reason);
+            let _ = wire::write_pdu(&mut stream, &Pdu::AssociationRJ(rej.rj)).await;
+            audit(
+                &shared,
+                AuditEvent::AssociationRejected,
+                format!("{calling}@{}", peer.ip()),
+                rej.reason,
+            )
+            .await;
+            return;
+        }
+        Ok(a) => a,
+    };
+    if let Err(e) = wire::write_pdu(&mut stream, &Pdu::AssociationAC(accepted.ac.clone())).await {
+        tracing::warn!(%peer, "cannot answer association: {e}");
+        return;
+    }
+    tracing::info!(%peer, calling_ae = %calling, contexts = accepted.contexts.len(), "association accepted");
+    audit(
+        &shared,
+        AuditEvent::AssociationAccepted,
+        format!("{calling}@{}", peer.ip()),
+        format!(
+            "{} presentation context(s) accepted",
+            accepted.contexts.len()
+        ),
+    )
+    .await;
+
+    let mut session = Session {
+        shared: &shared,
+        peer,
+        calling,
+        contexts: accepted.contexts,
+        command: Vec::new(),
+        state: State::Idle,
+        stored: 0,
+    };
+    let outcome = session.run(&mut stream, &mut buf).await;
+    match outcome {
+        Ok(()) => {
+            tracing::info!(%peer, calling_ae = %session.calling, stored = session.stored, "association released")
+        }
+        Err(e) => {
+            tracing::warn!(%peer, calling_ae = %session.calling, stored = session.stored, "association ended: {e}");
+            if e.send_abort {
+                let _ = wire::write_pdu(
+                    &mut stream,
+                    &abort(AbortRQServiceProviderReason::UnexpectedPdu),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+fn abort(reason: AbortRQServiceProviderReason) -> Pdu {
+    Pdu::AbortRQ {
+        source: AbortRQSource::ServiceProvider(reason),
+    }
+}
+
+#[derive(Debug)]
+struct SessionError {
+    message: String,
+    send_abort: bool,
+}
+
+impl std::fmt::Display for SessionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn protocol(message: impl Into<String>) -> SessionError {
+    SessionError {
+        message: message.into(),
+        send_abort: true,
+    }
+}
+
+fn gone(message: impl Into<String>) -> SessionError {
+    SessionError {
+        message: message.into(),
+        send_abort: false,
+    }
+}
+
+enum Chunk {
+    Data(Vec<u8>),
+    Finish(InstanceMeta),
+}
+
+/// An instance on its way to disk.
+struct Receiving {
+    message_id: u16,
+    pc: AcceptedContext,
+    sop_instance: String,
+    priority: Priority,
+    /// The first bytes, kept for the routing-key scan.
+    prefix: Vec<u8>,
+    tx: mpsc::Sender<Chunk>,
+    writer: tokio::task::JoinHandle<Result<Accepted, SpoolError>>,
+}
+
+enum State {
+    Idle,
+    Receiving(Box<Receiving>),
+    /// The sender's data is read and dropped; it will get `status`.
+    Discarding {
+        message_id: u16,
+        sop_class: String,
+        sop_instance: String,
+        status: u16,
+        comment: String,
+    },
+}
+
+struct Session<'a> {
+    shared: &'a Shared,
+    peer: SocketAddr,
+    calling: String,
+    contexts: Vec<AcceptedContext>,
+    command: Vec<u8>,
+    state: State,
+    stored: u64,
+}
+
+impl Session<'_> {
+    async fn run(
+        &mut self,
+        stream: &mut TcpStream,
+        buf: &mut BytesMut,
+    ) -> Result<(), SessionError> {
+        let idle = self.shared.config.dicom.idle_timeout;
+        loop {
+            let pdu = timeout(
+                idle,
+                wire::read_pdu(stream, buf, self.shared.config.dicom.max_pdu),
+            )
+            .await
+            .map_err(|_| protocol(format!("no PDU for {idle:?} (dicom.idle_timeout)")))?
+            .map_err(|e| match e {
+                wire::WireError::Closed => gone("peer closed the connection without releasing"),
+                other => protocol(other.to_string()),
+            })?;
+            match pdu {
+                Pdu::PData { data } => {
+                    for v in data {
+                        match v.value_type {
+                            PDataValueType::Command => {
+                                self.command.extend_from_slice(&v.data);
+                                if self.command.len() > 64 * 1024 {
+                                    return Err(protocol("command set larger than 64 KiB"));
+                                }
+                                if v.is_last {
+                                    let bytes = std::mem::take(&mut self.command);
+                                    self.on_command(stream, &bytes, v.presentation_context_id).await?;
+                                }
+                            }
+                            PDataValueType::Data => {
+                                let last = v.is_last;
+                                self.on_data(v.data).await?;
+                                if last {
+                                    self.finish(stream).await?;
+                                }
+                            }
+                        }
+                    }
+                }
+                Pdu::ReleaseRQ => {
+                    if !matches!(self.state, State::Idle) {
+                        return Err(protocol("A-RELEASE-RQ in the middle of a C-STORE"));
+                    }
+                    let _ = wire::write_pdu(stream, &Pdu::ReleaseRP).await;
+                    return Ok(());
+                }
+                Pdu::AbortRQ { .. } => return Err(gone("peer aborted the association (an instance in transfer is discarded, it was never acknowledged)")),
+                other => return Err(protocol(format!("unexpected {}", other.short_description()))),
+            }
+        }
+    }
+
+    async fn on_command(
+        &mut self,
+        stream: &mut TcpStream,
+        bytes: &[u8],
+        pc_id: u8,
+    ) -> Result<(), SessionError> {
+        if !matches!(self.state, State::Idle) {
+            return Err(protocol("new command before the previous dataset ended"));
+        }
+        let cmd = Command::parse(bytes).map_err(|e| protocol(format!("bad command set: {e}")))?;
+        let field = cmd.command_field().map_err(|e| protocol(e.to_string()))?;
+        let message_id = cmd.message_id().unwrap_or(0);
+        let pc = self.contexts.iter().find(|c| c.id == pc_id).cloned();
+        let Some(pc) = pc else {
+            return Err(protocol(format!(
+                "command on presentation context {pc_id}, which was not accepted"
+            )));
+        };
+        match field {
+            dimse::C_ECHO_RQ => {
+                wire::send_command(stream, pc_id, &dimse::c_echo_rsp(message_id))
+                    .await
+                    .map_err(|e| gone(e.to_string()))?;
+                Ok(())
+            }
+            dimse::C_STORE_RQ => {
+                let sop_class = cmd
+                    .affected_sop_class()
+                    .unwrap_or_else(|| pc.abstract_syntax.clone());
+                let sop_instance = cmd.affected_sop_instance().unwrap_or_default();
+                if !cmd.has_dataset() {
+                    return Err(protocol("C-STORE-RQ without a dataset"));
+                }
+                if !kakehashi_dicom::uids::is_valid_uid(&sop_instance)
+                    || sop_class != pc.abstract_syntax
+                {
+                    self.state = State::Discarding {
+                        message_id,
+                        sop_class,
+                        sop_instance,
+                        status: status::CANNOT_UNDERSTAND,
+                        comment: "missing/invalid Affected SOP Instance UID or SOP class differs from the presentation context".into(),
+                    };
+                    return Ok(());
+                }
+                let header = part10::file_meta(
+                    &sop_class,
+                    &sop_instance,
+                    &pc.transfer_syntax,
+                    &self.calling,
+                );
+                let (tx, rx) = mpsc::channel(8);
+                let spool = Arc::clone(&self.shared.spool);
+                let writer =
+                    tokio::task::spawn_blocking(move || write_instance(&spool, &header, rx));
+                self.state = State::Receiving(Box::new(Receiving {
+                    message_id,
+                    pc,
+                    sop_instance,
+                    priority: Priority::from_dimse(cmd.priority()),
+                    prefix: Vec::new(),
+                    tx,
+                    writer,
+                }));
+                Ok(())
+            }
+            other => Err(protocol(format!(
+                "unsupported DIMSE command 0x{other:04X} (this box accepts C-ECHO and C-STORE)"
+            ))),
+        }
+    }
+
+    async fn on_data(&mut self, data: Vec<u8>) -> Result<(), SessionError> {
+        match &mut self.state {
+            State::Idle => Err(protocol("dataset fragment without a command")),
+            State::Discarding { .. } => Ok(()),
+            State::Receiving(r) => {
+                if r.prefix.len() < scan::SCAN_LIMIT {
+                    let take = (scan::SCAN_LIMIT - r.prefix.len()).min(data.len());
+                    r.prefix.extend_from_slice(&data[..take]);
+                }
+                // A closed channel means the writer already failed; its error
+                // comes out of `finish`.
+                let _ = r.tx.send(Chunk::Data(data)).await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn finish(&mut self, stream: &mut TcpStream) -> Result<(), SessionError> {
+        let (message_id, sop_class, sop_instance, code, comment) = match std::mem::replace(
+            &mut self.state,
+            State::Idle,
+        ) {
+            State::Idle => return Err(protocol("dataset end without a command")),
+            State::Discarding {
+                message_id,
+                sop_class,
+                sop_instance,
+                status,
+                comment,
+            } => {
+                tracing::warn!(peer = %self.peer, calling_ae = %self.calling, %sop_instance, status = format!("0x{status:04X}"), "instance refused: {comment}");
+                self.refusal_audit(&sop_instance, status, &comment).await;
+                (message_id, sop_class, sop_instance, status, Some(comment))
+            }
+            State::Receiving(r) => {
+                let r = *r;
+                let keys = scan::routing_keys(&r.pc.transfer_syntax, &r.prefix);
+                let meta = InstanceMeta {
+                    sop_class_uid: r.pc.abstract_syntax.clone(),
+                    sop_instance_uid: r.sop_instance.clone(),
+                    transfer_syntax_uid: r.pc.transfer_syntax.clone(),
+                    study_instance_uid: keys.study_instance_uid.unwrap_or_default(),
+                    patient_id: keys.patient_id.unwrap_or_default(),
+                    source_ae: self.calling.clone(),
+                    source_ip: self.peer.ip().to_string(),
+                    priority: r.priority,
+                };
+                let _ = r.tx.send(Chunk::Finish(meta)).await;
+                drop(r.tx);
+                let result = r.writer.await;
+                let (code, comment) = match result {
+                    Ok(Ok(Accepted::Queued(rec))) => {
+                        self.stored += 1;
+                        tracing::debug!(id = rec.id, sop_instance = %rec.meta.sop_instance_uid, bytes = rec.dataset_size, "instance spooled");
+                        for f in &self.shared.forwarders {
+                            f.enqueue(&rec);
+                        }
+                        (status::SUCCESS, None)
+                    }
+                    Ok(Ok(Accepted::Duplicate { existing })) => {
+                        tracing::info!(sop_instance = %r.sop_instance, existing, "duplicate of a spooled instance acknowledged, not queued twice");
+                        (status::SUCCESS, None)
+                    }
+                    Ok(Err(e)) if e.is_out_of_space() => {
+                        tracing::warn!(peer = %self.peer, calling_ae = %self.calling, sop_instance = %r.sop_instance, "answering 0xA700: {e}");
+                        let c = format!("Kakehashi: {e}");
+                        self.refusal_audit(&r.sop_instance, status::OUT_OF_RESOURCES, &c)
+                            .await;
+                        (status::OUT_OF_RESOURCES, Some(c))
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(peer = %self.peer, sop_instance = %r.sop_instance, "cannot spool instance, answering 0x0110: {e}");
+                        let c = format!("Kakehashi: {e}");
+                        self.refusal_audit(&r.sop_instance, status::PROCESSING_FAILURE, &c)
+                            .await;
+                        (status::PROCESSING_FAILURE, Some(c))
+                    }
+                    Err(e) => {
+                        tracing::error!(sop_instance = %r.sop_instance, "spool writer task failed: {e}");
+                        (
+                            status::PROCESSING_FAILURE,
+                            Some("Kakehashi: internal error".into()),
+                        )
+                    }
+                };
+                (
+                    r.message_id,
+                    r.pc.abstract_syntax,
+                    r.sop_instance,
+                    code,
+                    comment,
+                )
+            }
+        };
+        let pc_id = self
+            .contexts
+            .iter()
+            .find(|c| c.abstract_syntax == sop_class)
+            .map(|c| c.id)
+            .unwrap_or(1);
+        let rsp = dimse::c_store_rsp(
+            message_id,
+            &sop_class,
+            &sop_instance,
+            code,
+            comment.as_deref(),
+        );
+        wire::send_command(stream, pc_id, &rsp)
+            .await
+            .map_err(|e| gone(e.to_string()))
+    }
+
+    async fn refusal_audit(&self, sop_instance: &str, code: u16, comment: &str) {
+        let spool = Arc::clone(&self.shared.spool);
+        let rec = AuditRecord {
+            seq: 0,
+            time_ms: now_ms(),
+            event: AuditEvent::Refused,
+            actor: format!("{}@{}", self.calling, self.peer.ip()),
+            sop_instance_uid: Some(sop_instance.to_string()),
+            study_instance_uid: None,
+            destination: None,
+            detail: format!("0x{code:04X}: {comment}"),
+        };
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || spool.audit(rec)).await {
+            tracing::error!("cannot write the audit record: {e}");
+        }
+    }
+}
+
+/// Runs on a blocking thread: appends fragments, then commits. On the first
+/// write error it keeps draining (the sender is still sending) and reports
+/// the error at the end.
+fn write_instance(
+    spool: &Arc<kakehashi_spool::Spool>,
+    header: &[u8],
+    mut rx: mpsc::Receiver<Chunk>,
+) -> Result<Accepted, SpoolError> {
+    let mut incoming = spool.begin(header);
+    let mut failed: Option<SpoolError> = None;
+    while let Some(chunk) = rx.blocking_recv() {
+        match chunk {
+            Chunk::Data(d) => {
+                if failed.is_none() {
+                    match incoming.as_mut() {
+                        Ok(inc) => {
+                            if let Err(e) = inc.write(&d) {
+                                failed = Some(e);
+                            }
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+            Chunk::Finish(meta) => {
+                return match (failed, incoming) {
+                    (Some(e), _) | (None, Err(e)) => Err(e),
+                    (None, Ok(inc)) => inc.commit(meta, now_ms()),
+                };
+            }
+        }
+    }
+    Err(SpoolError::Io {
+        path: spool.dir().to_path_buf(),
+        source: std::io::Error::other("association ended before the dataset was complete"),
+    })
+}
