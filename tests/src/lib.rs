@@ -1,0 +1,543 @@
+//! The system-test harness: starts kakehashid and real peers (DCMTK's
+//! storescu/storescp/echoscu, Orthanc) on loopback ports, and reads back
+//! what arrived. Every child process is killed when its handle drops.
+//!
+//! Binaries under test come from `KAKEHASHI_BIN_DIR` (the Makefile builds
+//! them in release mode first), else `target/release`, else `target/debug`.
+
+#![forbid(unsafe_code)]
+
+pub mod testdata;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kakehashi_control::{call, Request, Response, StatusReport};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("KAKEHASHI_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    for profile in ["release", "debug"] {
+        let p = workspace_root().join("target").join(profile).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not built: run `cargo build --release` (make test does)");
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_port(port: u16, what: &str) {
+    wait_until(what, Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+}
+
+/// A child process killed (SIGKILL) on drop.
+#[derive(Debug)]
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Peak resident set size (VmHWM) of a live process, in bytes.
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    pub destinations: Vec<(String, String, u16)>,
+    pub max_size: String,
+    pub retry_initial: String,
+    pub retry_max: String,
+    /// Extra `[[dicom.sources]]` entries, as TOML.
+    pub extra_sources: String,
+    pub max_associations: usize,
+}
+
+impl RelayOptions {
+    pub fn to(dest_port: u16) -> RelayOptions {
+        RelayOptions {
+            destinations: vec![("reading-center".into(), "READCENTER".into(), dest_port)],
+            max_size: "4 GiB".into(),
+            retry_initial: "200ms".into(),
+            retry_max: "1s".into(),
+            extra_sources: String::new(),
+            max_associations: 16,
+        }
+    }
+}
+
+/// kakehashid under test, with its own spool, config and control socket.
+#[derive(Debug)]
+pub struct Relay {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    child: Option<Proc>,
+}
+
+impl Relay {
+    pub fn start(opts: RelayOptions) -> Relay {
+        let dir = tempfile::Builder::new()
+            .prefix("kakehashi-test-")
+            .tempdir()
+            .expect("tempdir");
+        let port = free_port();
+        let socket = dir.path().join("control.sock");
+        let mut toml = format!(
+            "[dicom]\nae_title = \"KAKEHASHI\"\nlisten = \"127.0.0.1:{port}\"\nmax_associations = {}\nidle_timeout = \"30s\"\n\n[[dicom.sources]]\nae_title = \"MODALITY1\"\n\n[[dicom.sources]]\nae_title = \"MODALITY2\"\naddress = \"127.0.0.0/8\"\n{}\n",
+            opts.max_associations, opts.extra_sources
+        );
+        for (name, ae, p) in &opts.destinations {
+            toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"127.0.0.1:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"30s\"\nlinger = \"1s\"\n\n");
+        }
+        toml += &format!(
+            "[spool]\ndir = \"{}\"\nmax_size = \"{}\"\nmin_free = \"64 MiB\"\n\n[retry]\ninitial = \"{}\"\nmax = \"{}\"\n\n[control]\nsocket = \"{}\"\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n",
+            dir.path().join("spool").display(),
+            opts.max_size,
+            opts.retry_initial,
+            opts.retry_max,
+            socket.display()
+        );
+        let config = dir.path().join("kakehashi.toml");
+        std::fs::write(&config, toml).expect("write config");
+        let log = dir.path().join("kakehashid.log");
+        let mut relay = Relay {
+            dir,
+            port,
+            config,
+            socket,
+            log,
+            child: None,
+        };
+        relay.spawn();
+        relay
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(bin("kakehashid"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("NO_COLOR", "1")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start kakehashid");
+        self.child = Some(Proc(child));
+        let port = self.port;
+        let socket = self.socket.clone();
+        wait_until("kakehashid to serve", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && call(&socket, &Request::Status).is_ok()
+        });
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(Proc::pid)
+            .expect("kakehashid running")
+    }
+
+    /// SIGKILL, no warning, no cleanup.
+    pub fn kill9(&mut self) {
+        self.child = None;
+    }
+
+    pub fn restart(&mut self) {
+        self.child = None;
+        self.spawn();
+    }
+
+    pub fn request(&self, req: &Request) -> Response {
+        call(&self.socket, req).expect("control socket answers")
+    }
+
+    pub fn status(&self) -> StatusReport {
+        match self.request(&Request::Status) {
+            Response::Status(s) => s,
+            other => panic!("status: {other:?}"),
+        }
+    }
+
+    pub fn queued(&self) -> u64 {
+        self.status().destinations.iter().map(|d| d.queued).sum()
+    }
+
+    pub fn wait_drained(&self, timeout: Duration) {
+        wait_until("the spool to drain", timeout, || self.queued() == 0);
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("kakehashi"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run kakehashi")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+}
+
+/// DCMTK storescp in bit-preserving mode: it writes datasets exactly as received.
+#[derive(Debug)]
+pub struct StoreScp {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+    _child: Proc,
+}
+
+impl StoreScp {
+    pub fn start(port: u16) -> StoreScp {
+        let dir = tempfile::Builder::new()
+            .prefix("storescp-")
+            .tempdir()
+            .expect("tempdir");
+        let out = dir.path().join("in");
+        std::fs::create_dir_all(&out).expect("mkdir");
+        let log = dir.path().join("storescp.log");
+        let log_file = std::fs::File::create(&log).expect("log");
+        let child = Command::new("storescp")
+            .args(["-v", "+B", "+xa", "-aet", "READCENTER", "-od"])
+            .arg(&out)
+            .arg(port.to_string())
+            .env("TCP_NODELAY", "1")
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start storescp (apt-get install dcmtk)");
+        wait_port(port, "storescp to listen");
+        StoreScp {
+            port,
+            dir,
+            log,
+            _child: Proc(child),
+        }
+    }
+
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(self.dir.path().join("in"))
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// How many C-STORE requests it received (re-sends included).
+    pub fn store_requests(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("Received Store Request")
+            .count()
+    }
+}
+
+/// What storescu reported, file by file.
+#[derive(Debug, Default)]
+pub struct StoreOutcome {
+    pub acked: Vec<PathBuf>,
+    pub failed: Vec<(PathBuf, String)>,
+    pub output: String,
+    pub success: bool,
+}
+
+/// Runs DCMTK storescu towards the box (TCP_NODELAY=1, -nh: go on after a failed store).
+pub fn storescu(port: u16, calling: &str, files: &[PathBuf]) -> StoreOutcome {
+    storescu_to(port, calling, "KAKEHASHI", files)
+}
+
+/// Sends `files` to `called`@127.0.0.1:`port`, each in its own transfer
+/// syntax: files are grouped by syntax and each group goes in one storescu
+/// run that proposes exactly that syntax (`-R` plus the matching `-x?`), so
+/// DCMTK does not transcode on its side.
+pub fn storescu_to(port: u16, calling: &str, called: &str, files: &[PathBuf]) -> StoreOutcome {
+    let mut groups: Vec<(&'static str, Vec<PathBuf>)> = Vec::new();
+    for f in files {
+        let flag = propose_flag(&transfer_syntax_of_file(&read_head(f)).unwrap_or_default());
+        match groups.iter_mut().find(|(g, _)| *g == flag) {
+            Some((_, v)) => v.push(f.clone()),
+            None => groups.push((flag, vec![f.clone()])),
+        }
+    }
+    let mut total = StoreOutcome {
+        success: true,
+        ..Default::default()
+    };
+    for (flag, group) in groups {
+        let out = Command::new("storescu")
+            .args([
+                "-v",
+                "-nh",
+                "-R",
+                flag,
+                "-aet",
+                calling,
+                "-aec",
+                called,
+                "127.0.0.1",
+            ])
+            .arg(port.to_string())
+            .args(&group)
+            .env("TCP_NODELAY", "1")
+            .output()
+            .expect("run storescu (apt-get install dcmtk)");
+        let o = parse_storescu(&out);
+        total.acked.extend(o.acked);
+        total.failed.extend(o.failed);
+        total.output += &o.output;
+        total.success &= o.success;
+    }
+    total
+}
+
+/// The storescu option that proposes exactly this transfer syntax.
+pub fn propose_flag(ts: &str) -> &'static str {
+    match ts {
+        "1.2.840.10008.1.2" => "-xi",
+        "1.2.840.10008.1.2.2" => "-xb",
+        "1.2.840.10008.1.2.1.99" => "-xd",
+        "1.2.840.10008.1.2.4.50" => "-xy",
+        "1.2.840.10008.1.2.4.51" => "-xx",
+        "1.2.840.10008.1.2.4.70" => "-xs",
+        "1.2.840.10008.1.2.4.80" => "-xt",
+        "1.2.840.10008.1.2.4.81" => "-xu",
+        "1.2.840.10008.1.2.4.90" => "-xv",
+        "1.2.840.10008.1.2.4.91" => "-xw",
+        "1.2.840.10008.1.2.5" => "-xr",
+        _ => "-xe",
+    }
+}
+
+fn read_head(path: &Path) -> Vec<u8> {
+    let mut v = vec![0u8; 4096];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut v))
+        .unwrap_or(0);
+    v.truncate(n);
+    v
+}
+
+fn parse_storescu(out: &Output) -> StoreOutcome {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut outcome = StoreOutcome {
+        success: out.status.success(),
+        ..Default::default()
+    };
+    let mut current: Option<PathBuf> = None;
+    for line in text.lines() {
+        if let Some(f) = line.strip_prefix("I: Sending file: ") {
+            current = Some(PathBuf::from(f.trim()));
+        } else if let Some(rest) = line.strip_prefix("I: Received Store Response") {
+            if let Some(f) = current.take() {
+                if rest.trim() == "(Success)" {
+                    outcome.acked.push(f);
+                } else {
+                    outcome.failed.push((f, rest.trim().to_string()));
+                }
+            }
+        }
+    }
+    outcome.output = text;
+    outcome
+}
+
+pub fn echoscu(port: u16, calling: &str) -> Output {
+    Command::new("echoscu")
+        .args(["-aet", calling, "-aec", "KAKEHASHI", "127.0.0.1"])
+        .arg(port.to_string())
+        .env("TCP_NODELAY", "1")
+        .output()
+        .expect("run echoscu")
+}
+
+/// Orthanc as a reading center, with its own storage and a loopback REST port.
+#[derive(Debug)]
+pub struct Orthanc {
+    pub dicom_port: u16,
+    pub http_port: u16,
+    pub dir: tempfile::TempDir,
+    _child: Proc,
+}
+
+impl Orthanc {
+    pub fn start() -> Orthanc {
+        let dir = tempfile::Builder::new()
+            .prefix("orthanc-")
+            .tempdir()
+            .expect("tempdir");
+        let (dicom_port, http_port) = (free_port(), free_port());
+        let cfg = serde_json::json!({
+            "Name": "reading-center",
+            "StorageDirectory": dir.path().join("db"),
+            "IndexDirectory": dir.path().join("db"),
+            "StorageCompression": false,
+            "HttpPort": http_port,
+            "RemoteAccessAllowed": false,
+            "AuthenticationEnabled": false,
+            "DicomServerEnabled": true,
+            "DicomAet": "READCENTER",
+            "DicomPort": dicom_port,
+            "DicomCheckCalledAet": false,
+            "DicomAlwaysAllowStore": true,
+            "UnknownSopClassAccepted": true,
+            "Plugins": [],
+            "ConcurrentJobs": 1,
+        });
+        let cfg_path = dir.path().join("orthanc.json");
+        std::fs::write(&cfg_path, cfg.to_string()).expect("orthanc config");
+        let child = Command::new("Orthanc")
+            .arg(&cfg_path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("orthanc.log")).expect("log"))
+            .spawn()
+            .expect("start Orthanc (apt-get install orthanc)");
+        let o = Orthanc {
+            dicom_port,
+            http_port,
+            dir,
+            _child: Proc(child),
+        };
+        wait_until("Orthanc REST API", Duration::from_secs(60), || {
+            o.get("/system").is_some()
+        });
+        wait_port(dicom_port, "Orthanc DICOM port");
+        o
+    }
+
+    /// GET on the REST API (curl: no HTTP client in the test's dependencies).
+    pub fn get(&self, path: &str) -> Option<Vec<u8>> {
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                &format!("http://127.0.0.1:{}{}", self.http_port, path),
+            ])
+            .output()
+            .ok()?;
+        out.status.success().then_some(out.stdout)
+    }
+
+    pub fn instance_ids(&self) -> Vec<String> {
+        self.get("/instances")
+            .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn instance_file(&self, id: &str) -> Vec<u8> {
+        self.get(&format!("/instances/{id}/file"))
+            .expect("instance file")
+    }
+}
+
+/// Reads a whole file.
+pub fn read(path: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut v))
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    v
+}
+
+/// SOP Instance UID from a Part 10 file's meta header (0002,0003).
+pub fn sop_instance_of_file(bytes: &[u8]) -> Option<String> {
+    meta_element(bytes, 0x0003)
+}
+
+/// Transfer Syntax UID from a Part 10 file's meta header (0002,0010).
+pub fn transfer_syntax_of_file(bytes: &[u8]) -> Option<String> {
+    meta_element(bytes, 0x0010)
+}
+
+fn meta_element(bytes: &[u8], wanted: u16) -> Option<String> {
+    let gl = u32::from_le_bytes(bytes.get(140..144)?.try_into().ok()?) as usize;
+    let meta = bytes.get(144..144 + gl)?;
+    let mut pos = 0;
+    while pos + 8 <= meta.len() {
+        let elem = u16::from_le_bytes([meta[pos + 2], meta[pos + 3]]);
+        let vr = &meta[pos + 4..pos + 6];
+        let (len, hdr) = if vr == b"OB" || vr == b"UN" {
+            (
+                u32::from_le_bytes(meta.get(pos + 8..pos + 12)?.try_into().ok()?) as usize,
+                12,
+            )
+        } else {
+            (
+                u16::from_le_bytes([meta[pos + 6], meta[pos + 7]]) as usize,
+                8,
+            )
+        };
+        if elem == wanted {
+            let v = meta.get(pos + hdr..pos + hdr + len)?;
+            return Some(
+                String::from_utf8_lossy(v)
+                    .trim_end_matches(['\0', ' '])
+                    .to_string(),
+            );
+        }
+        pos += hdr + len;
+    }
+    None
+}
