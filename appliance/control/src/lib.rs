@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use kakehashi_spool::{AuditRecord, Priority, RouteState};
+pub use kakehashi_spool::{AuditEvent, AuditRecord, Priority, RouteState};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "kebab-case")]

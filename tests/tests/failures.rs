@@ -1,0 +1,385 @@
+//! Every input can be wrong and every peer can fail: the box says so
+//! clearly, and loses nothing it acknowledged.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use kakehashi_control::{Request, Response, RouteState};
+use kakehashi_systest::testdata::{self, Name, Syntax};
+use kakehashi_systest::*;
+
+fn ct_study(
+    dir: &std::path::Path,
+    tag: &str,
+    count: usize,
+    size: usize,
+) -> Vec<std::path::PathBuf> {
+    testdata::study(
+        dir,
+        tag,
+        "CT",
+        testdata::CT_IMAGE,
+        Syntax::ExplicitLe,
+        Name::Utf8,
+        count,
+        size,
+    )
+    .expect("test data")
+}
+
+#[test]
+fn destination_down_then_up_everything_arrives_once() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = ct_study(data.path(), "outage", 40, 64 * 1024);
+    let center_port = free_port();
+    let relay = Relay::start(RelayOptions::to(center_port));
+
+    let out = storescu(relay.port, "MODALITY1", &files);
+    assert_eq!(
+        out.acked.len(),
+        files.len(),
+        "the box acknowledges while the center is down:\n{}",
+        out.output
+    );
+
+    // Several backoff rounds against a dead destination.
+    std::thread::sleep(Duration::from_secs(4));
+    let s = relay.status();
+    let d = &s.destinations[0];
+    assert_eq!(d.queued, 40, "{d:?}");
+    assert_eq!(d.dead_letter, 0, "an outage dead-letters nothing");
+    let err = d.last_error.clone().unwrap_or_default();
+    assert!(
+        err.contains("cannot connect") && err.contains(&center_port.to_string()),
+        "status explains the failure: {err}"
+    );
+    let text = String::from_utf8_lossy(&relay.cli(&["status"]).stdout).to_string();
+    assert!(
+        text.contains("queued 40") && text.contains("last error"),
+        "{text}"
+    );
+
+    let center = StoreScp::start(center_port);
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(center.files().len(), 40);
+    assert_eq!(center.store_requests(), 40, "nothing sent twice");
+    assert_eq!(relay.status().destinations[0].dead_letter, 0);
+}
+
+#[test]
+fn spool_full_answers_a700_and_keeps_everything_accepted() {
+    let data = tempfile::tempdir().expect("tempdir");
+    // 12 × 512 KiB into a 4 MiB spool while the center is down.
+    let files = ct_study(data.path(), "full", 12, 512 * 1024);
+    let center_port = free_port();
+    let mut opts = RelayOptions::to(center_port);
+    opts.max_size = "4 MiB".into();
+    let relay = Relay::start(opts);
+
+    let out = storescu(relay.port, "MODALITY1", &files);
+    assert!(!out.acked.is_empty(), "{}", out.output);
+    assert!(
+        !out.failed.is_empty(),
+        "some must be refused:\n{}",
+        out.output
+    );
+    for (f, status) in &out.failed {
+        assert!(
+            status.contains("OutOfResources"),
+            "{}: {status}",
+            f.display()
+        );
+    }
+    assert_eq!(out.acked.len() + out.failed.len(), files.len());
+    let log = relay.log_text();
+    assert!(
+        log.contains("answering 0xA700") && log.contains("spool is full"),
+        "the log explains the refusal"
+    );
+    let queued = relay.status().destinations[0].queued as usize;
+    assert_eq!(
+        queued,
+        out.acked.len(),
+        "every acknowledged instance is queued, none dropped for room"
+    );
+
+    let center = StoreScp::start(center_port);
+    relay.wait_drained(Duration::from_secs(60));
+    let arrived: Vec<String> = center
+        .files()
+        .iter()
+        .filter_map(|p| sop_instance_of_file(&read(p)))
+        .collect();
+    for f in &out.acked {
+        let uid = sop_instance_of_file(&read(f)).expect("uid");
+        assert!(
+            arrived.contains(&uid),
+            "acknowledged {} never arrived",
+            f.display()
+        );
+    }
+    // Room again: what was refused goes through now.
+    let refused: Vec<_> = out.failed.iter().map(|(f, _)| f.clone()).collect();
+    let again = storescu(relay.port, "MODALITY1", &refused);
+    assert_eq!(again.acked.len(), refused.len(), "{}", again.output);
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(center.files().len(), files.len());
+}
+
+#[test]
+fn strangers_are_rejected_and_garbage_only_costs_its_connection() {
+    let center = StoreScp::start(free_port());
+    let mut opts = RelayOptions::to(center.port);
+    opts.extra_sources =
+        "[[dicom.sources]]\nae_title = \"FARAWAY\"\naddress = \"192.0.2.0/24\"\n".into();
+    let relay = Relay::start(opts);
+
+    let unknown = echoscu(relay.port, "STRANGER");
+    assert!(!unknown.status.success());
+    let said = String::from_utf8_lossy(&unknown.stderr).to_string()
+        + &String::from_utf8_lossy(&unknown.stdout);
+    assert!(
+        said.contains("Calling AE Title Not Recognized"),
+        "echoscu sees the reason: {said}"
+    );
+    let wrong_address = echoscu(relay.port, "FARAWAY");
+    assert!(
+        !wrong_address.status.success(),
+        "a known AE from the wrong address is rejected"
+    );
+
+    // garbage, a truncated PDU, a huge announced length, a silent half-open connection
+    for junk in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0x01, 0x00, 0x00, 0x00, 0x00, 0xC8, 0x00, 0x01][..],
+        &[0x04, 0, 0xFF, 0xFF, 0xFF, 0xF0][..],
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", relay.port)).expect("connect");
+        s.write_all(junk).expect("send junk");
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest); // the box closes the connection
+    }
+    let ok = echoscu(relay.port, "MODALITY1");
+    assert!(
+        ok.status.success(),
+        "the daemon still serves: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let also = echoscu(relay.port, "MODALITY2");
+    assert!(
+        also.status.success(),
+        "address-restricted source from an allowed address"
+    );
+
+    let log = relay.log_text();
+    assert!(
+        log.contains("association rejected: calling AE title \"STRANGER\" is not in dicom.sources"),
+        "{log}"
+    );
+    assert!(
+        log.contains("\"FARAWAY\" is not allowed from address 127.0.0.1"),
+        "{log}"
+    );
+    assert!(
+        log.contains("unknown PDU type 0x47"),
+        "garbage is logged: {log}"
+    );
+    assert!(
+        log.contains("connection closed inside a 200-byte PDU"),
+        "truncation is logged: {log}"
+    );
+    assert!(
+        log.contains("more than the"),
+        "oversized PDU is logged: {log}"
+    );
+
+    let audit = match relay.request(&Request::Audit {
+        after: 0,
+        limit: 100,
+    }) {
+        Response::Audit { records } => records,
+        other => panic!("{other:?}"),
+    };
+    let rejected = audit
+        .iter()
+        .filter(|a| a.event == kakehashi_control::AuditEvent::AssociationRejected)
+        .count();
+    assert_eq!(rejected, 2, "both rejections are in the audit trail");
+}
+
+#[test]
+fn refused_sop_class_is_dead_lettered_and_operators_can_act() {
+    // DCMTK storescp refuses a private SOP class at negotiation: a permanent
+    // failure that must be dead-lettered with its reason. (storescu will not
+    // send a class it does not know, so that instance goes in with our SCU.)
+    let data = tempfile::tempdir().expect("tempdir");
+    let private = data.path().join("private.dcm");
+    testdata::write_file(
+        &private,
+        &testdata::Spec {
+            modality: "OT",
+            sop_class: "1.3.12.2.1107.5.9.1",
+            syntax: Syntax::ExplicitLe,
+            name: Name::Ascii,
+            patient_id: "PID-PRIV".into(),
+            study_uid: "2.25.77.1".into(),
+            series_uid: "2.25.77.1.1".into(),
+            sop_uid: "2.25.77.1.1.1".into(),
+            instance_number: 1,
+            pixel_bytes: 1024,
+        },
+    )
+    .expect("write");
+    let good = ct_study(data.path(), "fine", 2, 4096);
+    let center = StoreScp::start(free_port());
+    let relay = Relay::start(RelayOptions::to(center.port));
+    let out = storescu(relay.port, "MODALITY1", &good);
+    assert_eq!(out.acked.len(), 2, "{}", out.output);
+    send_with_our_scu(relay.port, &[private], "1.3.12.2.1107.5.9.1", 0);
+
+    wait_until("the dead letter", Duration::from_secs(30), || {
+        relay.status().destinations[0].dead_letter == 1
+    });
+    relay.wait_drained(Duration::from_secs(30));
+    assert_eq!(center.files().len(), 2, "the others still arrive");
+    let dead = match relay.request(&Request::QueueList {
+        destination: None,
+        dead_only: true,
+    }) {
+        Response::Queue { entries } => entries,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].state, RouteState::DeadLetter);
+    let reason = dead[0].last_error.clone().unwrap_or_default();
+    assert!(
+        reason.contains("refused SOP class 1.3.12.2.1107.5.9.1"),
+        "{reason}"
+    );
+
+    let listing =
+        String::from_utf8_lossy(&relay.cli(&["queue", "list", "--dead"]).stdout).to_string();
+    assert!(
+        listing.contains("dead-letter") && listing.contains("2.25.77.1.1.1"),
+        "{listing}"
+    );
+    let retry = relay.cli(&["queue", "retry", "--all"]);
+    assert!(
+        String::from_utf8_lossy(&retry.stdout).contains("Requeued 1"),
+        "{retry:?}"
+    );
+    wait_until(
+        "the retried instance to fail again",
+        Duration::from_secs(30),
+        || relay.status().destinations[0].dead_letter == 1,
+    );
+    let no_confirm = relay.cli(&["queue", "purge", "--all"]);
+    assert!(
+        !no_confirm.status.success(),
+        "purge without a terminal or --yes does nothing"
+    );
+    assert_eq!(relay.status().destinations[0].dead_letter, 1);
+    let purge = relay.cli(&["queue", "purge", "--all", "--yes"]);
+    assert!(
+        String::from_utf8_lossy(&purge.stdout).contains("Purged 1"),
+        "{purge:?}"
+    );
+    assert_eq!(relay.status().destinations[0].dead_letter, 0);
+    let bad = relay.cli(&["queue", "list", "--destination", "nowhere"]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("no destination named \"nowhere\""),
+        "{bad:?}"
+    );
+    let json = relay.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json is JSON");
+    assert_eq!(v["destinations"][0]["name"], "reading-center");
+}
+
+#[test]
+fn a_study_sent_high_priority_overtakes_the_backlog() {
+    // DCMTK's storescu cannot set the C-STORE priority, so the STAT study is
+    // sent by our own SCU; the destination is DCMTK. Arrival order is read
+    // from the files' modification times once the center comes up.
+    let data = tempfile::tempdir().expect("tempdir");
+    let backlog = ct_study(data.path(), "routine", 30, 4096);
+    let stat = testdata::study(
+        data.path(),
+        "stat",
+        "CT",
+        testdata::CT_IMAGE,
+        Syntax::ExplicitLe,
+        Name::Ascii,
+        3,
+        4096,
+    )
+    .expect("data");
+    let center_port = free_port();
+    let relay = Relay::start(RelayOptions::to(center_port));
+    assert_eq!(storescu(relay.port, "MODALITY1", &backlog).acked.len(), 30);
+    send_with_our_scu(relay.port, &stat, testdata::CT_IMAGE, 0x0001);
+
+    let center = StoreScp::start(center_port);
+    relay.wait_drained(Duration::from_secs(60));
+    let mut arrived: Vec<(std::time::SystemTime, String)> = center
+        .files()
+        .iter()
+        .map(|p| {
+            (
+                std::fs::metadata(p)
+                    .and_then(|m| m.modified())
+                    .expect("mtime"),
+                sop_instance_of_file(&read(p)).expect("uid"),
+            )
+        })
+        .collect();
+    arrived.sort();
+    assert_eq!(arrived.len(), 33);
+    let stat_uids: Vec<String> = stat
+        .iter()
+        .map(|s| sop_instance_of_file(&read(s)).expect("uid"))
+        .collect();
+    let first: Vec<&String> = arrived.iter().take(3).map(|(_, u)| u).collect();
+    assert!(
+        first.iter().all(|u| stat_uids.contains(u)),
+        "the HIGH priority study goes first: {first:?}"
+    );
+}
+
+fn send_with_our_scu(port: u16, files: &[std::path::PathBuf], sop_class: &str, priority: u16) {
+    use kakehashi_dicom::scu::{Scu, ScuOptions};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let opts = ScuOptions {
+            calling_ae: "MODALITY1".into(),
+            called_ae: "KAKEHASHI".into(),
+            max_pdu: 65536,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(30),
+        };
+        let ctx = vec![(sop_class.to_string(), "1.2.840.10008.1.2.1".to_string())];
+        let mut scu = Scu::connect(&format!("127.0.0.1:{port}"), &opts, &ctx)
+            .await
+            .expect("associate");
+        let pc = scu
+            .context_for(sop_class, "1.2.840.10008.1.2.1")
+            .expect("the box accepts the SOP class");
+        for f in files {
+            let bytes = read(f);
+            let uid = sop_instance_of_file(&bytes).expect("uid");
+            let ds = testdata::dataset_of_file(&bytes).expect("dataset").to_vec();
+            let (status, _) = scu
+                .store(pc, sop_class, &uid, priority, &ds[..], ds.len() as u64)
+                .await
+                .expect("store");
+            assert_eq!(status, 0);
+        }
+        scu.release().await;
+    });
+}
