@@ -359,7 +359,10 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
     };
     let spool = Arc::clone(&shared.spool);
     let id = item.id;
-    let durability = if event.is_some() {
+    // A delivery need not be durable at once: if a crash loses it, the
+    // instance is sent again (allowed), and its payload is only unlinked
+    // after a later durable commit. Dead letters are durable immediately.
+    let durability = if state == RouteState::DeadLetter {
         Durability::Immediate
     } else {
         Durability::None

@@ -187,6 +187,7 @@ async fn run(config: Config) -> ExitCode {
     }
     tasks.spawn(control::serve(Arc::clone(&shared), control, token.clone()));
     tasks.spawn(ingress::serve(Arc::clone(&shared), listener, token.clone()));
+    tasks.spawn(checkpointer(Arc::clone(&shared), token.clone()));
     if !shared.config.spool.retention.is_zero() {
         tasks.spawn(retention_sweeper(Arc::clone(&shared), token.clone()));
     }
@@ -227,6 +228,26 @@ async fn shutdown_signal(token: CancellationToken) {
         _ = token.cancelled() => {}
     }
     token.cancel();
+}
+
+/// Makes non-durable delivery records durable within a second, and frees
+/// their payloads.
+async fn checkpointer(shared: Arc<Shared>, token: CancellationToken) {
+    loop {
+        let stop = tokio::select! {
+            _ = token.cancelled() => true,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => false,
+        };
+        let spool = Arc::clone(&shared.spool);
+        match tokio::task::spawn_blocking(move || spool.checkpoint()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("spool checkpoint failed: {e}"),
+            Err(e) => tracing::error!("spool checkpoint task failed: {e}"),
+        }
+        if stop {
+            return;
+        }
+    }
 }
 
 async fn retention_sweeper(shared: Arc<Shared>, token: CancellationToken) {

@@ -172,6 +172,10 @@ pub struct Spool {
     /// Bytes being received right now (counted against the limit).
     reserved: AtomicU64,
     next_id: AtomicU64,
+    /// Payloads whose removal from the index is committed but perhaps not
+    /// yet durable: unlinked after the next durable commit, so a crash can
+    /// never leave a queued record without its payload.
+    pending_unlink: std::sync::Mutex<Vec<(PathBuf, u64)>>,
 }
 
 impl Spool {
@@ -199,6 +203,7 @@ impl Spool {
             used: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
+            pending_unlink: std::sync::Mutex::new(Vec::new()),
         };
         spool.check_format()?;
         let report = spool.recover(now_ms)?;
@@ -412,7 +417,8 @@ impl Spool {
         };
         incoming.reserve(header.len() as u64)?;
         file.write_all(header).map_err(io(&incoming.tmp))?;
-        incoming.file = Some(std::io::BufWriter::with_capacity(1 << 20, file));
+        // Large fragments (the usual case) bypass the buffer; small ones are gathered.
+        incoming.file = Some(std::io::BufWriter::with_capacity(128 * 1024, file));
         Ok(incoming)
     }
 
@@ -553,22 +559,57 @@ impl Spool {
         }
         txn.commit().map_err(idx("commit route"))?;
         if delete {
-            self.delete_payload(&rec)?;
+            self.pending()
+                .push((self.payload_path(rec.id), rec.file_size()));
+        }
+        if matches!(durability, Durability::Immediate) {
+            self.unlink_pending()?;
         }
         Ok(rec)
     }
 
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, u64)>> {
+        // The vector stays consistent whatever panicked while holding it.
+        self.pending_unlink
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     fn delete_payload(&self, rec: &InstanceRecord) -> Result<(), SpoolError> {
-        let path = self.payload_path(rec.id);
-        match fs::remove_file(&path) {
-            Ok(()) => {
-                self.used
-                    .fetch_sub(rec.file_size().min(self.used_bytes()), Ordering::SeqCst);
-                Ok(())
+        self.pending()
+            .push((self.payload_path(rec.id), rec.file_size()));
+        self.unlink_pending()
+    }
+
+    /// Unlinks payloads whose records are gone durably. Call only right
+    /// after a durable (`Immediate`) commit.
+    fn unlink_pending(&self) -> Result<(), SpoolError> {
+        let pending = std::mem::take(&mut *self.pending());
+        for (path, size) in pending {
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    let _ = self
+                        .used
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                            Some(u.saturating_sub(size))
+                        });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io(&path)(e)),
         }
+        Ok(())
+    }
+
+    /// Makes every earlier commit durable and removes the payloads they
+    /// released. Cheap when there is nothing pending.
+    pub fn checkpoint(&self) -> Result<(), SpoolError> {
+        if self.pending().is_empty() {
+            return Ok(());
+        }
+        let txn = self.begin_write(Durability::Immediate)?;
+        txn.commit().map_err(idx("commit checkpoint"))?;
+        self.unlink_pending()
     }
 
     /// Removes delivered instances whose retention has passed.
@@ -711,9 +752,12 @@ impl Spool {
             }
         }
         txn.commit().map_err(idx("commit operator change"))?;
-        for rec in &to_delete {
-            self.delete_payload(rec)?;
-        }
+        self.pending().extend(
+            to_delete
+                .iter()
+                .map(|r| (self.payload_path(r.id), r.file_size())),
+        );
+        self.unlink_pending()?;
         Ok(touched)
     }
 
@@ -728,7 +772,7 @@ impl Spool {
                 .map_err(idx("write audit"))?;
         }
         txn.commit().map_err(idx("commit audit"))?;
-        Ok(())
+        self.unlink_pending()
     }
 
     /// Audit records with `seq > after`, oldest first, at most `limit`.
@@ -831,6 +875,7 @@ impl Incoming {
         file.write_all(bytes).map_err(io(&self.tmp))?;
         self.hasher.update(bytes);
         self.dataset_len += bytes.len() as u64;
+
         // Re-check the filesystem every 64 MiB: other writers share it.
         if self.dataset_len % (64 << 20) < bytes.len() as u64 {
             let free = free_space(&self.spool.dir)?;
@@ -925,6 +970,7 @@ impl Incoming {
             return Err(idx("commit instance")(e));
         }
         spool.used.fetch_add(rec.file_size(), Ordering::SeqCst);
+        spool.unlink_pending()?;
         Ok(Accepted::Queued(rec))
     }
 }

@@ -220,3 +220,29 @@ fn refuses_a_newer_record_format() {
         Err(DecodeError::TooNew(9))
     ));
 }
+
+#[test]
+fn a_non_durable_delivery_keeps_its_payload_until_a_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = open(dir.path(), 1 << 20);
+    let Accepted::Queued(a) = receive(&spool, "1.1", b"aaaa").expect("a") else {
+        panic!()
+    };
+    spool
+        .update_route(a.id, "center", Durability::None, None, 5000, false, |r| {
+            r.state = RouteState::Delivered
+        })
+        .expect("deliver");
+    assert!(
+        spool.records().expect("records").is_empty(),
+        "readers see the delivery at once"
+    );
+    let payload = dir.path().join(format!("data/{:016x}.dcm", a.id));
+    assert!(
+        payload.exists(),
+        "but the payload outlives it until the delivery is durable"
+    );
+    spool.checkpoint().expect("checkpoint");
+    assert!(!payload.exists());
+    assert_eq!(spool.used_bytes(), 0);
+}
