@@ -9,7 +9,7 @@ use std::time::Duration;
 use kakehashi_systest::testdata::{self, Name, Syntax};
 use kakehashi_systest::*;
 
-fn uid(path: &PathBuf) -> String {
+fn uid(path: &std::path::Path) -> String {
     sop_instance_of_file(&read(path)).expect("uid")
 }
 
@@ -24,7 +24,7 @@ fn kill_9_at_random_moments_loses_nothing_acknowledged() {
         testdata::CT_IMAGE,
         Syntax::ExplicitLe,
         Name::Utf8,
-        3000,
+        4000,
         4 * 1024,
     )
     .expect("data");
@@ -60,7 +60,7 @@ fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     // Only kills that land while instances are still flowing count.
     let mut kills = 0;
     while kills < KILLS && !sender.is_finished() {
-        std::thread::sleep(Duration::from_millis(fastrand::u64(100..500)));
+        std::thread::sleep(Duration::from_millis(fastrand::u64(80..400)));
         let before = acked.lock().expect("lock").len();
         if before == files.len() {
             break;

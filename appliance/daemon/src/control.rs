@@ -111,8 +111,9 @@ fn answer(shared: &Shared, req: Request) -> Response {
     let err = |e: kakehashi_spool::SpoolError| Response::Error {
         message: e.to_string(),
     };
-    let known = |d: &Option<String>| match d {
-        Some(name) if shared.config.destination(name).is_none() => Err(Response::Error {
+    // Some(error) when the operator named a destination that does not exist.
+    let unknown = |d: &Option<String>| match d {
+        Some(name) if shared.config.destination(name).is_none() => Some(Response::Error {
             message: format!(
                 "no destination named {name:?}; configured: {}",
                 shared
@@ -124,7 +125,7 @@ fn answer(shared: &Shared, req: Request) -> Response {
                     .join(", ")
             ),
         }),
-        _ => Ok(()),
+        _ => None,
     };
     match req {
         Request::Status => {
@@ -132,9 +133,7 @@ fn answer(shared: &Shared, req: Request) -> Response {
                 Ok(c) => c,
                 Err(e) => return err(e),
             };
-            let free = nix::sys::statvfs::statvfs(shared.spool.dir())
-                .map(|s| u64::from(s.blocks_available()) * u64::from(s.fragment_size()))
-                .unwrap_or(0);
+            let free = shared.spool.free_bytes().unwrap_or(0);
             Response::Status(StatusReport {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 uptime_s: shared.started.elapsed().as_secs(),
@@ -160,7 +159,7 @@ fn answer(shared: &Shared, req: Request) -> Response {
             destination,
             dead_only,
         } => {
-            if let Err(r) = known(&destination) {
+            if let Some(r) = unknown(&destination) {
                 return r;
             }
             let records = match shared.spool.records() {
@@ -202,7 +201,7 @@ fn answer(shared: &Shared, req: Request) -> Response {
             Response::Queue { entries }
         }
         Request::QueueRetry { destination, ids } => {
-            if let Err(r) = known(&destination) {
+            if let Some(r) = unknown(&destination) {
                 return r;
             }
             match shared
@@ -217,7 +216,7 @@ fn answer(shared: &Shared, req: Request) -> Response {
             }
         }
         Request::QueuePurge { destination, ids } => {
-            if let Err(r) = known(&destination) {
+            if let Some(r) = unknown(&destination) {
                 return r;
             }
             match shared

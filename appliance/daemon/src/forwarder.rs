@@ -16,7 +16,7 @@ use kakehashi_control::DestinationStatus;
 use kakehashi_dicom::dimse::{classify_store_status, StatusClass};
 use kakehashi_dicom::scu::{Scu, ScuError, ScuOptions};
 use kakehashi_spool::Durability;
-use kakehashi_spool::{AuditEvent, InstanceRecord, RouteState};
+use kakehashi_spool::{AuditEvent, InstanceRecord, RouteState, RouteUpdate};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, BufReader};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -368,17 +368,27 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
         Durability::None
     };
     let result = tokio::task::spawn_blocking(move || {
-        spool.update_route(id, &name, durability, event, now, retention, |r| {
-            r.state = state;
-            r.attempts = attempts;
-            r.next_attempt_ms = next;
-            if error.is_some() {
-                r.last_error = error;
-            }
-            if state == RouteState::Delivered {
-                r.delivered_ms = Some(now);
-            }
-        })
+        spool.update_route(
+            id,
+            &name,
+            RouteUpdate {
+                durability,
+                audit: event,
+                now_ms: now,
+                keep_payload: retention,
+            },
+            |r| {
+                r.state = state;
+                r.attempts = attempts;
+                r.next_attempt_ms = next;
+                if error.is_some() {
+                    r.last_error = error;
+                }
+                if state == RouteState::Delivered {
+                    r.delivered_ms = Some(now);
+                }
+            },
+        )
     })
     .await;
     match result {

@@ -538,28 +538,19 @@ fn write_instance(
     header: &[u8],
     mut rx: mpsc::Receiver<Chunk>,
 ) -> Result<Accepted, SpoolError> {
+    // Err holds the first failure; the partial file is dropped at once so its
+    // reservation stops counting against the spool.
     let mut incoming = spool.begin(header);
-    let mut failed: Option<SpoolError> = None;
     while let Some(chunk) = rx.blocking_recv() {
         match chunk {
             Chunk::Data(d) => {
-                if failed.is_none() {
-                    match incoming.as_mut() {
-                        Ok(inc) => {
-                            if let Err(e) = inc.write(&d) {
-                                failed = Some(e);
-                            }
-                        }
-                        Err(_) => {}
+                if let Ok(inc) = incoming.as_mut() {
+                    if let Err(e) = inc.write(&d) {
+                        incoming = Err(e);
                     }
                 }
             }
-            Chunk::Finish(meta) => {
-                return match (failed, incoming) {
-                    (Some(e), _) | (None, Err(e)) => Err(e),
-                    (None, Ok(inc)) => inc.commit(meta, now_ms()),
-                };
-            }
+            Chunk::Finish(meta) => return incoming?.commit(meta, now_ms()),
         }
     }
     Err(SpoolError::Io {

@@ -143,11 +143,24 @@ impl RecoveryReport {
 /// Outcome of committing a received instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
-    Queued(InstanceRecord),
+    Queued(Box<InstanceRecord>),
     /// Same SOP Instance UID and same bytes as an instance still in the spool.
     Duplicate {
         existing: u64,
     },
+}
+
+/// How [`Spool::update_route`] records a change.
+#[derive(Debug)]
+pub struct RouteUpdate {
+    /// `Immediate` for what must survive a crash; `None` where a crash
+    /// only causes a re-send.
+    pub durability: Durability,
+    /// Audit record written in the same transaction.
+    pub audit: Option<(AuditEvent, String)>,
+    pub now_ms: u64,
+    /// Keep the payload after the last delivery (retention).
+    pub keep_payload: bool,
 }
 
 /// Per-destination numbers for `status`.
@@ -216,6 +229,11 @@ impl Spool {
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// Free space on the spool's filesystem, for `status`.
+    pub fn free_bytes(&self) -> Result<u64, SpoolError> {
+        free_space(&self.dir)
     }
 
     pub fn used_bytes(&self) -> u64 {
@@ -373,7 +391,7 @@ impl Spool {
                     .map_err(idx("write record"))?;
             }
         }
-        txn.commit().map_err(idx("commit recovery"))?;
+        txn.commit("commit recovery")?.unlink()?;
 
         // Renamed into data/ but never committed: the sender was never told
         // Success, so it still holds the image. Remove.
@@ -391,11 +409,29 @@ impl Spool {
         Ok(report)
     }
 
-    fn begin_write(&self, durability: Durability) -> Result<redb::WriteTransaction, SpoolError> {
-        let mut txn = self.db.begin_write().map_err(idx("begin"))?;
-        txn.set_durability(durability)
+    /// Starts a write transaction. A durable one takes over the payloads
+    /// released by earlier, non-durable commits: write transactions run one
+    /// at a time, so everything in the list was committed before this one
+    /// begins and becomes durable when it commits.
+    fn begin_write(&self, durability: Durability) -> Result<Txn<'_>, SpoolError> {
+        let durable = matches!(durability, Durability::Immediate);
+        let released = Released {
+            spool: self,
+            list: if durable {
+                std::mem::take(&mut *self.pending())
+            } else {
+                Vec::new()
+            },
+        };
+        let mut inner = self.db.begin_write().map_err(idx("begin"))?;
+        inner
+            .set_durability(durability)
             .map_err(idx("set durability"))?;
-        Ok(txn)
+        Ok(Txn {
+            inner,
+            released,
+            durable,
+        })
     }
 
     /// Starts receiving an instance: `header` (the Part 10 file meta) is
@@ -503,12 +539,15 @@ impl Spool {
         &self,
         id: u64,
         destination: &str,
-        durability: Durability,
-        audit: Option<(AuditEvent, String)>,
-        now_ms: u64,
-        keep_payload: bool,
+        how: RouteUpdate,
         change: impl FnOnce(&mut Route),
     ) -> Result<InstanceRecord, SpoolError> {
+        let RouteUpdate {
+            durability,
+            audit,
+            now_ms,
+            keep_payload,
+        } = how;
         let txn = self.begin_write(durability)?;
         let rec;
         let mut delete = false;
@@ -557,14 +596,17 @@ impl Spool {
             }
             rec = r;
         }
-        txn.commit().map_err(idx("commit route"))?;
+        let durable = txn.durable;
+        let mut released = txn.commit("commit route")?;
         if delete {
-            self.pending()
-                .push((self.payload_path(rec.id), rec.file_size()));
+            let entry = (self.payload_path(rec.id), rec.file_size());
+            if durable {
+                released.list.push(entry);
+            } else {
+                self.pending().push(entry);
+            }
         }
-        if matches!(durability, Durability::Immediate) {
-            self.unlink_pending()?;
-        }
+        released.unlink()?;
         Ok(rec)
     }
 
@@ -575,17 +617,9 @@ impl Spool {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn delete_payload(&self, rec: &InstanceRecord) -> Result<(), SpoolError> {
-        self.pending()
-            .push((self.payload_path(rec.id), rec.file_size()));
-        self.unlink_pending()
-    }
-
-    /// Unlinks payloads whose records are gone durably. Call only right
-    /// after a durable (`Immediate`) commit.
-    fn unlink_pending(&self) -> Result<(), SpoolError> {
-        let pending = std::mem::take(&mut *self.pending());
-        for (path, size) in pending {
+    /// Unlinks payloads whose records are durably gone.
+    fn unlink(&self, list: Vec<(PathBuf, u64)>) -> Result<(), SpoolError> {
+        for (path, size) in list {
             match fs::remove_file(&path) {
                 Ok(()) => {
                     let _ = self
@@ -608,8 +642,7 @@ impl Spool {
             return Ok(());
         }
         let txn = self.begin_write(Durability::Immediate)?;
-        txn.commit().map_err(idx("commit checkpoint"))?;
-        self.unlink_pending()
+        txn.commit("commit checkpoint")?.unlink()
     }
 
     /// Removes delivered instances whose retention has passed.
@@ -643,10 +676,12 @@ impl Spool {
                 }
             }
         }
-        txn.commit().map_err(idx("commit sweep"))?;
-        for r in &done {
-            self.delete_payload(r)?;
-        }
+        let mut released = txn.commit("commit sweep")?;
+        released.list.extend(
+            done.iter()
+                .map(|r| (self.payload_path(r.id), r.file_size())),
+        );
+        released.unlink()?;
         Ok(done.len())
     }
 
@@ -751,13 +786,13 @@ impl Spool {
                 }
             }
         }
-        txn.commit().map_err(idx("commit operator change"))?;
-        self.pending().extend(
+        let mut released = txn.commit("commit operator change")?;
+        released.list.extend(
             to_delete
                 .iter()
                 .map(|r| (self.payload_path(r.id), r.file_size())),
         );
-        self.unlink_pending()?;
+        released.unlink()?;
         Ok(touched)
     }
 
@@ -771,8 +806,7 @@ impl Spool {
                 .insert(rec.seq, record::encode(&rec).as_slice())
                 .map_err(idx("write audit"))?;
         }
-        txn.commit().map_err(idx("commit audit"))?;
-        self.unlink_pending()
+        txn.commit("commit audit")?.unlink()
     }
 
     /// Audit records with `seq > after`, oldest first, at most `limit`.
@@ -793,6 +827,55 @@ impl Spool {
             }
         }
         Ok(out)
+    }
+}
+
+/// A write transaction and, if durable, the payloads its commit makes safe
+/// to unlink.
+struct Txn<'a> {
+    inner: redb::WriteTransaction,
+    released: Released<'a>,
+    durable: bool,
+}
+
+impl std::ops::Deref for Txn<'_> {
+    type Target = redb::WriteTransaction;
+    fn deref(&self) -> &redb::WriteTransaction {
+        &self.inner
+    }
+}
+
+impl<'a> Txn<'a> {
+    fn commit(self, action: &'static str) -> Result<Released<'a>, SpoolError> {
+        let Txn {
+            inner, released, ..
+        } = self;
+        // On failure `released` drops and hands its payloads back to pending.
+        inner.commit().map_err(idx(action))?;
+        Ok(released)
+    }
+}
+
+/// Payloads whose records are durably removed. Dropped without
+/// [`Released::unlink`], they go back to the pending list.
+struct Released<'a> {
+    spool: &'a Spool,
+    list: Vec<(PathBuf, u64)>,
+}
+
+impl Released<'_> {
+    fn unlink(mut self) -> Result<(), SpoolError> {
+        let list = std::mem::take(&mut self.list);
+        self.spool.unlink(list)
+    }
+}
+
+impl Drop for Released<'_> {
+    fn drop(&mut self) {
+        if !self.list.is_empty() {
+            let list = std::mem::take(&mut self.list);
+            self.spool.pending().extend(list);
+        }
     }
 }
 
@@ -830,7 +913,7 @@ fn free_space(dir: &Path) -> Result<u64, SpoolError> {
         path: dir.to_path_buf(),
         source: std::io::Error::from(e),
     })?;
-    Ok(u64::from(st.blocks_available()) * u64::from(st.fragment_size()))
+    Ok(st.blocks_available() * st.fragment_size())
 }
 
 /// An instance being received. Dropping it without [`Incoming::commit`]
@@ -964,14 +1047,17 @@ impl Incoming {
                 .insert(seq, record::encode(&a).as_slice())
                 .map_err(idx("write audit"))?;
         }
-        if let Err(e) = txn.commit() {
-            // Not acknowledged: the payload must not linger as an orphan.
-            let _ = fs::remove_file(&path);
-            return Err(idx("commit instance")(e));
-        }
+        let released = match txn.commit("commit instance") {
+            Ok(r) => r,
+            Err(e) => {
+                // Not acknowledged: the payload must not linger as an orphan.
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         spool.used.fetch_add(rec.file_size(), Ordering::SeqCst);
-        spool.unlink_pending()?;
-        Ok(Accepted::Queued(rec))
+        released.unlink()?;
+        Ok(Accepted::Queued(Box::new(rec)))
     }
 }
 

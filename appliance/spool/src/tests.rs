@@ -102,10 +102,12 @@ fn recovery_requeues_in_flight_and_repairs_mismatches() {
         .update_route(
             a.id,
             "center",
-            Durability::Immediate,
-            None,
-            3000,
-            false,
+            RouteUpdate {
+                durability: Durability::Immediate,
+                audit: None,
+                now_ms: 3000,
+                keep_payload: false,
+            },
             |r| r.state = RouteState::InFlight,
         )
         .expect("in flight");
@@ -149,10 +151,12 @@ fn delivery_deletes_payload_and_record() {
         .update_route(
             a.id,
             "center",
-            Durability::Immediate,
-            Some((AuditEvent::Delivered, "ok".into())),
-            5000,
-            false,
+            RouteUpdate {
+                durability: Durability::Immediate,
+                audit: Some((AuditEvent::Delivered, "ok".into())),
+                now_ms: 5000,
+                keep_payload: false,
+            },
             |r| {
                 r.state = RouteState::Delivered;
                 r.delivered_ms = Some(5000);
@@ -184,10 +188,20 @@ fn dead_letters_can_be_retried_or_purged() {
     };
     for id in [a.id, b.id] {
         spool
-            .update_route(id, "center", Durability::Immediate, None, 1, false, |r| {
-                r.state = RouteState::DeadLetter;
-                r.last_error = Some("0xA900 dataset does not match SOP class".into());
-            })
+            .update_route(
+                id,
+                "center",
+                RouteUpdate {
+                    durability: Durability::Immediate,
+                    audit: None,
+                    now_ms: 1,
+                    keep_payload: false,
+                },
+                |r| {
+                    r.state = RouteState::DeadLetter;
+                    r.last_error = Some("0xA900 dataset does not match SOP class".into());
+                },
+            )
             .expect("dead");
     }
     assert_eq!(
@@ -229,9 +243,17 @@ fn a_non_durable_delivery_keeps_its_payload_until_a_checkpoint() {
         panic!()
     };
     spool
-        .update_route(a.id, "center", Durability::None, None, 5000, false, |r| {
-            r.state = RouteState::Delivered
-        })
+        .update_route(
+            a.id,
+            "center",
+            RouteUpdate {
+                durability: Durability::None,
+                audit: None,
+                now_ms: 5000,
+                keep_payload: false,
+            },
+            |r| r.state = RouteState::Delivered,
+        )
         .expect("deliver");
     assert!(
         spool.records().expect("records").is_empty(),
