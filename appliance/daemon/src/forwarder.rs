@@ -157,8 +157,16 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
                 .cloned()
         };
         let Some(item) = picked else {
-            // Nothing due: wait for new work, the next due time, or cancellation;
-            // an open association lingers a little for more of its study.
+            // Nothing due. If nothing waits at all, make the deliveries durable
+            // now so their payloads are freed (and `status` shows it) at once.
+            if handle.queue().len() == 0 {
+                let spool = Arc::clone(&shared.spool);
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || spool.checkpoint()).await {
+                    tracing::error!("spool checkpoint failed: {e}");
+                }
+            }
+            // Wait for new work, the next due time, or cancellation; an open
+            // association lingers a little for more of its study.
             let due = handle.queue().next_due_ms().map(|d| d.max(blocked_until));
             let wait = due.map_or(Duration::from_secs(3600), |d| {
                 Duration::from_millis(d.saturating_sub(now).max(10))

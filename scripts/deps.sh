@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that `make demo`, `make test` and `make bench`
+# need: the real DICOM peers (DCMTK, Orthanc) and curl for Orthanc's REST API.
+# Idempotent: installs only what is missing, so a second run is instant.
+set -euo pipefail
+
+packages=(dcmtk orthanc curl ca-certificates)
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "deps: need root to install: ${missing[*]} (run as root, or apt-get install them)" >&2
+    exit 1
+fi
+echo "deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# Orthanc's package would start a system service; the tests start their own.
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if command -v systemctl >/dev/null && systemctl is-active --quiet orthanc 2>/dev/null; then
+    systemctl stop orthanc || true
+fi
