@@ -383,3 +383,60 @@ fn send_with_our_scu(port: u16, files: &[std::path::PathBuf], sop_class: &str, p
         scu.release().await;
     });
 }
+
+#[test]
+fn emergency_source_goes_first_and_resends_are_not_queued_twice() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let routine = ct_study(data.path(), "ward", 20, 4096);
+    let er = testdata::study(
+        data.path(),
+        "er",
+        "CT",
+        testdata::CT_IMAGE,
+        Syntax::ExplicitLe,
+        Name::Utf8,
+        3,
+        4096,
+    )
+    .expect("data");
+    let center_port = free_port();
+    let mut opts = RelayOptions::to(center_port);
+    opts.extra_sources = "[[dicom.sources]]\nae_title = \"ER_CT\"\npriority = \"high\"\n".into();
+    let relay = Relay::start(opts);
+
+    assert_eq!(storescu(relay.port, "MODALITY1", &routine).acked.len(), 20);
+    assert_eq!(storescu(relay.port, "ER_CT", &er).acked.len(), 3);
+    // The ward's PACS re-sends part of the study (byte-identical): acknowledged, not queued again.
+    let resent = storescu(relay.port, "MODALITY1", &routine[..5]);
+    assert_eq!(resent.acked.len(), 5, "{}", resent.output);
+    assert_eq!(relay.queued(), 23);
+    assert!(relay
+        .log_text()
+        .contains("duplicate of a spooled instance acknowledged"));
+
+    let center = StoreScp::start(center_port);
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(center.store_requests(), 23, "each instance sent once");
+    let mut arrived: Vec<(std::time::SystemTime, String)> = center
+        .files()
+        .iter()
+        .map(|p| {
+            (
+                std::fs::metadata(p)
+                    .and_then(|m| m.modified())
+                    .expect("mtime"),
+                sop_instance_of_file(&read(p)).expect("uid"),
+            )
+        })
+        .collect();
+    arrived.sort();
+    let er_uids: Vec<String> = er
+        .iter()
+        .map(|p| sop_instance_of_file(&read(p)).expect("uid"))
+        .collect();
+    let first: Vec<&String> = arrived.iter().take(3).map(|(_, u)| u).collect();
+    assert!(
+        first.iter().all(|u| er_uids.contains(u)),
+        "the emergency source's study goes first: {first:?}"
+    );
+}

@@ -88,6 +88,9 @@ pub struct DicomConfig {
 pub struct Source {
     pub ae_title: AeTitle,
     pub address: Option<IpNet>,
+    /// Everything from this source is forwarded as C-STORE priority HIGH
+    /// (e.g. an emergency department CT), whatever priority it was sent with.
+    pub high_priority: bool,
 }
 
 /// Where studies are forwarded.

@@ -45,6 +45,7 @@ struct RawDicom {
 struct RawSource {
     ae_title: String,
     address: Option<String>,
+    priority: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -140,6 +141,17 @@ impl RawConfig {
                     .as_deref()
                     .map(|a| IpNet::parse(&format!("dicom.sources[{i}].address"), a))
                     .transpose()?,
+                high_priority: match s.priority.as_deref() {
+                    None | Some("as-sent") => false,
+                    Some("high") => true,
+                    Some(other) => {
+                        return Err(ConfigError::invalid(
+                            format!("dicom.sources[{i}].priority"),
+                            other,
+                            "\"as-sent\" (the C-STORE priority the sender gives) or \"high\" (everything from this source goes first)",
+                        ))
+                    }
+                },
             };
             sources.push(src);
         }

@@ -34,7 +34,8 @@ fn issue_example_means_what_it_says() {
         c.dicom.sources,
         vec![Source {
             ae_title: AeTitle("MODALITY1".into()),
-            address: None
+            address: None,
+            high_priority: false,
         }]
     );
     assert_eq!(c.destinations[0].name, "reading-center");
@@ -89,6 +90,11 @@ fn bad_values_name_key_value_and_expectation() {
     );
     let e = err(&ISSUE_EXAMPLE.replace("listen = \"127.0.0.1:11112\"", "listen = \"localhost\""));
     assert!(e.contains("dicom.listen"), "{e}");
+    let e = err(&ISSUE_EXAMPLE.replace("# address = \"192.168.10.0/24\"", "priority = \"urgent\""));
+    assert!(
+        e.contains("dicom.sources[0].priority") && e.contains("\"high\""),
+        "{e}"
+    );
 }
 
 #[test]

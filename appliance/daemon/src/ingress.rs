@@ -174,6 +174,11 @@ async fn association(
     )
     .await;
 
+    let high_priority = shared.config.dicom.sources.iter().any(|s| {
+        s.high_priority
+            && s.ae_title.as_str() == calling
+            && s.address.is_none_or(|a| a.contains(peer.ip()))
+    });
     let mut session = Session {
         shared: &shared,
         peer,
@@ -182,6 +187,7 @@ async fn association(
         command: Vec::new(),
         state: State::Idle,
         stored: 0,
+        high_priority,
     };
     let outcome = session.run(&mut stream, &mut buf).await;
     match outcome {
@@ -271,6 +277,8 @@ struct Session<'a> {
     command: Vec<u8>,
     state: State,
     stored: u64,
+    /// The source is configured `priority = "high"`.
+    high_priority: bool,
 }
 
 impl Session<'_> {
@@ -387,7 +395,11 @@ impl Session<'_> {
                     message_id,
                     pc,
                     sop_instance,
-                    priority: Priority::from_dimse(cmd.priority()),
+                    priority: if self.high_priority {
+                        Priority::High
+                    } else {
+                        Priority::from_dimse(cmd.priority())
+                    },
                     prefix: Vec::new(),
                     tx,
                     writer,

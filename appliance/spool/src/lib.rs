@@ -21,7 +21,7 @@
 
 #![forbid(unsafe_code)]
 
-mod record;
+pub mod record;
 
 use std::collections::HashMap;
 use std::fs::{self, File};

@@ -1,0 +1,144 @@
+//! Each fuzz target over valid seeds, then thousands of mutations of them
+//! and of random bytes, with a fixed seed so a failure reproduces.
+
+use kakehashi_fuzz as f;
+
+const ROUNDS: usize = 20_000;
+
+fn mutate(rng: &mut fastrand::Rng, seed: &[u8]) -> Vec<u8> {
+    let mut v = seed.to_vec();
+    for _ in 0..rng.usize(1..8) {
+        match rng.u8(0..5) {
+            0 if !v.is_empty() => {
+                let i = rng.usize(0..v.len());
+                v[i] ^= 1 << rng.u8(0..8);
+            }
+            1 if !v.is_empty() => v.truncate(rng.usize(0..v.len())),
+            2 => {
+                let i = rng.usize(0..=v.len());
+                v.insert(i, rng.u8(..));
+            }
+            3 if !v.is_empty() => {
+                let i = rng.usize(0..v.len());
+                v[i] = [0x00, 0xFF, 0x7F, 0x80][rng.usize(0..4)];
+            }
+            _ => v.extend((0..rng.usize(0..16)).map(|_| rng.u8(..))),
+        }
+    }
+    v
+}
+
+fn run(target: fn(&[u8]), seeds: &[Vec<u8>]) {
+    let mut rng = fastrand::Rng::with_seed(0x4b414b45);
+    for s in seeds {
+        target(s);
+    }
+    for i in 0..ROUNDS {
+        let input = if i % 5 == 0 {
+            (0..rng.usize(0..512)).map(|_| rng.u8(..)).collect()
+        } else {
+            mutate(&mut rng, &seeds[i % seeds.len()])
+        };
+        target(&input);
+    }
+}
+
+fn association_rq() -> Vec<u8> {
+    use dicom_ul::pdu::*;
+    let rq = Pdu::AssociationRQ(AssociationRQ {
+        protocol_version: 1,
+        calling_ae_title: "MODALITY1".into(),
+        called_ae_title: "KAKEHASHI".into(),
+        application_context_name: "1.2.840.10008.3.1.1.1".into(),
+        presentation_contexts: vec![PresentationContextProposed {
+            id: 1,
+            abstract_syntax: "1.2.840.10008.5.1.4.1.1.2".into(),
+            transfer_syntaxes: vec!["1.2.840.10008.1.2.1".into(), "1.2.840.10008.1.2".into()],
+        }],
+        user_variables: vec![UserVariableItem::MaxLength(16384)],
+    });
+    let mut out = Vec::new();
+    dicom_ul::pdu::write_pdu(&mut out, &rq).expect("encode");
+    out
+}
+
+fn pdata(command: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0u8; kakehashi_dicom::wire::PDATA_OVERHEAD + command.len()];
+    frame[kakehashi_dicom::wire::PDATA_OVERHEAD..].copy_from_slice(command);
+    kakehashi_dicom::wire::frame_pdata(&mut frame, 1, true, true);
+    frame
+}
+
+#[test]
+fn pdu() {
+    let store = kakehashi_dicom::dimse::c_store_rq(1, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 0);
+    let mut conversation = association_rq();
+    conversation.extend(pdata(&store));
+    conversation.extend([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]); // A-RELEASE-RQ
+    run(f::pdu, &[association_rq(), pdata(&store), conversation]);
+}
+
+#[test]
+fn command() {
+    run(
+        f::command,
+        &[
+            kakehashi_dicom::dimse::c_store_rq(7, "1.2.840.10008.5.1.4.1.1.4", "1.2.3", 1),
+            kakehashi_dicom::dimse::c_store_rsp(7, "1.2", "1.2.3", 0xA700, Some("spool full")),
+            kakehashi_dicom::dimse::c_echo_rq(1),
+        ],
+    );
+}
+
+#[test]
+fn scan() {
+    // explicit LE: charset, a sequence of undefined length, patient ID, study UID
+    let mut ds = vec![1u8];
+    ds.extend(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 192");
+    ds.extend(b"\x08\x00\x32\x10SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\xff\xff\xff\xff");
+    ds.extend(b"\x08\x00\x00\x01SH\x06\x00RPID16\xfe\xff\x0d\xe0\x00\x00\x00\x00\xfe\xff\xdd\xe0\x00\x00\x00\x00");
+    ds.extend(b"\x10\x00\x20\x00LO\x04\x00P001\x20\x00\x0d\x00UI\x06\x001.2.3\x00");
+    let mut implicit = vec![0u8];
+    implicit.extend(b"\x10\x00\x20\x00\x04\x00\x00\x00P001\x20\x00\x0d\x00\xff\xff\xff\xff");
+    run(f::scan, &[ds, implicit]);
+}
+
+#[test]
+fn config() {
+    let seeds: Vec<Vec<u8>> = ["kakehashi.toml", "minimal.toml"]
+        .iter()
+        .map(|n| std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/").to_string() + n).expect("example config"))
+        .collect();
+    run(f::config, &seeds);
+}
+
+#[test]
+fn record() {
+    use kakehashi_spool::*;
+    let rec = InstanceRecord {
+        id: 42,
+        meta: InstanceMeta {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance_uid: "1.2.3.4".into(),
+            transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+            study_instance_uid: "1.2.3".into(),
+            patient_id: "P1".into(),
+            source_ae: "MODALITY1".into(),
+            source_ip: "127.0.0.1".into(),
+            priority: Priority::High,
+        },
+        dataset_size: 1000,
+        dataset_offset: 200,
+        sha256: "00".repeat(32),
+        received_ms: 1,
+        routes: vec![Route {
+            destination: "center".into(),
+            state: RouteState::Queued,
+            attempts: 2,
+            next_attempt_ms: 3,
+            last_error: Some("0xA700".into()),
+            delivered_ms: None,
+        }],
+    };
+    run(f::record, &[kakehashi_spool::record::encode(&rec)]);
+}
