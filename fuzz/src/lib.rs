@@ -38,6 +38,13 @@ pub fn pdu(data: &[u8]) {
             Err(_) => break,
         }
     }
+    // The ingress's own P-DATA splitter, on the same bytes.
+    let mut input = data;
+    for _ in 0..16 {
+        if ready(wire::read_frame(&mut input, &mut buf, 65536)).is_err() {
+            break;
+        }
+    }
 }
 
 /// DIMSE command sets.

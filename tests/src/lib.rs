@@ -249,9 +249,14 @@ pub struct StoreScp {
 
 impl StoreScp {
     pub fn start(port: u16) -> StoreScp {
+        StoreScp::start_in(port, &std::env::temp_dir())
+    }
+
+    /// Like [`StoreScp::start`], storing under `base` (e.g. a tmpfs).
+    pub fn start_in(port: u16, base: &Path) -> StoreScp {
         let dir = tempfile::Builder::new()
             .prefix("storescp-")
-            .tempdir()
+            .tempdir_in(base)
             .expect("tempdir");
         let out = dir.path().join("in");
         std::fs::create_dir_all(&out).expect("mkdir");

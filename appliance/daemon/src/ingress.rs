@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PDataValueType, Pdu};
+use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, Pdu};
 use kakehashi_dicom::dimse::{self, status, Command};
 use kakehashi_dicom::negotiate::{self, AcceptedContext, AddressMatch, Policy, SourceRule};
 use kakehashi_dicom::{part10, scan, wire};
@@ -240,7 +240,7 @@ fn gone(message: impl Into<String>) -> SessionError {
 }
 
 enum Chunk {
-    Data(Vec<u8>),
+    Data(bytes::Bytes),
     Finish(InstanceMeta),
 }
 
@@ -289,9 +289,9 @@ impl Session<'_> {
     ) -> Result<(), SessionError> {
         let idle = self.shared.config.dicom.idle_timeout;
         loop {
-            let pdu = timeout(
+            let frame = timeout(
                 idle,
-                wire::read_pdu(stream, buf, self.shared.config.dicom.max_pdu),
+                wire::read_frame(stream, buf, self.shared.config.dicom.max_pdu),
             )
             .await
             .map_err(|_| protocol(format!("no PDU for {idle:?} (dicom.idle_timeout)")))?
@@ -299,30 +299,30 @@ impl Session<'_> {
                 wire::WireError::Closed => gone("peer closed the connection without releasing"),
                 other => protocol(other.to_string()),
             })?;
-            match pdu {
-                Pdu::PData { data } => {
-                    for v in data {
-                        match v.value_type {
-                            PDataValueType::Command => {
-                                self.command.extend_from_slice(&v.data);
-                                if self.command.len() > 64 * 1024 {
-                                    return Err(protocol("command set larger than 64 KiB"));
-                                }
-                                if v.is_last {
-                                    let bytes = std::mem::take(&mut self.command);
-                                    self.on_command(stream, &bytes, v.presentation_context_id).await?;
-                                }
+            let pdu = match frame {
+                wire::Frame::PData(values) => {
+                    for v in values {
+                        if v.command {
+                            self.command.extend_from_slice(&v.data);
+                            if self.command.len() > 64 * 1024 {
+                                return Err(protocol("command set larger than 64 KiB"));
                             }
-                            PDataValueType::Data => {
-                                let last = v.is_last;
-                                self.on_data(v.data).await?;
-                                if last {
-                                    self.finish(stream).await?;
-                                }
+                            if v.last {
+                                let bytes = std::mem::take(&mut self.command);
+                                self.on_command(stream, &bytes, v.pc_id).await?;
+                            }
+                        } else {
+                            self.on_data(v.data).await?;
+                            if v.last {
+                                self.finish(stream).await?;
                             }
                         }
                     }
+                    continue;
                 }
+                wire::Frame::Other(pdu) => pdu,
+            };
+            match pdu {
                 Pdu::ReleaseRQ => {
                     if !matches!(self.state, State::Idle) {
                         return Err(protocol("A-RELEASE-RQ in the middle of a C-STORE"));
@@ -412,7 +412,7 @@ impl Session<'_> {
         }
     }
 
-    async fn on_data(&mut self, data: Vec<u8>) -> Result<(), SessionError> {
+    async fn on_data(&mut self, data: bytes::Bytes) -> Result<(), SessionError> {
         match &mut self.state {
             State::Idle => Err(protocol("dataset fragment without a command")),
             State::Discarding { .. } => Ok(()),

@@ -4,7 +4,7 @@
 //! announces a 4 GB PDU (or sends garbage) costs nothing but a closed
 //! connection. Bodies are parsed with dicom-ul's `read_pdu`.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use dicom_ul::pdu::{Pdu, MAXIMUM_PDU_SIZE};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -84,6 +84,94 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
     }
 }
 
+/// One presentation data value, sharing its PDU's buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pdv {
+    pub pc_id: u8,
+    pub command: bool,
+    pub last: bool,
+    pub data: Bytes,
+}
+
+/// A PDU as the ingress needs it: P-DATA split into values without copying
+/// (the hot path), everything else parsed by dicom-ul.
+#[derive(Debug)]
+pub enum Frame {
+    PData(Vec<Pdv>),
+    Other(Pdu),
+}
+
+/// Reads one PDU; P-DATA bodies are read straight into `buf`'s spare
+/// capacity and handed out as slices of it.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max_pdata: u32,
+) -> Result<Frame, WireError> {
+    let mut header = [0u8; 6];
+    match reader.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    if header[0] != 0x04 {
+        let mut chained = &header[..];
+        let mut rest = tokio::io::AsyncReadExt::chain(&mut chained, reader);
+        return read_pdu(&mut rest, buf, max_pdata).await.map(Frame::Other);
+    }
+    let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
+    if length > max_pdata {
+        return Err(WireError::TooLarge {
+            pdu_type: 0x04,
+            length,
+            limit: max_pdata,
+        });
+    }
+    let length = length as usize;
+    buf.clear();
+    buf.reserve(length);
+    while buf.len() < length {
+        let want = (length - buf.len()) as u64;
+        let n = (&mut *reader).take(want).read_buf(buf).await?;
+        if n == 0 {
+            return Err(WireError::Malformed {
+                pdu_type: 0x04,
+                detail: format!("connection closed inside a {length}-byte PDU"),
+            });
+        }
+    }
+    let body = buf.split().freeze();
+    let malformed = |detail: String| WireError::Malformed {
+        pdu_type: 0x04,
+        detail,
+    };
+    let mut values = Vec::new();
+    let mut pos = 0;
+    while pos < body.len() {
+        let head = body
+            .get(pos..pos + 6)
+            .ok_or_else(|| malformed(format!("truncated PDV item at byte {pos}")))?;
+        let item_len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let end = pos + 4 + item_len;
+        if item_len < 2 || end > body.len() {
+            return Err(malformed(format!(
+                "PDV item of {item_len} bytes at byte {pos} does not fit the PDU"
+            )));
+        }
+        values.push(Pdv {
+            pc_id: head[4],
+            command: head[5] & 1 != 0,
+            last: head[5] & 2 != 0,
+            data: body.slice(pos + 6..end),
+        });
+        pos = end;
+    }
+    if values.is_empty() {
+        return Err(malformed("P-DATA-TF without any value".into()));
+    }
+    Ok(Frame::PData(values))
+}
+
 /// Writes one PDU.
 pub async fn write_pdu<W: AsyncWrite + Unpin>(writer: &mut W, pdu: &Pdu) -> Result<(), WireError> {
     let mut out = Vec::with_capacity(256);
@@ -150,6 +238,44 @@ mod tests {
                 }]
             }
         );
+    }
+
+    #[tokio::test]
+    async fn frames_split_pdata_without_copying_and_parse_the_rest() {
+        let mut two = vec![0u8; PDATA_OVERHEAD + 4];
+        two[PDATA_OVERHEAD..].copy_from_slice(b"abcd");
+        frame_pdata(&mut two, 5, true, false);
+        // a second PDV in the same PDU
+        two.extend_from_slice(&[0, 0, 0, 4, 5, 0b11, b'x', b'y']);
+        let len = (two.len() - 6) as u32;
+        two[2..6].copy_from_slice(&len.to_be_bytes());
+        two.extend_from_slice(&[0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]); // A-RELEASE-RQ
+        let mut input = &two[..];
+        let mut buf = BytesMut::new();
+        let Frame::PData(v) = read_frame(&mut input, &mut buf, 16384)
+            .await
+            .expect("pdata")
+        else {
+            panic!("expected P-DATA")
+        };
+        assert_eq!(v.len(), 2);
+        assert_eq!(
+            (v[0].pc_id, v[0].command, v[0].last, &v[0].data[..]),
+            (5, true, false, &b"abcd"[..])
+        );
+        assert_eq!(
+            (v[1].command, v[1].last, &v[1].data[..]),
+            (true, true, &b"xy"[..])
+        );
+        assert!(matches!(
+            read_frame(&mut input, &mut buf, 16384).await,
+            Ok(Frame::Other(Pdu::ReleaseRQ))
+        ));
+        let bad = [0x04, 0, 0, 0, 0, 6, 0, 0, 0, 9, 1, 2];
+        assert!(matches!(
+            read_frame(&mut &bad[..], &mut buf, 16384).await,
+            Err(WireError::Malformed { .. })
+        ));
     }
 
     #[tokio::test]

@@ -129,6 +129,9 @@ pub struct RecoveryReport {
     pub orphan_files_removed: usize,
     /// Records whose payload file is missing or short: dead-lettered.
     pub missing_payloads: Vec<u64>,
+    /// Records committed while their payload's rename was in flight: the
+    /// rename was completed.
+    pub renames_completed: usize,
 }
 
 impl RecoveryReport {
@@ -137,6 +140,7 @@ impl RecoveryReport {
             && self.temp_files_removed == 0
             && self.orphan_files_removed == 0
             && self.missing_payloads.is_empty()
+            && self.renames_completed == 0
     }
 }
 
@@ -282,10 +286,24 @@ impl Spool {
 
     fn recover(&self, now_ms: u64) -> Result<RecoveryReport, SpoolError> {
         let mut report = RecoveryReport::default();
+        // Temp files: partial receptions (never acknowledged), or payloads
+        // whose record committed while the rename was still in flight.
+        let mut temp: HashMap<u64, (PathBuf, u64)> = HashMap::new();
+        let mut strays = Vec::new();
         for entry in fs::read_dir(&self.tmp_dir).map_err(io(&self.tmp_dir))? {
             let entry = entry.map_err(io(&self.tmp_dir))?;
-            fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
-            report.temp_files_removed += 1;
+            let id = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".part"))
+                .and_then(|n| u64::from_str_radix(n, 16).ok());
+            let len = entry.metadata().map_err(io(&entry.path()))?.len();
+            match id {
+                Some(id) => {
+                    temp.insert(id, (entry.path(), len));
+                }
+                None => strays.push(entry.path()),
+            }
         }
         let mut on_disk: HashMap<u64, u64> = HashMap::new();
         for entry in fs::read_dir(&self.data_dir).map_err(io(&self.data_dir))? {
@@ -333,6 +351,18 @@ impl Spool {
                     if rec.route(d).is_none() && !rec.is_done() {
                         rec.routes.push(new_route(d));
                         changed = true;
+                    }
+                }
+                if on_disk.get(&id) != Some(&rec.file_size()) {
+                    // The record committed, the rename did not: finish it (the
+                    // content was fsynced before the commit began).
+                    if let Some((tmp, len)) =
+                        temp.remove(&id).filter(|(_, len)| *len == rec.file_size())
+                    {
+                        let path = self.payload_path(id);
+                        fs::rename(&tmp, &path).map_err(io(&path))?;
+                        on_disk.insert(id, len);
+                        report.renames_completed += 1;
                     }
                 }
                 match on_disk.remove(&id) {
@@ -401,8 +431,22 @@ impl Spool {
             report.orphan_files_removed += 1;
             max_id = max_id.max(id);
         }
-        if report.orphan_files_removed > 0 || report.temp_files_removed > 0 {
+        // Partial receptions: never acknowledged either.
+        for (id, (path, _)) in temp {
+            fs::remove_file(&path).map_err(io(&path))?;
+            report.temp_files_removed += 1;
+            max_id = max_id.max(id);
+        }
+        for path in strays {
+            fs::remove_file(&path).map_err(io(&path))?;
+            report.temp_files_removed += 1;
+        }
+        if report.orphan_files_removed > 0
+            || report.temp_files_removed > 0
+            || report.renames_completed > 0
+        {
             sync_dir(&self.data_dir)?;
+            sync_dir(&self.tmp_dir)?;
         }
         self.used.store(used, Ordering::SeqCst);
         self.next_id.store(max_id + 1, Ordering::SeqCst);
@@ -1007,8 +1051,6 @@ impl Incoming {
         }
 
         let path = spool.payload_path(self.id);
-        fs::rename(&self.tmp, &path).map_err(io(&path))?;
-        sync_dir(&spool.data_dir)?;
 
         let rec = InstanceRecord {
             id: self.id,
@@ -1019,11 +1061,56 @@ impl Incoming {
             routes: spool.destinations.iter().map(|d| new_route(d)).collect(),
             meta,
         };
-        let txn = spool.begin_write(Durability::Immediate)?;
+        // The rename (with its directory fsync) and the index commit must both
+        // be durable before the sender hears Success, but neither needs the
+        // other, so they run together. If the record lands first and the box
+        // dies, recovery finishes the rename: the content was fsynced above.
+        let tmp = &self.tmp;
+        let (renamed, committed) = std::thread::scope(|scope| {
+            let rename = scope.spawn(|| -> Result<(), SpoolError> {
+                fs::rename(tmp, &path).map_err(io(&path))?;
+                sync_dir(&spool.data_dir)
+            });
+            let committed = spool.commit_received(&rec, now_ms);
+            let renamed = rename.join().unwrap_or_else(|_| {
+                Err(io(&path)(std::io::Error::other("rename thread panicked")))
+            });
+            (renamed, committed)
+        });
+        let released = match (renamed, committed) {
+            (Ok(()), Ok(released)) => released,
+            (Err(e), Ok(released)) => {
+                // A record without its payload must not stay: withdraw it
+                // (the sender gets a failure and keeps the image).
+                drop(released);
+                spool.withdraw(rec.id, &rec.meta.sop_instance_uid)?;
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
+            (_, Err(e)) => {
+                // Not acknowledged: the payload must not linger as an orphan.
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        spool.used.fetch_add(rec.file_size(), Ordering::SeqCst);
+        released.unlink()?;
+        Ok(Accepted::Queued(Box::new(rec)))
+    }
+}
+
+impl Spool {
+    /// Commits a received instance's record, UID mapping and audit record.
+    fn commit_received(
+        &self,
+        rec: &InstanceRecord,
+        now_ms: u64,
+    ) -> Result<Released<'_>, SpoolError> {
+        let txn = self.begin_write(Durability::Immediate)?;
         {
             let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
             table
-                .insert(rec.id, record::encode(&rec).as_slice())
+                .insert(rec.id, record::encode(rec).as_slice())
                 .map_err(idx("write instance"))?;
             let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
             uids.insert(rec.meta.sop_instance_uid.as_str(), rec.id)
@@ -1047,21 +1134,27 @@ impl Incoming {
                 .insert(seq, record::encode(&a).as_slice())
                 .map_err(idx("write audit"))?;
         }
-        let released = match txn.commit("commit instance") {
-            Ok(r) => r,
-            Err(e) => {
-                // Not acknowledged: the payload must not linger as an orphan.
-                let _ = fs::remove_file(&path);
-                return Err(e);
-            }
-        };
-        spool.used.fetch_add(rec.file_size(), Ordering::SeqCst);
-        released.unlink()?;
-        Ok(Accepted::Queued(Box::new(rec)))
+        txn.commit("commit instance")
     }
-}
 
-impl Spool {
+    /// Removes a record whose payload could not be put in place.
+    fn withdraw(&self, id: u64, sop_instance_uid: &str) -> Result<(), SpoolError> {
+        let txn = self.begin_write(Durability::Immediate)?;
+        {
+            let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+            table.remove(id).map_err(idx("remove instance"))?;
+            let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
+            let mapped = uids
+                .get(sop_instance_uid)
+                .map_err(idx("read uid"))?
+                .map(|v| v.value());
+            if mapped == Some(id) {
+                uids.remove(sop_instance_uid).map_err(idx("remove uid"))?;
+            }
+        }
+        txn.commit("withdraw instance")?.unlink()
+    }
+
     fn find_duplicate(
         &self,
         sop_instance_uid: &str,

@@ -268,3 +268,35 @@ fn a_non_durable_delivery_keeps_its_payload_until_a_checkpoint() {
     assert!(!payload.exists());
     assert_eq!(spool.used_bytes(), 0);
 }
+
+#[test]
+fn recovery_finishes_a_rename_that_lost_the_race_with_its_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = open(dir.path(), 1 << 20);
+    let Accepted::Queued(a) = receive(&spool, "1.1", b"aaaa").expect("a") else {
+        panic!()
+    };
+    drop(spool);
+    // As if the box died after the index commit but before the rename was durable.
+    let name = format!("{:016x}", a.id);
+    fs::rename(
+        dir.path().join(format!("data/{name}.dcm")),
+        dir.path().join(format!("tmp/{name}.part")),
+    )
+    .expect("undo rename");
+    // and a partial reception next to it, which must go
+    fs::write(dir.path().join("tmp/00000000000000aa.part"), b"half").expect("partial");
+
+    let (spool, report) = open(dir.path(), 1 << 20);
+    assert_eq!(report.renames_completed, 1);
+    assert_eq!(report.temp_files_removed, 1);
+    assert!(report.missing_payloads.is_empty(), "{report:?}");
+    let rec = spool.get(a.id).expect("record");
+    assert_eq!(rec.routes[0].state, RouteState::Queued);
+    let (_, path) = spool.open_payload(&rec).expect("payload back in place");
+    assert_eq!(fs::read(path).expect("read"), b"HEADERaaaa");
+    assert_eq!(
+        fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
+        0
+    );
+}

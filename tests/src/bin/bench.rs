@@ -22,6 +22,13 @@ struct Args {
     /// Repetitions of each direct/relay pair (the median is reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Where the reading center (storescp) stores what it receives, for both
+    /// paths. Default: the system temp dir (the box's own disk, as in the
+    /// issue's setup). /dev/shm stands for a center on another machine: on
+    /// one ext4 filesystem the box's journal commits also flush the center's
+    /// writes.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    center_dir: PathBuf,
     /// Only these studies (ct, mr, mg).
     #[arg(long, value_delimiter = ',', default_value = "ct,mr,mg")]
     only: Vec<String>,
@@ -86,8 +93,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn direct(study: &Study) -> f64 {
-    let scp = StoreScp::start(free_port());
+fn direct(study: &Study, center: &Path) -> f64 {
+    let scp = StoreScp::start_in(free_port(), center);
     let t = Instant::now();
     let out = storescu_to(scp.port, "MODALITY1", "READCENTER", &study.files);
     let secs = t.elapsed().as_secs_f64();
@@ -100,8 +107,8 @@ fn direct(study: &Study) -> f64 {
     secs
 }
 
-fn relayed(study: &Study) -> (f64, u64) {
-    let scp = StoreScp::start(free_port());
+fn relayed(study: &Study, center: &Path) -> (f64, u64) {
+    let scp = StoreScp::start_in(free_port(), center);
     let relay = Relay::start(RelayOptions::to(scp.port));
     let n = study.files.len();
     let t = Instant::now();
@@ -163,8 +170,8 @@ fn main() {
         let mut r = Vec::new();
         let mut rss = 0;
         for _ in 0..args.rounds {
-            d.push(direct(s));
-            let (secs, peak) = relayed(s);
+            d.push(direct(s, &args.center_dir));
+            let (secs, peak) = relayed(s, &args.center_dir);
             r.push(secs);
             rss = rss.max(peak);
         }
