@@ -288,6 +288,23 @@ impl StoreScp {
         v
     }
 
+    /// SOP Instance UIDs in the order they were stored (by file mtime,
+    /// nanosecond resolution: storescp writes one file at a time).
+    pub fn arrival_order(&self) -> Vec<String> {
+        let mut arrived: Vec<(std::time::SystemTime, String)> = self
+            .files()
+            .iter()
+            .map(|p| {
+                let mtime = std::fs::metadata(p)
+                    .and_then(|m| m.modified())
+                    .expect("mtime");
+                (mtime, sop_instance_of_file(&read(p)).expect("uid"))
+            })
+            .collect();
+        arrived.sort();
+        arrived.into_iter().map(|(_, uid)| uid).collect()
+    }
+
     /// How many C-STORE requests it received (re-sends included).
     pub fn store_requests(&self) -> usize {
         std::fs::read_to_string(&self.log)

@@ -324,25 +324,13 @@ fn a_study_sent_high_priority_overtakes_the_backlog() {
 
     let center = StoreScp::start(center_port);
     relay.wait_drained(Duration::from_secs(60));
-    let mut arrived: Vec<(std::time::SystemTime, String)> = center
-        .files()
-        .iter()
-        .map(|p| {
-            (
-                std::fs::metadata(p)
-                    .and_then(|m| m.modified())
-                    .expect("mtime"),
-                sop_instance_of_file(&read(p)).expect("uid"),
-            )
-        })
-        .collect();
-    arrived.sort();
+    let arrived = center.arrival_order();
     assert_eq!(arrived.len(), 33);
     let stat_uids: Vec<String> = stat
         .iter()
         .map(|s| sop_instance_of_file(&read(s)).expect("uid"))
         .collect();
-    let first: Vec<&String> = arrived.iter().take(3).map(|(_, u)| u).collect();
+    let first = &arrived[..3];
     assert!(
         first.iter().all(|u| stat_uids.contains(u)),
         "the HIGH priority study goes first: {first:?}"
@@ -417,24 +405,12 @@ fn emergency_source_goes_first_and_resends_are_not_queued_twice() {
     let center = StoreScp::start(center_port);
     relay.wait_drained(Duration::from_secs(60));
     assert_eq!(center.store_requests(), 23, "each instance sent once");
-    let mut arrived: Vec<(std::time::SystemTime, String)> = center
-        .files()
-        .iter()
-        .map(|p| {
-            (
-                std::fs::metadata(p)
-                    .and_then(|m| m.modified())
-                    .expect("mtime"),
-                sop_instance_of_file(&read(p)).expect("uid"),
-            )
-        })
-        .collect();
-    arrived.sort();
+    let arrived = center.arrival_order();
     let er_uids: Vec<String> = er
         .iter()
         .map(|p| sop_instance_of_file(&read(p)).expect("uid"))
         .collect();
-    let first: Vec<&String> = arrived.iter().take(3).map(|(_, u)| u).collect();
+    let first = &arrived[..3];
     assert!(
         first.iter().all(|u| er_uids.contains(u)),
         "the emergency source's study goes first: {first:?}"

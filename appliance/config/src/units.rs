@@ -2,15 +2,20 @@
 
 use std::time::Duration;
 
-/// Parses a size such as `"50 GiB"`, `"500 MB"`, `"4096"` (bytes) into bytes.
-pub fn parse_bytes(value: &str) -> Option<u64> {
+/// Splits `"50 GiB"` into `(50.0, "GiB")`.
+fn number_and_unit(value: &str) -> Option<(f64, &str)> {
     let v = value.trim();
     let split = v
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(v.len());
     let (num, unit) = v.split_at(split);
-    let num: f64 = num.parse().ok()?;
-    let mult: u64 = match unit.trim() {
+    Some((num.parse().ok()?, unit.trim()))
+}
+
+/// Parses a size such as `"50 GiB"`, `"500 MB"`, `"4096"` (bytes) into bytes.
+pub fn parse_bytes(value: &str) -> Option<u64> {
+    let (num, unit) = number_and_unit(value)?;
+    let mult: u64 = match unit {
         "" | "B" => 1,
         "KB" | "kB" => 1000,
         "MB" => 1000 * 1000,
@@ -44,13 +49,8 @@ pub fn format_bytes(bytes: u64) -> String {
 
 /// Parses a duration such as `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"`.
 pub fn parse_duration(value: &str) -> Option<Duration> {
-    let v = value.trim();
-    let split = v
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(v.len());
-    let (num, unit) = v.split_at(split);
-    let num: f64 = num.parse().ok()?;
-    let secs = match unit.trim() {
+    let (num, unit) = number_and_unit(value)?;
+    let secs = match unit {
         "ms" => num / 1000.0,
         "s" => num,
         "m" | "min" => num * 60.0,

@@ -32,18 +32,23 @@ pub enum WireError {
     Malformed { pdu_type: u8, detail: String },
 }
 
+/// The 6-byte PDU header; a clean EOF before it is [`WireError::Closed`].
+async fn read_header<R: AsyncRead + Unpin>(reader: &mut R) -> Result<[u8; 6], WireError> {
+    let mut header = [0u8; 6];
+    match reader.read_exact(&mut header).await {
+        Ok(_) => Ok(header),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(WireError::Closed),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Reads one PDU. `max_pdata` bounds P-DATA bodies (our negotiated maximum).
 pub async fn read_pdu<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
     max_pdata: u32,
 ) -> Result<Pdu, WireError> {
-    let mut header = [0u8; 6];
-    match reader.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
-        Err(e) => return Err(e.into()),
-    }
+    let header = read_header(reader).await?;
     let pdu_type = header[0];
     let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
     let limit = match pdu_type {
@@ -108,12 +113,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     max_pdata: u32,
 ) -> Result<Frame, WireError> {
-    let mut header = [0u8; 6];
-    match reader.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
-        Err(e) => return Err(e.into()),
-    }
+    let header = read_header(reader).await?;
     if header[0] != 0x04 {
         let mut chained = &header[..];
         let mut rest = tokio::io::AsyncReadExt::chain(&mut chained, reader);

@@ -624,14 +624,7 @@ impl Spool {
             if r.is_done() && !keep_payload {
                 table.remove(id).map_err(idx("remove instance"))?;
                 let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
-                let mapped = uids
-                    .get(r.meta.sop_instance_uid.as_str())
-                    .map_err(idx("read uid"))?
-                    .map(|v| v.value());
-                if mapped == Some(id) {
-                    uids.remove(r.meta.sop_instance_uid.as_str())
-                        .map_err(idx("remove uid"))?;
-                }
+                unmap_uid(&mut uids, r.meta.sop_instance_uid.as_str(), id)?;
                 delete = true;
             } else {
                 table
@@ -710,14 +703,7 @@ impl Spool {
             let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
             for r in &done {
                 table.remove(r.id).map_err(idx("remove instance"))?;
-                let mapped = uids
-                    .get(r.meta.sop_instance_uid.as_str())
-                    .map_err(idx("read uid"))?
-                    .map(|v| v.value());
-                if mapped == Some(r.id) {
-                    uids.remove(r.meta.sop_instance_uid.as_str())
-                        .map_err(idx("remove uid"))?;
-                }
+                unmap_uid(&mut uids, r.meta.sop_instance_uid.as_str(), r.id)?;
             }
         }
         let mut released = txn.commit("commit sweep")?;
@@ -814,14 +800,7 @@ impl Spool {
                 touched.push(rec.id);
                 if rec.is_done() {
                     table.remove(rec.id).map_err(idx("remove instance"))?;
-                    let mapped = uids
-                        .get(rec.meta.sop_instance_uid.as_str())
-                        .map_err(idx("read uid"))?
-                        .map(|v| v.value());
-                    if mapped == Some(rec.id) {
-                        uids.remove(rec.meta.sop_instance_uid.as_str())
-                            .map_err(idx("remove uid"))?;
-                    }
+                    unmap_uid(&mut uids, rec.meta.sop_instance_uid.as_str(), rec.id)?;
                     to_delete.push(rec);
                 } else {
                     table
@@ -939,6 +918,23 @@ fn decode_record(id: u64, bytes: &[u8]) -> Result<InstanceRecord, SpoolError> {
         key: format!("instances/{id}"),
         source,
     })
+}
+
+/// Drops the UID map entry of `id` (a newer instance with the same UID may
+/// own it by now: then it stays).
+fn unmap_uid(
+    uids: &mut redb::Table<&str, u64>,
+    sop_instance_uid: &str,
+    id: u64,
+) -> Result<(), SpoolError> {
+    let mapped = uids
+        .get(sop_instance_uid)
+        .map_err(idx("read uid"))?
+        .map(|v| v.value());
+    if mapped == Some(id) {
+        uids.remove(sop_instance_uid).map_err(idx("remove uid"))?;
+    }
+    Ok(())
 }
 
 fn next_seq(audit: &redb::Table<u64, &[u8]>) -> Result<u64, SpoolError> {
@@ -1144,13 +1140,7 @@ impl Spool {
             let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
             table.remove(id).map_err(idx("remove instance"))?;
             let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
-            let mapped = uids
-                .get(sop_instance_uid)
-                .map_err(idx("read uid"))?
-                .map(|v| v.value());
-            if mapped == Some(id) {
-                uids.remove(sop_instance_uid).map_err(idx("remove uid"))?;
-            }
+            unmap_uid(&mut uids, sop_instance_uid, id)?;
         }
         txn.commit("withdraw instance")?.unlink()
     }
