@@ -29,6 +29,10 @@ struct Args {
     /// writes.
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     center_dir: PathBuf,
+    /// Concurrent storescu associations per path (the study split evenly),
+    /// as a PACS that sends in parallel does.
+    #[arg(long, default_value_t = 1)]
+    senders: usize,
     /// Only these studies (ct, mr, mg).
     #[arg(long, value_delimiter = ',', default_value = "ct,mr,mg")]
     only: Vec<String>,
@@ -93,27 +97,36 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn direct(study: &Study, center: &Path) -> f64 {
+/// Sends `files` over `senders` concurrent storescu runs; returns how many were acknowledged.
+fn send(port: u16, called: &str, files: &[PathBuf], senders: usize) -> usize {
+    let chunk = files.len().div_ceil(senders.max(1)).max(1);
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || storescu_to(port, "MODALITY1", called, part)))
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().map(|o| o.acked.len()).unwrap_or(0))
+            .sum()
+    })
+}
+
+fn direct(study: &Study, center: &Path, senders: usize) -> f64 {
     let scp = StoreScp::start_in(free_port(), center);
     let t = Instant::now();
-    let out = storescu_to(scp.port, "MODALITY1", "READCENTER", &study.files);
+    let acked = send(scp.port, "READCENTER", &study.files, senders);
     let secs = t.elapsed().as_secs_f64();
-    assert_eq!(
-        out.acked.len(),
-        study.files.len(),
-        "direct send failed:\n{}",
-        out.output
-    );
+    assert_eq!(acked, study.files.len(), "direct send failed");
     secs
 }
 
-fn relayed(study: &Study, center: &Path) -> (f64, u64) {
+fn relayed(study: &Study, center: &Path, senders: usize) -> (f64, u64) {
     let scp = StoreScp::start_in(free_port(), center);
     let relay = Relay::start(RelayOptions::to(scp.port));
     let n = study.files.len();
     let t = Instant::now();
-    let out = storescu(relay.port, "MODALITY1", &study.files);
-    assert_eq!(out.acked.len(), n, "relay send failed:\n{}", out.output);
+    let acked = send(relay.port, "KAKEHASHI", &study.files, senders);
+    assert_eq!(acked, n, "relay send failed");
     wait_until(
         "every instance at the destination",
         Duration::from_secs(1800),
@@ -159,7 +172,10 @@ fn main() {
             other => panic!("unknown study {other:?} (ct, mr, mg)"),
         });
     }
-    println!("kakehashi bench — {} round(s) per path, median; ratio = relay time / direct time (lower is better)", args.rounds);
+    println!(
+        "kakehashi bench — {} round(s) per path, median, {} sender(s); ratio = relay time / direct time (lower is better)",
+        args.rounds, args.senders
+    );
     println!(
         "{:<4} {:>6} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>6} {:>6} | {:>9}",
         "", "inst", "MB", "direct/s", "MB/s", "relay/s", "MB/s", "ratio", "target", "peak RSS"
@@ -170,8 +186,8 @@ fn main() {
         let mut r = Vec::new();
         let mut rss = 0;
         for _ in 0..args.rounds {
-            d.push(direct(s, &args.center_dir));
-            let (secs, peak) = relayed(s, &args.center_dir);
+            d.push(direct(s, &args.center_dir, args.senders));
+            let (secs, peak) = relayed(s, &args.center_dir, args.senders);
             r.push(secs);
             rss = rss.max(peak);
         }
