@@ -196,6 +196,27 @@ impl Relay {
         self.child = None;
     }
 
+    /// SIGTERM, then waits (at most 30 s) for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut proc = self.child.take().expect("kakehashid running");
+        let pid = proc.pid().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = proc.0.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "kakehashid did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn restart(&mut self) {
         self.child = None;
         self.spawn();

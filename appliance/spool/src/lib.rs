@@ -79,6 +79,8 @@ pub enum SpoolError {
         free: u64,
         min_free: u64,
     },
+    #[error("spool {dir} is in use by another kakehashid (one daemon per spool; is the service already running?)")]
+    InUse { dir: PathBuf },
     #[error("no instance {0} in the spool")]
     NotFound(u64),
 }
@@ -209,7 +211,12 @@ impl Spool {
             fs::create_dir_all(d).map_err(io(d))?;
         }
         let db_path = dir.join("index.redb");
-        let db = Database::create(&db_path).map_err(idx("open"))?;
+        let db = Database::create(&db_path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => SpoolError::InUse {
+                dir: dir.to_path_buf(),
+            },
+            other => idx("open")(other),
+        })?;
         let spool = Spool {
             dir: dir.to_path_buf(),
             data_dir,

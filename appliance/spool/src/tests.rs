@@ -300,3 +300,62 @@ fn recovery_finishes_a_rename_that_lost_the_race_with_its_commit() {
         0
     );
 }
+
+#[test]
+fn retention_keeps_delivered_payloads_until_swept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = open(dir.path(), 1 << 20);
+    let Accepted::Queued(a) = receive(&spool, "1.1", b"aaaa").expect("a") else {
+        panic!()
+    };
+    let how = RouteUpdate {
+        durability: Durability::Immediate,
+        audit: None,
+        now_ms: 5000,
+        keep_payload: true,
+    };
+    spool
+        .update_route(a.id, "center", how, |r| {
+            r.state = RouteState::Delivered;
+            r.delivered_ms = Some(5000);
+        })
+        .expect("deliver");
+    let payload = dir.path().join(format!("data/{:016x}.dcm", a.id));
+    assert!(payload.exists(), "retained after delivery");
+    assert_eq!(spool.counts().expect("counts")["center"].queued, 0);
+    assert_eq!(
+        spool.sweep_retained(5000).expect("sweep"),
+        0,
+        "not yet past retention"
+    );
+    assert_eq!(spool.sweep_retained(5001).expect("sweep"), 1);
+    assert!(!payload.exists());
+    assert!(spool.records().expect("records").is_empty());
+}
+
+#[test]
+fn a_payload_stays_until_every_destination_has_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) =
+        Spool::open(dir.path(), vec!["a".into(), "b".into()], limits(1 << 20), 1).expect("open");
+    let Accepted::Queued(rec) = receive(&spool, "1.1", b"data").expect("rec") else {
+        panic!()
+    };
+    let deliver = |d: &str| {
+        let how = RouteUpdate {
+            durability: Durability::Immediate,
+            audit: None,
+            now_ms: 2,
+            keep_payload: false,
+        };
+        spool
+            .update_route(rec.id, d, how, |r| r.state = RouteState::Delivered)
+            .expect("deliver")
+    };
+    deliver("a");
+    let payload = dir.path().join(format!("data/{:016x}.dcm", rec.id));
+    assert!(payload.exists(), "b still needs it");
+    assert_eq!(spool.counts().expect("counts")["b"].queued, 1);
+    deliver("b");
+    assert!(!payload.exists());
+}

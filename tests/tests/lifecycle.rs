@@ -1,0 +1,129 @@
+//! The daemon as systemd and a field engineer meet it: exit codes, clean
+//! stops, and more than one destination.
+
+use std::process::Command;
+use std::time::Duration;
+
+use kakehashi_systest::testdata::{self, Name, Syntax};
+use kakehashi_systest::*;
+
+#[test]
+fn a_bad_config_exits_78_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good =
+        std::fs::read_to_string(workspace_root().join("examples/minimal.toml")).expect("example");
+    let ok = Command::new(bin("kakehashid"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(workspace_root().join("examples/minimal.toml"))
+        .output()
+        .expect("run");
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("valid"));
+
+    for (bad, needle) in [
+        (
+            good.replace(
+                "max_size = \"50 GiB\"",
+                "max_size = \"50 GiB\"\nmax_sise = \"1 GiB\"",
+            ),
+            "max_sise",
+        ),
+        (
+            good.replace("\"127.0.0.1:11113\"", "\"center-without-port\""),
+            "destinations[0].address",
+        ),
+        (
+            good.replace("ae_title = \"MODALITY1\"", "ae_title = \"\""),
+            "dicom.sources[0].ae_title",
+        ),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, bad).expect("write");
+        let out = Command::new(bin("kakehashid"))
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run");
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "configuration errors exit 78 (systemd: do not restart)"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "the message names {needle}: {err}");
+    }
+    let missing = Command::new(bin("kakehashid"))
+        .args(["--config", "/nonexistent/kakehashi.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(missing.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/kakehashi.toml"));
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_a_second_daemon_is_refused() {
+    let center = StoreScp::start(free_port());
+    let mut relay = Relay::start(RelayOptions::to(center.port));
+    let second = Command::new(bin("kakehashid"))
+        .arg("--config")
+        .arg(&relay.config)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run");
+    assert_eq!(
+        second.status.code(),
+        Some(73),
+        "a second daemon on the same spool exits 73"
+    );
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(
+        relay.status().destinations[0].queued == 0,
+        "the first daemon is unaffected"
+    );
+
+    let status = relay.terminate();
+    assert!(status.success(), "SIGTERM is a clean stop: {status:?}");
+    assert!(!relay.socket.exists(), "control socket removed on stop");
+    assert!(relay.log_text().contains("stopped"));
+}
+
+#[test]
+fn every_destination_gets_every_instance() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = testdata::study(
+        data.path(),
+        "two",
+        "CR",
+        testdata::CR_IMAGE,
+        Syntax::ExplicitLe,
+        Name::Utf8,
+        10,
+        16 * 1024,
+    )
+    .expect("data");
+    let (a, b) = (StoreScp::start(free_port()), StoreScp::start(free_port()));
+    let mut opts = RelayOptions::to(a.port);
+    opts.destinations
+        .push(("second-opinion".into(), "READCENTER".into(), b.port));
+    let relay = Relay::start(opts);
+    assert_eq!(storescu(relay.port, "MODALITY1", &files).acked.len(), 10);
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(a.files().len(), 10);
+    assert_eq!(b.files().len(), 10);
+    let s = relay.status();
+    assert_eq!(s.destinations.len(), 2);
+    assert!(
+        s.destinations.iter().all(|d| d.delivered_since_start == 10),
+        "{s:?}"
+    );
+    wait_until(
+        "payloads freed once both have them",
+        Duration::from_secs(10),
+        || relay.status().spool.used_bytes == 0,
+    );
+}
