@@ -297,9 +297,13 @@ fn print_status(s: &StatusReport) {
             d.last_success_ms.map_or("never".into(), when)
         );
         if let Some(e) = &d.last_error {
+            // An error older than the last success is history, not a fault now.
+            let resolved =
+                matches!((d.last_error_ms, d.last_success_ms), (Some(err), Some(ok)) if ok > err);
             println!(
-                "  last error {}: {e}",
-                d.last_error_ms.map_or("-".into(), when)
+                "  last error {}{}: {e}",
+                d.last_error_ms.map_or("-".into(), when),
+                if resolved { " (resolved since)" } else { "" }
             );
         }
         if let Some(n) = d.next_attempt_in_s {
