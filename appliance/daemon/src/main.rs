@@ -69,6 +69,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("kakehashid: {e}");
+            if matches!(&e, kakehashi_config::ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+            {
+                eprintln!(
+                    "kakehashid: start from the documented example (every key, with its default):\n  \
+                     install -m 0640 examples/kakehashi.toml {}",
+                    args.config.display()
+                );
+            }
             return ExitCode::from(EXIT_CONFIG);
         }
     };
