@@ -199,11 +199,9 @@ impl Relay {
     /// SIGTERM, then waits (at most 30 s) for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut proc = self.child.take().expect("kakehashid running");
-        let pid = proc.pid().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
+        // nix rather than /usr/bin/kill: procps is not on every fresh machine.
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(proc.pid()).expect("pid fits i32"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("send SIGTERM");
         let start = Instant::now();
         loop {
             if let Some(status) = proc.0.try_wait().expect("wait") {
