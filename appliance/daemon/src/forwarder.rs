@@ -266,11 +266,8 @@ fn destination_failed(handle: &Handle, shared: &Shared, e: impl std::fmt::Displa
 }
 
 async fn send_one(shared: &Shared, scu: &mut Scu, pc: u8, item: &Item) -> Sent {
-    let rec = match shared.spool.get(item.id) {
-        Ok(r) => r,
-        Err(e) => return Sent::Dead(format!("spool record unreadable: {e}")),
-    };
-    let (file, path) = match shared.spool.open_payload(&rec) {
+    // Everything needed is in the queued item: no index read per instance.
+    let (file, path) = match shared.spool.open_payload(item.id) {
         Ok(f) => f,
         Err(e) => return Sent::Dead(format!("integrity: {e}")),
     };
@@ -284,7 +281,7 @@ async fn send_one(shared: &Shared, scu: &mut Scu, pc: u8, item: &Item) -> Sent {
             pc,
             &item.sop_class,
             &item.sop_instance,
-            rec.meta.priority.to_dimse(),
+            item.priority.to_dimse(),
             reader,
             item.size,
         )

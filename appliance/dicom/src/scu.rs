@@ -244,31 +244,6 @@ impl Scu {
         id
     }
 
-    /// C-ECHO on the Verification context (if it was proposed and accepted).
-    pub async fn echo(&mut self) -> Result<(), ScuError> {
-        let pc = self
-            .context_for(VERIFICATION, IMPLICIT_VR_LE)
-            .ok_or_else(|| ScuError::Protocol {
-                peer: self.peer.clone(),
-                detail: "Verification was not accepted".into(),
-            })?;
-        let id = self.next_message_id();
-        wire::send_command(&mut self.stream, pc, &dimse::c_echo_rq(id))
-            .await
-            .map_err(|source| ScuError::Wire {
-                peer: self.peer.clone(),
-                source,
-            })?;
-        let rsp = self.read_command("waiting for C-ECHO-RSP").await?;
-        match rsp.status() {
-            Some(0) => Ok(()),
-            other => Err(ScuError::Protocol {
-                peer: self.peer.clone(),
-                detail: format!("C-ECHO status {other:?}"),
-            }),
-        }
-    }
-
     /// Sends one C-STORE and returns the response status and error comment.
     pub async fn store<R: AsyncRead + Unpin>(
         &mut self,

@@ -577,8 +577,8 @@ impl Spool {
     }
 
     /// Opens the payload of `id` for reading, positioned nowhere in particular.
-    pub fn open_payload(&self, rec: &InstanceRecord) -> Result<(File, PathBuf), SpoolError> {
-        let path = self.payload_path(rec.id);
+    pub fn open_payload(&self, id: u64) -> Result<(File, PathBuf), SpoolError> {
+        let path = self.payload_path(id);
         let f = File::open(&path).map_err(io(&path))?;
         Ok((f, path))
     }

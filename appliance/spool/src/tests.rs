@@ -45,7 +45,7 @@ fn accepted_instances_survive_reopen_with_their_bytes() {
     assert_eq!(report.records, 1);
     assert!(report.is_clean(), "{report:?}");
     let rec = spool.get(rec.id).expect("record");
-    let (_, path) = spool.open_payload(&rec).expect("payload");
+    let (_, path) = spool.open_payload(rec.id).expect("payload");
     assert_eq!(fs::read(path).expect("read"), b"HEADERdataset-bytes");
     assert_eq!(spool.used_bytes(), 19);
     let audit = spool.audit_since(0, 10).expect("audit");
@@ -293,7 +293,7 @@ fn recovery_finishes_a_rename_that_lost_the_race_with_its_commit() {
     assert!(report.missing_payloads.is_empty(), "{report:?}");
     let rec = spool.get(a.id).expect("record");
     assert_eq!(rec.routes[0].state, RouteState::Queued);
-    let (_, path) = spool.open_payload(&rec).expect("payload back in place");
+    let (_, path) = spool.open_payload(rec.id).expect("payload back in place");
     assert_eq!(fs::read(path).expect("read"), b"HEADERaaaa");
     assert_eq!(
         fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
