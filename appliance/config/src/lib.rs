@@ -6,8 +6,8 @@
 //! raw string from the file. Every validation error names the key, the bad
 //! value and what would be accepted.
 //!
-//! Not here: the tunnel and TPM sections (later issues), hot reload (the
-//! daemon reads its config once at start; restart it to apply changes).
+//! Not here: the TPM section (a later issue), hot reload (the daemon reads
+//! its config once at start; restart it to apply changes).
 
 #![forbid(unsafe_code)]
 
@@ -67,6 +67,45 @@ pub struct Config {
     pub retry: RetryPolicy,
     pub control: ControlConfig,
     pub log: LogConfig,
+    /// The WireGuard tunnel to the reading center, if the box keeps one.
+    pub tunnel: Option<TunnelConfig>,
+}
+
+/// The WireGuard interface kakehashid brings up (`[tunnel]`).
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// Network interface name (1–15 characters).
+    pub interface: String,
+    /// File holding the box's private key as `wg genkey` writes it (base64).
+    /// Must be mode 0600 and owned by the user kakehashid runs as.
+    pub private_key_file: PathBuf,
+    /// The box's addresses inside the tunnel, with prefix (`10.8.0.2/24`).
+    pub addresses: Vec<IpNet>,
+    /// UDP port the box listens on; 0 lets the kernel choose.
+    pub listen_port: u16,
+    pub mtu: u32,
+    /// A handshake older than this makes the supervisor re-resolve the
+    /// endpoint and re-apply the peer.
+    pub handshake_timeout: Duration,
+    pub peer: TunnelPeer,
+}
+
+/// The reading center's WireGuard peer (`[tunnel.peer]`).
+#[derive(Debug, Clone)]
+pub struct TunnelPeer {
+    pub public_key: [u8; 32],
+    /// `host:port`; the host may be a DNS name, re-resolved by the supervisor.
+    pub endpoint: String,
+    pub allowed_ips: Vec<IpNet>,
+    /// Zero turns persistent keepalive off.
+    pub persistent_keepalive: Duration,
+}
+
+impl TunnelConfig {
+    /// Whether packets to `ip` are routed into the tunnel.
+    pub fn routes(&self, ip: IpAddr) -> bool {
+        self.peer.allowed_ips.iter().any(|n| n.contains(ip))
+    }
 }
 
 /// The box's own DICOM node (the SCP the hospital sends to).
@@ -107,6 +146,9 @@ pub struct Destination {
     pub response_timeout: Duration,
     /// Keep an association open this long waiting for more work.
     pub linger: Duration,
+    /// The destination is reached through the WireGuard tunnel: it is paused
+    /// while the tunnel is down, and its address must lie in the tunnel.
+    pub via_tunnel: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +249,14 @@ impl IpNet {
             return Err(bad());
         }
         Ok(IpNet { addr, prefix })
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
     }
 
     /// Whether `ip` lies in this network. IPv4-mapped IPv6 peers match IPv4 networks.

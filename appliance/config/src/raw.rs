@@ -5,8 +5,9 @@ use serde::Deserialize;
 use crate::units::{parse_bytes, parse_duration};
 use crate::{
     AeTitle, Config, ConfigError, ControlConfig, Destination, DicomConfig, IpNet, LogConfig,
-    LogFormat, RetryPolicy, Source, SpoolConfig, DEFAULT_CONTROL_SOCKET,
+    LogFormat, RetryPolicy, Source, SpoolConfig, TunnelConfig, TunnelPeer, DEFAULT_CONTROL_SOCKET,
 };
+use base64::Engine as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -26,6 +27,28 @@ pub(crate) struct RawConfig {
     control: RawControl,
     #[serde(default)]
     log: RawLog,
+    tunnel: Option<RawTunnel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    interface: Option<String>,
+    private_key_file: String,
+    address: Vec<String>,
+    listen_port: Option<i64>,
+    mtu: Option<i64>,
+    handshake_timeout: Option<String>,
+    peer: RawPeer,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    public_key: String,
+    endpoint: String,
+    allowed_ips: Vec<String>,
+    persistent_keepalive: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -59,6 +82,7 @@ struct RawDestination {
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
     linger: Option<String>,
+    route: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -114,8 +138,148 @@ fn max_pdu(key: &str, value: Option<i64>, default: u32) -> Result<u32, ConfigErr
     Ok((v as u32) & !1)
 }
 
+fn host_port_ok(value: &str) -> bool {
+    value
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+/// The host part of `host:port`, as an IP address if it is a literal.
+fn literal_host(value: &str) -> Option<std::net::IpAddr> {
+    let (host, _) = value.rsplit_once(':')?;
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
+}
+
+impl RawTunnel {
+    fn validate(self) -> Result<TunnelConfig, ConfigError> {
+        let interface = self.interface.unwrap_or_else(|| "kakehashi0".to_string());
+        let name_ok = !interface.is_empty()
+            && interface.len() <= 15
+            && interface
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !name_ok {
+            return Err(ConfigError::invalid(
+                "tunnel.interface",
+                &interface,
+                "an interface name of 1 to 15 characters of a-z, A-Z, 0-9, '-', '_' and '.'",
+            ));
+        }
+        if !self.private_key_file.starts_with('/') {
+            return Err(ConfigError::invalid(
+                "tunnel.private_key_file",
+                &self.private_key_file,
+                "an absolute path to a file written by `wg genkey` (mode 0600)",
+            ));
+        }
+        if self.address.is_empty() {
+            return Err(ConfigError::invalid(
+                "tunnel.address",
+                "[]",
+                "the box's tunnel address(es) with prefix, e.g. [\"10.8.0.2/24\"]",
+            ));
+        }
+        let addresses = self
+            .address
+            .iter()
+            .enumerate()
+            .map(|(i, a)| IpNet::parse(&format!("tunnel.address[{i}]"), a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let listen_port = self.listen_port.unwrap_or(51820);
+        if !(0..=65535).contains(&listen_port) {
+            return Err(ConfigError::invalid(
+                "tunnel.listen_port",
+                listen_port.to_string(),
+                "a UDP port from 0 to 65535 (0: any free port)",
+            ));
+        }
+        let mtu = self.mtu.unwrap_or(1420);
+        if !(1280..=9000).contains(&mtu) {
+            return Err(ConfigError::invalid(
+                "tunnel.mtu",
+                mtu.to_string(),
+                "an MTU from 1280 to 9000 (1420 suits a 1500-byte link)",
+            ));
+        }
+        let handshake_timeout = duration(
+            "tunnel.handshake_timeout",
+            self.handshake_timeout.as_deref(),
+            Duration::from_secs(150),
+        )?;
+        if handshake_timeout < Duration::from_secs(5) {
+            return Err(ConfigError::invalid(
+                "tunnel.handshake_timeout",
+                self.handshake_timeout.unwrap_or_default(),
+                "at least 5s (WireGuard renews its handshake every 2 minutes)",
+            ));
+        }
+        let p = self.peer;
+        let public_key = base64::engine::general_purpose::STANDARD
+            .decode(p.public_key.trim())
+            .ok()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "tunnel.peer.public_key",
+                    &p.public_key,
+                    "the center's WireGuard public key: 44 characters of base64, as `wg pubkey` prints it",
+                )
+            })?;
+        if !host_port_ok(&p.endpoint) {
+            return Err(ConfigError::invalid(
+                "tunnel.peer.endpoint",
+                &p.endpoint,
+                "host:port, e.g. \"wg.center.example:51820\" or \"203.0.113.7:51820\"",
+            ));
+        }
+        if p.allowed_ips.is_empty() {
+            return Err(ConfigError::invalid(
+                "tunnel.peer.allowed_ips",
+                "[]",
+                "the center's networks inside the tunnel, e.g. [\"10.8.0.0/24\"]",
+            ));
+        }
+        let allowed_ips = p
+            .allowed_ips
+            .iter()
+            .enumerate()
+            .map(|(i, a)| IpNet::parse(&format!("tunnel.peer.allowed_ips[{i}]"), a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let persistent_keepalive = duration(
+            "tunnel.peer.persistent_keepalive",
+            p.persistent_keepalive.as_deref(),
+            Duration::from_secs(25),
+        )?;
+        if persistent_keepalive > Duration::from_secs(65535) {
+            return Err(ConfigError::invalid(
+                "tunnel.peer.persistent_keepalive",
+                p.persistent_keepalive.unwrap_or_default(),
+                "at most 65535s (0 turns it off)",
+            ));
+        }
+        Ok(TunnelConfig {
+            interface,
+            private_key_file: PathBuf::from(self.private_key_file),
+            addresses,
+            listen_port: listen_port as u16,
+            mtu: mtu as u32,
+            handshake_timeout,
+            peer: TunnelPeer {
+                public_key,
+                endpoint: p.endpoint,
+                allowed_ips,
+                persistent_keepalive,
+            },
+        })
+    }
+}
+
 impl RawConfig {
     pub(crate) fn validate(self) -> Result<Config, ConfigError> {
+        let tunnel = self.tunnel.map(RawTunnel::validate).transpose()?;
         let d = self.dicom;
         let ae_title = AeTitle::parse("dicom.ae_title", &d.ae_title)?;
         let listen = d.listen.parse().map_err(|_| {
@@ -205,15 +369,40 @@ impl RawConfig {
                     "a name not used by another destination",
                 ));
             }
-            let addr_ok = r.address.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            });
-            if !addr_ok {
+            if !host_port_ok(&r.address) {
                 return Err(ConfigError::invalid(
                     key("address"),
                     &r.address,
                     "host:port, e.g. \"10.8.0.1:104\" or \"pacs.center.example:11112\"",
                 ));
+            }
+            let via_tunnel = match (r.route.as_deref(), &tunnel) {
+                (None, t) => t.is_some(),
+                (Some("tunnel"), Some(_)) => true,
+                (Some("tunnel"), None) => {
+                    return Err(ConfigError::invalid(
+                        key("route"),
+                        "tunnel",
+                        "\"direct\" (there is no [tunnel] section), or add a [tunnel] section",
+                    ))
+                }
+                (Some("direct"), _) => false,
+                (Some(other), _) => {
+                    return Err(ConfigError::invalid(
+                        key("route"),
+                        other,
+                        "\"tunnel\" (the default when a [tunnel] is configured) or \"direct\"",
+                    ))
+                }
+            };
+            if let (true, Some(t), Some(ip)) = (via_tunnel, &tunnel, literal_host(&r.address)) {
+                if !t.routes(ip) {
+                    return Err(ConfigError::invalid(
+                        key("address"),
+                        &r.address,
+                        "an address inside tunnel.peer.allowed_ips (patient data must not leave the tunnel), or route = \"direct\"",
+                    ));
+                }
             }
             destinations.push(Destination {
                 ae_title: AeTitle::parse(&key("ae_title"), &r.ae_title)?,
@@ -235,6 +424,7 @@ impl RawConfig {
                 linger: duration(&key("linger"), r.linger.as_deref(), Duration::from_secs(5))?,
                 name: r.name,
                 address: r.address,
+                via_tunnel,
             });
         }
 
@@ -331,6 +521,7 @@ impl RawConfig {
                 socket: PathBuf::from(socket),
             },
             log: LogConfig { format, level },
+            tunnel,
         })
     }
 }

@@ -121,3 +121,79 @@ fn units() {
     assert_eq!(parse_duration("5 fortnights"), None);
     assert_eq!(format_bytes(1536), "1.5 KiB");
 }
+
+const TUNNEL: &str = r#"
+[tunnel]
+interface = "kk0"
+private_key_file = "/etc/kakehashi/wg.key"
+address = ["10.8.0.2/24"]
+
+[tunnel.peer]
+public_key = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+endpoint = "wg.center.example:51820"
+allowed_ips = ["10.8.0.0/24"]
+"#;
+
+fn with_tunnel(destination_address: &str) -> String {
+    ISSUE_EXAMPLE.replace("127.0.0.1:11113", destination_address) + TUNNEL
+}
+
+#[test]
+fn tunnel_defaults_and_routing() {
+    let c = Config::parse(&with_tunnel("10.8.0.1:104")).expect("tunnel config loads");
+    let t = c.tunnel.expect("tunnel section");
+    assert_eq!(t.interface, "kk0");
+    assert_eq!(t.mtu, 1420);
+    assert_eq!(t.listen_port, 51820);
+    assert_eq!(t.handshake_timeout, Duration::from_secs(150));
+    assert_eq!(t.peer.persistent_keepalive, Duration::from_secs(25));
+    assert_eq!(t.peer.public_key[0], 0xc5);
+    assert!(
+        c.destinations[0].via_tunnel,
+        "a tunnel makes destinations go through it"
+    );
+    assert!(
+        !Config::parse(ISSUE_EXAMPLE)
+            .expect("no tunnel")
+            .destinations[0]
+            .via_tunnel
+    );
+}
+
+#[test]
+fn tunnel_errors_name_the_key() {
+    // A destination outside the tunnel would send patient data in the clear.
+    let e = err(&with_tunnel("192.0.2.7:104"));
+    assert!(
+        e.contains("destinations[0].address") && e.contains("allowed_ips"),
+        "{e}"
+    );
+    let direct = with_tunnel("192.0.2.7:104").replace(
+        "address = \"192.0.2.7:104\"",
+        "address = \"192.0.2.7:104\"\nroute = \"direct\"",
+    );
+    assert!(
+        !Config::parse(&direct)
+            .expect("explicitly direct")
+            .destinations[0]
+            .via_tunnel
+    );
+    let e = err(&with_tunnel("10.8.0.1:104").replace("xTIBA5rbo", "xTIBA5"));
+    assert!(
+        e.contains("tunnel.peer.public_key") && e.contains("wg pubkey"),
+        "{e}"
+    );
+    let e = err(&with_tunnel("10.8.0.1:104").replace("\"kk0\"", "\"a-very-long-interface\""));
+    assert!(e.contains("tunnel.interface"), "{e}");
+    let e = err(&with_tunnel("10.8.0.1:104").replace("wg.center.example:51820", "wg.center"));
+    assert!(e.contains("tunnel.peer.endpoint"), "{e}");
+    let e = err(&with_tunnel("10.8.0.1:104").replace("[tunnel.peer]", "mtu = 600\n[tunnel.peer]"));
+    assert!(e.contains("tunnel.mtu"), "{e}");
+    let e = err(&with_tunnel("10.8.0.1:104").replace("address = [", "adress = ["));
+    assert!(e.contains("adress"), "{e}");
+    let e = err(&ISSUE_EXAMPLE.replace(
+        "address = \"127.0.0.1:11113\"",
+        "address = \"127.0.0.1:11113\"\nroute = \"tunnel\"",
+    ));
+    assert!(e.contains("destinations[0].route"), "{e}");
+}
