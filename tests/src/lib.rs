@@ -226,7 +226,7 @@ impl Relay {
 
     pub fn status(&self) -> StatusReport {
         match self.request(&Request::Status) {
-            Response::Status(s) => s,
+            Response::Status(s) => *s,
             other => panic!("status: {other:?}"),
         }
     }

@@ -278,11 +278,45 @@ fn print_status(s: &StatusReport) {
         format_bytes(s.spool.max_bytes),
         format_bytes(s.spool.free_bytes)
     );
+    if let Some(t) = &s.tunnel {
+        println!();
+        println!(
+            "tunnel {}: {}",
+            t.interface,
+            if t.up { "up" } else { "DOWN" }
+        );
+        println!("  box public key {}", t.public_key);
+        println!(
+            "  peer {} at {} (now {})",
+            t.peer_public_key,
+            t.configured_endpoint,
+            t.endpoint.as_deref().unwrap_or("unresolved")
+        );
+        println!(
+            "  last handshake {}, {} since start, received {}, sent {}",
+            t.last_handshake_age_s
+                .map_or("never".into(), |a| format!("{} ago", age(a))),
+            t.handshakes,
+            format_bytes(t.rx_bytes),
+            format_bytes(t.tx_bytes)
+        );
+        if let Some(p) = &t.problem {
+            println!("  problem: {p}");
+        }
+    }
     for d in &s.destinations {
         println!();
         println!(
-            "destination {} ({}@{}): {}",
-            d.name, d.ae_title, d.address, d.state
+            "destination {} ({}@{}{}): {}",
+            d.name,
+            d.ae_title,
+            d.address,
+            if d.via_tunnel { " via tunnel" } else { "" },
+            if d.state == "paused" {
+                "paused (tunnel down; nothing is retried or dead-lettered meanwhile)"
+            } else {
+                &d.state
+            }
         );
         println!(
             "  queued {} ({}), oldest {}, dead letters {}",

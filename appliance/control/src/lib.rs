@@ -40,7 +40,7 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "kebab-case")]
 pub enum Response {
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     Queue { entries: Vec<QueueEntry> },
     Retried { ids: Vec<u64> },
     Purged { ids: Vec<u64> },
@@ -57,6 +57,28 @@ pub struct StatusReport {
     pub active_associations: usize,
     pub spool: SpoolStatus,
     pub destinations: Vec<DestinationStatus>,
+    #[serde(default)]
+    pub tunnel: Option<TunnelStatus>,
+}
+
+/// The WireGuard tunnel as the supervisor last saw it (polled every second).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelStatus {
+    pub interface: String,
+    /// A handshake completed within WireGuard's session lifetime (180 s).
+    pub up: bool,
+    pub public_key: String,
+    pub peer_public_key: String,
+    /// The endpoint as configured (`host:port`).
+    pub configured_endpoint: String,
+    /// The address packets go to now.
+    pub endpoint: Option<String>,
+    pub last_handshake_age_s: Option<u64>,
+    /// Handshakes seen since kakehashid started.
+    pub handshakes: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,7 +94,10 @@ pub struct DestinationStatus {
     pub name: String,
     pub ae_title: String,
     pub address: String,
-    /// idle | sending | backoff
+    /// Reached through the tunnel (paused while it is down).
+    #[serde(default)]
+    pub via_tunnel: bool,
+    /// idle | sending | backoff | paused (the tunnel is down)
     pub state: String,
     pub queued: u64,
     pub queued_bytes: u64,

@@ -4,7 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use kakehashi_control::{QueueEntry, Request, Response, SpoolStatus, StatusReport};
+use kakehashi_control::{QueueEntry, Request, Response, SpoolStatus, StatusReport, TunnelStatus};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -134,7 +134,7 @@ fn answer(shared: &Shared, req: Request) -> Response {
                 Err(e) => return err(e),
             };
             let free = shared.spool.free_bytes().unwrap_or(0);
-            Response::Status(StatusReport {
+            Response::Status(Box::new(StatusReport {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 uptime_s: shared.started.elapsed().as_secs(),
                 ae_title: shared.config.dicom.ae_title.to_string(),
@@ -153,7 +153,23 @@ fn answer(shared: &Shared, req: Request) -> Response {
                     .iter()
                     .map(|f| f.status(counts.get(&f.dest.name)))
                     .collect(),
-            })
+                tunnel: shared.tunnel_health.as_ref().map(|h| {
+                    let h = h.borrow();
+                    TunnelStatus {
+                        interface: h.interface.clone(),
+                        up: h.up,
+                        public_key: h.public_key.clone(),
+                        peer_public_key: h.peer_public_key.clone(),
+                        configured_endpoint: h.configured_endpoint.clone(),
+                        endpoint: h.endpoint.map(|e| e.to_string()),
+                        last_handshake_age_s: h.last_handshake_age.map(|a| a.as_secs()),
+                        handshakes: h.handshakes,
+                        rx_bytes: h.rx_bytes,
+                        tx_bytes: h.tx_bytes,
+                        problem: h.problem.clone(),
+                    }
+                }),
+            }))
         }
         Request::QueueList {
             destination,

@@ -34,6 +34,8 @@ struct Stats {
     /// Destination-level backoff after a connection failure.
     blocked_until_ms: u64,
     connect_failures: u32,
+    /// Waiting for the tunnel to come up.
+    paused: bool,
 }
 
 #[derive(Debug)]
@@ -93,7 +95,10 @@ impl Handle {
             name: self.dest.name.clone(),
             ae_title: self.dest.ae_title.to_string(),
             address: self.dest.address.clone(),
-            state: if s.sending {
+            via_tunnel: self.dest.via_tunnel,
+            state: if s.paused {
+                "paused"
+            } else if s.sending {
                 "sending"
             } else if s.blocked_until_ms > now && q.len() > 0 {
                 "backoff"
@@ -143,9 +148,50 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
         response_timeout: dest.response_timeout,
     };
     let mut assoc: Option<(Scu, String)> = None;
+    // Behind the tunnel: pause while it is down, and retry at once after a
+    // fresh handshake instead of sitting out a connection backoff.
+    let mut tunnel = if dest.via_tunnel {
+        shared.tunnel_health.clone()
+    } else {
+        None
+    };
+    let mut handshakes = tunnel.as_ref().map_or(0, |t| t.borrow().handshakes);
+    let beat = shared
+        .liveness
+        .register(format!("forwarder {}", dest.name), Duration::from_secs(60));
     loop {
+        beat.beat();
         if token.is_cancelled() {
             break;
+        }
+        if let Some(t) = tunnel.as_mut() {
+            let (up, seen) = {
+                let h = t.borrow_and_update();
+                (h.up, h.handshakes)
+            };
+            if seen != handshakes {
+                handshakes = seen;
+                let mut s = handle.stats();
+                s.blocked_until_ms = 0;
+                s.connect_failures = 0;
+            }
+            if !up && handle.queue().len() > 0 {
+                if let Some((a, _)) = assoc.take() {
+                    a.abort().await;
+                }
+                if !std::mem::replace(&mut handle.stats().paused, true) {
+                    tracing::info!(destination = %dest.name, queued = handle.queue().len(), "paused: the tunnel is down; nothing is retried or dead-lettered until it is up");
+                }
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = t.wait_for(|h| h.up) => {}
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                }
+                continue;
+            }
+            if std::mem::replace(&mut handle.stats().paused, false) {
+                tracing::info!(destination = %dest.name, "resumed: tunnel up");
+            }
         }
         let now = now_ms();
         let blocked_until = handle.stats().blocked_until_ms;
@@ -176,10 +222,22 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
             } else {
                 Duration::MAX
             };
+            // Wake at least every 10 s: the watchdog hears from this loop,
+            // and the tunnel state is looked at again.
+            let wait = wait.min(Duration::from_secs(10));
+            let tunnel_changed = async {
+                match tunnel.as_mut() {
+                    Some(t) => {
+                        let _ = t.changed().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = token.cancelled() => break,
                 _ = handle.notify.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
+                _ = tunnel_changed, if blocked_until > now => {}
                 _ = tokio::time::sleep(linger) => {
                     if let Some((a, _)) = assoc.take() {
                         a.release().await;
@@ -207,10 +265,12 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
                 }
                 c
             };
+            beat.busy(true);
             let connected = tokio::select! {
                 _ = token.cancelled() => break,
                 c = Scu::connect(&dest.address, &opts, &contexts) => c,
             };
+            beat.busy(false);
             match connected {
                 Ok(a) => {
                     handle.stats().connect_failures = 0;
@@ -237,10 +297,12 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
         };
 
         handle.stats().sending = true;
+        beat.busy(true);
         let outcome = tokio::select! {
             _ = token.cancelled() => { handle.stats().sending = false; break }
             o = send_one(&shared, scu, pc, &item) => o,
         };
+        beat.busy(false);
         handle.stats().sending = false;
         if let Sent::Connection(_) = &outcome {
             if let Some((a, _)) = assoc.take() {

@@ -4,11 +4,16 @@
 //! one forwarder per destination, and the operator control socket; all stop
 //! together on SIGTERM/SIGINT through one cancellation token.
 //!
-//! Exit codes: 0 clean stop; 78 configuration error (do not restart);
-//! 73 spool cannot be opened; 69 a socket cannot be bound; 1 other failures.
+//! With a `[tunnel]` section it also brings up the WireGuard interface and
+//! supervises it (`kakehashi-tunnel`); destinations behind the tunnel pause
+//! while it is down. Under systemd (`Type=notify`) it reports READY, a
+//! one-line STATUS, and feeds the watchdog while its loops are alive.
 //!
-//! Not yet here: the WireGuard tunnel, TPM identity and sealed spool, the
-//! systemd watchdog (later issues).
+//! Exit codes: 0 clean stop; 78 configuration error, including an unusable
+//! tunnel key file (do not restart); 73 spool cannot be opened; 69 a socket
+//! cannot be bound or the tunnel interface cannot be created; 1 other failures.
+//!
+//! Not yet here: TPM identity and sealed spool (a later issue).
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +21,7 @@ mod control;
 mod forwarder;
 mod ingress;
 mod logging;
+mod notify;
 mod schedule;
 
 use std::path::PathBuf;
@@ -26,6 +32,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use kakehashi_config::{Config, DEFAULT_CONFIG_PATH};
 use kakehashi_spool::{Limits, Spool};
+use kakehashi_tunnel::{Health, Tunnel};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Kakehashi supervisor daemon: receives DICOM studies from the hospital,
@@ -61,6 +69,10 @@ pub struct Shared {
     pub started: Instant,
     pub forwarders: Vec<Arc<forwarder::Handle>>,
     pub active_associations: std::sync::atomic::AtomicUsize,
+    pub tunnel: Option<Arc<Tunnel>>,
+    /// What the tunnel supervisor last saw; forwarders behind the tunnel wait on it.
+    pub tunnel_health: Option<watch::Receiver<Health>>,
+    pub liveness: notify::Liveness,
 }
 
 fn main() -> ExitCode {
@@ -96,6 +108,27 @@ fn main() -> ExitCode {
             config.spool.dir.display(),
             kakehashi_config::format_bytes(config.spool.max_size),
         );
+        if let Some(t) = &config.tunnel {
+            match kakehashi_tunnel::key::load(&t.private_key_file) {
+                Ok(key) => println!(
+                    "tunnel {}: box public key {}, peer {} at {}, allowed IPs {}",
+                    t.interface,
+                    kakehashi_tunnel::key::encode(&key.public_key()),
+                    kakehashi_tunnel::key::encode(&t.peer.public_key),
+                    t.peer.endpoint,
+                    t.peer
+                        .allowed_ips
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                Err(e) => {
+                    eprintln!("kakehashid: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
         return ExitCode::SUCCESS;
     }
     logging::init(&config.log);
@@ -145,6 +178,14 @@ async fn run(config: Config) -> ExitCode {
         );
     }
 
+    let tunnel = match &config.tunnel {
+        None => None,
+        Some(t) => match start_tunnel(t.clone()).await {
+            Ok(started) => Some(started),
+            Err(code) => return code,
+        },
+    };
+
     let token = CancellationToken::new();
     let records = match spool.records() {
         Ok(r) => r,
@@ -159,12 +200,19 @@ async fn run(config: Config) -> ExitCode {
         .map(|d| Arc::new(forwarder::Handle::new(d.clone(), &records)))
         .collect();
     drop(records);
+    let (tunnel, endpoint, health) = match tunnel {
+        Some((t, e, h)) => (Some(t), e, Some(h)),
+        None => (None, None, None),
+    };
     let shared = Arc::new(Shared {
         config,
         spool,
         started: Instant::now(),
         forwarders,
         active_associations: Default::default(),
+        tunnel_health: health.as_ref().map(|h| h.subscribe()),
+        tunnel,
+        liveness: notify::Liveness::default(),
     });
 
     let listener = match tokio::net::TcpListener::bind(shared.config.dicom.listen).await {
@@ -196,6 +244,20 @@ async fn run(config: Config) -> ExitCode {
     tasks.spawn(control::serve(Arc::clone(&shared), control, token.clone()));
     tasks.spawn(ingress::serve(Arc::clone(&shared), listener, token.clone()));
     tasks.spawn(checkpointer(Arc::clone(&shared), token.clone()));
+    if let (Some(t), Some(h)) = (&shared.tunnel, health) {
+        let beat = shared
+            .liveness
+            .register("tunnel supervisor", std::time::Duration::from_secs(30));
+        tasks.spawn(kakehashi_tunnel::supervise(
+            Arc::clone(t),
+            endpoint,
+            h,
+            token.clone(),
+            move || beat.beat(),
+        ));
+        tasks.spawn(kakehashi_tunnel::serve_uapi(Arc::clone(t), token.clone()));
+    }
+    tasks.spawn(systemd(Arc::clone(&shared), token.clone()));
     if !shared.config.spool.retention.is_zero() {
         tasks.spawn(retention_sweeper(Arc::clone(&shared), token.clone()));
     }
@@ -216,8 +278,123 @@ async fn run(config: Config) -> ExitCode {
         tracing::warn!("some tasks did not stop in 15 s; exiting anyway (in-flight work is requeued at next start)");
     }
     let _ = std::fs::remove_file(&shared.config.control.socket);
+    if let Some(t) = &shared.tunnel {
+        t.stop();
+    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+type StartedTunnel = (
+    Arc<Tunnel>,
+    Option<std::net::SocketAddr>,
+    watch::Sender<Health>,
+);
+
+/// Loads the key, resolves the endpoint (a failure only delays the tunnel:
+/// the supervisor keeps resolving) and brings the interface up.
+async fn start_tunnel(cfg: kakehashi_config::TunnelConfig) -> Result<StartedTunnel, ExitCode> {
+    let key = kakehashi_tunnel::key::load(&cfg.private_key_file).map_err(|e| {
+        tracing::error!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    let endpoint = match kakehashi_tunnel::resolve(&cfg.peer.endpoint).await {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::warn!("tunnel endpoint: {e}; starting without it and retrying");
+            None
+        }
+    };
+    let interface = cfg.interface.clone();
+    let started = tokio::task::spawn_blocking(move || Tunnel::start(cfg, key, endpoint)).await;
+    let tunnel = match started {
+        Ok(Ok(t)) => Arc::new(t),
+        Ok(Err(e)) => {
+            tracing::error!("{e}");
+            return Err(ExitCode::from(EXIT_UNAVAILABLE));
+        }
+        Err(e) => {
+            tracing::error!("tunnel start task failed: {e}");
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    tracing::info!(
+        interface = %interface,
+        public_key = %tunnel.public_key(),
+        endpoint = %endpoint.map_or("unresolved".into(), |e| e.to_string()),
+        "tunnel interface up, waiting for the first handshake"
+    );
+    let health = watch::Sender::new(Health::starting(&tunnel));
+    Ok((tunnel, endpoint, health))
+}
+
+/// sd_notify: READY once serving, a one-line STATUS, and WATCHDOG=1 only
+/// while every loop is alive.
+async fn systemd(shared: Arc<Shared>, token: CancellationToken) {
+    let Some(notifier) = notify::Notifier::from_env() else {
+        return;
+    };
+    notifier.send("READY=1");
+    let watchdog = notify::watchdog_interval();
+    let every = watchdog.map_or(std::time::Duration::from_secs(5), |w| {
+        (w / 2).min(std::time::Duration::from_secs(5))
+    });
+    let mut last_status = String::new();
+    let mut reported_stall = false;
+    loop {
+        let status = status_line(&shared).await;
+        if status != last_status {
+            notifier.send(&format!("STATUS={status}"));
+            last_status = status;
+        }
+        if watchdog.is_some() {
+            let stalled = shared.liveness.stalled();
+            if stalled.is_empty() {
+                notifier.send("WATCHDOG=1");
+                reported_stall = false;
+            } else if !reported_stall {
+                tracing::error!(
+                    "not feeding the systemd watchdog: no sign of life from {}",
+                    stalled.join(", ")
+                );
+                reported_stall = true;
+            }
+        }
+        tokio::select! {
+            _ = token.cancelled() => {
+                notifier.send("STOPPING=1");
+                return;
+            }
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// "tunnel up (handshake 12 s ago); 3 queued, 0 dead-letter"
+async fn status_line(shared: &Shared) -> String {
+    let spool = Arc::clone(&shared.spool);
+    let counts = tokio::task::spawn_blocking(move || spool.counts())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let (queued, dead) = counts.map_or((0, 0), |c| {
+        c.values()
+            .fold((0, 0), |(q, d), c| (q + c.queued, d + c.dead_letter))
+    });
+    let tunnel = match &shared.tunnel_health {
+        None => String::new(),
+        Some(h) => {
+            let h = h.borrow();
+            match (h.up, h.last_handshake_age) {
+                (true, Some(a)) => format!("tunnel up (handshake {} s ago); ", a.as_secs()),
+                _ => format!(
+                    "tunnel DOWN: {}; ",
+                    h.problem.as_deref().unwrap_or("no handshake")
+                ),
+            }
+        }
+    };
+    format!("{tunnel}{queued} queued, {dead} dead-letter")
 }
 
 async fn shutdown_signal(token: CancellationToken) {
@@ -241,7 +418,11 @@ async fn shutdown_signal(token: CancellationToken) {
 /// Makes non-durable delivery records durable within a second, and frees
 /// their payloads.
 async fn checkpointer(shared: Arc<Shared>, token: CancellationToken) {
+    let beat = shared
+        .liveness
+        .register("spool checkpointer", std::time::Duration::from_secs(30));
     loop {
+        beat.beat();
         let stop = tokio::select! {
             _ = token.cancelled() => true,
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => false,
