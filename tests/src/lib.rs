@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod netns;
 pub mod testdata;
 
 use std::io::Read;
@@ -96,6 +97,16 @@ pub struct RelayOptions {
     /// Extra `[[dicom.sources]]` entries, as TOML.
     pub extra_sources: String,
     pub max_associations: usize,
+    /// Run kakehashid inside this network namespace.
+    pub netns: Option<String>,
+    /// Address the DICOM listener binds (its port is picked free).
+    pub listen_host: String,
+    /// Host of every destination.
+    pub dest_host: String,
+    /// Appended to the config (e.g. a `[tunnel]` section).
+    pub extra_toml: String,
+    /// Extra environment for kakehashid (e.g. NOTIFY_SOCKET).
+    pub env: Vec<(String, String)>,
 }
 
 impl RelayOptions {
@@ -107,6 +118,11 @@ impl RelayOptions {
             retry_max: "1s".into(),
             extra_sources: String::new(),
             max_associations: 16,
+            netns: None,
+            listen_host: "127.0.0.1".into(),
+            dest_host: "127.0.0.1".into(),
+            extra_toml: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -120,6 +136,9 @@ pub struct Relay {
     pub socket: PathBuf,
     pub log: PathBuf,
     child: Option<Proc>,
+    netns: Option<String>,
+    listen_host: String,
+    env: Vec<(String, String)>,
 }
 
 impl Relay {
@@ -131,11 +150,11 @@ impl Relay {
         let port = free_port();
         let socket = dir.path().join("control.sock");
         let mut toml = format!(
-            "[dicom]\nae_title = \"KAKEHASHI\"\nlisten = \"127.0.0.1:{port}\"\nmax_associations = {}\nidle_timeout = \"30s\"\n\n[[dicom.sources]]\nae_title = \"MODALITY1\"\n\n[[dicom.sources]]\nae_title = \"MODALITY2\"\naddress = \"127.0.0.0/8\"\n{}\n",
-            opts.max_associations, opts.extra_sources
+            "[dicom]\nae_title = \"KAKEHASHI\"\nlisten = \"{}:{port}\"\nmax_associations = {}\nidle_timeout = \"30s\"\n\n[[dicom.sources]]\nae_title = \"MODALITY1\"\n\n[[dicom.sources]]\nae_title = \"MODALITY2\"\naddress = \"127.0.0.0/8\"\n{}\n",
+            opts.listen_host, opts.max_associations, opts.extra_sources
         );
         for (name, ae, p) in &opts.destinations {
-            toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"127.0.0.1:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"30s\"\nlinger = \"1s\"\n\n");
+            toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"{}:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"30s\"\nlinger = \"1s\"\n\n", opts.dest_host);
         }
         toml += &format!(
             "[spool]\ndir = \"{}\"\nmax_size = \"{}\"\nmin_free = \"64 MiB\"\n\n[retry]\ninitial = \"{}\"\nmax = \"{}\"\n\n[control]\nsocket = \"{}\"\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n",
@@ -145,6 +164,7 @@ impl Relay {
             opts.retry_max,
             socket.display()
         );
+        toml += &opts.extra_toml;
         let config = dir.path().join("kakehashi.toml");
         std::fs::write(&config, toml).expect("write config");
         let log = dir.path().join("kakehashid.log");
@@ -155,6 +175,9 @@ impl Relay {
             socket,
             log,
             child: None,
+            netns: opts.netns,
+            listen_host: opts.listen_host,
+            env: opts.env,
         };
         relay.spawn();
         relay
@@ -166,11 +189,12 @@ impl Relay {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(bin("kakehashid"))
+        let child = netns::ns_command(self.netns.as_deref(), bin("kakehashid"))
             .arg("--config")
             .arg(&self.config)
             .env("NO_COLOR", "1")
             .env_remove("JOURNAL_STREAM")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -178,10 +202,25 @@ impl Relay {
         self.child = Some(Proc(child));
         let port = self.port;
         let socket = self.socket.clone();
-        wait_until("kakehashid to serve", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && call(&socket, &Request::Status).is_ok()
-        });
+        let (netns, host) = (self.netns.clone(), self.listen_host.clone());
+        let listening = move || {
+            let addr: std::net::SocketAddr =
+                format!("{host}:{port}").parse().expect("listen address");
+            let connect = || std::net::TcpStream::connect(addr).is_ok();
+            match &netns {
+                Some(ns) => netns::in_netns(ns, connect),
+                None => connect(),
+            }
+        };
+        let start = Instant::now();
+        while !(listening() && call(&socket, &Request::Status).is_ok()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "kakehashid did not serve within 30 s; its log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -273,6 +312,11 @@ impl StoreScp {
 
     /// Like [`StoreScp::start`], storing under `base` (e.g. a tmpfs).
     pub fn start_in(port: u16, base: &Path) -> StoreScp {
+        StoreScp::start_ns(port, base, None)
+    }
+
+    /// Like [`StoreScp::start_in`], inside network namespace `ns`.
+    pub fn start_ns(port: u16, base: &Path, ns: Option<&str>) -> StoreScp {
         let dir = tempfile::Builder::new()
             .prefix("storescp-")
             .tempdir_in(base)
@@ -281,7 +325,7 @@ impl StoreScp {
         std::fs::create_dir_all(&out).expect("mkdir");
         let log = dir.path().join("storescp.log");
         let log_file = std::fs::File::create(&log).expect("log");
-        let child = Command::new("storescp")
+        let child = netns::ns_command(ns, "storescp")
             .args(["-v", "+B", "+xa", "-aet", "READCENTER", "-od"])
             .arg(&out)
             .arg(port.to_string())
@@ -290,7 +334,10 @@ impl StoreScp {
             .stderr(log_file)
             .spawn()
             .expect("start storescp (apt-get install dcmtk)");
-        wait_port(port, "storescp to listen");
+        match ns {
+            Some(ns) => netns::wait_port_in(ns, &format!("127.0.0.1:{port}"), "storescp to listen"),
+            None => wait_port(port, "storescp to listen"),
+        }
         StoreScp {
             port,
             dir,
@@ -352,6 +399,18 @@ pub fn storescu(port: u16, calling: &str, files: &[PathBuf]) -> StoreOutcome {
 /// run that proposes exactly that syntax (`-R` plus the matching `-x?`), so
 /// DCMTK does not transcode on its side.
 pub fn storescu_to(port: u16, calling: &str, called: &str, files: &[PathBuf]) -> StoreOutcome {
+    storescu_at(None, "127.0.0.1", port, calling, called, files)
+}
+
+/// Like [`storescu_to`], to `host` from inside network namespace `ns`.
+pub fn storescu_at(
+    ns: Option<&str>,
+    host: &str,
+    port: u16,
+    calling: &str,
+    called: &str,
+    files: &[PathBuf],
+) -> StoreOutcome {
     let mut groups: Vec<(&'static str, Vec<PathBuf>)> = Vec::new();
     for f in files {
         let flag = propose_flag(&transfer_syntax_of_file(&read_head(f)).unwrap_or_default());
@@ -365,17 +424,9 @@ pub fn storescu_to(port: u16, calling: &str, called: &str, files: &[PathBuf]) ->
         ..Default::default()
     };
     for (flag, group) in groups {
-        let out = Command::new("storescu")
+        let out = netns::ns_command(ns, "storescu")
             .args([
-                "-v",
-                "-nh",
-                "-R",
-                flag,
-                "-aet",
-                calling,
-                "-aec",
-                called,
-                "127.0.0.1",
+                "-v", "-nh", "-R", flag, "-aet", calling, "-aec", called, host,
             ])
             .arg(port.to_string())
             .args(&group)
@@ -447,8 +498,15 @@ fn parse_storescu(out: &Output) -> StoreOutcome {
 }
 
 pub fn echoscu(port: u16, calling: &str) -> Output {
-    Command::new("echoscu")
-        .args(["-aet", calling, "-aec", "KAKEHASHI", "127.0.0.1"])
+    echoscu_at(None, "127.0.0.1", port, calling, "KAKEHASHI")
+}
+
+/// C-ECHO to `called`@`host`:`port` from inside namespace `ns` (5 s timeouts).
+pub fn echoscu_at(ns: Option<&str>, host: &str, port: u16, calling: &str, called: &str) -> Output {
+    netns::ns_command(ns, "echoscu")
+        .args([
+            "-to", "5", "-ta", "5", "-aet", calling, "-aec", called, host,
+        ])
         .arg(port.to_string())
         .env("TCP_NODELAY", "1")
         .output()
