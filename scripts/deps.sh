@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that `make demo`, `make test` and `make bench`
-# need: the real DICOM peers (DCMTK, Orthanc) and curl for Orthanc's REST API.
+# need: the real DICOM peers (DCMTK, Orthanc), curl for Orthanc's REST API,
+# the reading center's WireGuard (wireguard-go, wg), iproute2 for the network
+# namespaces, ping, and iperf3 for the tunnel benchmark.
 # Idempotent: installs only what is missing, so a second run is instant.
 set -euo pipefail
 
-packages=(dcmtk orthanc curl ca-certificates)
+packages=(dcmtk orthanc curl ca-certificates iproute2 iputils-ping wireguard-go wireguard-tools iperf3)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

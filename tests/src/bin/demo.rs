@@ -1,18 +1,25 @@
-//! `make demo`: the whole path on loopback, with real DCMTK peers.
+//! `make demo`: the whole path — hospital → box → WireGuard tunnel →
+//! reading center — in network namespaces, with real peers.
 //!
-//! A hospital (DCMTK storescu) sends a varied study set — CT, MR, CR, MG,
-//! US, NM, PET in eleven transfer syntaxes, Japanese names in ISO_IR 192 and
-//! ISO 2022 IR 87 — to kakehashid while the reading center (DCMTK storescp)
-//! is down. The box acknowledges everything, holds it, and delivers it when
-//! the center comes up. Prints the box's status at each step, what arrived,
-//! whether every dataset is byte-identical, and the audit trail.
+//! Three namespaces stand for the hospital (DCMTK storescu), the box
+//! (kakehashid with its in-process boringtun tunnel) and the reading center
+//! (wireguard-go + `wg` as the hub, DCMTK storescp on its tunnel address).
+//! Keys are made with `wg genkey`. The center's WireGuard starts down: the
+//! box acknowledges everything, holds it (destination paused, nothing
+//! retried), and delivers it over the tunnel once the center is up. Prints
+//! the box's status and `wg show` at each step, what arrived and whether it
+//! is byte-identical, and the audit trail. Namespaces, processes and temp
+//! files are removed on exit.
 
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
+use kakehashi_systest::netns::*;
 use kakehashi_systest::testdata::{dataset_of_file, varied_set};
 use kakehashi_systest::*;
+
+const CENTER_DICOM_PORT: u16 = 11113;
 
 fn section(title: &str) {
     println!("\n\x1b[1m== {title}\x1b[0m");
@@ -42,11 +49,32 @@ fn main() {
         by_ts.len()
     );
 
-    section("2. Start kakehashid (the reading center is still down)");
-    let center_port = free_port();
-    let mut opts = RelayOptions::to(center_port);
+    section("2. Three network namespaces: hospital, box, reading center");
+    let mut site = Site::new();
+    println!(
+        "hospital {} ({HOSPITAL_IP}) --LAN-- box {} ({BOX_LAN_IP} | {BOX_WAN_IP}) --WAN-- center {} ({CENTER_WAN_IP} = {CENTER_NAME})",
+        site.hospital.name(),
+        site.boxns.name(),
+        site.center.name()
+    );
+    println!("tunnel: box {BOX_TUNNEL_IP} (boringtun in kakehashid) <=> center {CENTER_TUNNEL_IP} (wireguard-go)");
+    println!(
+        "keys made with wg genkey: box public {}, center public {}",
+        site.box_public, site.center_public
+    );
+    let center = StoreScp::start_ns(CENTER_DICOM_PORT, data.path(), Some(site.center.name()));
+    println!("reading center: DCMTK storescp READCENTER at {CENTER_TUNNEL_IP}:{CENTER_DICOM_PORT}");
+    site.stop_center_wireguard();
+    println!("the center's WireGuard is DOWN for now");
+
+    section("3. Start kakehashid in the box namespace");
+    let mut opts = RelayOptions::to(CENTER_DICOM_PORT);
+    opts.netns = Some(site.boxns.name().to_string());
+    opts.listen_host = BOX_LAN_IP.into();
+    opts.dest_host = CENTER_TUNNEL_IP.into();
     opts.retry_initial = "500ms".into();
     opts.retry_max = "2s".into();
+    opts.extra_toml = site.tunnel_toml(&site.center_public, "150s");
     let relay = Relay::start(opts);
     show(
         Command::new(bin("kakehashid"))
@@ -57,33 +85,50 @@ fn main() {
             .expect("kakehashid"),
     );
 
-    section("3. The hospital sends (DCMTK storescu, each file in its own transfer syntax)");
-    let sent = storescu(relay.port, "MODALITY1", &files);
+    section("4. The hospital sends (DCMTK storescu in the hospital namespace)");
+    let sent = storescu_at(
+        Some(site.hospital.name()),
+        BOX_LAN_IP,
+        relay.port,
+        "MODALITY1",
+        "KAKEHASHI",
+        &files,
+    );
     println!(
         "storescu: {} acknowledged by the box, {} refused",
         sent.acked.len(),
         sent.failed.len()
     );
-    let stranger = echoscu(relay.port, "STRANGER");
+    let direct = echoscu_at(
+        Some(site.hospital.name()),
+        CENTER_TUNNEL_IP,
+        CENTER_DICOM_PORT,
+        "MODALITY1",
+        "READCENTER",
+    );
     println!(
-        "echoscu from an unknown AE title: {}",
-        if stranger.status.success() {
-            "accepted (unexpected!)"
+        "echoscu from the hospital straight to the center: {}",
+        if direct.status.success() {
+            "reached it (unexpected!)"
         } else {
-            "rejected, as configured"
+            "no route, as it must be: the only way across is the box"
         }
     );
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(11));
     println!("\n$ kakehashi status");
     show(relay.cli(&["status"]));
 
-    section("4. The reading center comes up (DCMTK storescp)");
-    let center = StoreScp::start(center_port);
-    relay.wait_drained(Duration::from_secs(120));
+    section("5. The center's WireGuard comes up");
+    site.start_center_wireguard();
+    relay.wait_drained(Duration::from_secs(180));
     println!("$ kakehashi status");
     show(relay.cli(&["status"]));
+    println!("\n$ wg show   (on the box: kakehashid serves the UAPI socket)");
+    print!("{}", site.wg_show(true));
+    println!("\n$ wg show   (on the center: wireguard-go)");
+    print!("{}", site.wg_show(false));
 
-    section("5. What arrived at the reading center");
+    section("6. What arrived at the reading center");
     let originals: HashMap<String, Vec<u8>> = files
         .iter()
         .map(|f| {
@@ -149,12 +194,17 @@ fn main() {
         identical
     );
 
-    section("6. Audit trail (last 8 records)");
+    section("7. Audit trail (last 8 records)");
     let audit = relay.cli(&["audit", "--limit", "1000"]);
     let text = String::from_utf8_lossy(&audit.stdout).to_string();
     let lines: Vec<&str> = text.lines().collect();
     for l in &lines[lines.len().saturating_sub(8)..] {
         println!("{l}");
     }
-    println!("\nDone. Every process and temporary file of the demo is removed on exit.");
+    println!(
+        "\nDone. The namespaces, every process and temporary file of the demo are removed on exit."
+    );
+    drop(relay);
+    drop(center);
+    drop(site);
 }
