@@ -500,3 +500,12 @@ impl Drop for Impairment {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        // A SIGKILLed daemon leaves its control socket behind.
+        for iface in [&self.box_interface, &self.center_interface] {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{iface}.sock"));
+        }
+    }
+}

@@ -5,11 +5,19 @@
 //! destination and the spool is empty). Both with TCP_NODELAY. Prints
 //! instances/s, MB/s, the ratio relay/direct (time; lower is better) and
 //! kakehashid's peak RSS. Each pair runs `--rounds` times; the median counts.
+//!
+//! `tunnel` (in the default set): the whole path in network namespaces
+//! (see `kakehashi_systest::netns`). iperf3 through kakehashid's boringtun ↔
+//! the center's wireguard-go, then through wireguard-go ↔ wireguard-go on
+//! the same namespaces and keys; and the CT study relayed hospital → box →
+//! tunnel → center vs storescu from the box straight to the center through
+//! the same tunnel.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use kakehashi_systest::netns::*;
 use kakehashi_systest::testdata::{self, Name, Syntax};
 use kakehashi_systest::*;
 
@@ -33,8 +41,8 @@ struct Args {
     /// as a PACS that sends in parallel does.
     #[arg(long, default_value_t = 1)]
     senders: usize,
-    /// Only these studies (ct, mr, mg).
-    #[arg(long, value_delimiter = ',', default_value = "ct,mr,mg")]
+    /// Only these parts (ct, mr, mg on loopback; tunnel in namespaces).
+    #[arg(long, value_delimiter = ',', default_value = "ct,mr,mg,tunnel")]
     only: Vec<String>,
 }
 
@@ -141,6 +149,9 @@ fn main() {
     std::fs::create_dir_all(&args.data).expect("bench data dir");
     let mut studies = Vec::new();
     for name in &args.only {
+        if name == "tunnel" {
+            continue;
+        }
         studies.push(match name.as_str() {
             "ct" => generate(
                 &args.data,
@@ -169,7 +180,7 @@ fn main() {
                 27 * 1024 * 1024,
                 1.15,
             ),
-            other => panic!("unknown study {other:?} (ct, mr, mg)"),
+            other => panic!("unknown part {other:?} (ct, mr, mg, tunnel)"),
         });
     }
     println!(
@@ -210,12 +221,196 @@ fn main() {
             rss >> 20
         );
     }
+    if !studies.is_empty() {
+        println!(
+            "{}",
+            if all_ok {
+                "all ratios within target"
+            } else {
+                "some ratios above target (see table)"
+            }
+        );
+    }
+    if args.only.iter().any(|o| o == "tunnel") {
+        let ct = generate(
+            &args.data,
+            "ct",
+            "CT",
+            testdata::CT_IMAGE,
+            300,
+            512 * 1024,
+            1.15,
+        );
+        tunnel_bench(&ct, args.rounds);
+    }
+}
+
+const CENTER_DICOM_PORT: u16 = 11113;
+const IPERF_PORT: u16 = 5201;
+
+/// iperf3 from the box namespace to the center's tunnel address; bits/s.
+fn iperf(site: &Site, seconds: u32) -> f64 {
+    let _server = Proc(
+        ns_command(Some(site.center.name()), "iperf3")
+            .args([
+                "-s",
+                "-B",
+                CENTER_TUNNEL_IP,
+                "-p",
+                &IPERF_PORT.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 (apt-get install iperf3)"),
+    );
+    wait_port_in(
+        site.center.name(),
+        &format!("{CENTER_TUNNEL_IP}:{IPERF_PORT}"),
+        "iperf3 -s",
+    );
+    let out = run(ns_command(Some(site.boxns.name()), "iperf3").args([
+        "-c",
+        CENTER_TUNNEL_IP,
+        "-p",
+        &IPERF_PORT.to_string(),
+        "-t",
+        &seconds.to_string(),
+        "-J",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 gave no throughput: {out}"))
+}
+
+/// The box's end as wireguard-go + wg, on the same interface name and key.
+fn box_wireguard_go(site: &Site) -> Proc {
+    let b = site.boxns.name();
+    let iface = &site.box_interface;
+    let sock = format!("/var/run/wireguard/{iface}.sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = Proc(
+        ns_command(Some(b), "wireguard-go")
+            .args(["-f", iface])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("wireguard-go"),
+    );
+    wait_until("wireguard-go on the box", Duration::from_secs(10), || {
+        Path::new(&sock).exists()
+    });
+    run(ns_command(Some(b), "wg").args([
+        "set",
+        iface,
+        "private-key",
+        &site.box_key.display().to_string(),
+        "peer",
+        &site.center_public,
+        "endpoint",
+        &format!("{}:{WG_PORT}", site.center_wan_ip),
+        "allowed-ips",
+        "10.8.0.0/24",
+        "persistent-keepalive",
+        "25",
+    ]));
+    run(ns_command(None, "ip").args([
+        "-n",
+        b,
+        "addr",
+        "add",
+        &format!("{BOX_TUNNEL_IP}/24"),
+        "dev",
+        iface,
+    ]));
+    run(ns_command(None, "ip").args(["-n", b, "link", "set", iface, "mtu", "1420", "up"]));
+    child
+}
+
+fn tunnel_bench(ct: &Study, rounds: usize) {
+    println!();
+    println!("tunnel — hospital → box → WireGuard → center, in network namespaces; {rounds} round(s), median");
+    let site = Site::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let scp_base = dir.path().to_path_buf();
+    let mut opts = RelayOptions::to(CENTER_DICOM_PORT);
+    opts.netns = Some(site.boxns.name().to_string());
+    opts.listen_host = BOX_LAN_IP.into();
+    opts.dest_host = CENTER_TUNNEL_IP.into();
+    opts.extra_toml = site.tunnel_toml(&site.center_public, "150s");
+    let mut relay = Relay::start(opts);
+    wait_until("the tunnel to come up", Duration::from_secs(30), || {
+        relay.status().tunnel.is_some_and(|t| t.up)
+    });
+    let n = ct.files.len();
+    let (mut direct, mut relayed) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let scp = StoreScp::start_ns(CENTER_DICOM_PORT, &scp_base, Some(site.center.name()));
+        let t = Instant::now();
+        let out = storescu_at(
+            Some(site.boxns.name()),
+            CENTER_TUNNEL_IP,
+            CENTER_DICOM_PORT,
+            "KAKEHASHI",
+            "READCENTER",
+            &ct.files,
+        );
+        assert_eq!(out.acked.len(), n, "direct through the tunnel failed");
+        direct.push(t.elapsed().as_secs_f64());
+        drop(scp);
+
+        let scp = StoreScp::start_ns(CENTER_DICOM_PORT, &scp_base, Some(site.center.name()));
+        let t = Instant::now();
+        let out = storescu_at(
+            Some(site.hospital.name()),
+            BOX_LAN_IP,
+            relay.port,
+            "MODALITY1",
+            "KAKEHASHI",
+            &ct.files,
+        );
+        assert_eq!(out.acked.len(), n, "relay send failed");
+        wait_until(
+            "every instance at the center",
+            Duration::from_secs(1800),
+            || scp.store_requests() >= n && relay.queued() == 0,
+        );
+        relayed.push(t.elapsed().as_secs_f64());
+        drop(scp);
+    }
+    let (d, r) = (median(direct), median(relayed));
+    let mb = ct.bytes as f64 / 1e6;
     println!(
-        "{}",
-        if all_ok {
-            "all ratios within target"
-        } else {
-            "some ratios above target (see table)"
-        }
+        "CT {n}×512 KiB through the tunnel: direct (storescu box → center) {:.1} inst/s {:.1} MB/s | relay (hospital → kakehashid → center) {:.1} inst/s {:.1} MB/s | relay/direct throughput {:.2} (target ≥ 0.90)",
+        n as f64 / d,
+        mb / d,
+        n as f64 / r,
+        mb / r,
+        d / r
+    );
+
+    let mut boring = Vec::new();
+    for _ in 0..rounds {
+        boring.push(iperf(&site, 8));
+    }
+    let _ = relay.terminate();
+    let _wg = box_wireguard_go(&site);
+    wait_until("a wireguard-go handshake", Duration::from_secs(30), || {
+        ns_command(Some(site.boxns.name()), "ping")
+            .args(["-c", "1", "-W", "1", CENTER_TUNNEL_IP])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let mut wggo = Vec::new();
+    for _ in 0..rounds {
+        wggo.push(iperf(&site, 8));
+    }
+    let (b, g) = (median(boring), median(wggo));
+    println!(
+        "iperf3 TCP box → center, 8 s: boringtun (kakehashid) ↔ wireguard-go {:.0} Mbit/s | wireguard-go ↔ wireguard-go {:.0} Mbit/s | boringtun/wireguard-go {:.2} (target ≥ 0.90)",
+        b / 1e6,
+        g / 1e6,
+        b / g
     );
 }
