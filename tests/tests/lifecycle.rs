@@ -127,3 +127,51 @@ fn every_destination_gets_every_instance() {
         || relay.status().spool.used_bytes == 0,
     );
 }
+
+#[test]
+fn a_readable_tunnel_key_is_refused_with_exit_78() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("wg.key");
+    std::fs::write(&key, "qD8pDfAfyqzRbrxCrFPB3ZSYQYBKZ2e9KjhvEV9Z7nU=\n").expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let config = std::fs::read_to_string(workspace_root().join("examples/minimal.toml"))
+        .expect("example")
+        .replace("127.0.0.1:11113", "10.8.0.1:104")
+        .replace(
+            "/var/lib/kakehashi/spool",
+            &dir.path().join("spool").display().to_string(),
+        )
+        + &format!(
+            "\n[tunnel]\nprivate_key_file = \"{}\"\naddress = [\"10.8.0.2/24\"]\n\n[tunnel.peer]\npublic_key = \"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"\nendpoint = \"center.test:51820\"\nallowed_ips = [\"10.8.0.0/24\"]\n",
+            key.display()
+        );
+    let path = dir.path().join("kakehashi.toml");
+    std::fs::write(&path, config).expect("config");
+    let check = |args: &[&str]| {
+        Command::new(bin("kakehashid"))
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .env_remove("JOURNAL_STREAM")
+            .output()
+            .expect("run kakehashid")
+    };
+    for args in [&["--check-config"][..], &[][..]] {
+        let out = check(args);
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {text}");
+        assert!(
+            text.contains("tunnel.private_key_file") && text.contains("chmod 600"),
+            "{args:?}: {text}"
+        );
+    }
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = check(&["--check-config"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("box public key iD+KqZAoixFdxntz4ySeDqtVRVjmq+FTlkR486sEuXA="),
+        "{text}"
+    );
+}

@@ -92,6 +92,19 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The tunnel key is part of the configuration: refused before anything starts.
+    let key = match config
+        .tunnel
+        .as_ref()
+        .map(|t| kakehashi_tunnel::key::load(&t.private_key_file))
+        .transpose()
+    {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("kakehashid: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     if args.check_config {
         println!(
             "{}: valid. AE {} on {}, {} source(s), destination(s): {}; spool {} (max {})",
@@ -108,26 +121,20 @@ fn main() -> ExitCode {
             config.spool.dir.display(),
             kakehashi_config::format_bytes(config.spool.max_size),
         );
-        if let Some(t) = &config.tunnel {
-            match kakehashi_tunnel::key::load(&t.private_key_file) {
-                Ok(key) => println!(
-                    "tunnel {}: box public key {}, peer {} at {}, allowed IPs {}",
-                    t.interface,
-                    kakehashi_tunnel::key::encode(&key.public_key()),
-                    kakehashi_tunnel::key::encode(&t.peer.public_key),
-                    t.peer.endpoint,
-                    t.peer
-                        .allowed_ips
-                        .iter()
-                        .map(|n| n.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                Err(e) => {
-                    eprintln!("kakehashid: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            }
+        if let (Some(t), Some(key)) = (&config.tunnel, &key) {
+            println!(
+                "tunnel {}: box public key {}, peer {} at {}, allowed IPs {}",
+                t.interface,
+                kakehashi_tunnel::key::encode(&key.public_key()),
+                kakehashi_tunnel::key::encode(&t.peer.public_key),
+                t.peer.endpoint,
+                t.peer
+                    .allowed_ips
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         return ExitCode::SUCCESS;
     }
@@ -142,10 +149,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, key))
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, key: Option<kakehashi_tunnel::PrivateKey>) -> ExitCode {
     let names = config.destinations.iter().map(|d| d.name.clone()).collect();
     let limits = Limits {
         max_size: config.spool.max_size,
@@ -178,12 +185,12 @@ async fn run(config: Config) -> ExitCode {
         );
     }
 
-    let tunnel = match &config.tunnel {
-        None => None,
-        Some(t) => match start_tunnel(t.clone()).await {
+    let tunnel = match (&config.tunnel, key) {
+        (Some(t), Some(key)) => match start_tunnel(t.clone(), key).await {
             Ok(started) => Some(started),
             Err(code) => return code,
         },
+        _ => None,
     };
 
     let token = CancellationToken::new();
@@ -291,13 +298,12 @@ type StartedTunnel = (
     watch::Sender<Health>,
 );
 
-/// Loads the key, resolves the endpoint (a failure only delays the tunnel:
+/// Resolves the endpoint (a failure only delays the tunnel:
 /// the supervisor keeps resolving) and brings the interface up.
-async fn start_tunnel(cfg: kakehashi_config::TunnelConfig) -> Result<StartedTunnel, ExitCode> {
-    let key = kakehashi_tunnel::key::load(&cfg.private_key_file).map_err(|e| {
-        tracing::error!("{e}");
-        ExitCode::from(EXIT_CONFIG)
-    })?;
+async fn start_tunnel(
+    cfg: kakehashi_config::TunnelConfig,
+    key: kakehashi_tunnel::PrivateKey,
+) -> Result<StartedTunnel, ExitCode> {
     let endpoint = match kakehashi_tunnel::resolve(&cfg.peer.endpoint).await {
         Ok(a) => Some(a),
         Err(e) => {

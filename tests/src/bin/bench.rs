@@ -252,13 +252,7 @@ const IPERF_PORT: u16 = 5201;
 fn iperf(site: &Site, seconds: u32) -> f64 {
     let _server = Proc(
         ns_command(Some(site.center.name()), "iperf3")
-            .args([
-                "-s",
-                "-B",
-                CENTER_TUNNEL_IP,
-                "-p",
-                &IPERF_PORT.to_string(),
-            ])
+            .args(["-s", "-B", CENTER_TUNNEL_IP, "-p", &IPERF_PORT.to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
