@@ -519,18 +519,28 @@ pub struct Orthanc {
     pub dicom_port: u16,
     pub http_port: u16,
     pub dir: tempfile::TempDir,
+    netns: Option<String>,
     _child: Proc,
 }
 
 impl Orthanc {
+    /// The reading center's Orthanc (AE READCENTER) on loopback.
     pub fn start() -> Orthanc {
+        Orthanc::start_as(None, "READCENTER", serde_json::json!({}))
+    }
+
+    /// Orthanc with AE title `aet`, inside namespace `ns` (REST on its
+    /// loopback), knowing the DICOM peers in `modalities`
+    /// (`{"name": [AE, host, port]}`).
+    pub fn start_as(ns: Option<&str>, aet: &str, modalities: serde_json::Value) -> Orthanc {
         let dir = tempfile::Builder::new()
             .prefix("orthanc-")
             .tempdir()
             .expect("tempdir");
         let (dicom_port, http_port) = (free_port(), free_port());
         let cfg = serde_json::json!({
-            "Name": "reading-center",
+            "Name": aet,
+            "DicomModalities": modalities,
             "StorageDirectory": dir.path().join("db"),
             "IndexDirectory": dir.path().join("db"),
             "StorageCompression": false,
@@ -538,7 +548,7 @@ impl Orthanc {
             "RemoteAccessAllowed": false,
             "AuthenticationEnabled": false,
             "DicomServerEnabled": true,
-            "DicomAet": "READCENTER",
+            "DicomAet": aet,
             "DicomPort": dicom_port,
             "DicomCheckCalledAet": false,
             "DicomAlwaysAllowStore": true,
@@ -548,7 +558,7 @@ impl Orthanc {
         });
         let cfg_path = dir.path().join("orthanc.json");
         std::fs::write(&cfg_path, cfg.to_string()).expect("orthanc config");
-        let child = Command::new("Orthanc")
+        let child = netns::ns_command(ns, "Orthanc")
             .arg(&cfg_path)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("orthanc.log")).expect("log"))
@@ -558,25 +568,55 @@ impl Orthanc {
             dicom_port,
             http_port,
             dir,
+            netns: ns.map(str::to_string),
             _child: Proc(child),
         };
         wait_until("Orthanc REST API", Duration::from_secs(60), || {
             o.get("/system").is_some()
         });
-        wait_port(dicom_port, "Orthanc DICOM port");
+        match ns {
+            Some(ns) => {
+                netns::wait_port_in(ns, &format!("127.0.0.1:{dicom_port}"), "Orthanc DICOM port")
+            }
+            None => wait_port(dicom_port, "Orthanc DICOM port"),
+        }
         o
     }
 
     /// GET on the REST API (curl: no HTTP client in the test's dependencies).
     pub fn get(&self, path: &str) -> Option<Vec<u8>> {
-        let out = Command::new("curl")
-            .args([
-                "-sf",
-                &format!("http://127.0.0.1:{}{}", self.http_port, path),
-            ])
+        self.curl(path, &[])
+    }
+
+    fn curl(&self, path: &str, extra: &[&str]) -> Option<Vec<u8>> {
+        let out = netns::ns_command(self.netns.as_deref(), "curl")
+            .arg("-sf")
+            .args(extra)
+            .arg(format!("http://127.0.0.1:{}{}", self.http_port, path))
             .output()
             .ok()?;
         out.status.success().then_some(out.stdout)
+    }
+
+    /// Stores a DICOM file in this Orthanc (as a modality would); its instance ID.
+    pub fn upload(&self, file: &Path) -> String {
+        let body = format!("@{}", file.display());
+        let answer = self
+            .curl("/instances", &["-X", "POST", "--data-binary", &body])
+            .unwrap_or_else(|| panic!("Orthanc refused {}", file.display()));
+        let v: serde_json::Value = serde_json::from_slice(&answer).expect("Orthanc JSON");
+        v["ID"].as_str().expect("instance ID").to_string()
+    }
+
+    /// C-STORE of `ids` to the configured modality `name` (Orthanc as SCU),
+    /// waiting for the job; Orthanc's answer.
+    pub fn send_to(&self, name: &str, ids: &[String]) -> Option<serde_json::Value> {
+        let body = serde_json::json!({ "Resources": ids, "Synchronous": true }).to_string();
+        let answer = self.curl(
+            &format!("/modalities/{name}/store"),
+            &["-X", "POST", "--data-binary", &body],
+        )?;
+        serde_json::from_slice(&answer).ok()
     }
 
     pub fn instance_ids(&self) -> Vec<String> {

@@ -39,6 +39,9 @@ fn box_relay_with(
     env: Vec<(String, String)>,
 ) -> Relay {
     let mut opts = RelayOptions::to(CENTER_DICOM_PORT);
+    // The hospital's PACS may send, from its own address only.
+    opts.extra_sources =
+        format!("\n[[dicom.sources]]\nae_title = \"HOSPITALPACS\"\naddress = \"{HOSPITAL_IP}\"\n");
     opts.netns = Some(site.boxns.name().to_string());
     opts.listen_host = BOX_LAN_IP.into();
     opts.dest_host = CENTER_TUNNEL_IP.into();
@@ -372,4 +375,30 @@ fn wrong_center_key_is_explained_and_nothing_is_dead_lettered() {
         "{text}"
     );
     println!("{text}");
+}
+
+#[test]
+fn the_hospital_pacs_pushes_a_study_through_the_tunnel() {
+    let site = Site::new();
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = study(data.path(), "pacs", 8, 64 * 1024);
+    let scp = center_scp(&site);
+    let relay = box_relay(&site, &site.center_public, "150s");
+    // Orthanc as the hospital's PACS, in the hospital namespace, knowing the box.
+    let pacs = Orthanc::start_as(
+        Some(site.hospital.name()),
+        "HOSPITALPACS",
+        serde_json::json!({ "box": ["KAKEHASHI", BOX_LAN_IP, relay.port] }),
+    );
+    let ids: Vec<String> = files.iter().map(|f| pacs.upload(f)).collect();
+    let answer = pacs
+        .send_to("box", &ids)
+        .expect("Orthanc's C-STORE job to the box");
+    println!("Orthanc → box: {answer}");
+    wait_arrived(&scp, files.len(), Duration::from_secs(60));
+    relay.wait_drained(Duration::from_secs(30));
+    assert_identical(&files, &scp);
+    let audit =
+        String::from_utf8_lossy(&relay.cli(&["audit", "--limit", "1000"]).stdout).to_string();
+    assert!(audit.contains("HOSPITALPACS"), "{audit}");
 }
