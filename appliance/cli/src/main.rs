@@ -293,7 +293,7 @@ fn print_status(s: &StatusReport) {
             t.endpoint.as_deref().unwrap_or("unresolved")
         );
         println!(
-            "  last handshake {}, {} since start, received {}, sent {}",
+            "  last handshake {} ({} since kakehashid started), received {}, sent {}",
             t.last_handshake_age_s
                 .map_or("never".into(), |a| format!("{} ago", age(a))),
             t.handshakes,
