@@ -1,0 +1,296 @@
+//! Against a real (software) TPM: swtpm, and tpm2-tools as the independent
+//! reader; openssl as the independent ECDSA verifier.
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use kakehashi_tpm::{csr, sha256, Tpm};
+
+struct Swtpm {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Swtpm {
+    fn start() -> Swtpm {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = {
+            // Two consecutive free ports (server and control).
+            loop {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                let p = l.local_addr().expect("addr").port();
+                if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                    break p;
+                }
+            }
+        };
+        let child = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--tpmstate"])
+            .arg(format!("dir={}", dir.path().display()))
+            .args([
+                "--server",
+                &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
+            ])
+            .args([
+                "--ctrl",
+                &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
+            ])
+            .args(["--flags", "not-need-init,startup-clear"])
+            .spawn()
+            .expect("swtpm (apt-get install swtpm)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Swtpm {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a tpm2-tools command, then flushes the transient objects it left:
+/// swtpm has no resource manager and only three object slots.
+fn tools(tpm: &Swtpm, args: &[&str], dir: &Path) -> std::process::Output {
+    let run = |args: &[&str]| {
+        Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(dir)
+            .env("TPM2TOOLS_TCTI", tpm.tcti())
+            .output()
+            .expect("tpm2-tools (apt-get install tpm2-tools)")
+    };
+    let out = run(args);
+    run(&["tpm2_flushcontext", "-t"]);
+    out
+}
+
+#[test]
+fn identity_is_what_tpm2_tools_reads_and_its_signatures_verify_with_openssl() {
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).expect("open swtpm");
+    let identity = tpm.create_identity().expect("identity");
+    let point = Tpm::identity_point(&identity).expect("public point");
+    let work = tempfile::tempdir().expect("tempdir");
+    let d = work.path();
+    let pem = csr::pem("PUBLIC KEY", &csr::spki_der(&point));
+    std::fs::write(d.join("ours.pem"), &pem).expect("write");
+
+    // tpm2-tools loads our blob under the same primary and reads its public key.
+    std::fs::write(d.join("id.pub"), identity.tpm2b_public()).expect("write");
+    std::fs::write(d.join("id.priv"), identity.tpm2b_private()).expect("write");
+    drop(tpm);
+    for args in [
+        &[
+            "tpm2_createprimary",
+            "-C",
+            "o",
+            "-g",
+            "sha256",
+            "-G",
+            "ecc256:null:aes128cfb",
+            "-a",
+            "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt",
+            "-c",
+            "primary.ctx",
+        ][..],
+        &[
+            "tpm2_load",
+            "-C",
+            "primary.ctx",
+            "-u",
+            "id.pub",
+            "-r",
+            "id.priv",
+            "-c",
+            "id.ctx",
+        ][..],
+        &[
+            "tpm2_readpublic",
+            "-c",
+            "id.ctx",
+            "-f",
+            "pem",
+            "-o",
+            "theirs.pem",
+        ][..],
+    ] {
+        let out = tools(&swtpm, args, d);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let theirs = std::fs::read_to_string(d.join("theirs.pem")).expect("tpm2_readpublic output");
+    assert_eq!(theirs.trim(), pem.trim(), "tpm2_readpublic disagrees");
+
+    // A signature made in the TPM verifies with openssl.
+    let mut tpm = Tpm::open(&swtpm.tcti()).expect("reopen");
+    let data = b"kakehashi identity check";
+    let sig = tpm
+        .sign(&identity, "identity", &sha256(data))
+        .expect("sign");
+    std::fs::write(d.join("data"), data).expect("write");
+    std::fs::write(d.join("sig"), &sig).expect("write");
+    let out = Command::new("openssl")
+        .args([
+            "dgst",
+            "-sha256",
+            "-verify",
+            "ours.pem",
+            "-signature",
+            "sig",
+            "data",
+        ])
+        .current_dir(d)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The CSR verifies too.
+    let info = csr::request_info(&point, "KKH-TEST", "Kakehashi");
+    let sig = tpm
+        .sign(&identity, "identity", &sha256(&info))
+        .expect("sign CSR");
+    std::fs::write(
+        d.join("req.pem"),
+        csr::pem("CERTIFICATE REQUEST", &csr::request(&info, &sig)),
+    )
+    .expect("write");
+    let out = Command::new("openssl")
+        .args(["req", "-in", "req.pem", "-verify", "-noout", "-subject"])
+        .current_dir(d)
+        .output()
+        .expect("openssl req");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("KKH-TEST"), "{text}");
+}
+
+#[test]
+fn the_identity_cannot_be_exported() {
+    let swtpm = Swtpm::start();
+    let mut tpm = Tpm::open(&swtpm.tcti()).expect("open swtpm");
+    let identity = tpm.create_identity().expect("identity");
+    drop(tpm);
+    let work = tempfile::tempdir().expect("tempdir");
+    let d = work.path();
+    std::fs::write(d.join("id.pub"), identity.tpm2b_public()).expect("write");
+    std::fs::write(d.join("id.priv"), identity.tpm2b_private()).expect("write");
+    for args in [
+        &[
+            "tpm2_createprimary",
+            "-C",
+            "o",
+            "-g",
+            "sha256",
+            "-G",
+            "ecc256:null:aes128cfb",
+            "-a",
+            "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt",
+            "-c",
+            "primary.ctx",
+        ][..],
+        &[
+            "tpm2_load",
+            "-C",
+            "primary.ctx",
+            "-u",
+            "id.pub",
+            "-r",
+            "id.priv",
+            "-c",
+            "id.ctx",
+        ][..],
+    ] {
+        let out = tools(&swtpm, args, d);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let attrs = tools(&swtpm, &["tpm2_readpublic", "-c", "id.ctx"], d);
+    let text = String::from_utf8_lossy(&attrs.stdout).to_string();
+    assert!(
+        text.contains("fixedtpm")
+            && text.contains("fixedparent")
+            && text.contains("sensitivedataorigin"),
+        "{text}"
+    );
+    // Duplication (the only way a key leaves a TPM) is refused.
+    let out = tools(
+        &swtpm,
+        &[
+            "tpm2_duplicate",
+            "-C",
+            "null",
+            "-c",
+            "id.ctx",
+            "-G",
+            "null",
+            "-r",
+            "dup.priv",
+            "-s",
+            "dup.seed",
+        ],
+        d,
+    );
+    assert!(!out.status.success(), "the identity key was duplicated");
+}
+
+#[test]
+fn sealed_blobs_unseal_only_on_their_own_tpm() {
+    let a = Swtpm::start();
+    let b = Swtpm::start();
+    let mut tpm_a = Tpm::open(&a.tcti()).expect("open a");
+    let secret = tpm_a.random(32).expect("random");
+    let blob = tpm_a.seal(&secret).expect("seal");
+    let back = tpm_a
+        .unseal(&blob, "the test secret", "blob")
+        .expect("unseal on a");
+    assert_eq!(*back, *secret);
+    let mut tpm_b = Tpm::open(&b.tcti()).expect("open b");
+    let e = tpm_b
+        .unseal(&blob, "the test secret", "/x/blob")
+        .expect_err("must not unseal on b")
+        .to_string();
+    assert!(
+        e.contains("reset, cleared or replaced") && e.contains("/x/blob"),
+        "{e}"
+    );
+    // Many unseals reuse one password session.
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        tpm_a.unseal(&blob, "s", "b").expect("unseal");
+    }
+    println!(
+        "unseal (load + unseal + flush): {:.2} ms each",
+        t.elapsed().as_secs_f64() * 1000.0 / 20.0
+    );
+}
