@@ -9,6 +9,7 @@
 
 pub mod netns;
 pub mod testdata;
+pub mod tpm;
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -167,6 +168,28 @@ impl Relay {
         toml += &opts.extra_toml;
         let config = dir.path().join("kakehashi.toml");
         std::fs::write(&config, toml).expect("write config");
+        Relay::launch(
+            dir,
+            config,
+            socket,
+            port,
+            opts.netns,
+            opts.listen_host,
+            opts.env,
+        )
+    }
+
+    /// Starts kakehashid on a config written elsewhere (e.g. by `kakehashi
+    /// provision`); `dir` holds its log and is removed on drop.
+    pub fn launch(
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        socket: PathBuf,
+        port: u16,
+        netns: Option<String>,
+        listen_host: String,
+        env: Vec<(String, String)>,
+    ) -> Relay {
         let log = dir.path().join("kakehashid.log");
         let mut relay = Relay {
             dir,
@@ -175,9 +198,9 @@ impl Relay {
             socket,
             log,
             child: None,
-            netns: opts.netns,
-            listen_host: opts.listen_host,
-            env: opts.env,
+            netns,
+            listen_host,
+            env,
         };
         relay.spawn();
         relay
@@ -296,7 +319,9 @@ impl Relay {
     }
 }
 
-/// DCMTK storescp in bit-preserving mode: it writes datasets exactly as received.
+/// DCMTK storescp in bit-preserving mode: it writes datasets exactly as
+/// received. `-dhl`: no reverse DNS lookup of callers (in a namespace whose
+/// default route leads nowhere, it would stall each association).
 #[derive(Debug)]
 pub struct StoreScp {
     pub port: u16,
@@ -326,7 +351,7 @@ impl StoreScp {
         let log = dir.path().join("storescp.log");
         let log_file = std::fs::File::create(&log).expect("log");
         let child = netns::ns_command(ns, "storescp")
-            .args(["-v", "+B", "+xa", "-aet", "READCENTER", "-od"])
+            .args(["-v", "-dhl", "+B", "+xa", "-aet", "READCENTER", "-od"])
             .arg(&out)
             .arg(port.to_string())
             .env("TCP_NODELAY", "1")

@@ -329,6 +329,28 @@ impl Site {
         );
     }
 
+    /// The center now knows the box by `public` (e.g. a key `kakehashi
+    /// provision` made in the TPM) instead of the generated one.
+    pub fn set_box_public(&mut self, public: &str) {
+        let c = self.center.name().to_string();
+        run(ns_command(Some(&c), "wg").args([
+            "set",
+            &self.center_interface,
+            "peer",
+            &self.box_public,
+            "remove",
+        ]));
+        run(ns_command(Some(&c), "wg").args([
+            "set",
+            &self.center_interface,
+            "peer",
+            public,
+            "allowed-ips",
+            &format!("{BOX_TUNNEL_IP}/32"),
+        ]));
+        self.box_public = public.to_string();
+    }
+
     /// The center's WAN address changes, and `center.test` follows it.
     pub fn move_center(&mut self, new_ip: &str) {
         let c = self.center.name().to_string();

@@ -6,6 +6,9 @@
 
 #![forbid(unsafe_code)]
 
+mod provision;
+mod selftest;
+
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,7 +23,7 @@ use kakehashi_control::{call, QueueEntry, Request, Response, StatusReport};
 #[command(
     version,
     about,
-    after_help = "Examples:\n  kakehashi status\n  kakehashi queue list --dead\n  kakehashi queue retry --all\n  kakehashi queue purge 42 --yes\n  kakehashi audit --limit 50 --json"
+    after_help = "Examples:\n  kakehashi provision --site site.toml\n  kakehashi selftest\n  kakehashi status\n  kakehashi queue list --dead\n  kakehashi queue retry --all\n  kakehashi queue purge 42 --yes\n  kakehashi audit --limit 50 --json"
 )]
 struct Cli {
     #[command(flatten)]
@@ -54,6 +57,28 @@ enum Command {
         /// At most this many records.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+    },
+    /// Set up this box on site: check the TPM, create the identity and sealed
+    /// keys (kept if they exist and load), write the config from a site file,
+    /// and print what the reading center needs (WireGuard key, identity, CSR).
+    Provision {
+        /// The site file (see examples/site.toml).
+        #[arg(long)]
+        site: PathBuf,
+        /// Where to write the box's config.
+        #[arg(long, default_value = kakehashi_config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Replace existing keys even if they still load (the center must re-enroll the box).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check everything a working box needs, with a fix for each failure:
+    /// config, TPM and keys, C-ECHO to local sources and destinations, tunnel,
+    /// spool space, clock. Exit 0 only if all pass.
+    Selftest {
+        /// The box's config.
+        #[arg(long, env = "KAKEHASHI_CONFIG", default_value = kakehashi_config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
     },
 }
 
@@ -114,6 +139,31 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
     let request = match &cli.command {
+        Command::Provision {
+            site,
+            config,
+            force,
+        } => {
+            return Ok(
+                match provision::run(site, config, *force, cli.common.json) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("kakehashi provision: {e}");
+                        ExitCode::from(1)
+                    }
+                },
+            )
+        }
+        Command::Selftest { config } => {
+            let socket = std::env::var_os("KAKEHASHI_SOCKET")
+                .map(|_| cli.common.socket.clone())
+                .or_else(|| {
+                    (cli.common.socket != std::path::Path::new(DEFAULT_CONTROL_SOCKET))
+                        .then(|| cli.common.socket.clone())
+                });
+            let code = selftest::run(config, socket.as_deref(), cli.common.json);
+            return Ok(ExitCode::from(code as u8));
+        }
         Command::Status => Request::Status,
         Command::Audit { after, limit } => Request::Audit {
             after: *after,
@@ -278,6 +328,29 @@ fn print_status(s: &StatusReport) {
         format_bytes(s.spool.max_bytes),
         format_bytes(s.spool.free_bytes)
     );
+    if let Some(k) = &s.tpm {
+        println!();
+        match &k.problem {
+            None => println!(
+                "keys: {} — identity {}",
+                k.backend,
+                k.serial.as_deref().unwrap_or("-")
+            ),
+            Some(p) => {
+                println!(
+                    "keys: {} — UNAVAILABLE: accepting and sending nothing",
+                    k.backend
+                );
+                println!("  problem: {p}");
+                if let Some(n) = k.undecryptable {
+                    println!("  {n} queued instance(s) cannot be decrypted without the old keys; nothing has been deleted");
+                }
+            }
+        }
+        if let Some(w) = &k.warning {
+            println!("  WARNING: {w}");
+        }
+    }
     if let Some(t) = &s.tunnel {
         println!();
         println!(

@@ -69,6 +69,26 @@ pub struct Config {
     pub log: LogConfig,
     /// The WireGuard tunnel to the reading center, if the box keeps one.
     pub tunnel: Option<TunnelConfig>,
+    /// Where the box's identity and sealed secrets live.
+    pub tpm: Option<TpmConfig>,
+}
+
+/// The key store (`[tpm]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmConfig {
+    pub backend: KeyBackend,
+    /// Directory of the identity blob and sealed secrets (mode 0700).
+    pub key_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyBackend {
+    /// A TPM 2.0 through a TCTI string: `device:/dev/tpmrm0` on a box,
+    /// `swtpm:host=127.0.0.1,port=2321` in tests.
+    Tpm { tcti: String },
+    /// Keys in files, protected only by file permissions. For development
+    /// and CI machines without a TPM; warned about at every start and in status.
+    Software,
 }
 
 /// The WireGuard interface kakehashid brings up (`[tunnel]`).
@@ -77,8 +97,10 @@ pub struct TunnelConfig {
     /// Network interface name (1–15 characters).
     pub interface: String,
     /// File holding the box's private key as `wg genkey` writes it (base64).
-    /// Must be mode 0600 and owned by the user kakehashid runs as.
-    pub private_key_file: PathBuf,
+    /// Must be mode 0600 and owned by the user kakehashid runs as. `None`:
+    /// the key is sealed by the TPM (`[tpm]`, made by `kakehashi provision`).
+    /// A key file is for development; a provisioned box has none.
+    pub private_key_file: Option<PathBuf>,
     /// The box's addresses inside the tunnel, with prefix (`10.8.0.2/24`).
     pub addresses: Vec<IpNet>,
     /// UDP port the box listens on; 0 lets the kernel choose.
@@ -127,6 +149,8 @@ pub struct DicomConfig {
 pub struct Source {
     pub ae_title: AeTitle,
     pub address: Option<IpNet>,
+    /// The source's own DICOM port, if it answers C-ECHO (`kakehashi selftest`).
+    pub port: Option<u16>,
     /// Everything from this source is forwarded as C-STORE priority HIGH
     /// (e.g. an emergency department CT), whatever priority it was sent with.
     pub high_priority: bool,

@@ -4,8 +4,9 @@ use serde::Deserialize;
 
 use crate::units::{parse_bytes, parse_duration};
 use crate::{
-    AeTitle, Config, ConfigError, ControlConfig, Destination, DicomConfig, IpNet, LogConfig,
-    LogFormat, RetryPolicy, Source, SpoolConfig, TunnelConfig, TunnelPeer, DEFAULT_CONTROL_SOCKET,
+    AeTitle, Config, ConfigError, ControlConfig, Destination, DicomConfig, IpNet, KeyBackend,
+    LogConfig, LogFormat, RetryPolicy, Source, SpoolConfig, TpmConfig, TunnelConfig, TunnelPeer,
+    DEFAULT_CONTROL_SOCKET,
 };
 use base64::Engine as _;
 use std::path::PathBuf;
@@ -28,13 +29,74 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     log: RawLog,
     tunnel: Option<RawTunnel>,
+    tpm: Option<RawTpm>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTpm {
+    backend: Option<String>,
+    tcti: Option<String>,
+    key_dir: Option<String>,
+}
+
+impl RawTpm {
+    fn validate(self) -> Result<TpmConfig, ConfigError> {
+        let backend = match self.backend.as_deref().unwrap_or("tpm") {
+            "tpm" => {
+                let tcti = self.tcti.unwrap_or_else(|| "device:/dev/tpmrm0".to_string());
+                let ok = ["device:", "swtpm:", "mssim:", "tabrmd"]
+                    .iter()
+                    .any(|p| tcti.starts_with(p));
+                if !ok {
+                    return Err(ConfigError::invalid(
+                        "tpm.tcti",
+                        &tcti,
+                        "a TCTI such as \"device:/dev/tpmrm0\" or \"swtpm:host=127.0.0.1,port=2321\"",
+                    ));
+                }
+                KeyBackend::Tpm { tcti }
+            }
+            "software" => {
+                if let Some(t) = self.tcti {
+                    return Err(ConfigError::invalid(
+                        "tpm.tcti",
+                        t,
+                        "no tcti with backend = \"software\"",
+                    ));
+                }
+                KeyBackend::Software
+            }
+            other => {
+                return Err(ConfigError::invalid(
+                    "tpm.backend",
+                    other,
+                    "\"tpm\" (the default) or \"software\" (development only: keys protected by file permissions alone)",
+                ))
+            }
+        };
+        let key_dir = self
+            .key_dir
+            .unwrap_or_else(|| "/var/lib/kakehashi/keys".to_string());
+        if !key_dir.starts_with('/') {
+            return Err(ConfigError::invalid(
+                "tpm.key_dir",
+                &key_dir,
+                "an absolute directory path",
+            ));
+        }
+        Ok(TpmConfig {
+            backend,
+            key_dir: PathBuf::from(key_dir),
+        })
+    }
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTunnel {
     interface: Option<String>,
-    private_key_file: String,
+    private_key_file: Option<String>,
     address: Vec<String>,
     listen_port: Option<i64>,
     mtu: Option<i64>,
@@ -68,6 +130,7 @@ struct RawDicom {
 struct RawSource {
     ae_title: String,
     address: Option<String>,
+    port: Option<u16>,
     priority: Option<String>,
 }
 
@@ -168,10 +231,14 @@ impl RawTunnel {
                 "an interface name of 1 to 15 characters of a-z, A-Z, 0-9, '-', '_' and '.'",
             ));
         }
-        if !self.private_key_file.starts_with('/') {
+        if let Some(f) = self
+            .private_key_file
+            .as_ref()
+            .filter(|f| !f.starts_with('/'))
+        {
             return Err(ConfigError::invalid(
                 "tunnel.private_key_file",
-                &self.private_key_file,
+                f,
                 "an absolute path to a file written by `wg genkey` (mode 0600)",
             ));
         }
@@ -262,7 +329,7 @@ impl RawTunnel {
         }
         Ok(TunnelConfig {
             interface,
-            private_key_file: PathBuf::from(self.private_key_file),
+            private_key_file: self.private_key_file.map(PathBuf::from),
             addresses,
             listen_port: listen_port as u16,
             mtu: mtu as u32,
@@ -280,6 +347,16 @@ impl RawTunnel {
 impl RawConfig {
     pub(crate) fn validate(self) -> Result<Config, ConfigError> {
         let tunnel = self.tunnel.map(RawTunnel::validate).transpose()?;
+        let tpm = self.tpm.map(RawTpm::validate).transpose()?;
+        if let Some(t) = &tunnel {
+            if t.private_key_file.is_none() && tpm.is_none() {
+                return Err(ConfigError::invalid(
+                    "tunnel.private_key_file",
+                    "(none)",
+                    "a key file, or a [tpm] section so the key is sealed by the TPM (run `kakehashi provision`)",
+                ));
+            }
+        }
         let d = self.dicom;
         let ae_title = AeTitle::parse("dicom.ae_title", &d.ae_title)?;
         let listen = d.listen.parse().map_err(|_| {
@@ -305,6 +382,7 @@ impl RawConfig {
                     .as_deref()
                     .map(|a| IpNet::parse(&format!("dicom.sources[{i}].address"), a))
                     .transpose()?,
+                port: s.port,
                 high_priority: match s.priority.as_deref() {
                     None | Some("as-sent") => false,
                     Some("high") => true,
@@ -522,6 +600,7 @@ impl RawConfig {
             },
             log: LogConfig { format, level },
             tunnel,
+            tpm,
         })
     }
 }

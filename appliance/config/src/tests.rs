@@ -35,6 +35,7 @@ fn issue_example_means_what_it_says() {
         vec![Source {
             ae_title: AeTitle("MODALITY1".into()),
             address: None,
+            port: None,
             high_priority: false,
         }]
     );

@@ -59,6 +59,22 @@ pub struct StatusReport {
     pub destinations: Vec<DestinationStatus>,
     #[serde(default)]
     pub tunnel: Option<TunnelStatus>,
+    #[serde(default)]
+    pub tpm: Option<TpmStatus>,
+}
+
+/// The box's key store as kakehashid found it at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpmStatus {
+    /// `device:/dev/tpmrm0`, `swtpm:…`, or `software`.
+    pub backend: String,
+    pub serial: Option<String>,
+    /// Why the keys are unusable, and what to do (re-enrollment steps).
+    pub problem: Option<String>,
+    /// Queued instances that can no longer be decrypted (their spool key is gone).
+    pub undecryptable: Option<u64>,
+    /// A development key store: not for patient data.
+    pub warning: Option<String>,
 }
 
 /// The WireGuard tunnel as the supervisor last saw it (polled every second).

@@ -169,6 +169,13 @@ fn answer(shared: &Shared, req: Request) -> Response {
                         problem: h.problem.clone(),
                     }
                 }),
+                tpm: shared.tpm.clone().map(|mut t| {
+                    if t.problem.is_some() {
+                        // Everything queued was sealed with the key that is gone.
+                        t.undecryptable = Some(counts.values().map(|c| c.queued).sum());
+                    }
+                    t
+                }),
             }))
         }
         Request::QueueList {

@@ -164,6 +164,15 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
         if token.is_cancelled() {
             break;
         }
+        if shared.keys_problem().is_some() {
+            // Without its keys the box cannot read what it holds: send nothing.
+            handle.stats().paused = true;
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+            continue;
+        }
         if let Some(t) = tunnel.as_mut() {
             let (up, seen) = {
                 let h = t.borrow_and_update();

@@ -137,14 +137,18 @@ async fn association(
     let calling = rq.calling_ae_title.trim().to_string();
     let active = shared.active_associations.fetch_add(1, Ordering::SeqCst);
     let _guard = Active(&shared);
+    let keys_down = shared.keys_problem().is_some();
     let decision = negotiate::negotiate(
         &rq,
         peer.ip(),
         &policy,
-        active >= shared.config.dicom.max_associations,
+        keys_down || active >= shared.config.dicom.max_associations,
     );
     let accepted = match decision {
-        Err(rej) => {
+        Err(mut rej) => {
+            if keys_down && rej.rj.result == dicom_ul::pdu::AssociationRJResult::Transient {
+                rej.reason = "the box's keys are unavailable (see `kakehashi status`); it accepts nothing until they are".into();
+            }
             tracing::warn!(%peer, calling_ae = %calling, called_ae = %rq.called_ae_title.trim(), "association rejected: {}", rej.reason);
             let _ = wire::write_pdu(&mut stream, &Pdu::AssociationRJ(rej.rj)).await;
             audit(

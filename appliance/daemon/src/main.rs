@@ -20,6 +20,7 @@
 mod control;
 mod forwarder;
 mod ingress;
+mod keys;
 mod logging;
 mod notify;
 mod schedule;
@@ -73,6 +74,15 @@ pub struct Shared {
     /// What the tunnel supervisor last saw; forwarders behind the tunnel wait on it.
     pub tunnel_health: Option<watch::Receiver<Health>>,
     pub liveness: notify::Liveness,
+    /// The key store as found at start (`None` without a `[tpm]` section).
+    pub tpm: Option<kakehashi_control::TpmStatus>,
+}
+
+impl Shared {
+    /// Why the box must not accept or send data now (its keys are unusable).
+    pub fn keys_problem(&self) -> Option<&str> {
+        self.tpm.as_ref().and_then(|t| t.problem.as_deref())
+    }
 }
 
 fn main() -> ExitCode {
@@ -96,7 +106,8 @@ fn main() -> ExitCode {
     let key = match config
         .tunnel
         .as_ref()
-        .map(|t| kakehashi_tunnel::key::load(&t.private_key_file))
+        .and_then(|t| t.private_key_file.as_ref())
+        .map(|f| kakehashi_tunnel::key::load(f))
         .transpose()
     {
         Ok(k) => k,
@@ -106,6 +117,13 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        if config
+            .tunnel
+            .as_ref()
+            .is_some_and(|t| t.private_key_file.is_none())
+        {
+            println!("tunnel: its key is sealed by the TPM (see `kakehashi selftest`)");
+        }
         println!(
             "{}: valid. AE {} on {}, {} source(s), destination(s): {}; spool {} (max {})",
             args.config.display(),
@@ -139,6 +157,20 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     logging::init(&config.log);
+    let keys = config.tpm.as_ref().map(keys::load);
+    if let Some(k) = &keys {
+        if let Some(w) = &k.status.warning {
+            tracing::warn!("{w}");
+        }
+        match &k.status.problem {
+            None => tracing::info!(
+                backend = %k.status.backend,
+                serial = k.status.serial.as_deref().unwrap_or("-"),
+                "box keys unsealed"
+            ),
+            Some(p) => tracing::error!("box keys unavailable; accepting and sending nothing: {p}"),
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -149,10 +181,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config, key))
+    runtime.block_on(run(config, key, keys))
 }
 
-async fn run(config: Config, key: Option<kakehashi_tunnel::PrivateKey>) -> ExitCode {
+async fn run(
+    config: Config,
+    key: Option<kakehashi_tunnel::PrivateKey>,
+    keys: Option<keys::Keys>,
+) -> ExitCode {
+    let (tpm_status, key) = match keys {
+        Some(k) => (Some(k.status), key.or(k.wireguard)),
+        None => (None, key),
+    };
     let names = config.destinations.iter().map(|d| d.name.clone()).collect();
     let limits = Limits {
         max_size: config.spool.max_size,
@@ -185,11 +225,33 @@ async fn run(config: Config, key: Option<kakehashi_tunnel::PrivateKey>) -> ExitC
         );
     }
 
+    let mut unavailable_tunnel = None;
     let tunnel = match (&config.tunnel, key) {
         (Some(t), Some(key)) => match start_tunnel(t.clone(), key).await {
             Ok(started) => Some(started),
             Err(code) => return code,
         },
+        (Some(t), None) => {
+            // Keys unavailable: no tunnel, and its destinations stay paused.
+            let problem = tpm_status
+                .as_ref()
+                .and_then(|s| s.problem.clone())
+                .unwrap_or_else(|| "the tunnel key is unavailable".into());
+            unavailable_tunnel = Some(watch::Sender::new(Health {
+                interface: t.interface.clone(),
+                public_key: String::new(),
+                peer_public_key: kakehashi_tunnel::key::encode(&t.peer.public_key),
+                configured_endpoint: t.peer.endpoint.clone(),
+                endpoint: None,
+                up: false,
+                last_handshake_age: None,
+                handshakes: 0,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                problem: Some(format!("not started: {problem}")),
+            }));
+            None
+        }
         _ => None,
     };
 
@@ -217,9 +279,13 @@ async fn run(config: Config, key: Option<kakehashi_tunnel::PrivateKey>) -> ExitC
         started: Instant::now(),
         forwarders,
         active_associations: Default::default(),
-        tunnel_health: health.as_ref().map(|h| h.subscribe()),
+        tunnel_health: health
+            .as_ref()
+            .or(unavailable_tunnel.as_ref())
+            .map(|h| h.subscribe()),
         tunnel,
         liveness: notify::Liveness::default(),
+        tpm: tpm_status,
     });
 
     let listener = match tokio::net::TcpListener::bind(shared.config.dicom.listen).await {

@@ -302,6 +302,29 @@ impl Scu {
         Ok((status, rsp.error_comment()))
     }
 
+    /// Sends a C-ECHO on a Verification context (see [`Scu::context_for`]);
+    /// returns the response status (0x0000 = the peer is alive and answers).
+    pub async fn echo(&mut self, pc_id: u8) -> Result<u16, ScuError> {
+        let id = self.next_message_id();
+        wire::send_command(&mut self.stream, pc_id, &dimse::c_echo_rq(id))
+            .await
+            .map_err(|source| ScuError::Wire {
+                peer: self.peer.clone(),
+                source,
+            })?;
+        let rsp = self.read_command("waiting for C-ECHO-RSP").await?;
+        if rsp.responded_to() != Some(id) || rsp.command_field().ok() != Some(dimse::C_ECHO_RSP) {
+            return Err(ScuError::Protocol {
+                peer: self.peer.clone(),
+                detail: format!("unexpected response to C-ECHO {id}"),
+            });
+        }
+        rsp.status().ok_or_else(|| ScuError::Protocol {
+            peer: self.peer.clone(),
+            detail: "C-ECHO-RSP without status".into(),
+        })
+    }
+
     async fn read_command(&mut self, what: &'static str) -> Result<Command, ScuError> {
         let mut bytes = Vec::new();
         loop {

@@ -23,6 +23,9 @@
 
 pub mod csr;
 mod der;
+pub mod keystore;
+
+pub use keystore::KeyStore;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -1,89 +1,14 @@
 //! Against a real (software) TPM: swtpm, and tpm2-tools as the independent
 //! reader; openssl as the independent ECDSA verifier.
 
-use std::path::Path;
-use std::process::{Child, Command};
-use std::time::Duration;
+use std::process::Command;
 
+use kakehashi_systest::tpm::Swtpm;
 use kakehashi_tpm::{csr, sha256, Tpm};
-
-struct Swtpm {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Swtpm {
-    fn start() -> Swtpm {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = {
-            // Two consecutive free ports (server and control).
-            loop {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-                let p = l.local_addr().expect("addr").port();
-                if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-                    break p;
-                }
-            }
-        };
-        let child = Command::new("swtpm")
-            .args(["socket", "--tpm2", "--tpmstate"])
-            .arg(format!("dir={}", dir.path().display()))
-            .args([
-                "--server",
-                &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-            ])
-            .args([
-                "--ctrl",
-                &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
-            ])
-            .args(["--flags", "not-need-init,startup-clear"])
-            .spawn()
-            .expect("swtpm (apt-get install swtpm)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Swtpm {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs a tpm2-tools command, then flushes the transient objects it left:
-/// swtpm has no resource manager and only three object slots.
-fn tools(tpm: &Swtpm, args: &[&str], dir: &Path) -> std::process::Output {
-    let run = |args: &[&str]| {
-        Command::new(args[0])
-            .args(&args[1..])
-            .current_dir(dir)
-            .env("TPM2TOOLS_TCTI", tpm.tcti())
-            .output()
-            .expect("tpm2-tools (apt-get install tpm2-tools)")
-    };
-    let out = run(args);
-    run(&["tpm2_flushcontext", "-t"]);
-    out
-}
 
 #[test]
 fn identity_is_what_tpm2_tools_reads_and_its_signatures_verify_with_openssl() {
-    let swtpm = Swtpm::start();
+    let swtpm = Swtpm::start(None);
     let mut tpm = Tpm::open(&swtpm.tcti()).expect("open swtpm");
     let identity = tpm.create_identity().expect("identity");
     let point = Tpm::identity_point(&identity).expect("public point");
@@ -131,7 +56,7 @@ fn identity_is_what_tpm2_tools_reads_and_its_signatures_verify_with_openssl() {
             "theirs.pem",
         ][..],
     ] {
-        let out = tools(&swtpm, args, d);
+        let out = swtpm.tools(args, d);
         assert!(
             out.status.success(),
             "{args:?}: {}",
@@ -194,7 +119,7 @@ fn identity_is_what_tpm2_tools_reads_and_its_signatures_verify_with_openssl() {
 
 #[test]
 fn the_identity_cannot_be_exported() {
-    let swtpm = Swtpm::start();
+    let swtpm = Swtpm::start(None);
     let mut tpm = Tpm::open(&swtpm.tcti()).expect("open swtpm");
     let identity = tpm.create_identity().expect("identity");
     drop(tpm);
@@ -228,14 +153,14 @@ fn the_identity_cannot_be_exported() {
             "id.ctx",
         ][..],
     ] {
-        let out = tools(&swtpm, args, d);
+        let out = swtpm.tools(args, d);
         assert!(
             out.status.success(),
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let attrs = tools(&swtpm, &["tpm2_readpublic", "-c", "id.ctx"], d);
+    let attrs = swtpm.tools(&["tpm2_readpublic", "-c", "id.ctx"], d);
     let text = String::from_utf8_lossy(&attrs.stdout).to_string();
     assert!(
         text.contains("fixedtpm")
@@ -244,8 +169,7 @@ fn the_identity_cannot_be_exported() {
         "{text}"
     );
     // Duplication (the only way a key leaves a TPM) is refused.
-    let out = tools(
-        &swtpm,
+    let out = swtpm.tools(
         &[
             "tpm2_duplicate",
             "-C",
@@ -266,8 +190,8 @@ fn the_identity_cannot_be_exported() {
 
 #[test]
 fn sealed_blobs_unseal_only_on_their_own_tpm() {
-    let a = Swtpm::start();
-    let b = Swtpm::start();
+    let a = Swtpm::start(None);
+    let b = Swtpm::start(None);
     let mut tpm_a = Tpm::open(&a.tcti()).expect("open a");
     let secret = tpm_a.random(32).expect("random");
     let blob = tpm_a.seal(&secret).expect("seal");

@@ -1,0 +1,256 @@
+//! `kakehashi selftest`: a pass/fail checklist for the field engineer, each
+//! failure with its fix. Exit 0 when every check passes, 1 otherwise.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kakehashi_config::{format_bytes, Config, KeyBackend};
+use kakehashi_control::{call, Request, Response};
+use kakehashi_dicom::scu::{Scu, ScuOptions};
+use kakehashi_dicom::uids;
+use kakehashi_tpm::keystore::{KeyStore, REENROLL};
+
+struct Check {
+    ok: bool,
+    what: String,
+    fix: Option<String>,
+}
+
+fn pass(what: String) -> Check {
+    Check {
+        ok: true,
+        what,
+        fix: None,
+    }
+}
+
+fn fail(what: String, fix: impl Into<String>) -> Check {
+    Check {
+        ok: false,
+        what,
+        fix: Some(fix.into()),
+    }
+}
+
+async fn echo(address: &str, calling: &str, called: &str) -> Result<Duration, String> {
+    let opts = ScuOptions {
+        calling_ae: calling.to_string(),
+        called_ae: called.to_string(),
+        max_pdu: 16384,
+        connect_timeout: Duration::from_secs(10),
+        // A single-threaded SCP (storescp) answers after the association it
+        // serves ends, e.g. the forwarder's lingering one.
+        response_timeout: Duration::from_secs(20),
+    };
+    let t = Instant::now();
+    let contexts = [(
+        uids::VERIFICATION.to_string(),
+        uids::IMPLICIT_VR_LE.to_string(),
+    )];
+    let mut scu = Scu::connect(address, &opts, &contexts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let pc = scu
+        .context_for(uids::VERIFICATION, uids::IMPLICIT_VR_LE)
+        .ok_or("the peer refused the Verification SOP class")?;
+    let status = scu.echo(pc).await.map_err(|e| e.to_string())?;
+    scu.release().await;
+    if status != 0 {
+        return Err(format!("C-ECHO status 0x{status:04X}"));
+    }
+    Ok(t.elapsed())
+}
+
+pub fn run(config_path: &Path, socket: Option<&Path>, json: bool) -> i32 {
+    let mut checks = Vec::new();
+    let config = match Config::load(config_path) {
+        Ok(c) => {
+            checks.push(pass(format!("config {} is valid", config_path.display())));
+            Some(c)
+        }
+        Err(e) => {
+            checks.push(fail(
+                format!("config: {e}"),
+                format!("fix the key named above, or run `kakehashi provision --site SITE.toml` again; check with `kakehashid --check-config --config {}`", config_path.display()),
+            ));
+            None
+        }
+    };
+    if let Some(config) = &config {
+        checks.extend(with_config(config, socket));
+    }
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if json {
+        let v: Vec<_> = checks
+            .iter()
+            .map(|c| serde_json::json!({"ok": c.ok, "check": c.what, "fix": c.fix}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        for c in &checks {
+            println!("[{}] {}", if c.ok { "PASS" } else { "FAIL" }, c.what);
+            if let Some(f) = &c.fix {
+                println!("       fix: {f}");
+            }
+        }
+        println!("{} passed, {failed} failed", checks.len() - failed);
+    }
+    i32::from(failed > 0)
+}
+
+fn with_config(config: &Config, socket: Option<&Path>) -> Vec<Check> {
+    let mut checks = Vec::new();
+    match &config.tpm {
+        None => checks.push(fail(
+            "TPM: no [tpm] section; keys are not sealed".into(),
+            "provision the box: kakehashi provision --site SITE.toml",
+        )),
+        Some(tpm) => {
+            let name = match &tpm.backend {
+                KeyBackend::Tpm { tcti } => tcti.clone(),
+                KeyBackend::Software => "software key store".into(),
+            };
+            match KeyStore::open(tpm).and_then(|mut s| {
+                s.check()?;
+                s.serial()
+            }) {
+                Ok(serial) => checks.push(pass(format!(
+                    "TPM {name} reachable; identity {serial} signs; the WireGuard and spool keys unseal"
+                ))),
+                Err(e @ kakehashi_tpm::TpmError::Unreachable { .. }) => checks.push(fail(
+                    format!("TPM: {e}"),
+                    "enable the TPM in the firmware setup; check that /dev/tpmrm0 exists and kakehashi may use it (group tss)",
+                )),
+                Err(e) => checks.push(fail(format!("TPM: {e}"), REENROLL)),
+            }
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            checks.push(fail(
+                format!("cannot start an async runtime: {e}"),
+                "report this",
+            ));
+            return checks;
+        }
+    };
+    let me = config.dicom.ae_title.to_string();
+    for s in &config.dicom.sources {
+        let (Some(net), Some(port)) = (s.address, s.port) else {
+            continue;
+        };
+        if net.prefix() != if net.addr().is_ipv4() { 32 } else { 128 } {
+            continue;
+        }
+        let address = std::net::SocketAddr::new(net.addr(), port).to_string();
+        match runtime.block_on(echo(&address, &me, s.ae_title.as_str())) {
+            Ok(t) => checks.push(pass(format!("C-ECHO to local source {} at {address}: {} ms", s.ae_title, t.as_millis()))),
+            Err(e) => checks.push(fail(
+                format!("C-ECHO to local source {} at {address}: {e}", s.ae_title),
+                format!("is the PACS up, and does it know this box as AE {me}? Check the LAN cable and the address in the site file"),
+            )),
+        }
+    }
+    let socket = socket.unwrap_or(&config.control.socket);
+    let status = match call(socket, &Request::Status) {
+        Ok(Response::Status(s)) => Some(s),
+        Ok(other) => {
+            checks.push(fail(
+                format!("kakehashid: unexpected answer {other:?}"),
+                "restart kakehashid",
+            ));
+            None
+        }
+        Err(e) => {
+            checks.push(fail(
+                format!("kakehashid: {e}"),
+                "start it: systemctl start kakehashid; why it stopped: journalctl -u kakehashid",
+            ));
+            None
+        }
+    };
+    if let Some(s) = &status {
+        if let Some(t) = &s.tpm {
+            if let Some(p) = &t.problem {
+                checks.push(fail(format!("kakehashid reports its keys: {p}"), REENROLL));
+            }
+        }
+        if config.tunnel.is_some() {
+            match &s.tunnel {
+                Some(t) if t.up => checks.push(pass(format!(
+                    "tunnel {}: handshake {} s ago with {} ({})",
+                    t.interface,
+                    t.last_handshake_age_s.unwrap_or(0),
+                    t.configured_endpoint,
+                    t.endpoint.as_deref().unwrap_or("-")
+                ))),
+                Some(t) => checks.push(fail(
+                    format!("tunnel {}: {}", t.interface, t.problem.as_deref().unwrap_or("down")),
+                    format!("give the reading center this box's WireGuard public key {} (allowed IPs: the box's tunnel address), check tunnel.peer.public_key, and that UDP to {} leaves the site", t.public_key, t.configured_endpoint),
+                )),
+                None => checks.push(fail("tunnel: kakehashid runs without it".into(), "restart kakehashid after provisioning")),
+            }
+        }
+    }
+    for d in &config.destinations {
+        let via = if d.via_tunnel {
+            " through the tunnel"
+        } else {
+            ""
+        };
+        match runtime.block_on(echo(&d.address, d.calling_ae_title.as_str(), d.ae_title.as_str())) {
+            Ok(t) => checks.push(pass(format!("C-ECHO to destination {} ({}@{}){via}: {} ms", d.name, d.ae_title, d.address, t.as_millis()))),
+            Err(e) => checks.push(fail(
+                format!("C-ECHO to destination {} ({}@{}){via}: {e}", d.name, d.ae_title, d.address),
+                format!("the reading center must accept calling AE {} at AE {}; if the tunnel check failed, fix that first", d.calling_ae_title, d.ae_title),
+            )),
+        }
+    }
+    let dir = &config.spool.dir;
+    let probe = std::iter::successors(Some(dir.as_path()), |p| p.parent()).find(|p| p.exists());
+    match probe.map(nix::sys::statvfs::statvfs) {
+        Some(Ok(st)) => {
+            let free = st.blocks_available() * st.fragment_size();
+            if free >= config.spool.min_free {
+                checks.push(pass(format!(
+                    "spool {}: {} free (minimum {})",
+                    dir.display(),
+                    format_bytes(free),
+                    format_bytes(config.spool.min_free)
+                )));
+            } else {
+                checks.push(fail(
+                    format!(
+                        "spool {}: only {} free, below spool.min_free {}",
+                        dir.display(),
+                        format_bytes(free),
+                        format_bytes(config.spool.min_free)
+                    ),
+                    "free space on that filesystem, or give the spool a larger disk",
+                ));
+            }
+        }
+        _ => checks.push(fail(
+            format!("spool {}: cannot read free space", dir.display()),
+            "check that the spool directory exists",
+        )),
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // 2025-01-01 .. 2100-01-01: a clock outside is surely wrong (a dead RTC battery shows 1970).
+    if (1_735_689_600..4_102_444_800).contains(&now) {
+        checks.push(pass(format!("clock: {now} s since 1970, plausible")));
+    } else {
+        checks.push(fail(
+            format!("clock: {now} s since 1970 is not plausible"),
+            "set the time (timedatectl set-ntp true, or timedatectl set-time), and check the RTC battery",
+        ));
+    }
+    checks
+}
