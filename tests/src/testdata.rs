@@ -323,6 +323,22 @@ pub fn study(
 
 /// A varied hospital day: several modalities, transfer syntaxes and both
 /// Japanese character sets, a few instances each. Returns every file.
+/// A CT study in explicit VR little endian with UTF-8 names: `count`
+/// instances of about `size` bytes each.
+pub fn ct_study(dir: &Path, tag: &str, count: usize, size: usize) -> Vec<PathBuf> {
+    study(
+        dir,
+        tag,
+        "CT",
+        CT_IMAGE,
+        Syntax::ExplicitLe,
+        Name::Utf8,
+        count,
+        size,
+    )
+    .expect("test data")
+}
+
 pub fn varied_set(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let plan: [(&str, &'static str, &'static str, Syntax, Name, usize, usize); 12] = [
         (

@@ -9,24 +9,7 @@ use kakehashi_control::{Request, Response, RouteState};
 use kakehashi_systest::testdata::{self, Name, Syntax};
 use kakehashi_systest::*;
 
-fn ct_study(
-    dir: &std::path::Path,
-    tag: &str,
-    count: usize,
-    size: usize,
-) -> Vec<std::path::PathBuf> {
-    testdata::study(
-        dir,
-        tag,
-        "CT",
-        testdata::CT_IMAGE,
-        Syntax::ExplicitLe,
-        Name::Utf8,
-        count,
-        size,
-    )
-    .expect("test data")
-}
+use testdata::ct_study;
 
 #[test]
 fn destination_down_then_up_everything_arrives_once() {

@@ -8,7 +8,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use kakehashi_systest::netns::*;
-use kakehashi_systest::testdata::{self, Name, Syntax};
+use kakehashi_systest::testdata;
 use kakehashi_systest::tpm::Swtpm;
 use kakehashi_systest::*;
 
@@ -132,6 +132,25 @@ max_size = "1 GiB"
         )
     }
 
+    /// A CT study from the hospital to the box; every instance acknowledged.
+    fn send_study(&self, dir: &Path, tag: &str, count: usize, size: usize) -> Vec<PathBuf> {
+        let files = testdata::ct_study(dir, tag, count, size);
+        let sent = self.send(&files);
+        assert_eq!(sent.acked.len(), files.len(), "{}", sent.output);
+        files
+    }
+
+    fn send(&self, files: &[PathBuf]) -> StoreOutcome {
+        storescu_at(
+            Some(self.site.hospital.name()),
+            BOX_LAN_IP,
+            self.port,
+            "READCENTER",
+            "KAKEHASHI",
+            files,
+        )
+    }
+
     fn selftest(&self) -> Output {
         cli_in_box(
             &self.site,
@@ -204,26 +223,7 @@ fn provision_then_the_whole_path_runs_on_tpm_keys_and_selftest_passes() {
     assert_eq!(s.tunnel.as_ref().map(|t| t.public_key.clone()), Some(wg));
 
     let data = tempfile::tempdir().expect("tempdir");
-    let files = testdata::study(
-        data.path(),
-        "prov",
-        "CT",
-        testdata::CT_IMAGE,
-        Syntax::ExplicitLe,
-        Name::Utf8,
-        5,
-        32 * 1024,
-    )
-    .expect("data");
-    let sent = storescu_at(
-        Some(v.site.hospital.name()),
-        BOX_LAN_IP,
-        v.port,
-        "READCENTER",
-        "KAKEHASHI",
-        &files,
-    );
-    assert_eq!(sent.acked.len(), files.len(), "{}", sent.output);
+    let files = v.send_study(data.path(), "prov", 5, 32 * 1024);
     wait_until("the study at the center", Duration::from_secs(60), || {
         v.center.files().len() >= files.len()
     });
@@ -254,26 +254,7 @@ fn a_reset_tpm_is_explained_and_nothing_is_deleted() {
     // The center does not know this box yet: studies wait in the spool.
     let relay = v.start();
     let data = tempfile::tempdir().expect("tempdir");
-    let files = testdata::study(
-        data.path(),
-        "reset",
-        "CT",
-        testdata::CT_IMAGE,
-        Syntax::ExplicitLe,
-        Name::Utf8,
-        4,
-        16 * 1024,
-    )
-    .expect("data");
-    let sent = storescu_at(
-        Some(v.site.hospital.name()),
-        BOX_LAN_IP,
-        v.port,
-        "READCENTER",
-        "KAKEHASHI",
-        &files,
-    );
-    assert_eq!(sent.acked.len(), files.len(), "{}", sent.output);
+    let files = v.send_study(data.path(), "reset", 4, 16 * 1024);
     drop(relay);
 
     v.swtpm.reset();
@@ -306,14 +287,7 @@ fn a_reset_tpm_is_explained_and_nothing_is_deleted() {
         "{status_text}"
     );
     // It accepts nothing it could not protect.
-    let refused = storescu_at(
-        Some(v.site.hospital.name()),
-        BOX_LAN_IP,
-        v.port,
-        "READCENTER",
-        "KAKEHASHI",
-        &files[..1],
-    );
+    let refused = v.send(&files[..1]);
     assert!(refused.acked.is_empty(), "{}", refused.output);
 
     let st = v.selftest();

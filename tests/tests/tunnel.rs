@@ -3,29 +3,17 @@
 //! center's hub. The box's side of the tunnel is kakehashid's own boringtun.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kakehashi_control::StatusReport;
 use kakehashi_systest::netns::*;
-use kakehashi_systest::testdata::{self, Name, Syntax};
+use kakehashi_systest::testdata;
 use kakehashi_systest::*;
 
 const CENTER_DICOM_PORT: u16 = 11113;
 
-fn study(dir: &Path, tag: &str, count: usize, size: usize) -> Vec<PathBuf> {
-    testdata::study(
-        dir,
-        tag,
-        "CT",
-        testdata::CT_IMAGE,
-        Syntax::ExplicitLe,
-        Name::Utf8,
-        count,
-        size,
-    )
-    .expect("test data")
-}
+use testdata::ct_study as study;
 
 /// kakehashid in the box namespace, forwarding to the center's tunnel address.
 fn box_relay(site: &Site, center_public: &str, handshake_timeout: &str) -> Relay {

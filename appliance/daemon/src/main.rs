@@ -237,19 +237,7 @@ async fn run(
                 .as_ref()
                 .and_then(|s| s.problem.clone())
                 .unwrap_or_else(|| "the tunnel key is unavailable".into());
-            unavailable_tunnel = Some(watch::Sender::new(Health {
-                interface: t.interface.clone(),
-                public_key: String::new(),
-                peer_public_key: kakehashi_tunnel::key::encode(&t.peer.public_key),
-                configured_endpoint: t.peer.endpoint.clone(),
-                endpoint: None,
-                up: false,
-                last_handshake_age: None,
-                handshakes: 0,
-                rx_bytes: 0,
-                tx_bytes: 0,
-                problem: Some(format!("not started: {problem}")),
-            }));
+            unavailable_tunnel = Some(watch::Sender::new(Health::not_started(t, problem)));
             None
         }
         _ => None,

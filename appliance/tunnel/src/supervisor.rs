@@ -41,19 +41,29 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn starting(tunnel: &Tunnel) -> Health {
+    /// A tunnel that could not be started (e.g. its key is unavailable):
+    /// down, with `problem`, so its destinations stay paused.
+    pub fn not_started(config: &kakehashi_config::TunnelConfig, problem: String) -> Health {
         Health {
-            interface: tunnel.interface().to_string(),
-            public_key: tunnel.public_key(),
-            peer_public_key: key::encode(&tunnel.config().peer.public_key),
-            configured_endpoint: tunnel.config().peer.endpoint.clone(),
+            interface: config.interface.clone(),
+            public_key: String::new(),
+            peer_public_key: key::encode(&config.peer.public_key),
+            configured_endpoint: config.peer.endpoint.clone(),
             endpoint: None,
             up: false,
             last_handshake_age: None,
             handshakes: 0,
             rx_bytes: 0,
             tx_bytes: 0,
+            problem: Some(format!("not started: {problem}")),
+        }
+    }
+
+    pub fn starting(tunnel: &Tunnel) -> Health {
+        Health {
+            public_key: tunnel.public_key(),
             problem: Some("starting".into()),
+            ..Health::not_started(tunnel.config(), String::new())
         }
     }
 }
