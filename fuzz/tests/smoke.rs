@@ -131,6 +131,7 @@ fn record() {
         dataset_offset: 200,
         sha256: "00".repeat(32),
         received_ms: 1,
+        stored_size: Some(1240),
         routes: vec![Route {
             destination: "center".into(),
             state: RouteState::Queued,

@@ -227,6 +227,31 @@ fn provision_then_the_whole_path_runs_on_tpm_keys_and_selftest_passes() {
     wait_until("the study at the center", Duration::from_secs(60), || {
         v.center.files().len() >= files.len()
     });
+    // Sealed in the spool with the TPM's key, identical at the center.
+    let mut sent: Vec<_> = files
+        .iter()
+        .map(|f| {
+            testdata::dataset_of_file(&read(f))
+                .expect("dataset")
+                .to_vec()
+        })
+        .collect();
+    let mut got: Vec<_> = v
+        .center
+        .files()
+        .iter()
+        .map(|f| {
+            testdata::dataset_of_file(&read(f))
+                .expect("dataset")
+                .to_vec()
+        })
+        .collect();
+    sent.sort();
+    got.sort();
+    assert!(
+        sent == got,
+        "datasets changed on the way through the sealed spool"
+    );
 
     let st = v.selftest();
     let report = text(&st);
@@ -268,7 +293,12 @@ fn a_reset_tpm_is_explained_and_nothing_is_deleted() {
             && problem.contains("--force"),
         "{problem}"
     );
-    assert_eq!(tpm.undecryptable, Some(files.len() as u64), "{tpm:?}");
+    assert_eq!(
+        tpm.undecryptable,
+        Some(files.len() as u64),
+        "{tpm:?}\n{s:#?}\n{}",
+        relay.log_text()
+    );
     assert_eq!(
         s.destinations[0].queued,
         files.len() as u64,

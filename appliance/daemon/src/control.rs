@@ -212,7 +212,10 @@ fn answer(shared: &Shared, req: Request) -> Response {
                         sop_instance_uid: rec.meta.sop_instance_uid.clone(),
                         sop_class_uid: rec.meta.sop_class_uid.clone(),
                         study_instance_uid: rec.meta.study_instance_uid.clone(),
-                        patient_id: rec.meta.patient_id.clone(),
+                        patient_id: shared
+                            .spool
+                            .patient_id(&rec)
+                            .unwrap_or_else(|| "(sealed)".into()),
                         source_ae: rec.meta.source_ae.clone(),
                         size: rec.dataset_size,
                         received_ms: rec.received_ms,

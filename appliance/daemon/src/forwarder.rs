@@ -16,8 +16,8 @@ use kakehashi_control::DestinationStatus;
 use kakehashi_dicom::dimse::{classify_store_status, StatusClass};
 use kakehashi_dicom::scu::{Scu, ScuError, ScuOptions};
 use kakehashi_spool::Durability;
-use kakehashi_spool::{AuditEvent, InstanceRecord, RouteState, RouteUpdate};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, BufReader};
+use kakehashi_spool::{AuditEvent, DatasetRef, InstanceRecord, RouteState, RouteUpdate};
+use std::io::Read as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -131,6 +131,9 @@ impl Handle {
 
 /// Outcome of one C-STORE, as the forwarder acts on it.
 enum Sent {
+    /// The payload failed its check in the middle of a C-STORE: dead-letter
+    /// it and abort the association, so the receiver discards the part it got.
+    Corrupt(String),
     Delivered(u16),
     Retry(String),
     Dead(String),
@@ -313,7 +316,7 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
         };
         beat.busy(false);
         handle.stats().sending = false;
-        if let Sent::Connection(_) = &outcome {
+        if let Sent::Connection(_) | Sent::Corrupt(_) = &outcome {
             if let Some((a, _)) = assoc.take() {
                 a.abort().await;
             }
@@ -338,15 +341,37 @@ fn destination_failed(handle: &Handle, shared: &Shared, e: impl std::fmt::Displa
 
 async fn send_one(shared: &Shared, scu: &mut Scu, pc: u8, item: &Item) -> Sent {
     // Everything needed is in the queued item: no index read per instance.
-    let (file, path) = match shared.spool.open_payload(item.id) {
-        Ok(f) => f,
-        Err(e) => return Sent::Dead(format!("integrity: {e}")),
+    let dataset = DatasetRef {
+        id: item.id,
+        sop_instance_uid: item.sop_instance.clone(),
+        offset: item.offset,
+        size: item.size,
+        sha256: item.sha256.clone(),
     };
-    let mut file = tokio::fs::File::from_std(file);
-    if let Err(e) = file.seek(std::io::SeekFrom::Start(item.offset)).await {
-        return Sent::Dead(format!("integrity: cannot seek {}: {e}", path.display()));
-    }
-    let reader = BufReader::with_capacity(1 << 20, file).take(item.size);
+    // Nothing leaves the box unchecked: a sealed payload must authenticate
+    // to its last chunk and every dataset must match its recorded digest
+    // before its C-STORE starts. Up to 4 MiB this is one pass into memory;
+    // larger ones are checked, then streamed (and the association aborted
+    // if they change in between).
+    let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if item.size <= SMALL {
+        let spool = Arc::clone(&shared.spool);
+        let d = dataset.clone();
+        let loaded = tokio::task::spawn_blocking(move || spool.read_dataset(&d)).await;
+        match loaded {
+            Ok(Ok(bytes)) => Box::new(std::io::Cursor::new(bytes)),
+            Ok(Err(e)) => return Sent::Dead(format!("integrity: {e}")),
+            Err(e) => return Sent::Retry(format!("payload read task failed: {e}")),
+        }
+    } else {
+        let spool = Arc::clone(&shared.spool);
+        let d = dataset.clone();
+        match tokio::task::spawn_blocking(move || spool.verify_dataset(&d)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Sent::Dead(format!("integrity: {e}")),
+            Err(e) => return Sent::Retry(format!("payload check task failed: {e}")),
+        }
+        Box::new(stream_dataset(Arc::clone(&shared.spool), dataset))
+    };
     match scu
         .store(
             pc,
@@ -375,9 +400,9 @@ async fn send_one(shared: &Shared, scu: &mut Scu, pc: u8, item: &Item) -> Sent {
                 StatusClass::Permanent => Sent::Dead(detail("permanent status")),
             }
         }
-        Err(ScuError::Source(e)) => Sent::Dead(format!(
-            "integrity: payload {} is shorter than its record: {e}",
-            path.display()
+        Err(ScuError::Source(e)) => Sent::Corrupt(format!(
+            "integrity: payload {} changed while it was sent: {e}",
+            item.id
         )),
         Err(e) => Sent::Connection(e),
     }
@@ -415,7 +440,7 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
             handle.note_error(why.clone());
             (RouteState::Queued, Some(why.clone()), None, attempts, next)
         }
-        Sent::Dead(why) => {
+        Sent::Dead(why) | Sent::Corrupt(why) => {
             handle.queue().remove(item.id);
             tracing::error!(destination = %name, sop_instance = %item.sop_instance, "dead-lettered: {why}");
             handle.note_error(why.clone());
@@ -471,5 +496,78 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::error!(id, "cannot record the delivery outcome (the instance may be sent again after a restart): {e}"),
         Err(e) => tracing::error!(id, "delivery bookkeeping task failed: {e}"),
+    }
+}
+
+/// Datasets up to this size are checked and sent from memory in one pass.
+const SMALL: u64 = 4 << 20;
+
+/// Streams a dataset from a blocking reader (decrypting if sealed) to the
+/// async sender through a small bounded channel.
+fn stream_dataset(spool: Arc<kakehashi_spool::Spool>, dataset: DatasetRef) -> ChannelReader {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut reader = match spool.dataset_reader(&dataset) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                return;
+            }
+        };
+        loop {
+            let mut block = vec![0u8; 256 * 1024];
+            match reader.read(&mut block) {
+                Ok(0) => return,
+                Ok(n) => {
+                    block.truncate(n);
+                    if tx.blocking_send(Ok(block)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    ChannelReader {
+        rx,
+        block: Vec::new(),
+        pos: 0,
+    }
+}
+
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    block: Vec<u8>,
+    pos: usize,
+}
+
+impl tokio::io::AsyncRead for ChannelReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        loop {
+            if self.pos < self.block.len() {
+                let n = (self.block.len() - self.pos).min(out.remaining());
+                let start = self.pos;
+                out.put_slice(&self.block[start..start + n]);
+                self.pos += n;
+                return Poll::Ready(Ok(()));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(Some(Ok(block))) => {
+                    self.block = block;
+                    self.pos = 0;
+                }
+            }
+        }
     }
 }

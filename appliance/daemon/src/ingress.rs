@@ -393,8 +393,9 @@ impl Session<'_> {
                 );
                 let (tx, rx) = mpsc::channel(8);
                 let spool = Arc::clone(&self.shared.spool);
+                let uid = sop_instance.clone();
                 let writer =
-                    tokio::task::spawn_blocking(move || write_instance(&spool, &header, rx));
+                    tokio::task::spawn_blocking(move || write_instance(&spool, &header, &uid, rx));
                 self.state = State::Receiving(Box::new(Receiving {
                     message_id,
                     pc,
@@ -552,11 +553,12 @@ impl Session<'_> {
 fn write_instance(
     spool: &Arc<kakehashi_spool::Spool>,
     header: &[u8],
+    sop_instance_uid: &str,
     mut rx: mpsc::Receiver<Chunk>,
 ) -> Result<Accepted, SpoolError> {
     // Err holds the first failure; the partial file is dropped at once so its
     // reservation stops counting against the spool.
-    let mut incoming = spool.begin(header);
+    let mut incoming = spool.begin(header, sop_instance_uid);
     while let Some(chunk) = rx.blocking_recv() {
         match chunk {
             Chunk::Data(d) => {

@@ -1,6 +1,6 @@
 //! The box's keys at start: the identity is checked (it signs), every sealed
 //! key is unsealed once, the WireGuard key is kept in memory (zeroized on
-//! drop), and the TPM is closed again (so `kakehashi selftest` can use it; swtpm serves one client).
+//! drop) with the spool's data key, and the TPM is closed again (so `kakehashi selftest` can use it; swtpm serves one client).
 //!
 //! When the keys cannot be had — no TPM, a TPM that was reset or replaced,
 //! a box never provisioned — kakehashid still starts, so that `kakehashi
@@ -9,6 +9,7 @@
 
 use kakehashi_config::{KeyBackend, TpmConfig};
 use kakehashi_control::TpmStatus;
+use kakehashi_spool::SpoolKey;
 use kakehashi_tpm::keystore::{KeyStore, REENROLL};
 use kakehashi_tpm::TpmError;
 use kakehashi_tunnel::PrivateKey;
@@ -17,6 +18,7 @@ use kakehashi_tunnel::PrivateKey;
 pub struct Keys {
     pub status: TpmStatus,
     pub wireguard: Option<PrivateKey>,
+    pub spool: Option<SpoolKey>,
 }
 
 pub fn load(config: &TpmConfig) -> Keys {
@@ -38,14 +40,16 @@ pub fn load(config: &TpmConfig) -> Keys {
         store.check()?;
         let serial = store.serial()?;
         let wg = store.wireguard_key()?;
-        Ok((serial, PrivateKey::from_bytes(*wg)))
+        let spool = SpoolKey::new(store.spool_key()?);
+        Ok((serial, PrivateKey::from_bytes(*wg), spool))
     });
     match opened {
-        Ok((serial, wg)) => {
+        Ok((serial, wg, spool)) => {
             status.serial = Some(serial);
             Keys {
                 status,
                 wireguard: Some(wg),
+                spool: Some(spool),
             }
         }
         Err(e) => {
@@ -53,6 +57,7 @@ pub fn load(config: &TpmConfig) -> Keys {
             Keys {
                 status,
                 wireguard: None,
+                spool: None,
             }
         }
     }

@@ -189,9 +189,12 @@ async fn run(
     key: Option<kakehashi_tunnel::PrivateKey>,
     keys: Option<keys::Keys>,
 ) -> ExitCode {
-    let (tpm_status, key) = match keys {
-        Some(k) => (Some(k.status), key.or(k.wireguard)),
-        None => (None, key),
+    let (tpm_status, key, spool_key) = match keys {
+        Some(k) => (Some(k.status), key.or(k.wireguard), k.spool),
+        None => {
+            tracing::warn!("no [tpm] section: the spool is stored in clear (development only); provision the box to seal it");
+            (None, key, None)
+        }
     };
     let names = config.destinations.iter().map(|d| d.name.clone()).collect();
     let limits = Limits {
@@ -199,8 +202,10 @@ async fn run(
         min_free: config.spool.min_free,
     };
     let dir = config.spool.dir.clone();
-    let opened =
-        tokio::task::spawn_blocking(move || Spool::open(&dir, names, limits, now_ms())).await;
+    let opened = tokio::task::spawn_blocking(move || {
+        Spool::open_with_key(&dir, names, limits, now_ms(), spool_key)
+    })
+    .await;
     let (spool, report) = match opened {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -18,6 +18,8 @@ pub struct Item {
     pub transfer_syntax: String,
     pub size: u64,
     pub offset: u64,
+    /// SHA-256 of the dataset as received, checked before sending.
+    pub sha256: String,
     pub next_attempt_ms: u64,
     pub attempts: u32,
 }
@@ -34,6 +36,7 @@ impl Item {
             transfer_syntax: rec.meta.transfer_syntax_uid.clone(),
             size: rec.dataset_size,
             offset: rec.dataset_offset,
+            sha256: rec.sha256.clone(),
             next_attempt_ms: route.next_attempt_ms,
             attempts: route.attempts,
         })
@@ -130,6 +133,7 @@ mod tests {
             transfer_syntax: "1.2.840.10008.1.2.1".into(),
             size: 10,
             offset: 0,
+            sha256: String::new(),
             next_attempt_ms: 0,
             attempts: 0,
         }

@@ -22,10 +22,13 @@
 #![forbid(unsafe_code)]
 
 pub mod record;
+pub mod seal;
+
+pub use seal::SpoolKey;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -195,15 +198,33 @@ pub struct Spool {
     /// yet durable: unlinked after the next durable commit, so a crash can
     /// never leave a queued record without its payload.
     pending_unlink: std::sync::Mutex<Vec<(PathBuf, u64)>>,
+    /// With a key, payloads are sealed as they stream in and the index keeps
+    /// the Patient ID sealed too (see [`seal`]).
+    key: Option<SpoolKey>,
 }
 
+/// A sealed Patient ID in a record starts with this.
+const SEALED_PREFIX: &str = "sealed:";
+
 impl Spool {
-    /// Opens (creating if needed) the spool at `dir` and recovers it.
+    /// Opens (creating if needed) the spool at `dir` and recovers it;
+    /// payloads are stored in clear (development without keys).
     pub fn open(
         dir: &Path,
         destinations: Vec<String>,
         limits: Limits,
         now_ms: u64,
+    ) -> Result<(Arc<Spool>, RecoveryReport), SpoolError> {
+        Spool::open_with_key(dir, destinations, limits, now_ms, None)
+    }
+
+    /// Like [`Spool::open`]; with `key`, new payloads and Patient IDs are sealed.
+    pub fn open_with_key(
+        dir: &Path,
+        destinations: Vec<String>,
+        limits: Limits,
+        now_ms: u64,
+        key: Option<SpoolKey>,
     ) -> Result<(Arc<Spool>, RecoveryReport), SpoolError> {
         let data_dir = dir.join("data");
         let tmp_dir = dir.join("tmp");
@@ -228,6 +249,7 @@ impl Spool {
             reserved: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             pending_unlink: std::sync::Mutex::new(Vec::new()),
+            key,
         };
         spool.check_format()?;
         let report = spool.recover(now_ms)?;
@@ -485,13 +507,26 @@ impl Spool {
         })
     }
 
-    /// Starts receiving an instance: `header` (the Part 10 file meta) is
-    /// written first, then the dataset via [`Incoming::write`].
-    pub fn begin(self: &Arc<Self>, header: &[u8]) -> Result<Incoming, SpoolError> {
+    /// Starts receiving instance `sop_instance_uid`: `header` (the Part 10
+    /// file meta) is written first, then the dataset via [`Incoming::write`].
+    /// With a key, everything is sealed from the first byte.
+    pub fn begin(
+        self: &Arc<Self>,
+        header: &[u8],
+        sop_instance_uid: &str,
+    ) -> Result<Incoming, SpoolError> {
         self.check_room(header.len() as u64)?;
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let tmp = self.tmp_dir.join(format!("{id:016x}.part"));
-        let mut file = File::create(&tmp).map_err(io(&tmp))?;
+        let file = File::create(&tmp).map_err(io(&tmp))?;
+        // Large fragments (the usual case) bypass the buffer; small ones are gathered.
+        let buffered = std::io::BufWriter::with_capacity(128 * 1024, file);
+        let mut sink = match &self.key {
+            Some(k) => Sink::Sealed(
+                seal::SealWriter::new(buffered, k, id, sop_instance_uid).map_err(io(&tmp))?,
+            ),
+            None => Sink::Plain(buffered),
+        };
         let mut incoming = Incoming {
             spool: Arc::clone(self),
             id,
@@ -503,9 +538,8 @@ impl Spool {
             hasher: Sha256::new(),
         };
         incoming.reserve(header.len() as u64)?;
-        file.write_all(header).map_err(io(&incoming.tmp))?;
-        // Large fragments (the usual case) bypass the buffer; small ones are gathered.
-        incoming.file = Some(std::io::BufWriter::with_capacity(128 * 1024, file));
+        sink.write_all(header).map_err(io(&incoming.tmp))?;
+        incoming.file = Some(sink);
         Ok(incoming)
     }
 
@@ -581,6 +615,89 @@ impl Spool {
         let path = self.payload_path(id);
         let f = File::open(&path).map_err(io(&path))?;
         Ok((f, path))
+    }
+
+    /// The dataset of `rec` as plaintext, from a clear or a sealed payload.
+    /// A sealed one is authenticated chunk by chunk: tampering is an
+    /// `InvalidData` error before the altered bytes are returned.
+    pub fn dataset_reader(&self, rec: &DatasetRef) -> Result<Box<dyn Read + Send>, SpoolError> {
+        let (file, path) = self.open_payload(rec.id)?;
+        let mut reader = std::io::BufReader::with_capacity(256 * 1024, file);
+        let mut magic = [0u8; 4];
+        reader.read_exact(&mut magic).map_err(io(&path))?;
+        if seal::is_sealed(&magic) {
+            let key = self.key.as_ref().ok_or_else(|| {
+                io(&path)(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the payload is sealed and this spool has no key",
+                ))
+            })?;
+            let mut plain = seal::SealReader::new(reader, key, rec.id, &rec.sop_instance_uid)
+                .map_err(io(&path))?;
+            std::io::copy(&mut (&mut plain).take(rec.offset), &mut std::io::sink())
+                .map_err(io(&path))?;
+            Ok(Box::new(plain.take(rec.size)))
+        } else {
+            std::io::copy(
+                &mut (&mut reader).take(rec.offset - 4),
+                &mut std::io::sink(),
+            )
+            .map_err(io(&path))?;
+            Ok(Box::new(reader.take(rec.size)))
+        }
+    }
+
+    /// Reads the whole payload of `rec` once, checking it: a sealed payload
+    /// must authenticate to its last chunk, and the dataset must hash to the
+    /// digest recorded when it was received.
+    pub fn verify_dataset(&self, rec: &DatasetRef) -> Result<(), SpoolError> {
+        self.checked_read(rec, None)
+    }
+
+    /// Like [`Spool::verify_dataset`], returning the dataset (for small ones).
+    pub fn read_dataset(&self, rec: &DatasetRef) -> Result<Vec<u8>, SpoolError> {
+        let mut out = Vec::with_capacity(rec.size as usize);
+        self.checked_read(rec, Some(&mut out))?;
+        Ok(out)
+    }
+
+    fn checked_read(
+        &self,
+        rec: &DatasetRef,
+        mut keep: Option<&mut Vec<u8>>,
+    ) -> Result<(), SpoolError> {
+        let path = self.payload_path(rec.id);
+        let mut reader = self.dataset_reader(rec)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = reader.read(&mut buf).map_err(io(&path))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            if let Some(k) = keep.as_mut() {
+                k.extend_from_slice(&buf[..n]);
+            }
+            total += n as u64;
+        }
+        if total != rec.size || hex::encode(hasher.finalize()) != rec.sha256 {
+            return Err(io(&path)(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the dataset does not match the digest recorded when it was received",
+            )));
+        }
+        Ok(())
+    }
+
+    /// The Patient ID of `rec` in clear (the index keeps it sealed); `None`
+    /// if it cannot be opened (no key, or not this spool's key).
+    pub fn patient_id(&self, rec: &InstanceRecord) -> Option<String> {
+        match rec.meta.patient_id.strip_prefix(SEALED_PREFIX) {
+            None => Some(rec.meta.patient_id.clone()),
+            Some(sealed) => self.key.as_ref()?.open_value(&rec.id.to_be_bytes(), sealed),
+        }
     }
 
     /// Applies `change` to the route of `destination` in record `id`, writes
@@ -963,6 +1080,53 @@ fn free_space(dir: &Path) -> Result<u64, SpoolError> {
     Ok(st.blocks_available() * st.fragment_size())
 }
 
+/// What [`Spool::dataset_reader`] needs to find and check a dataset.
+#[derive(Debug, Clone)]
+pub struct DatasetRef {
+    pub id: u64,
+    pub sop_instance_uid: String,
+    pub offset: u64,
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl From<&InstanceRecord> for DatasetRef {
+    fn from(r: &InstanceRecord) -> Self {
+        DatasetRef {
+            id: r.id,
+            sop_instance_uid: r.meta.sop_instance_uid.clone(),
+            offset: r.dataset_offset,
+            size: r.dataset_size,
+            sha256: r.sha256.clone(),
+        }
+    }
+}
+
+/// Where an incoming payload goes: straight to the file, or sealed.
+#[derive(Debug)]
+enum Sink {
+    Plain(std::io::BufWriter<File>),
+    Sealed(seal::SealWriter<std::io::BufWriter<File>>),
+}
+
+impl Sink {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Plain(w) => w.write_all(bytes),
+            Sink::Sealed(w) => w.write_all(bytes),
+        }
+    }
+
+    /// Everything written, on disk (not yet fsynced).
+    fn finish(self) -> std::io::Result<File> {
+        let buffered = match self {
+            Sink::Plain(w) => w,
+            Sink::Sealed(w) => w.finish()?,
+        };
+        buffered.into_inner().map_err(|e| e.into_error())
+    }
+}
+
 /// An instance being received. Dropping it without [`Incoming::commit`]
 /// removes the temp file and releases its reservation.
 #[derive(Debug)]
@@ -970,7 +1134,7 @@ pub struct Incoming {
     spool: Arc<Spool>,
     id: u64,
     tmp: PathBuf,
-    file: Option<std::io::BufWriter<File>>,
+    file: Option<Sink>,
     header_len: u64,
     dataset_len: u64,
     reserved: u64,
@@ -1030,10 +1194,9 @@ impl Incoming {
         let Some(writer) = self.file.take() else {
             return Err(io(&self.tmp)(std::io::Error::other("already committed")));
         };
-        let file = writer
-            .into_inner()
-            .map_err(|e| io(&self.tmp)(e.into_error()))?;
+        let file = writer.finish().map_err(io(&self.tmp))?;
         file.sync_all().map_err(io(&self.tmp))?;
+        let stored = file.metadata().map_err(io(&self.tmp))?.len();
         drop(file);
         let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
 
@@ -1054,6 +1217,14 @@ impl Incoming {
         }
 
         let path = spool.payload_path(self.id);
+        let mut meta = meta;
+        if let Some(k) = &spool.key {
+            // The index keeps no Patient ID in clear.
+            meta.patient_id = format!(
+                "{SEALED_PREFIX}{}",
+                k.seal_value(&self.id.to_be_bytes(), &meta.patient_id)
+            );
+        }
 
         let rec = InstanceRecord {
             id: self.id,
@@ -1062,6 +1233,7 @@ impl Incoming {
             sha256,
             received_ms: now_ms,
             routes: spool.destinations.iter().map(|d| new_route(d)).collect(),
+            stored_size: (stored != self.header_len + self.dataset_len).then_some(stored),
             meta,
         };
         // The rename (with its directory fsync) and the index commit must both

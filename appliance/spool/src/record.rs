@@ -92,11 +92,18 @@ pub struct InstanceRecord {
     pub sha256: String,
     pub received_ms: u64,
     pub routes: Vec<Route>,
+    /// Bytes of the payload file on disk when that differs from
+    /// `dataset_offset + dataset_size` (a sealed payload carries a header
+    /// and a tag per chunk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_size: Option<u64>,
 }
 
 impl InstanceRecord {
+    /// Bytes of the payload file on disk.
     pub fn file_size(&self) -> u64 {
-        self.dataset_offset + self.dataset_size
+        self.stored_size
+            .unwrap_or(self.dataset_offset + self.dataset_size)
     }
 
     pub fn route(&self, destination: &str) -> Option<&Route> {

@@ -1,0 +1,153 @@
+//! The spool at rest: sealed payloads, no patient name or ID in clear, and
+//! a tampered file that is dead-lettered as "integrity" and never sent.
+//! Uses the software key store (same sealing as with a TPM; the TPM path is
+//! in provision.rs).
+
+use std::path::Path;
+use std::time::Duration;
+
+use kakehashi_config::{KeyBackend, TpmConfig};
+use kakehashi_control::RouteState;
+use kakehashi_systest::testdata::{self, Name};
+use kakehashi_systest::*;
+use kakehashi_tpm::KeyStore;
+
+/// kakehashid with provisioned software keys, forwarding to `center_port`.
+fn sealed_relay(keys: &Path, center_port: u16) -> Relay {
+    let config = TpmConfig {
+        backend: KeyBackend::Software,
+        key_dir: keys.to_path_buf(),
+    };
+    KeyStore::open(&config)
+        .and_then(|mut s| s.provision(false))
+        .expect("provision software keys");
+    let mut opts = RelayOptions::to(center_port);
+    opts.extra_toml = format!(
+        "\n[tpm]\nbackend = \"software\"\nkey_dir = \"{}\"\n",
+        keys.display()
+    );
+    Relay::start(opts)
+}
+
+/// Every file under `dir`, recursively.
+fn all_bytes(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(all_bytes(&p));
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap_or_default()));
+        }
+    }
+    out
+}
+
+#[test]
+fn no_patient_name_or_id_in_clear_on_disk() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("tempdir");
+    let relay = sealed_relay(keys.path(), free_port());
+    let files = testdata::ct_study(data.path(), "sealed", 6, 128 * 1024);
+    let out = storescu(relay.port, "MODALITY1", &files);
+    assert_eq!(out.acked.len(), files.len(), "{}", out.output);
+    assert_eq!(
+        relay.queued(),
+        files.len() as u64,
+        "the center is down: all queued"
+    );
+    let status = relay.status();
+    let k = status.tpm.expect("key status");
+    assert!(
+        k.warning
+            .as_deref()
+            .is_some_and(|w| w.contains("software key store")),
+        "{k:?}"
+    );
+    assert!(relay.log_text().contains("software key store"));
+
+    let name = Name::Utf8.bytes();
+    let id = b"PID-sealed";
+    let spooled = all_bytes(&relay.spool_dir());
+    assert!(spooled.len() > files.len(), "payloads and index are there");
+    for (path, bytes) in &spooled {
+        assert!(
+            !bytes.windows(name.len()).any(|w| w == name.as_slice()),
+            "patient name in clear in {}",
+            path.display()
+        );
+        assert!(
+            !bytes.windows(id.len()).any(|w| w == id),
+            "patient ID in clear in {}",
+            path.display()
+        );
+    }
+    // The same search does find them in the files the hospital sent.
+    let original = read(&files[0]);
+    assert!(original.windows(id.len()).any(|w| w == id));
+    // The operator still sees the Patient ID (the daemon holds the key).
+    let list = String::from_utf8_lossy(&relay.cli(&["queue", "list"]).stdout).to_string();
+    assert!(list.contains("PID-sealed"), "{list}");
+}
+
+#[test]
+fn a_flipped_byte_is_dead_lettered_as_integrity_and_never_sent() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("tempdir");
+    let center_port = free_port();
+    let relay = sealed_relay(keys.path(), center_port);
+    let files = testdata::ct_study(data.path(), "flip", 3, 200 * 1024);
+    let out = storescu(relay.port, "MODALITY1", &files);
+    assert_eq!(out.acked.len(), files.len(), "{}", out.output);
+
+    // Flip one byte in the middle of one payload while the center is down.
+    let payloads: Vec<_> = std::fs::read_dir(relay.spool_dir().join("data"))
+        .expect("data dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(payloads.len(), files.len());
+    let victim = &payloads[1];
+    let mut bytes = std::fs::read(victim).expect("read");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(victim, &bytes).expect("tamper");
+
+    let center = StoreScp::start(center_port);
+    wait_until(
+        "two instances delivered, one dead-lettered",
+        Duration::from_secs(60),
+        || {
+            let d = &relay.status().destinations[0];
+            d.queued == 0 && d.dead_letter == 1
+        },
+    );
+    assert_eq!(center.files().len(), files.len() - 1);
+    assert_eq!(
+        center.store_requests(),
+        files.len() - 1,
+        "the tampered instance was never sent"
+    );
+    let dead = relay.request(&kakehashi_control::Request::QueueList {
+        destination: None,
+        dead_only: true,
+    });
+    let kakehashi_control::Response::Queue { entries } = dead else {
+        panic!("{dead:?}")
+    };
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].state, RouteState::DeadLetter);
+    let why = entries[0].last_error.clone().unwrap_or_default();
+    assert!(
+        why.starts_with("integrity:") && why.contains("authentication"),
+        "{why}"
+    );
+    let audit =
+        String::from_utf8_lossy(&relay.cli(&["audit", "--limit", "1000"]).stdout).to_string();
+    assert!(
+        audit.contains("dead-letter")
+            || audit.contains("dead_letter")
+            || audit.contains("integrity"),
+        "{audit}"
+    );
+}
