@@ -111,6 +111,23 @@ pub struct RelayOptions {
 }
 
 impl RelayOptions {
+    /// Seals the spool with software keys provisioned in `key_dir` (the
+    /// same sealing a TPM-backed box does, without a TPM).
+    pub fn with_software_keys(mut self, key_dir: &Path) -> RelayOptions {
+        let config = kakehashi_config::TpmConfig {
+            backend: kakehashi_config::KeyBackend::Software,
+            key_dir: key_dir.to_path_buf(),
+        };
+        kakehashi_tpm::KeyStore::open(&config)
+            .and_then(|mut s| s.provision(false))
+            .expect("provision software keys");
+        self.extra_toml += &format!(
+            "\n[tpm]\nbackend = \"software\"\nkey_dir = \"{}\"\n",
+            key_dir.display()
+        );
+        self
+    }
+
     pub fn to(dest_port: u16) -> RelayOptions {
         RelayOptions {
             destinations: vec![("reading-center".into(), "READCENTER".into(), dest_port)],

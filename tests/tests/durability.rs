@@ -15,7 +15,18 @@ fn uid(path: &std::path::Path) -> String {
 
 #[test]
 fn kill_9_at_random_moments_loses_nothing_acknowledged() {
+    kill_9_at_random_moments(false);
+}
+
+/// The same with the spool sealed (chunked AEAD, sealed Patient IDs).
+#[test]
+fn kill_9_with_a_sealed_spool_loses_nothing_acknowledged() {
+    kill_9_at_random_moments(true);
+}
+
+fn kill_9_at_random_moments(sealed: bool) {
     const KILLS: usize = 20;
+    let keys = tempfile::tempdir().expect("tempdir");
     let data = tempfile::tempdir().expect("tempdir");
     let files = testdata::study(
         data.path(),
@@ -29,7 +40,11 @@ fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     )
     .expect("data");
     let center = StoreScp::start(free_port());
-    let mut relay = Relay::start(RelayOptions::to(center.port));
+    let mut opts = RelayOptions::to(center.port);
+    if sealed {
+        opts = opts.with_software_keys(keys.path());
+    }
+    let mut relay = Relay::start(opts);
     let port = relay.port;
 
     // The hospital keeps sending whatever it has not seen acknowledged.
@@ -155,7 +170,18 @@ fn sixteen_senders_at_once() {
 
 #[test]
 fn a_several_hundred_mb_instance_relays_with_small_memory() {
+    big_instance(false);
+}
+
+/// Sealed: checked to its last chunk, then streamed; memory stays small.
+#[test]
+fn a_several_hundred_mb_sealed_instance_relays_with_small_memory() {
+    big_instance(true);
+}
+
+fn big_instance(sealed: bool) {
     const SIZE: usize = 320 * 1024 * 1024;
+    let keys = tempfile::tempdir().expect("tempdir");
     let data = tempfile::tempdir().expect("tempdir");
     let file = testdata::study(
         data.path(),
@@ -170,7 +196,11 @@ fn a_several_hundred_mb_instance_relays_with_small_memory() {
     .expect("data")
     .remove(0);
     let center = StoreScp::start(free_port());
-    let relay = Relay::start(RelayOptions::to(center.port));
+    let mut opts = RelayOptions::to(center.port);
+    if sealed {
+        opts = opts.with_software_keys(keys.path());
+    }
+    let relay = Relay::start(opts);
     let out = storescu(relay.port, "MODALITY1", std::slice::from_ref(&file));
     assert_eq!(out.acked.len(), 1, "{}", out.output);
     relay.wait_drained(Duration::from_secs(300));
@@ -183,7 +213,7 @@ fn a_several_hundred_mb_instance_relays_with_small_memory() {
         "byte-identical"
     );
     println!(
-        "instance of {} MiB relayed; kakehashid peak RSS {} MiB",
+        "instance of {} MiB relayed (sealed spool: {sealed}); kakehashid peak RSS {} MiB",
         b.len() >> 20,
         peak >> 20
     );

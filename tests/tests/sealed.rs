@@ -6,27 +6,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kakehashi_config::{KeyBackend, TpmConfig};
 use kakehashi_control::RouteState;
 use kakehashi_systest::testdata::{self, Name};
 use kakehashi_systest::*;
-use kakehashi_tpm::KeyStore;
 
 /// kakehashid with provisioned software keys, forwarding to `center_port`.
 fn sealed_relay(keys: &Path, center_port: u16) -> Relay {
-    let config = TpmConfig {
-        backend: KeyBackend::Software,
-        key_dir: keys.to_path_buf(),
-    };
-    KeyStore::open(&config)
-        .and_then(|mut s| s.provision(false))
-        .expect("provision software keys");
-    let mut opts = RelayOptions::to(center_port);
-    opts.extra_toml = format!(
-        "\n[tpm]\nbackend = \"software\"\nkey_dir = \"{}\"\n",
-        keys.display()
-    );
-    Relay::start(opts)
+    Relay::start(RelayOptions::to(center_port).with_software_keys(keys))
 }
 
 /// Every file under `dir`, recursively.
