@@ -10,6 +10,7 @@
 pub mod netns;
 pub mod testdata;
 pub mod tpm;
+pub mod visit;
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -359,6 +360,11 @@ impl StoreScp {
 
     /// Like [`StoreScp::start_in`], inside network namespace `ns`.
     pub fn start_ns(port: u16, base: &Path, ns: Option<&str>) -> StoreScp {
+        StoreScp::start_as(port, base, ns, "READCENTER")
+    }
+
+    /// Like [`StoreScp::start_ns`], with AE title `aet`.
+    pub fn start_as(port: u16, base: &Path, ns: Option<&str>, aet: &str) -> StoreScp {
         let dir = tempfile::Builder::new()
             .prefix("storescp-")
             .tempdir_in(base)
@@ -368,7 +374,7 @@ impl StoreScp {
         let log = dir.path().join("storescp.log");
         let log_file = std::fs::File::create(&log).expect("log");
         let child = netns::ns_command(ns, "storescp")
-            .args(["-v", "-dhl", "+B", "+xa", "-aet", "READCENTER", "-od"])
+            .args(["-v", "-dhl", "+B", "+xa", "-aet", aet, "-od"])
             .arg(&out)
             .arg(port.to_string())
             .env("TCP_NODELAY", "1")

@@ -197,7 +197,19 @@ fn main() {
     );
     println!(
         "{:<4} {:>6} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>9} {:>8} | {:>6} {:>7} {:>6} | {:>9}",
-        "", "inst", "MB", "direct/s", "MB/s", "relay/s", "MB/s", "sealed/s", "MB/s", "ratio", "sealed", "target", "peak RSS"
+        "",
+        "inst",
+        "MB",
+        "direct/s",
+        "MB/s",
+        "relay/s",
+        "MB/s",
+        "sealed/s",
+        "MB/s",
+        "ratio",
+        "sealed",
+        "target",
+        "peak RSS"
     );
     let mut all_ok = true;
     for s in &studies {
