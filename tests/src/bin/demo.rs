@@ -1,15 +1,17 @@
-//! `make demo`: the whole path — hospital → box → WireGuard tunnel →
-//! reading center — in network namespaces, with real peers.
+//! `make demo`: a field engineer's visit and then the whole path —
+//! hospital → box → WireGuard tunnel → reading center — in network
+//! namespaces, with real peers.
 //!
-//! Three namespaces stand for the hospital (DCMTK storescu), the box
-//! (kakehashid with its in-process boringtun tunnel) and the reading center
+//! Three namespaces stand for the hospital (DCMTK storescu; a storescp as
+//! its PACS answering C-ECHO), the box (kakehashid with its in-process
+//! boringtun tunnel, and swtpm as its TPM) and the reading center
 //! (wireguard-go + `wg` as the hub, DCMTK storescp on its tunnel address).
-//! Keys are made with `wg genkey`. The center's WireGuard starts down: the
-//! box acknowledges everything, holds it (destination paused, nothing
-//! retried), and delivers it over the tunnel once the center is up. Prints
-//! the box's status and `wg show` at each step, what arrived and whether it
-//! is byte-identical, and the audit trail. Namespaces, processes and temp
-//! files are removed on exit.
+//! `kakehashi provision` makes the identity and sealed keys in the TPM and
+//! writes the config; the center enrolls the printed WireGuard key. The
+//! center's WireGuard starts down: the box acknowledges everything, holds it
+//! sealed (destination paused), and delivers it once the center is up.
+//! Then `kakehashi selftest`, what arrived (byte-identical?) and the audit
+//! trail. Namespaces, processes and temp files are removed on exit.
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -17,9 +19,8 @@ use std::time::Duration;
 
 use kakehashi_systest::netns::*;
 use kakehashi_systest::testdata::{dataset_of_file, varied_set};
+use kakehashi_systest::visit::*;
 use kakehashi_systest::*;
-
-const CENTER_DICOM_PORT: u16 = 11113;
 
 fn section(title: &str) {
     println!("\n\x1b[1m== {title}\x1b[0m");
@@ -49,61 +50,71 @@ fn main() {
         by_ts.len()
     );
 
-    section("2. Three network namespaces: hospital, box, reading center");
-    let mut site = Site::new();
+    section("2. Three network namespaces: hospital, box (with swtpm as its TPM), reading center");
+    let mut v = Visit::new();
     println!(
         "hospital {} ({HOSPITAL_IP}) --LAN-- box {} ({BOX_LAN_IP} | {BOX_WAN_IP}) --WAN-- center {} ({CENTER_WAN_IP} = {CENTER_NAME})",
-        site.hospital.name(),
-        site.boxns.name(),
-        site.center.name()
+        v.site.hospital.name(),
+        v.site.boxns.name(),
+        v.site.center.name()
     );
     println!("tunnel: box {BOX_TUNNEL_IP} (boringtun in kakehashid) <=> center {CENTER_TUNNEL_IP} (wireguard-go)");
-    println!(
-        "keys made with wg genkey: box public {}, center public {}",
-        site.box_public, site.center_public
+    let _pacs = StoreScp::start_as(
+        PACS_PORT,
+        data.path(),
+        Some(v.site.hospital.name()),
+        PACS_AE,
     );
-    let center = StoreScp::start_ns(CENTER_DICOM_PORT, data.path(), Some(site.center.name()));
-    println!("reading center: DCMTK storescp READCENTER at {CENTER_TUNNEL_IP}:{CENTER_DICOM_PORT}");
-    site.stop_center_wireguard();
-    println!("the center's WireGuard is DOWN for now");
+    let center = StoreScp::start_ns(CENTER_DICOM_PORT, data.path(), Some(v.site.center.name()));
+    println!("hospital PACS: {PACS_AE} at {HOSPITAL_IP}:{PACS_PORT}; reading center: READCENTER at {CENTER_TUNNEL_IP}:{CENTER_DICOM_PORT}");
+    println!("the box's TPM: swtpm at {}", v.swtpm.tcti());
 
-    section("3. Start kakehashid in the box namespace");
-    let mut opts = RelayOptions::to(CENTER_DICOM_PORT);
-    opts.netns = Some(site.boxns.name().to_string());
-    opts.listen_host = BOX_LAN_IP.into();
-    opts.dest_host = CENTER_TUNNEL_IP.into();
-    opts.retry_initial = "500ms".into();
-    opts.retry_max = "2s".into();
-    opts.extra_toml = site.tunnel_toml(&site.center_public, "150s");
-    let relay = Relay::start(opts);
+    section("3. The field engineer: kakehashi provision --site site.toml");
+    print!(
+        "{}",
+        std::fs::read_to_string(&v.site_file).unwrap_or_default()
+    );
+    println!("\n$ kakehashi provision --site site.toml --config kakehashi.toml");
+    let provisioned = v.provision(&[]);
+    let out = text(&provisioned);
+    print!("{out}");
+    if !provisioned.status.success() {
+        eprintln!("provisioning failed; stopping the demo");
+        std::process::exit(1);
+    }
+    let wg = wireguard_key_of(&out);
+
+    section("4. The reading center enrolls the box's key; its WireGuard is DOWN for now");
+    v.site.set_box_public(&wg);
+    v.site.stop_center_wireguard();
+    println!(
+        "center: wg set {} peer {wg} allowed-ips {BOX_TUNNEL_IP}/32, then stopped",
+        v.site.center_interface
+    );
+
+    section("5. Start kakehashid in the box namespace");
+    let relay = v.start();
     show(
         Command::new(bin("kakehashid"))
             .arg("--check-config")
             .arg("--config")
-            .arg(&relay.config)
+            .arg(&v.config)
             .output()
             .expect("kakehashid"),
     );
 
-    section("4. The hospital sends (DCMTK storescu in the hospital namespace)");
-    let sent = storescu_at(
-        Some(site.hospital.name()),
-        BOX_LAN_IP,
-        relay.port,
-        "MODALITY1",
-        "KAKEHASHI",
-        &files,
-    );
+    section("6. The hospital sends (DCMTK storescu in the hospital namespace)");
+    let sent = v.send(&files);
     println!(
         "storescu: {} acknowledged by the box, {} refused",
         sent.acked.len(),
         sent.failed.len()
     );
     let direct = echoscu_at(
-        Some(site.hospital.name()),
+        Some(v.site.hospital.name()),
         CENTER_TUNNEL_IP,
         CENTER_DICOM_PORT,
-        "MODALITY1",
+        PACS_AE,
         "READCENTER",
     );
     println!(
@@ -118,17 +129,20 @@ fn main() {
     println!("\n$ kakehashi status");
     show(relay.cli(&["status"]));
 
-    section("5. The center's WireGuard comes up");
-    site.start_center_wireguard();
+    section("7. The center's WireGuard comes up");
+    v.site.start_center_wireguard();
     relay.wait_drained(Duration::from_secs(180));
     println!("$ kakehashi status");
     show(relay.cli(&["status"]));
     println!("\n$ wg show   (on the box: kakehashid serves the UAPI socket)");
-    print!("{}", site.wg_show(true));
+    print!("{}", v.site.wg_show(true));
     println!("\n$ wg show   (on the center: wireguard-go)");
-    print!("{}", site.wg_show(false));
+    print!("{}", v.site.wg_show(false));
 
-    section("6. What arrived at the reading center");
+    section("8. kakehashi selftest");
+    print!("{}", text(&v.selftest()));
+
+    section("9. What arrived at the reading center");
     let originals: HashMap<String, Vec<u8>> = files
         .iter()
         .map(|f| {
@@ -194,7 +208,7 @@ fn main() {
         identical
     );
 
-    section("7. Audit trail (last 8 records)");
+    section("10. Audit trail (last 8 records)");
     let audit = relay.cli(&["audit", "--limit", "1000"]);
     let text = String::from_utf8_lossy(&audit.stdout).to_string();
     let lines: Vec<&str> = text.lines().collect();
@@ -206,5 +220,5 @@ fn main() {
     );
     drop(relay);
     drop(center);
-    drop(site);
+    drop(v);
 }
