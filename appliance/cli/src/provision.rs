@@ -284,3 +284,37 @@ pub fn run(site_path: &Path, config_path: &Path, force: bool, json: bool) -> Res
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}\n")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_site_file_makes_a_valid_config() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/site.toml");
+        let site = Site::load(&path).expect("examples/site.toml parses");
+        let text = site.config_text(&path);
+        let config = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(config.dicom.sources[0].port, Some(104));
+        assert!(config.destinations[0].via_tunnel);
+        let t = config.tunnel.expect("tunnel");
+        assert!(t.private_key_file.is_none(), "the key is sealed, not a file");
+        assert_eq!(
+            config.tpm.expect("tpm").backend,
+            KeyBackend::Tpm {
+                tcti: "device:/dev/tpmrm0".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_bad_site_file_names_the_problem() {
+        let dir = std::env::temp_dir().join(format!("kk-site-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("site.toml");
+        std::fs::write(&path, "[site]\nname = \"x\"\n[box]\ntunel_address = \"10.8.0.2/24\"\n").expect("write");
+        let e = Site::load(&path).expect_err("typo").to_string();
+        assert!(e.contains("tunel_address"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
