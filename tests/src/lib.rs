@@ -118,6 +118,7 @@ impl RelayOptions {
         let config = kakehashi_config::TpmConfig {
             backend: kakehashi_config::KeyBackend::Software,
             key_dir: key_dir.to_path_buf(),
+            pcrs: Vec::new(),
         };
         kakehashi_tpm::KeyStore::open(&config)
             .and_then(|mut s| s.provision(false))

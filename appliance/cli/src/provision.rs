@@ -72,6 +72,9 @@ struct SiteTpm {
     backend: Option<String>,
     tcti: Option<String>,
     key_dir: Option<String>,
+    /// PCRs to bind the sealed keys to (SHA-256 bank).
+    #[serde(default)]
+    pcrs: Vec<u8>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,6 +174,9 @@ impl Site {
                     q(self.tpm.tcti.as_deref().unwrap_or("device:/dev/tpmrm0"))
                 );
             }
+        }
+        if !self.tpm.pcrs.is_empty() {
+            t += &format!("pcrs = {:?}\n", self.tpm.pcrs);
         }
         t += &format!(
             "key_dir = {}\n",
@@ -298,7 +304,10 @@ mod tests {
         assert_eq!(config.dicom.sources[0].port, Some(104));
         assert!(config.destinations[0].via_tunnel);
         let t = config.tunnel.expect("tunnel");
-        assert!(t.private_key_file.is_none(), "the key is sealed, not a file");
+        assert!(
+            t.private_key_file.is_none(),
+            "the key is sealed, not a file"
+        );
         assert_eq!(
             config.tpm.expect("tpm").backend,
             KeyBackend::Tpm {
@@ -312,7 +321,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kk-site-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("site.toml");
-        std::fs::write(&path, "[site]\nname = \"x\"\n[box]\ntunel_address = \"10.8.0.2/24\"\n").expect("write");
+        std::fs::write(
+            &path,
+            "[site]\nname = \"x\"\n[box]\ntunel_address = \"10.8.0.2/24\"\n",
+        )
+        .expect("write");
         let e = Site::load(&path).expect_err("typo").to_string();
         assert!(e.contains("tunel_address"), "{e}");
         std::fs::remove_dir_all(&dir).ok();

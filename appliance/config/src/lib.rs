@@ -79,6 +79,9 @@ pub struct TpmConfig {
     pub backend: KeyBackend,
     /// Directory of the identity blob and sealed secrets (mode 0700).
     pub key_dir: PathBuf,
+    /// PCRs (SHA-256 bank) the sealed keys are bound to when provisioned:
+    /// they unseal only while those PCRs hold the values they held then.
+    pub pcrs: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -38,6 +38,8 @@ struct RawTpm {
     backend: Option<String>,
     tcti: Option<String>,
     key_dir: Option<String>,
+    #[serde(default)]
+    pcrs: Vec<i64>,
 }
 
 impl RawTpm {
@@ -85,9 +87,28 @@ impl RawTpm {
                 "an absolute directory path",
             ));
         }
+        let mut pcrs = Vec::new();
+        for (i, p) in self.pcrs.iter().enumerate() {
+            if !(0..=23).contains(p) || pcrs.contains(&(*p as u8)) {
+                return Err(ConfigError::invalid(
+                    format!("tpm.pcrs[{i}]"),
+                    p.to_string(),
+                    "a PCR index from 0 to 23, each once (e.g. [0, 2, 4, 7]: firmware, option ROMs, boot loader, Secure Boot state)",
+                ));
+            }
+            pcrs.push(*p as u8);
+        }
+        if !pcrs.is_empty() && backend == KeyBackend::Software {
+            return Err(ConfigError::invalid(
+                "tpm.pcrs",
+                format!("{pcrs:?}"),
+                "no PCRs with backend = \"software\" (there is no TPM to bind to)",
+            ));
+        }
         Ok(TpmConfig {
             backend,
             key_dir: PathBuf::from(key_dir),
+            pcrs,
         })
     }
 }

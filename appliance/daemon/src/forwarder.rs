@@ -350,7 +350,7 @@ async fn send_one(shared: &Shared, scu: &mut Scu, pc: u8, item: &Item) -> Sent {
     };
     // Nothing leaves the box unchecked: a sealed payload must authenticate
     // to its last chunk and every dataset must match its recorded digest
-    // before its C-STORE starts. Up to 4 MiB this is one pass into memory;
+    // before its C-STORE starts. Up to 32 MiB this is one pass into memory;
     // larger ones are checked, then streamed (and the association aborted
     // if they change in between).
     let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if item.size <= SMALL {
@@ -499,8 +499,9 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
     }
 }
 
-/// Datasets up to this size are checked and sent from memory in one pass.
-const SMALL: u64 = 4 << 20;
+/// Datasets up to this size are checked and sent from memory in one pass
+/// (a mammogram fits); larger ones are read twice (check, then stream).
+const SMALL: u64 = 32 << 20;
 
 /// Streams a dataset from a blocking reader (decrypting if sealed) to the
 /// async sender through a small bounded channel.

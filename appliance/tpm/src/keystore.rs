@@ -50,6 +50,8 @@ enum Backend {
 pub struct KeyStore {
     backend: Backend,
     dir: PathBuf,
+    /// PCRs new sealed keys are bound to (from `tpm.pcrs`).
+    pcrs: Vec<u8>,
 }
 
 /// Said at every start and in `status` when keys are in files.
@@ -110,6 +112,7 @@ impl KeyStore {
         Ok(KeyStore {
             backend,
             dir: config.key_dir.clone(),
+            pcrs: config.pcrs.clone(),
         })
     }
 
@@ -170,7 +173,7 @@ impl KeyStore {
                 Backend::Tpm(tpm) if name == IDENTITY => tpm.create_identity()?.encode(),
                 Backend::Tpm(tpm) => {
                     let secret = tpm.random(32)?;
-                    tpm.seal(&secret)?.encode()
+                    tpm.seal(&secret, &self.pcrs)?.encode()
                 }
                 Backend::Software if name == IDENTITY => loop {
                     // A uniformly random 32-byte string is a valid scalar
@@ -318,6 +321,7 @@ mod tests {
         let config = TpmConfig {
             backend: KeyBackend::Software,
             key_dir: dir.clone(),
+            pcrs: Vec::new(),
         };
         let mut store = KeyStore::open(&config).expect("open");
         assert!(store.is_software());

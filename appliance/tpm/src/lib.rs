@@ -32,16 +32,17 @@ use std::str::FromStr;
 
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
+use tss_esapi::constants::SessionType;
 use tss_esapi::handles::KeyHandle;
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
-use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
     Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket, KeyDerivationFunctionScheme,
-    KeyedHashScheme, Private, Public, PublicBuilder, PublicEccParametersBuilder,
-    PublicKeyedHashParameters, SensitiveData, Signature, SignatureScheme,
-    SymmetricDefinitionObject,
+    KeyedHashScheme, PcrSelectionList, PcrSlot, Private, Public, PublicBuilder,
+    PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData, Signature,
+    SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -50,7 +51,8 @@ use tss_esapi::Context;
 use zeroize::Zeroizing;
 
 const BLOB_MAGIC: &[u8; 4] = b"KKTB";
-const BLOB_VERSION: u8 = 1;
+/// 1: public, private. 2: public, private, PCR list.
+const BLOB_VERSION: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TpmError {
@@ -64,6 +66,13 @@ pub enum TpmError {
     },
     #[error("{path}: {message}")]
     Blob { path: String, message: String },
+    #[error("{what} in {path} is bound to PCRs {pcrs:?} and they no longer hold the values it was sealed with: the firmware, boot loader or their settings changed since provisioning ({message})")]
+    Policy {
+        what: String,
+        path: String,
+        pcrs: Vec<u8>,
+        message: String,
+    },
     #[error("TPM {operation} failed: {message}")]
     Command { operation: String, message: String },
 }
@@ -81,14 +90,16 @@ fn command(operation: &str) -> impl Fn(tss_esapi::Error) -> TpmError + '_ {
 pub struct KeyBlob {
     pub public: Vec<u8>,
     pub private: Vec<u8>,
+    /// PCRs (SHA-256 bank) the object's policy binds it to; empty: none.
+    pub pcrs: Vec<u8>,
 }
 
 impl KeyBlob {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(13 + self.public.len() + self.private.len());
+        let mut out = Vec::with_capacity(17 + self.public.len() + self.private.len());
         out.extend_from_slice(BLOB_MAGIC);
         out.push(BLOB_VERSION);
-        for part in [&self.public, &self.private] {
+        for part in [&self.public, &self.private, &self.pcrs] {
             out.extend_from_slice(&(part.len() as u32).to_be_bytes());
             out.extend_from_slice(part);
         }
@@ -98,11 +109,13 @@ impl KeyBlob {
     pub fn decode(bytes: &[u8]) -> Option<KeyBlob> {
         let rest = bytes.strip_prefix(BLOB_MAGIC.as_slice())?;
         let (&version, mut rest) = rest.split_first()?;
-        if version != BLOB_VERSION {
-            return None;
-        }
+        let count = match version {
+            1 => 2,
+            2 => 3,
+            _ => return None,
+        };
         let mut parts = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..count {
             let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
             parts.push(rest.get(4..4 + len)?.to_vec());
             rest = &rest[4 + len..];
@@ -110,9 +123,14 @@ impl KeyBlob {
         if !rest.is_empty() {
             return None;
         }
+        let pcrs = if count == 3 { parts.pop()? } else { Vec::new() };
         let private = parts.pop()?;
         let public = parts.pop()?;
-        Some(KeyBlob { public, private })
+        Some(KeyBlob {
+            public,
+            private,
+            pcrs,
+        })
     }
 
     /// The public part as a TPM2B_PUBLIC (what `tpm2_load -u` reads).
@@ -209,13 +227,29 @@ fn identity_template() -> Result<Public, tss_esapi::Error> {
         .build()
 }
 
-fn sealed_template() -> Result<Public, tss_esapi::Error> {
+fn pcr_selection(pcrs: &[u8]) -> Result<PcrSelectionList, tss_esapi::Error> {
+    let slots = pcrs
+        .iter()
+        .map(|&p| PcrSlot::try_from(1u32 << u32::from(p.min(31))))
+        .collect::<Result<Vec<_>, _>>()?;
+    PcrSelectionList::builder()
+        .with_selection(HashingAlgorithm::Sha256, &slots)
+        .build()
+}
+
+/// `policy`: a PolicyPCR digest, so only that boot state unseals it;
+/// `None`: the object's password (empty) is enough.
+fn sealed_template(policy: Option<Digest>) -> Result<Public, tss_esapi::Error> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
-        .with_user_with_auth(true)
+        .with_user_with_auth(policy.is_none())
         .build()?;
-    PublicBuilder::new()
+    let builder = match policy {
+        Some(p) => PublicBuilder::new().with_auth_policy(p),
+        None => PublicBuilder::new(),
+    };
+    builder
         .with_public_algorithm(PublicAlgorithm::KeyedHash)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
         .with_object_attributes(attributes)
@@ -278,6 +312,7 @@ impl Tpm {
         Ok(KeyBlob {
             public: created.out_public.marshall().map_err(command("marshal"))?,
             private: created.out_private.value().to_vec(),
+            pcrs: Vec::new(),
         })
     }
 
@@ -360,11 +395,63 @@ impl Tpm {
         result
     }
 
-    /// Seals `secret` (at most 128 bytes) to this TPM.
-    pub fn seal(&mut self, secret: &[u8]) -> Result<KeyBlob, TpmError> {
+    /// A session satisfying PolicyPCR over `pcrs` with their current values
+    /// (`trial`: only to compute the policy digest).
+    fn pcr_session(&mut self, pcrs: &[u8], trial: bool) -> Result<AuthSession, TpmError> {
+        let selection = pcr_selection(pcrs).map_err(command("PCR selection"))?;
+        self.context.execute_without_session(|c| {
+            let session = c
+                .start_auth_session(
+                    None,
+                    None,
+                    None,
+                    if trial {
+                        SessionType::Trial
+                    } else {
+                        SessionType::Policy
+                    },
+                    SymmetricDefinition::AES_128_CFB,
+                    HashingAlgorithm::Sha256,
+                )
+                .map_err(command("StartAuthSession"))?
+                .ok_or_else(|| TpmError::Command {
+                    operation: "StartAuthSession".into(),
+                    message: "no session returned".into(),
+                })?;
+            let policy = PolicySession::try_from(session).map_err(command("policy session"))?;
+            c.policy_pcr(policy, Digest::default(), selection)
+                .map_err(command("PolicyPCR"))?;
+            Ok(session)
+        })
+    }
+
+    fn end_session(&mut self, session: AuthSession) {
+        let handle = tss_esapi::handles::SessionHandle::from(session);
+        let _ = self.context.flush_context(handle.into());
+    }
+
+    /// Seals `secret` (at most 128 bytes) to this TPM; with `pcrs`, only
+    /// while those PCRs (SHA-256 bank) hold the values they hold now.
+    pub fn seal(&mut self, secret: &[u8], pcrs: &[u8]) -> Result<KeyBlob, TpmError> {
         let data = SensitiveData::try_from(secret.to_vec()).map_err(command("seal data"))?;
-        let template = sealed_template().map_err(command("seal template"))?;
-        self.create(template, Some(data))
+        let policy = if pcrs.is_empty() {
+            None
+        } else {
+            let session = self.pcr_session(pcrs, true)?;
+            let digest = PolicySession::try_from(session)
+                .map_err(command("policy session"))
+                .and_then(|p| {
+                    self.context
+                        .execute_without_session(|c| c.policy_get_digest(p))
+                        .map_err(command("PolicyGetDigest"))
+                });
+            self.end_session(session);
+            Some(digest?)
+        };
+        let template = sealed_template(policy).map_err(command("seal template"))?;
+        let mut blob = self.create(template, Some(data))?;
+        blob.pcrs = pcrs.to_vec();
+        Ok(blob)
     }
 
     /// Unseals a blob made by [`Tpm::seal`] on this TPM.
@@ -375,11 +462,30 @@ impl Tpm {
         path: &str,
     ) -> Result<Zeroizing<Vec<u8>>, TpmError> {
         let handle = self.load(blob, what, path)?;
-        let result = self
-            .context
-            .unseal(handle.into())
-            .map(|d| Zeroizing::new(d.value().to_vec()))
-            .map_err(command("Unseal"));
+        let result = if blob.pcrs.is_empty() {
+            self.context
+                .unseal(handle.into())
+                .map(|d| Zeroizing::new(d.value().to_vec()))
+                .map_err(command("Unseal"))
+        } else {
+            match self.pcr_session(&blob.pcrs, false) {
+                Ok(session) => {
+                    let r = self
+                        .context
+                        .execute_with_session(Some(session), |c| c.unseal(handle.into()))
+                        .map(|d| Zeroizing::new(d.value().to_vec()))
+                        .map_err(|e| TpmError::Policy {
+                            what: what.to_string(),
+                            path: path.to_string(),
+                            pcrs: blob.pcrs.clone(),
+                            message: e.to_string(),
+                        });
+                    self.end_session(session);
+                    r
+                }
+                Err(e) => Err(e),
+            }
+        };
         self.flush(handle);
         result
     }

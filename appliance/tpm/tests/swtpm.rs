@@ -194,7 +194,7 @@ fn sealed_blobs_unseal_only_on_their_own_tpm() {
     let b = Swtpm::start(None);
     let mut tpm_a = Tpm::open(&a.tcti()).expect("open a");
     let secret = tpm_a.random(32).expect("random");
-    let blob = tpm_a.seal(&secret).expect("seal");
+    let blob = tpm_a.seal(&secret, &[]).expect("seal");
     let back = tpm_a
         .unseal(&blob, "the test secret", "blob")
         .expect("unseal on a");
@@ -216,5 +216,62 @@ fn sealed_blobs_unseal_only_on_their_own_tpm() {
     println!(
         "unseal (load + unseal + flush): {:.2} ms each",
         t.elapsed().as_secs_f64() * 1000.0 / 20.0
+    );
+}
+
+#[test]
+fn a_pcr_bound_key_unseals_only_in_the_boot_state_it_was_sealed_in() {
+    let swtpm = Swtpm::start(None);
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut tpm = Tpm::open(&swtpm.tcti()).expect("open");
+    // PCR 16 is the debug PCR: resettable, so the test can restore it.
+    let blob = tpm
+        .seal(b"the spool key", &[16])
+        .expect("seal with a PCR policy");
+    assert_eq!(blob.pcrs, vec![16]);
+    let back = kakehashi_tpm::KeyBlob::decode(&blob.encode()).expect("blob round-trips");
+    assert_eq!(back, blob);
+    assert_eq!(
+        &*tpm
+            .unseal(&blob, "the spool key", "spool.sealed")
+            .expect("same state"),
+        b"the spool key"
+    );
+    drop(tpm);
+
+    // The boot state changes.
+    let out = swtpm.tools(
+        &["tpm2_pcrextend", &format!("16:sha256={}", "ab".repeat(32))],
+        work.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut tpm = Tpm::open(&swtpm.tcti()).expect("open");
+    let e = tpm
+        .unseal(&blob, "the spool key", "spool.sealed")
+        .expect_err("a changed PCR must refuse")
+        .to_string();
+    assert!(
+        e.contains("PCRs [16]") && e.contains("no longer hold"),
+        "{e}"
+    );
+    drop(tpm);
+
+    // Back to the state it was sealed in: it unseals again.
+    let out = swtpm.tools(&["tpm2_pcrreset", "16"], work.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut tpm = Tpm::open(&swtpm.tcti()).expect("open");
+    assert_eq!(
+        &*tpm
+            .unseal(&blob, "the spool key", "spool.sealed")
+            .expect("restored state"),
+        b"the spool key"
     );
 }
