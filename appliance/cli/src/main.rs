@@ -62,7 +62,7 @@ enum Command {
     /// keys (kept if they exist and load), write the config from a site file,
     /// and print what the reading center needs (WireGuard key, identity, CSR).
     Provision {
-        /// The site file (see examples/site.toml).
+        /// The site file (see provisioning/site.toml).
         #[arg(long)]
         site: PathBuf,
         /// Where to write the box's config.

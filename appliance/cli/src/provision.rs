@@ -297,8 +297,8 @@ mod tests {
 
     #[test]
     fn the_example_site_file_makes_a_valid_config() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/site.toml");
-        let site = Site::load(&path).expect("examples/site.toml parses");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../provisioning/site.toml");
+        let site = Site::load(&path).expect("provisioning/site.toml parses");
         let text = site.config_text(&path);
         let config = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(config.dicom.sources[0].port, Some(104));
