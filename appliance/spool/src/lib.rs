@@ -621,6 +621,13 @@ impl Spool {
     /// A sealed one is authenticated chunk by chunk: tampering is an
     /// `InvalidData` error before the altered bytes are returned.
     pub fn dataset_reader(&self, rec: &DatasetRef) -> Result<Box<dyn Read + Send>, SpoolError> {
+        let (reader, _) = self.open_dataset(rec)?;
+        Ok(Box::new(reader.take(rec.size)))
+    }
+
+    /// The payload positioned at the dataset, read to the end of the file
+    /// (not cut at the dataset's size); and whether it is sealed.
+    fn open_dataset(&self, rec: &DatasetRef) -> Result<(Box<dyn Read + Send>, bool), SpoolError> {
         let (file, path) = self.open_payload(rec.id)?;
         let mut reader = std::io::BufReader::with_capacity(256 * 1024, file);
         let mut magic = [0u8; 4];
@@ -636,19 +643,20 @@ impl Spool {
                 .map_err(io(&path))?;
             std::io::copy(&mut (&mut plain).take(rec.offset), &mut std::io::sink())
                 .map_err(io(&path))?;
-            Ok(Box::new(plain.take(rec.size)))
+            Ok((Box::new(plain), true))
         } else {
             std::io::copy(
-                &mut (&mut reader).take(rec.offset - 4),
+                &mut (&mut reader).take(rec.offset.saturating_sub(4)),
                 &mut std::io::sink(),
             )
             .map_err(io(&path))?;
-            Ok(Box::new(reader.take(rec.size)))
+            Ok((Box::new(reader), false))
         }
     }
 
-    /// Reads the whole payload of `rec` once, checking it: a sealed payload
-    /// must authenticate to its last chunk, and the dataset must hash to the
+    /// Reads the whole payload of `rec` once, checking it: it must hold
+    /// exactly the dataset; a sealed payload must authenticate to its last
+    /// chunk (which also proves its content), a clear one must hash to the
     /// digest recorded when it was received.
     pub fn verify_dataset(&self, rec: &DatasetRef) -> Result<(), SpoolError> {
         self.checked_read(rec, None)
@@ -667,8 +675,8 @@ impl Spool {
         mut keep: Option<&mut Vec<u8>>,
     ) -> Result<(), SpoolError> {
         let path = self.payload_path(rec.id);
-        let mut reader = self.dataset_reader(rec)?;
-        let mut hasher = Sha256::new();
+        let (mut reader, sealed) = self.open_dataset(rec)?;
+        let mut hasher = (!sealed).then(Sha256::new);
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;
         loop {
@@ -676,16 +684,19 @@ impl Spool {
             if n == 0 {
                 break;
             }
-            hasher.update(&buf[..n]);
+            if let Some(h) = hasher.as_mut() {
+                h.update(&buf[..n]);
+            }
             if let Some(k) = keep.as_mut() {
                 k.extend_from_slice(&buf[..n]);
             }
             total += n as u64;
         }
-        if total != rec.size || hex::encode(hasher.finalize()) != rec.sha256 {
+        let digest_ok = hasher.is_none_or(|h| hex::encode(h.finalize()) == rec.sha256);
+        if total != rec.size || !digest_ok {
             return Err(io(&path)(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                "the dataset does not match the digest recorded when it was received",
+                "the dataset does not match what was recorded when it was received",
             )));
         }
         Ok(())

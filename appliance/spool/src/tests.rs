@@ -423,3 +423,30 @@ fn a_keyed_spool_seals_payloads_and_patient_ids_and_catches_tampering() {
     assert_eq!(spool.patient_id(&rec), None);
     assert!(spool.read_dataset(&dataset).is_err());
 }
+
+#[test]
+fn a_sealed_payload_cut_at_a_chunk_boundary_fails_its_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = SpoolKey::new(zeroize::Zeroizing::new([3u8; 32]));
+    let (spool, _) = Spool::open_with_key(
+        dir.path(),
+        vec!["center".into()],
+        limits(1 << 20),
+        1000,
+        Some(key),
+    )
+    .expect("open");
+    // "HEADER" + body fills exactly two 64 KiB chunks; the file ends with
+    // an empty, flagged last chunk (its tag alone).
+    let body = vec![0x5a; 2 * 65536 - 6];
+    let Accepted::Queued(rec) = receive(&spool, "1.9", &body).expect("receive") else {
+        panic!("queued")
+    };
+    let dataset = DatasetRef::from(&*rec);
+    spool.verify_dataset(&dataset).expect("whole file verifies");
+    let (_, path) = spool.open_payload(rec.id).expect("payload");
+    let bytes = fs::read(&path).expect("read");
+    fs::write(&path, &bytes[..bytes.len() - 16]).expect("cut the last chunk");
+    let e = spool.verify_dataset(&dataset).expect_err("cut file").to_string();
+    assert!(e.contains("truncated") || e.contains("authentication"), "{e}");
+}
