@@ -447,6 +447,12 @@ fn a_sealed_payload_cut_at_a_chunk_boundary_fails_its_check() {
     let (_, path) = spool.open_payload(rec.id).expect("payload");
     let bytes = fs::read(&path).expect("read");
     fs::write(&path, &bytes[..bytes.len() - 16]).expect("cut the last chunk");
-    let e = spool.verify_dataset(&dataset).expect_err("cut file").to_string();
-    assert!(e.contains("truncated") || e.contains("authentication"), "{e}");
+    let e = spool
+        .verify_dataset(&dataset)
+        .expect_err("cut file")
+        .to_string();
+    assert!(
+        e.contains("truncated") || e.contains("authentication"),
+        "{e}"
+    );
 }
