@@ -84,25 +84,19 @@ fn provision_then_the_whole_path_runs_on_tpm_keys_and_selftest_passes() {
     // Every C-STORE answered, so storescp has finished writing its files.
     relay.wait_drained(Duration::from_secs(60));
     // Sealed in the spool with the TPM's key, identical at the center.
-    let mut sent: Vec<_> = files
-        .iter()
-        .map(|f| {
-            testdata::dataset_of_file(&read(f))
-                .expect("dataset")
-                .to_vec()
-        })
-        .collect();
-    let mut got: Vec<_> = center
-        .files()
-        .iter()
-        .map(|f| {
-            testdata::dataset_of_file(&read(f))
-                .expect("dataset")
-                .to_vec()
-        })
-        .collect();
-    sent.sort();
-    got.sort();
+    let datasets = |paths: &[std::path::PathBuf]| {
+        let mut v: Vec<Vec<u8>> = paths
+            .iter()
+            .map(|f| {
+                testdata::dataset_of_file(&read(f))
+                    .expect("dataset")
+                    .to_vec()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let (sent, got) = (datasets(&files), datasets(&center.files()));
     assert!(
         sent == got,
         "datasets changed on the way through the sealed spool"
