@@ -183,3 +183,64 @@ fn a_reset_tpm_is_explained_and_nothing_is_deleted() {
     assert!(!again.status.success(), "{}", text(&again));
     assert!(text(&again).contains("--force"), "{}", text(&again));
 }
+
+#[test]
+fn provision_gives_the_keys_to_the_service_user() {
+    use std::os::unix::fs::MetadataExt;
+    // The service user, made from the project's own sysusers file as the
+    // package would make it.
+    let sysusers = workspace_root().join("systemd/kakehashi.sysusers");
+    let made = std::process::Command::new("systemd-sysusers")
+        .arg(&sysusers)
+        .output()
+        .expect("systemd-sysusers");
+    assert!(made.status.success(), "{}", text(&made));
+    let user = nix::unistd::User::from_name("kakehashi")
+        .expect("passwd")
+        .expect("the sysusers file makes user kakehashi");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = dir.path().join("site.toml");
+    let keys = dir.path().join("keys");
+    let config = dir.path().join("kakehashi.toml");
+    let example = std::fs::read_to_string(workspace_root().join("provisioning/site.toml"))
+        .expect("example site file");
+    std::fs::write(
+        &site,
+        example.replace(
+            "[tpm]                             # optional section",
+            &format!(
+                "[tpm]\nbackend = \"software\"\nkey_dir = \"{}\"",
+                keys.display()
+            ),
+        ),
+    )
+    .expect("site");
+    let out = std::process::Command::new(bin("kakehashi"))
+        .args(["provision", "--site"])
+        .arg(&site)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("provision");
+    let report = text(&out);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        report.contains("keys owned by kakehashi") && report.contains("software key store"),
+        "{report}"
+    );
+    for entry in std::fs::read_dir(&keys).expect("keys").flatten() {
+        let meta = entry.metadata().expect("meta");
+        assert_eq!(meta.uid(), user.uid.as_raw(), "{}", entry.path().display());
+    }
+    let meta = std::fs::metadata(&keys).expect("meta");
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o777),
+        (user.uid.as_raw(), 0o700)
+    );
+    let meta = std::fs::metadata(&config).expect("meta");
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o777),
+        (0, user.gid.as_raw(), 0o640)
+    );
+}

@@ -245,6 +245,9 @@ pub fn run(site_path: &Path, config_path: &Path, force: bool, json: bool) -> Res
         "[ok] config {} written and valid",
         config_path.display()
     ));
+    if let Some(line) = hand_over(store.dir(), config_path)? {
+        say(line);
+    }
     let tunnel_ip = site
         .box_
         .tunnel_address
@@ -289,6 +292,37 @@ pub fn run(site_path: &Path, config_path: &Path, force: bool, json: bool) -> Res
 
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+/// The service user kakehashid runs as (systemd/kakehashi.sysusers).
+const SERVICE_USER: &str = "kakehashi";
+
+/// Provision runs as root; kakehashid runs as the service user. When that
+/// user exists, give it the key directory and its files (0700/0600) and
+/// let its group read the config (root:kakehashi 0640), so the daemon can
+/// read what provision wrote. Without the user (a development machine) the
+/// files stay with whoever ran provision.
+fn hand_over(key_dir: &Path, config: &Path) -> Result<Option<String>, String> {
+    use nix::unistd::{chown, Gid, Uid, User};
+    if !Uid::effective().is_root() {
+        return Ok(None);
+    }
+    let Ok(Some(user)) = User::from_name(SERVICE_USER) else {
+        return Ok(None);
+    };
+    let own = |path: &Path, uid: Option<Uid>, gid: Option<Gid>| {
+        chown(path, uid, gid).map_err(|e| format!("cannot chown {}: {e}", path.display()))
+    };
+    own(key_dir, Some(user.uid), Some(user.gid))?;
+    let entries = std::fs::read_dir(key_dir)
+        .map_err(|e| format!("cannot list {}: {e}", key_dir.display()))?;
+    for entry in entries.flatten() {
+        own(&entry.path(), Some(user.uid), Some(user.gid))?;
+    }
+    own(config, Some(Uid::from_raw(0)), Some(user.gid))?;
+    Ok(Some(format!(
+        "[ok] keys owned by {SERVICE_USER} (the service user), config readable by its group"
+    )))
 }
 
 #[cfg(test)]

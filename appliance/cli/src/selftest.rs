@@ -121,6 +121,22 @@ fn with_config(config: &Config, socket: Option<&Path>) -> Vec<Check> {
                     format!("TPM: {e}"),
                     "enable the TPM in the firmware setup; check that /dev/tpmrm0 exists and kakehashi may use it (group tss)",
                 )),
+                Err(e @ kakehashi_tpm::TpmError::Blob { .. })
+                    if e.to_string().contains("Permission denied") =>
+                {
+                    checks.push(fail(
+                        format!("TPM: {e}"),
+                        "run kakehashi selftest as root: the keys are readable by the service user only",
+                    ))
+                }
+                Err(e @ kakehashi_tpm::TpmError::Blob { .. })
+                    if e.to_string().contains("No such file") =>
+                {
+                    checks.push(fail(
+                        format!("TPM: {e}"),
+                        "this box is not provisioned: kakehashi provision --site SITE.toml",
+                    ))
+                }
                 Err(e) => checks.push(fail(format!("TPM: {e}"), REENROLL)),
             }
         }

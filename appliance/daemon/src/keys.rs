@@ -71,6 +71,9 @@ fn describe(e: &TpmError) -> String {
         TpmError::Blob { message, .. } if message.contains("No such file") => format!(
             "{e}: this box is not provisioned. Run `kakehashi provision --site SITE.toml`."
         ),
+        TpmError::Blob { message, .. } if message.contains("Permission denied") => format!(
+            "{e}: kakehashid cannot read its keys. They must belong to the user it runs as (provision gives them to user kakehashi when it exists): chown -R kakehashi: on the key directory."
+        ),
         _ => format!("{e}. {REENROLL}"),
     }
 }
