@@ -42,10 +42,31 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    free_ports(1)
+}
+
+/// `n` consecutive loopback ports nobody listens on right now, and that no
+/// other test of this process has been given: parallel tests pick ports at
+/// the same time, and a port handed to one is not handed to another.
+pub fn free_ports(n: u16) -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let first = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        let all = (0..n).map(|i| first.checked_add(i));
+        let ok = all.clone().all(|p| {
+            p.is_some_and(|p| {
+                !given.contains(&p) && (p == first || TcpListener::bind(("127.0.0.1", p)).is_ok())
+            })
+        });
+        if ok {
+            given.extend(all.flatten());
+            return first;
+        }
+    }
 }
 
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {

@@ -16,21 +16,11 @@ pub struct Swtpm {
     dir: tempfile::TempDir,
 }
 
-fn two_free_ports() -> u16 {
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let p = l.local_addr().expect("addr").port();
-        if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
-        }
-    }
-}
-
 impl Swtpm {
     pub fn start(netns: Option<&str>) -> Swtpm {
         let mut s = Swtpm {
             child: None,
-            port: two_free_ports(),
+            port: crate::free_ports(2),
             netns: netns.map(str::to_string),
             dir: tempfile::tempdir().expect("tempdir"),
         };
@@ -39,6 +29,18 @@ impl Swtpm {
     }
 
     fn spawn(&mut self) {
+        // A port taken by another process between choosing and binding makes
+        // swtpm exit at once: choose again.
+        for _ in 0..5 {
+            if self.try_spawn() {
+                return;
+            }
+            self.port = crate::free_ports(2);
+        }
+        panic!("swtpm would not start (ports taken?)");
+    }
+
+    fn try_spawn(&mut self) -> bool {
         let child = ns_command(self.netns.as_deref(), "swtpm")
             .args(["socket", "--tpm2", "--tpmstate"])
             .arg(format!("dir={}", self.dir.path().display()))
@@ -56,12 +58,32 @@ impl Swtpm {
         self.child = Some(child);
         let addr = format!("127.0.0.1:{}", self.port);
         let up = || std::net::TcpStream::connect(addr.as_str()).is_ok();
-        crate::wait_until("swtpm to listen", Duration::from_secs(10), || {
-            match &self.netns {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().ok().flatten().is_some() {
+                    self.child = None;
+                    return false;
+                }
+            }
+            let listening = match &self.netns {
                 Some(ns) => crate::netns::in_netns(ns, up),
                 None => up(),
+            };
+            // Listening, and still ours a moment later.
+            if listening {
+                std::thread::sleep(Duration::from_millis(50));
+                return self
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_none());
             }
-        });
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "swtpm did not listen within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn kill(&mut self) {
