@@ -8,7 +8,7 @@ BIN := target/release
 .PHONY: demo test bench deps build lint unit system fuzz-smoke clean help
 
 help:
-	@echo "make demo   hospital -> box -> WireGuard tunnel -> reading center, in network namespaces, real peers"
+	@echo "make demo   provision the box against swtpm, then hospital -> box -> WireGuard -> reading center (namespaces)"
 	@echo "make test   lint, unit tests, system tests (DCMTK, Orthanc), fuzz smoke"
 	@echo "make bench  relay vs direct throughput (CT, breast MR, mammography)"
 
