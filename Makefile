@@ -9,8 +9,8 @@ BIN := target/release
 
 help:
 	@echo "make demo   provision the box against swtpm, then hospital -> box -> WireGuard -> reading center (namespaces)"
-	@echo "make test   lint, unit tests, system tests (DCMTK, Orthanc), fuzz smoke"
-	@echo "make bench  relay vs direct throughput (CT, breast MR, mammography)"
+	@echo "make test   lint, unit tests, system tests (DCMTK, Orthanc, wireguard-go, swtpm), fuzz smoke"
+	@echo "make bench  relay (plain and sealed) vs direct, and the tunnel (boringtun vs wireguard-go)"
 
 deps:
 	scripts/deps.sh
