@@ -37,7 +37,8 @@ pub fn load(config: &TpmConfig) -> Keys {
         status.warning = Some(kakehashi_tpm::keystore::SOFTWARE_WARNING.to_string());
     }
     let opened = KeyStore::open(config).and_then(|mut store| {
-        store.check()?;
+        // The identity must sign; the two unseals below prove the rest.
+        store.sign(b"kakehashid start")?;
         let serial = store.serial()?;
         let wg = store.wireguard_key()?;
         let spool = SpoolKey::new(store.spool_key()?);

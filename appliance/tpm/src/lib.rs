@@ -177,54 +177,52 @@ impl std::fmt::Debug for Tpm {
     }
 }
 
-fn primary_template() -> Result<Public, tss_esapi::Error> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_decrypt(true)
-        .with_restricted(true)
-        .build()?;
+/// An ECC P-256 object with SHA-256 names and the given attributes and parameters.
+fn ecc_template(
+    attributes: ObjectAttributesBuilder,
+    parameters: PublicEccParametersBuilder,
+) -> Result<Public, tss_esapi::Error> {
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new_restricted_decryption_key(
-                SymmetricDefinitionObject::AES_128_CFB,
-                EccCurve::NistP256,
-            )
-            .build()?,
-        )
+        .with_object_attributes(attributes.build()?)
+        .with_ecc_parameters(parameters.build()?)
         .with_ecc_unique_identifier(EccPoint::default())
         .build()
 }
 
-fn identity_template() -> Result<Public, tss_esapi::Error> {
-    let attributes = ObjectAttributesBuilder::new()
+/// Generated inside the TPM, bound to it and to its parent.
+fn resident_attributes() -> ObjectAttributesBuilder {
+    ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
-        .with_sign_encrypt(true)
-        .build()?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new()
-                .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)))
-                .with_curve(EccCurve::NistP256)
-                .with_is_signing_key(true)
-                .with_is_decryption_key(false)
-                .with_restricted(false)
-                .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
-                .build()?,
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()
+}
+
+fn primary_template() -> Result<Public, tss_esapi::Error> {
+    ecc_template(
+        resident_attributes()
+            .with_decrypt(true)
+            .with_restricted(true),
+        PublicEccParametersBuilder::new_restricted_decryption_key(
+            SymmetricDefinitionObject::AES_128_CFB,
+            EccCurve::NistP256,
+        ),
+    )
+}
+
+fn identity_template() -> Result<Public, tss_esapi::Error> {
+    ecc_template(
+        resident_attributes().with_sign_encrypt(true),
+        PublicEccParametersBuilder::new()
+            .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)))
+            .with_curve(EccCurve::NistP256)
+            .with_is_signing_key(true)
+            .with_is_decryption_key(false)
+            .with_restricted(false)
+            .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null),
+    )
 }
 
 fn pcr_selection(pcrs: &[u8]) -> Result<PcrSelectionList, tss_esapi::Error> {

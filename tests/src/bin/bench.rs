@@ -100,6 +100,11 @@ fn generate(
     }
 }
 
+/// CT 300 × 512 KiB (target ratio 1.15), also the tunnel part's study.
+fn ct_study(data: &Path) -> Study {
+    generate(data, "ct", "CT", testdata::CT_IMAGE, 300, 512 * 1024, 1.15)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -158,15 +163,7 @@ fn main() {
             continue;
         }
         studies.push(match name.as_str() {
-            "ct" => generate(
-                &args.data,
-                "ct",
-                "CT",
-                testdata::CT_IMAGE,
-                300,
-                512 * 1024,
-                1.15,
-            ),
+            "ct" => ct_study(&args.data),
             "mr" => generate(
                 &args.data,
                 "mr",
@@ -256,16 +253,7 @@ fn main() {
         );
     }
     if args.only.iter().any(|o| o == "tunnel") {
-        let ct = generate(
-            &args.data,
-            "ct",
-            "CT",
-            testdata::CT_IMAGE,
-            300,
-            512 * 1024,
-            1.15,
-        );
-        tunnel_bench(&ct, args.rounds);
+        tunnel_bench(&ct_study(&args.data), args.rounds);
     }
 }
 
