@@ -4,12 +4,13 @@
 # the reading center's WireGuard (wireguard-go, wg), iproute2 for the network
 # namespaces, ping, iperf3 for the tunnel benchmark; libtss2-dev and pkg-config
 # to build the TPM binding, swtpm and tpm2-tools as the TPM and its independent
-# reader in tests, openssl as an independent signature verifier.
+# reader in tests, openssl as an independent signature verifier, strace to
+# check the order of the spool's flushes.
 # Idempotent: installs only what is missing, so a second run is instant.
 set -euo pipefail
 
 packages=(dcmtk orthanc curl ca-certificates iproute2 iputils-ping wireguard-go wireguard-tools iperf3
-          swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl)
+          swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl strace)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

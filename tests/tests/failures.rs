@@ -399,3 +399,140 @@ fn emergency_source_goes_first_and_resends_are_not_queued_twice() {
         "the emergency source's study goes first: {first:?}"
     );
 }
+
+#[test]
+fn a_corrected_resend_replaces_the_queued_copy_and_is_the_one_delivered() {
+    // The modality sends an instance, then a corrected version of it (same
+    // SOP Instance UID, other bytes) as HIGH priority while the center is
+    // down. Only the correction may reach the center: a stale copy sent after
+    // it would overwrite it there.
+    let data = tempfile::tempdir().expect("tempdir");
+    let spec = |name, instance_number| testdata::Spec {
+        modality: "CT",
+        sop_class: testdata::CT_IMAGE,
+        syntax: Syntax::ExplicitLe,
+        name,
+        patient_id: "PID-FIX".into(),
+        study_uid: "2.25.88.1".into(),
+        series_uid: "2.25.88.1.1".into(),
+        sop_uid: "2.25.88.1.1.1".into(),
+        instance_number,
+        pixel_bytes: 8192,
+    };
+    let (stale, fixed) = (data.path().join("v1.dcm"), data.path().join("v2.dcm"));
+    testdata::write_file(&stale, &spec(Name::Ascii, 1)).expect("v1");
+    testdata::write_file(&fixed, &spec(Name::Utf8, 1)).expect("v2");
+    let center_port = free_port();
+    let relay = Relay::start(RelayOptions::to(center_port));
+    assert_eq!(
+        storescu(relay.port, "MODALITY1", std::slice::from_ref(&stale))
+            .acked
+            .len(),
+        1
+    );
+    send_with_our_scu(
+        relay.port,
+        std::slice::from_ref(&fixed),
+        testdata::CT_IMAGE,
+        0x0001,
+    );
+    assert_eq!(relay.queued(), 1, "the correction replaced the queued copy");
+
+    let center = StoreScp::start(center_port);
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(center.store_requests(), 1, "the stale copy is never sent");
+    let arrived = center.files();
+    assert_eq!(arrived.len(), 1);
+    assert!(
+        testdata::dataset_of_file(&read(&arrived[0])) == testdata::dataset_of_file(&read(&fixed)),
+        "the center holds the corrected version"
+    );
+    let audit = match relay.request(&Request::Audit {
+        after: 0,
+        limit: 1000,
+    }) {
+        Response::Audit { records } => records,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.event == kakehashi_control::AuditEvent::Superseded
+                && a.sop_instance_uid.as_deref() == Some("2.25.88.1.1.1")),
+        "the replacement is in the audit trail"
+    );
+}
+
+#[test]
+fn the_same_study_from_four_senders_at_once_is_queued_once() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = ct_study(data.path(), "samefour", 30, 16 * 1024);
+    let center_port = free_port();
+    let relay = Relay::start(RelayOptions::to(center_port));
+    let port = relay.port;
+    let senders: Vec<_> = (0..4)
+        .map(|_| {
+            let files = files.clone();
+            std::thread::spawn(move || storescu(port, "MODALITY1", &files))
+        })
+        .collect();
+    for s in senders {
+        let out = s.join().expect("sender");
+        assert_eq!(out.acked.len(), 30, "{}", out.output);
+    }
+    assert_eq!(relay.queued(), 30, "each instance queued once");
+    let center = StoreScp::start(center_port);
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(center.store_requests(), 30, "each instance sent once");
+}
+
+#[test]
+fn a_payload_that_cannot_be_read_is_retried_not_dead_lettered() {
+    // A disk that fails a read (EIO) says nothing about the bytes: the
+    // instance is retried and the failure shown, never dead-lettered as
+    // integrity. (A directory in the payload's place fails reads the same way.)
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = ct_study(data.path(), "eio", 2, 8192);
+    let center_port = free_port();
+    let relay = Relay::start(RelayOptions::to(center_port));
+    assert_eq!(storescu(relay.port, "MODALITY1", &files).acked.len(), 2);
+    let payloads: Vec<_> = std::fs::read_dir(relay.spool_dir().join("data"))
+        .expect("data dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(payloads.len(), 2);
+    let broken = &payloads[0];
+    let aside = data.path().join("aside.dcm");
+    std::fs::rename(broken, &aside).expect("move aside");
+    std::fs::create_dir(broken).expect("a directory in its place");
+
+    let center = StoreScp::start(center_port);
+    let entry = || match relay.request(&Request::QueueList {
+        destination: None,
+        dead_only: false,
+    }) {
+        Response::Queue { entries } => entries,
+        other => panic!("{other:?}"),
+    };
+    wait_until(
+        "the unreadable instance to be tried three times",
+        Duration::from_secs(60),
+        || entry().iter().any(|e| e.attempts >= 3),
+    );
+    let e = entry();
+    assert_eq!(e.len(), 1, "the readable one was delivered: {e:?}");
+    assert_eq!(e[0].state, RouteState::Queued, "{e:?}");
+    let why = e[0].last_error.clone().unwrap_or_default();
+    assert!(
+        why.contains("cannot read the payload") && !why.contains("integrity"),
+        "{why}"
+    );
+    assert_eq!(relay.status().destinations[0].dead_letter, 0);
+    assert_eq!(center.store_requests(), 1, "nothing unreadable was sent");
+
+    // The disk recovers: the instance goes through.
+    std::fs::remove_dir(broken).expect("rmdir");
+    std::fs::rename(&aside, broken).expect("restore");
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(center.files().len(), 2);
+}

@@ -80,6 +80,13 @@ impl Handle {
         }
     }
 
+    /// Drops an instance that will not be sent after all (superseded by a
+    /// corrected version). One being sent right now finishes first: the
+    /// forwarder sends one instance at a time, so the correction follows it.
+    pub fn forget(&self, id: u64) {
+        self.queue().remove(id);
+    }
+
     /// Lets an operator's retry skip the current backoff.
     pub fn wake(&self) {
         self.stats().blocked_until_ms = 0;
@@ -134,6 +141,9 @@ enum Sent {
     /// The payload failed its check in the middle of a C-STORE: dead-letter
     /// it and abort the association, so the receiver discards the part it got.
     Corrupt(String),
+    /// The payload could not be read (EIO…) in the middle of a C-STORE: abort
+    /// the association (the receiver discards the part it got) and retry.
+    ReadFailed(String),
     Delivered(u16),
     Retry(String),
     Dead(String),
@@ -316,7 +326,7 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
         };
         beat.busy(false);
         handle.stats().sending = false;
-        if let Sent::Connection(_) | Sent::Corrupt(_) = &outcome {
+        if let Sent::Connection(_) | Sent::Corrupt(_) | Sent::ReadFailed(_) = &outcome {
             if let Some((a, _)) = assoc.take() {
                 a.abort().await;
             }
@@ -359,7 +369,7 @@ async fn send_one(shared: &Shared, scu: &mut Scu, pc: u8, item: &Item) -> Sent {
         let loaded = tokio::task::spawn_blocking(move || spool.read_dataset(&d)).await;
         match loaded {
             Ok(Ok(bytes)) => Box::new(std::io::Cursor::new(bytes)),
-            Ok(Err(e)) => return Sent::Dead(format!("integrity: {e}")),
+            Ok(Err(e)) => return unreadable(e),
             Err(e) => return Sent::Retry(format!("payload read task failed: {e}")),
         }
     } else {
@@ -367,7 +377,7 @@ async fn send_one(shared: &Shared, scu: &mut Scu, pc: u8, item: &Item) -> Sent {
         let d = dataset.clone();
         match tokio::task::spawn_blocking(move || spool.verify_dataset(&d)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Sent::Dead(format!("integrity: {e}")),
+            Ok(Err(e)) => return unreadable(e),
             Err(e) => return Sent::Retry(format!("payload check task failed: {e}")),
         }
         Box::new(stream_dataset(Arc::clone(&shared.spool), dataset))
@@ -400,11 +410,26 @@ async fn send_one(shared: &Shared, scu: &mut Scu, pc: u8, item: &Item) -> Sent {
                 StatusClass::Permanent => Sent::Dead(detail("permanent status")),
             }
         }
-        Err(ScuError::Source(e)) => Sent::Corrupt(format!(
-            "integrity: payload {} changed while it was sent: {e}",
+        Err(ScuError::Source(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Sent::Corrupt(format!(
+                "integrity: payload {} changed while it was sent: {e}",
+                item.id
+            ))
+        }
+        Err(ScuError::Source(e)) => Sent::ReadFailed(format!(
+            "cannot read payload {} while sending it (will retry): {e}",
             item.id
         )),
         Err(e) => Sent::Connection(e),
+    }
+}
+
+/// A payload that cannot be read: integrity is final (dead letter, never
+/// sent); any other error (EIO, ENOSPC…) is the disk's, retried.
+fn unreadable(e: kakehashi_spool::SpoolError) -> Sent {
+    match e {
+        kakehashi_spool::SpoolError::Integrity { .. } => Sent::Dead(e.to_string()),
+        other => Sent::Retry(format!("cannot read the payload (will retry): {other}")),
     }
 }
 
@@ -428,7 +453,7 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
                 0,
             )
         }
-        Sent::Retry(why) => {
+        Sent::Retry(why) | Sent::ReadFailed(why) => {
             let attempts = item.attempts + 1;
             let next =
                 now + backoff(shared.config.retry, attempts, fastrand::f64()).as_millis() as u64;
@@ -494,6 +519,9 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
     .await;
     match result {
         Ok(Ok(_)) => {}
+        Ok(Err(kakehashi_spool::SpoolError::NotFound(_))) => {
+            tracing::info!(id, "instance left the spool while it was being sent (superseded by a corrected version, or purged)")
+        }
         Ok(Err(e)) => tracing::error!(id, "cannot record the delivery outcome (the instance may be sent again after a restart): {e}"),
         Err(e) => tracing::error!(id, "delivery bookkeeping task failed: {e}"),
     }
@@ -511,7 +539,11 @@ fn stream_dataset(spool: Arc<kakehashi_spool::Spool>, dataset: DatasetRef) -> Ch
         let mut reader = match spool.dataset_reader(&dataset) {
             Ok(r) => r,
             Err(e) => {
-                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                let kind = match e {
+                    kakehashi_spool::SpoolError::Integrity { .. } => std::io::ErrorKind::InvalidData,
+                    _ => std::io::ErrorKind::Other,
+                };
+                let _ = tx.blocking_send(Err(std::io::Error::new(kind, e.to_string())));
                 return;
             }
         };

@@ -468,11 +468,17 @@ impl Session<'_> {
                 drop(r.tx);
                 let result = r.writer.await;
                 let (code, comment) = match result {
-                    Ok(Ok(Accepted::Queued(rec))) => {
+                    Ok(Ok(Accepted::Queued { record, superseded })) => {
                         self.stored += 1;
-                        tracing::debug!(id = rec.id, sop_instance = %rec.meta.sop_instance_uid, bytes = rec.dataset_size, "instance spooled");
+                        tracing::debug!(id = record.id, sop_instance = %record.meta.sop_instance_uid, bytes = record.dataset_size, "instance spooled");
+                        if let Some(old) = superseded {
+                            tracing::info!(sop_instance = %record.meta.sop_instance_uid, old, new = record.id, "a corrected version replaces the queued copy, which will not be sent");
+                        }
                         for f in &self.shared.forwarders {
-                            f.enqueue(&rec);
+                            if let Some(old) = superseded {
+                                f.forget(old);
+                            }
+                            f.enqueue(&record);
                         }
                         (status::SUCCESS, None)
                     }

@@ -222,7 +222,6 @@ async fn run(
     } else {
         tracing::warn!(
             records = report.records,
-            in_flight_requeued = report.in_flight_requeued,
             temp_files_removed = report.temp_files_removed,
             orphan_files_removed = report.orphan_files_removed,
             missing_payloads = report.missing_payloads.len(),

@@ -1,23 +1,28 @@
 //! The durable store-and-forward spool.
 //!
 //! An instance is *accepted* when [`Incoming::commit`] returns: its payload
-//! file was written to a temp name, fsynced, renamed into `data/`, the
-//! directory fsynced, and its index record committed (redb, `Immediate`
-//! durability) together with its audit record. Only then may the ingress
-//! answer C-STORE Success. Nothing accepted is ever deleted except when every
-//! destination has it (or an operator purges a dead letter).
+//! file (written under its final name in `data/`) was fsynced, then the
+//! directory, and then its index record was committed (redb, `Immediate`
+//! durability) with its audit record. Only then may the ingress answer
+//! C-STORE Success. Nothing accepted is ever deleted except when every
+//! destination has it (or an operator purges a dead letter). Duplicates
+//! (same SOP Instance UID, same bytes, still spooled) and corrections (same
+//! UID, other bytes: the older copy is superseded and never sent after the
+//! newer one) are decided inside that commit transaction.
 //!
 //! Layout of `spool.dir`:
 //! - `index.redb` — instance records, SOP Instance UID map, audit trail, format marker
-//! - `data/<id>.dcm` — payload files: Part 10 files (file meta header + the dataset as received)
-//! - `tmp/<id>.part` — payloads being received; removed at start-up
+//! - `data/<id>.dcm` — payload files: Part 10 files (file meta header + the
+//!   dataset as received), sealed when the spool has a key ([`seal`]); a file
+//!   without a record was never acknowledged and is removed at start-up
+//! - `tmp/` — only in spools written before 0.1.1 (payloads were renamed from
+//!   there); recovery still completes or removes what it finds there
 //!
 //! This crate is synchronous (std::fs + redb); the daemon calls it from
 //! blocking tasks. It does not schedule (see the daemon's forwarder) and
 //! does not parse DICOM (see `kakehashi-dicom`).
 //!
-//! Limitations: payloads are stored in clear (sealing arrives with the TPM
-//! issue); the size limit counts payload bytes, not index overhead.
+//! Limitations: the size limit counts payload bytes, not index overhead.
 
 #![forbid(unsafe_code)]
 
@@ -58,6 +63,11 @@ pub enum SpoolError {
         #[source]
         source: std::io::Error,
     },
+    /// The payload is not what was acknowledged: failed authentication or
+    /// digest, wrong size, or missing. Never transient: the instance is
+    /// dead-lettered (and never sent).
+    #[error("integrity: payload {path}: {detail}")]
+    Integrity { path: PathBuf, detail: String },
     #[error("spool index {action}: {source}")]
     Index {
         action: &'static str,
@@ -103,6 +113,24 @@ fn libc_enospc() -> i32 {
     nix::errno::Errno::ENOSPC as i32
 }
 
+/// For errors while reading a payload: what proves the bytes wrong (a failed
+/// authentication or digest, a file cut short) is integrity; anything else
+/// (EIO, ENOMEM…) is an I/O error, retried.
+fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
+    move |source| match source.kind() {
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+            SpoolError::Integrity {
+                path: path.to_path_buf(),
+                detail: source.to_string(),
+            }
+        }
+        _ => SpoolError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
     move |source| SpoolError::Io {
         path: path.to_path_buf(),
@@ -128,7 +156,6 @@ pub struct Limits {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RecoveryReport {
     pub records: usize,
-    pub in_flight_requeued: usize,
     pub temp_files_removed: usize,
     /// Payload files without an index record: never acknowledged, removed.
     pub orphan_files_removed: usize,
@@ -141,8 +168,7 @@ pub struct RecoveryReport {
 
 impl RecoveryReport {
     pub fn is_clean(&self) -> bool {
-        self.in_flight_requeued == 0
-            && self.temp_files_removed == 0
+        self.temp_files_removed == 0
             && self.orphan_files_removed == 0
             && self.missing_payloads.is_empty()
             && self.renames_completed == 0
@@ -152,11 +178,14 @@ impl RecoveryReport {
 /// Outcome of committing a received instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
-    Queued(Box<InstanceRecord>),
-    /// Same SOP Instance UID and same bytes as an instance still in the spool.
-    Duplicate {
-        existing: u64,
+    Queued {
+        record: Box<InstanceRecord>,
+        /// A still-pending older version of the same instance (other bytes)
+        /// that this one replaced: it is not sent any more.
+        superseded: Option<u64>,
     },
+    /// Same SOP Instance UID and same bytes as an instance still in the spool.
+    Duplicate { existing: u64 },
 }
 
 /// How [`Spool::update_route`] records a change.
@@ -228,7 +257,7 @@ impl Spool {
     ) -> Result<(Arc<Spool>, RecoveryReport), SpoolError> {
         let data_dir = dir.join("data");
         let tmp_dir = dir.join("tmp");
-        for d in [dir, &data_dir, &tmp_dir] {
+        for d in [dir, &data_dir] {
             fs::create_dir_all(d).map_err(io(d))?;
         }
         let db_path = dir.join("index.redb");
@@ -319,7 +348,14 @@ impl Spool {
         // whose record committed while the rename was still in flight.
         let mut temp: HashMap<u64, (PathBuf, u64)> = HashMap::new();
         let mut strays = Vec::new();
-        for entry in fs::read_dir(&self.tmp_dir).map_err(io(&self.tmp_dir))? {
+        // Only spools written by kakehashi 0.1 before this version have a
+        // tmp/ directory (payloads were renamed from there into data/).
+        let old_tmp = match fs::read_dir(&self.tmp_dir) {
+            Ok(d) => Some(d),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(&self.tmp_dir)(e)),
+        };
+        for entry in old_tmp.into_iter().flatten() {
             let entry = entry.map_err(io(&self.tmp_dir))?;
             let id = entry
                 .file_name()
@@ -368,13 +404,6 @@ impl Spool {
                 report.records += 1;
                 max_id = max_id.max(id);
                 let mut changed = false;
-                for r in &mut rec.routes {
-                    if r.state == RouteState::InFlight {
-                        r.state = RouteState::Queued;
-                        report.in_flight_requeued += 1;
-                        changed = true;
-                    }
-                }
                 // A destination added to the config since: route to it too.
                 for d in &self.destinations {
                     if rec.route(d).is_none() && !rec.is_done() {
@@ -428,20 +457,16 @@ impl Spool {
                     continue;
                 }
                 if report.missing_payloads.contains(&rec.id) {
-                    let seq = next_seq(&audit)?;
-                    let a = AuditRecord {
-                        seq,
-                        time_ms: now_ms,
-                        event: AuditEvent::DeadLettered,
-                        actor: "kakehashid".into(),
-                        sop_instance_uid: Some(rec.meta.sop_instance_uid.clone()),
-                        study_instance_uid: Some(rec.meta.study_instance_uid.clone()),
-                        destination: None,
-                        detail: "payload file missing or short at start-up".into(),
-                    };
-                    audit
-                        .insert(seq, record::encode(&a).as_slice())
-                        .map_err(idx("write audit"))?;
+                    append_audit(
+                        &mut audit,
+                        AuditRecord::new(
+                            now_ms,
+                            AuditEvent::DeadLettered,
+                            "kakehashid",
+                            "payload file missing or short at start-up",
+                        )
+                        .instance(&rec.meta),
+                    )?;
                 }
                 uids.insert(rec.meta.sop_instance_uid.as_str(), rec.id)
                     .map_err(idx("write uid"))?;
@@ -475,7 +500,9 @@ impl Spool {
             || report.renames_completed > 0
         {
             sync_dir(&self.data_dir)?;
-            sync_dir(&self.tmp_dir)?;
+            if self.tmp_dir.exists() {
+                sync_dir(&self.tmp_dir)?;
+            }
         }
         self.used.store(used, Ordering::SeqCst);
         self.next_id.store(max_id + 1, Ordering::SeqCst);
@@ -517,7 +544,10 @@ impl Spool {
     ) -> Result<Incoming, SpoolError> {
         self.check_room(header.len() as u64)?;
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        let tmp = self.tmp_dir.join(format!("{id:016x}.part"));
+        // Written under its final name: a file without an index record was
+        // never acknowledged and recovery removes it, so no rename is needed
+        // (and no second directory whose entries would have to be durable).
+        let tmp = self.payload_path(id);
         let file = File::create(&tmp).map_err(io(&tmp))?;
         // Large fragments (the usual case) bypass the buffer; small ones are gathered.
         let buffered = std::io::BufWriter::with_capacity(128 * 1024, file);
@@ -594,7 +624,7 @@ impl Spool {
             for r in &rec.routes {
                 let c = out.entry(r.destination.clone()).or_default();
                 match r.state {
-                    RouteState::Queued | RouteState::InFlight => {
+                    RouteState::Queued => {
                         c.queued += 1;
                         c.queued_bytes += rec.dataset_size;
                         c.oldest_received_ms = Some(
@@ -628,28 +658,33 @@ impl Spool {
     /// The payload positioned at the dataset, read to the end of the file
     /// (not cut at the dataset's size); and whether it is sealed.
     fn open_dataset(&self, rec: &DatasetRef) -> Result<(Box<dyn Read + Send>, bool), SpoolError> {
-        let (file, path) = self.open_payload(rec.id)?;
+        let path = self.payload_path(rec.id);
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => SpoolError::Integrity {
+                path: path.clone(),
+                detail: "the payload file is missing".into(),
+            },
+            _ => io(&path)(e),
+        })?;
         let mut reader = std::io::BufReader::with_capacity(256 * 1024, file);
         let mut magic = [0u8; 4];
-        reader.read_exact(&mut magic).map_err(io(&path))?;
+        reader.read_exact(&mut magic).map_err(read_err(&path))?;
         if seal::is_sealed(&magic) {
-            let key = self.key.as_ref().ok_or_else(|| {
-                io(&path)(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "the payload is sealed and this spool has no key",
-                ))
+            let key = self.key.as_ref().ok_or_else(|| SpoolError::Integrity {
+                path: path.clone(),
+                detail: "the payload is sealed and this spool has no key".into(),
             })?;
             let mut plain = seal::SealReader::new(reader, key, rec.id, &rec.sop_instance_uid)
-                .map_err(io(&path))?;
+                .map_err(read_err(&path))?;
             std::io::copy(&mut (&mut plain).take(rec.offset), &mut std::io::sink())
-                .map_err(io(&path))?;
+                .map_err(read_err(&path))?;
             Ok((Box::new(plain), true))
         } else {
             std::io::copy(
                 &mut (&mut reader).take(rec.offset.saturating_sub(4)),
                 &mut std::io::sink(),
             )
-            .map_err(io(&path))?;
+            .map_err(read_err(&path))?;
             Ok((Box::new(reader), false))
         }
     }
@@ -680,7 +715,7 @@ impl Spool {
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;
         loop {
-            let n = reader.read(&mut buf).map_err(io(&path))?;
+            let n = reader.read(&mut buf).map_err(read_err(&path))?;
             if n == 0 {
                 break;
             }
@@ -694,10 +729,10 @@ impl Spool {
         }
         let digest_ok = hasher.is_none_or(|h| hex::encode(h.finalize()) == rec.sha256);
         if total != rec.size || !digest_ok {
-            return Err(io(&path)(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "the dataset does not match what was recorded when it was received",
-            )));
+            return Err(SpoolError::Integrity {
+                path,
+                detail: "the dataset does not match what was recorded when it was received".into(),
+            });
         }
         Ok(())
     }
@@ -742,19 +777,12 @@ impl Spool {
             change(route);
             if let Some((event, detail)) = audit {
                 let mut a = txn.open_table(AUDIT).map_err(idx("open audit"))?;
-                let seq = next_seq(&a)?;
-                let rec = AuditRecord {
-                    seq,
-                    time_ms: now_ms,
-                    event,
-                    actor: "kakehashid".into(),
-                    sop_instance_uid: Some(r.meta.sop_instance_uid.clone()),
-                    study_instance_uid: Some(r.meta.study_instance_uid.clone()),
-                    destination: Some(destination.to_string()),
-                    detail,
-                };
-                a.insert(seq, record::encode(&rec).as_slice())
-                    .map_err(idx("write audit"))?;
+                append_audit(
+                    &mut a,
+                    AuditRecord::new(now_ms, event, "kakehashid", detail)
+                        .instance(&r.meta)
+                        .destination(destination),
+                )?;
             }
             if r.is_done() && !keep_payload {
                 table.remove(id).map_err(idx("remove instance"))?;
@@ -910,20 +938,17 @@ impl Spool {
                         continue;
                     }
                     hit = true;
-                    let seq = next_seq(&audit)?;
-                    let a = AuditRecord {
-                        seq,
-                        time_ms: now_ms,
-                        event,
-                        actor: "operator".into(),
-                        sop_instance_uid: Some(rec.meta.sop_instance_uid.clone()),
-                        study_instance_uid: Some(rec.meta.study_instance_uid.clone()),
-                        destination: Some(route.destination.clone()),
-                        detail: route.last_error.clone().unwrap_or_default(),
-                    };
-                    audit
-                        .insert(seq, record::encode(&a).as_slice())
-                        .map_err(idx("write audit"))?;
+                    append_audit(
+                        &mut audit,
+                        AuditRecord::new(
+                            now_ms,
+                            event,
+                            "operator",
+                            route.last_error.clone().unwrap_or_default(),
+                        )
+                        .instance(&rec.meta)
+                        .destination(&route.destination),
+                    )?;
                     if change(&mut route) {
                         kept.push(route);
                     }
@@ -955,14 +980,11 @@ impl Spool {
     }
 
     /// Appends an audit record that stands alone (associations, refusals).
-    pub fn audit(&self, mut rec: AuditRecord) -> Result<(), SpoolError> {
+    pub fn audit(&self, rec: AuditRecord) -> Result<(), SpoolError> {
         let txn = self.begin_write(Durability::Immediate)?;
         {
             let mut audit = txn.open_table(AUDIT).map_err(idx("open audit"))?;
-            rec.seq = next_seq(&audit)?;
-            audit
-                .insert(rec.seq, record::encode(&rec).as_slice())
-                .map_err(idx("write audit"))?;
+            append_audit(&mut audit, rec)?;
         }
         txn.commit("commit audit")?.unlink()
     }
@@ -1037,6 +1059,14 @@ impl Drop for Released<'_> {
     }
 }
 
+fn route_word(state: RouteState) -> &'static str {
+    match state {
+        RouteState::Queued => "queued",
+        RouteState::DeadLetter => "dead letter",
+        RouteState::Delivered => "delivered",
+    }
+}
+
 fn new_route(destination: &str) -> Route {
     Route {
         destination: destination.to_string(),
@@ -1077,6 +1107,18 @@ fn next_seq(audit: &redb::Table<u64, &[u8]>) -> Result<u64, SpoolError> {
         .last()
         .map_err(idx("read audit"))?
         .map_or(1, |(k, _)| k.value() + 1))
+}
+
+/// Appends `rec` to the audit table of an open write transaction.
+fn append_audit(
+    audit: &mut redb::Table<u64, &[u8]>,
+    mut rec: AuditRecord,
+) -> Result<(), SpoolError> {
+    rec.seq = next_seq(audit)?;
+    audit
+        .insert(rec.seq, record::encode(&rec).as_slice())
+        .map_err(idx("write audit"))?;
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
@@ -1144,6 +1186,7 @@ impl Sink {
 pub struct Incoming {
     spool: Arc<Spool>,
     id: u64,
+    /// The payload file (under its final name); empty once committed.
     tmp: PathBuf,
     file: Option<Sink>,
     header_len: u64,
@@ -1200,6 +1243,12 @@ impl Incoming {
     }
 
     /// Makes the instance durable and queues it for every destination.
+    ///
+    /// Order (what recovery relies on): the payload is fsynced, then its
+    /// directory (so its name is durable), and only then is the index record
+    /// committed. Whether this is a duplicate, a corrected version of a queued
+    /// instance, or new is decided inside that one write transaction, so two
+    /// associations carrying the same instance cannot both queue it.
     pub fn commit(mut self, meta: InstanceMeta, now_ms: u64) -> Result<Accepted, SpoolError> {
         let spool = Arc::clone(&self.spool);
         let Some(writer) = self.file.take() else {
@@ -1209,25 +1258,9 @@ impl Incoming {
         file.sync_all().map_err(io(&self.tmp))?;
         let stored = file.metadata().map_err(io(&self.tmp))?.len();
         drop(file);
+        sync_dir(&spool.data_dir)?;
         let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
 
-        // Duplicate of an instance still spooled, byte for byte: acknowledge, keep one.
-        if let Some(existing) = spool.find_duplicate(&meta.sop_instance_uid, &sha256)? {
-            let _ = fs::remove_file(&self.tmp);
-            spool.audit(AuditRecord {
-                seq: 0,
-                time_ms: now_ms,
-                event: AuditEvent::Duplicate,
-                actor: format!("{}@{}", meta.source_ae, meta.source_ip),
-                sop_instance_uid: Some(meta.sop_instance_uid.clone()),
-                study_instance_uid: Some(meta.study_instance_uid.clone()),
-                destination: None,
-                detail: format!("identical to spooled instance {existing}; not queued again"),
-            })?;
-            return Ok(Accepted::Duplicate { existing });
-        }
-
-        let path = spool.payload_path(self.id);
         let mut meta = meta;
         if let Some(k) = &spool.key {
             // The index keeps no Patient ID in clear.
@@ -1236,7 +1269,6 @@ impl Incoming {
                 k.seal_value(&self.id.to_be_bytes(), &meta.patient_id)
             );
         }
-
         let rec = InstanceRecord {
             id: self.id,
             dataset_size: self.dataset_len,
@@ -1247,114 +1279,113 @@ impl Incoming {
             stored_size: (stored != self.header_len + self.dataset_len).then_some(stored),
             meta,
         };
-        // The rename (with its directory fsync) and the index commit must both
-        // be durable before the sender hears Success, but neither needs the
-        // other, so they run together. If the record lands first and the box
-        // dies, recovery finishes the rename: the content was fsynced above.
-        let tmp = &self.tmp;
-        let (renamed, committed) = std::thread::scope(|scope| {
-            let rename = scope.spawn(|| -> Result<(), SpoolError> {
-                fs::rename(tmp, &path).map_err(io(&path))?;
-                sync_dir(&spool.data_dir)
-            });
-            let committed = spool.commit_received(&rec, now_ms);
-            let renamed = rename.join().unwrap_or_else(|_| {
-                Err(io(&path)(std::io::Error::other("rename thread panicked")))
-            });
-            (renamed, committed)
-        });
-        let released = match (renamed, committed) {
-            (Ok(()), Ok(released)) => released,
-            (Err(e), Ok(released)) => {
-                // A record without its payload must not stay: withdraw it
-                // (the sender gets a failure and keeps the image).
-                drop(released);
-                spool.withdraw(rec.id, &rec.meta.sop_instance_uid)?;
-                let _ = fs::remove_file(&path);
-                return Err(e);
+        let accepted = spool.commit_received(&rec, now_ms)?;
+        match &accepted {
+            Accepted::Queued { .. } => {
+                spool.used.fetch_add(rec.file_size(), Ordering::SeqCst);
+                // Committed: the payload is the record's now, not ours to remove.
+                self.tmp = PathBuf::new();
             }
-            (_, Err(e)) => {
-                // Not acknowledged: the payload must not linger as an orphan.
-                let _ = fs::remove_file(&path);
-                return Err(e);
-            }
-        };
-        spool.used.fetch_add(rec.file_size(), Ordering::SeqCst);
-        released.unlink()?;
-        Ok(Accepted::Queued(Box::new(rec)))
+            // Never referenced by a record: removed on drop (and by recovery
+            // if the box stops before that).
+            Accepted::Duplicate { .. } => {}
+        }
+        Ok(accepted)
     }
 }
 
 impl Spool {
-    /// Commits a received instance's record, UID mapping and audit record.
-    fn commit_received(
-        &self,
-        rec: &InstanceRecord,
-        now_ms: u64,
-    ) -> Result<Released<'_>, SpoolError> {
+    /// Commits a received instance: its record, UID mapping and audit
+    /// record; or, if the instance is still spooled with the same bytes,
+    /// only a `duplicate` audit record. A still-pending older version with
+    /// other bytes is superseded in the same transaction.
+    fn commit_received(&self, rec: &InstanceRecord, now_ms: u64) -> Result<Accepted, SpoolError> {
+        let actor = format!("{}@{}", rec.meta.source_ae, rec.meta.source_ip);
         let txn = self.begin_write(Durability::Immediate)?;
+        let mut superseded = None;
+        let mut release = None;
         {
             let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+            let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
+            let mut audit = txn.open_table(AUDIT).map_err(idx("open audit"))?;
+            let previous = uids
+                .get(rec.meta.sop_instance_uid.as_str())
+                .map_err(idx("read uid"))?
+                .map(|v| v.value());
+            let previous = match previous {
+                Some(id) => table
+                    .get(id)
+                    .map_err(idx("read instance"))?
+                    .map(|v| decode_record(id, v.value()))
+                    .transpose()?,
+                None => None,
+            };
+            if let Some(old) = previous.filter(|p| !p.is_done()) {
+                if old.sha256 == rec.sha256 {
+                    append_audit(
+                        &mut audit,
+                        AuditRecord::new(
+                            now_ms,
+                            AuditEvent::Duplicate,
+                            actor,
+                            format!("identical to spooled instance {}; not queued again", old.id),
+                        )
+                        .instance(&rec.meta),
+                    )?;
+                    drop((table, uids, audit));
+                    txn.commit("commit duplicate")?.unlink()?;
+                    return Ok(Accepted::Duplicate { existing: old.id });
+                }
+                // A corrected version: the stale copy must never be sent after
+                // it, so it is dropped (its delivered routes have what they had).
+                for r in old.routes.iter().filter(|r| !r.state.is_final()) {
+                    append_audit(
+                        &mut audit,
+                        AuditRecord::new(
+                            now_ms,
+                            AuditEvent::Superseded,
+                            actor.clone(),
+                            format!(
+                                "spooled instance {} ({}) replaced by a corrected version (spool id {}, other bytes) before it was delivered",
+                                old.id,
+                                route_word(r.state),
+                                rec.id
+                            ),
+                        )
+                        .instance(&old.meta)
+                        .destination(&r.destination),
+                    )?;
+                }
+                superseded = Some(old.id);
+                table.remove(old.id).map_err(idx("remove instance"))?;
+                release = Some((self.payload_path(old.id), old.file_size()));
+            }
             table
                 .insert(rec.id, record::encode(rec).as_slice())
                 .map_err(idx("write instance"))?;
-            let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
             uids.insert(rec.meta.sop_instance_uid.as_str(), rec.id)
                 .map_err(idx("write uid"))?;
-            let mut audit = txn.open_table(AUDIT).map_err(idx("open audit"))?;
-            let seq = next_seq(&audit)?;
-            let a = AuditRecord {
-                seq,
-                time_ms: now_ms,
-                event: AuditEvent::Received,
-                actor: format!("{}@{}", rec.meta.source_ae, rec.meta.source_ip),
-                sop_instance_uid: Some(rec.meta.sop_instance_uid.clone()),
-                study_instance_uid: Some(rec.meta.study_instance_uid.clone()),
-                destination: None,
-                detail: format!(
-                    "{} bytes, {}",
-                    rec.dataset_size, rec.meta.transfer_syntax_uid
-                ),
-            };
-            audit
-                .insert(seq, record::encode(&a).as_slice())
-                .map_err(idx("write audit"))?;
+            append_audit(
+                &mut audit,
+                AuditRecord::new(
+                    now_ms,
+                    AuditEvent::Received,
+                    actor,
+                    format!(
+                        "{} bytes, {}",
+                        rec.dataset_size, rec.meta.transfer_syntax_uid
+                    ),
+                )
+                .instance(&rec.meta),
+            )?;
         }
-        txn.commit("commit instance")
-    }
-
-    /// Removes a record whose payload could not be put in place.
-    fn withdraw(&self, id: u64, sop_instance_uid: &str) -> Result<(), SpoolError> {
-        let txn = self.begin_write(Durability::Immediate)?;
-        {
-            let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
-            table.remove(id).map_err(idx("remove instance"))?;
-            let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
-            unmap_uid(&mut uids, sop_instance_uid, id)?;
-        }
-        txn.commit("withdraw instance")?.unlink()
-    }
-
-    fn find_duplicate(
-        &self,
-        sop_instance_uid: &str,
-        sha256: &str,
-    ) -> Result<Option<u64>, SpoolError> {
-        let txn = self.db.begin_read().map_err(idx("begin read"))?;
-        let uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
-        let Some(id) = uids
-            .get(sop_instance_uid)
-            .map_err(idx("read uid"))?
-            .map(|v| v.value())
-        else {
-            return Ok(None);
-        };
-        let table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
-        let Some(v) = table.get(id).map_err(idx("read instance"))? else {
-            return Ok(None);
-        };
-        let rec = decode_record(id, v.value())?;
-        Ok((rec.sha256 == sha256 && !rec.is_done()).then_some(id))
+        let mut released = txn.commit("commit instance")?;
+        released.list.extend(release);
+        released.unlink()?;
+        Ok(Accepted::Queued {
+            record: Box::new(rec.clone()),
+            superseded,
+        })
     }
 }
 
@@ -1363,8 +1394,10 @@ impl Drop for Incoming {
         self.spool
             .reserved
             .fetch_sub(self.reserved, Ordering::SeqCst);
-        // After a successful commit the temp name no longer exists.
-        let _ = fs::remove_file(&self.tmp);
+        // Not committed (or a duplicate): the file is nobody's.
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
     }
 }
 

@@ -41,16 +41,21 @@ impl Priority {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RouteState {
+    /// Waiting to be sent (or being sent: a send in progress is not recorded,
+    /// so a crash simply leaves the route queued).
     Queued,
-    /// Being sent now. Never survives a restart: recovery makes it `Queued`.
-    InFlight,
     Delivered,
     DeadLetter,
 }
 
 impl RouteState {
     pub fn is_pending(self) -> bool {
-        matches!(self, RouteState::Queued | RouteState::InFlight)
+        self == RouteState::Queued
+    }
+
+    /// Nothing more will be done for this route.
+    pub fn is_final(self) -> bool {
+        self == RouteState::Delivered
     }
 }
 
@@ -118,7 +123,7 @@ impl InstanceRecord {
 
     /// No route still needs the payload (all delivered; dead letters keep it).
     pub fn is_done(&self) -> bool {
-        self.routes.iter().all(|r| r.state == RouteState::Delivered)
+        self.routes.iter().all(|r| r.state.is_final())
     }
 }
 
@@ -148,7 +153,48 @@ pub enum AuditEvent {
     DeadLettered,
     Retried,
     Purged,
-    Recovered,
+    /// A pending copy was dropped because a corrected version (same SOP
+    /// Instance UID, other bytes) was acknowledged before it was delivered.
+    Superseded,
+}
+
+impl AuditRecord {
+    /// A record of `event` by `actor`; the spool assigns `seq` when it is
+    /// written. Instance and destination are added with the setters below.
+    pub fn new(
+        time_ms: u64,
+        event: AuditEvent,
+        actor: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> AuditRecord {
+        AuditRecord {
+            seq: 0,
+            time_ms,
+            event,
+            actor: actor.into(),
+            sop_instance_uid: None,
+            study_instance_uid: None,
+            destination: None,
+            detail: detail.into(),
+        }
+    }
+
+    /// About this instance.
+    pub fn instance(mut self, meta: &InstanceMeta) -> AuditRecord {
+        self.sop_instance_uid = Some(meta.sop_instance_uid.clone());
+        self.study_instance_uid = Some(meta.study_instance_uid.clone());
+        self
+    }
+
+    pub fn sop_instance(mut self, uid: &str) -> AuditRecord {
+        self.sop_instance_uid = Some(uid.to_string());
+        self
+    }
+
+    pub fn destination(mut self, name: &str) -> AuditRecord {
+        self.destination = Some(name.to_string());
+        self
+    }
 }
 
 /// Errors decoding a stored value.

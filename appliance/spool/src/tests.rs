@@ -30,14 +30,20 @@ fn receive(spool: &Arc<Spool>, uid: &str, body: &[u8]) -> Result<Accepted, Spool
     inc.commit(meta(uid), 2000)
 }
 
+/// The record of an instance that must be queued.
+fn queued(a: Accepted) -> Box<InstanceRecord> {
+    match a {
+        Accepted::Queued { record, .. } => record,
+        other => panic!("expected queued, got {other:?}"),
+    }
+}
+
 #[test]
 fn accepted_instances_survive_reopen_with_their_bytes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, report) = open(dir.path(), 1 << 20);
     assert!(report.is_clean());
-    let Accepted::Queued(rec) = receive(&spool, "1.1", b"dataset-bytes").expect("receive") else {
-        panic!("first copy must be queued")
-    };
+    let rec = queued(receive(&spool, "1.1", b"dataset-bytes").expect("receive"));
     assert_eq!(rec.dataset_offset, 6);
     assert_eq!(rec.dataset_size, 13);
     drop(spool);
@@ -62,65 +68,144 @@ fn full_spool_refuses_and_keeps_what_it_has() {
     assert!(err.is_out_of_space(), "{err}");
     assert_eq!(spool.records().expect("records").len(), 1);
     assert_eq!(
-        fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
-        0,
-        "temp file removed"
+        fs::read_dir(dir.path().join("data")).expect("data").count(),
+        1,
+        "the refused instance's partial file is removed"
     );
     // the reservation of the refused instance is released
     receive(&spool, "1.3", &[3; 20]).expect("small one still fits");
 }
 
 #[test]
-fn identical_duplicate_is_acknowledged_once() {
+fn identical_duplicate_is_acknowledged_once_and_a_correction_supersedes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, _) = open(dir.path(), 1 << 20);
-    let Accepted::Queued(first) = receive(&spool, "1.1", b"same").expect("first") else {
-        panic!()
-    };
+    let first = queued(receive(&spool, "1.1", b"same").expect("first"));
     assert_eq!(
         receive(&spool, "1.1", b"same").expect("dup"),
         Accepted::Duplicate { existing: first.id }
     );
-    assert!(matches!(
-        receive(&spool, "1.1", b"different").expect("changed"),
-        Accepted::Queued(_)
-    ));
-    assert_eq!(spool.records().expect("records").len(), 2);
+    let Accepted::Queued { record, superseded } =
+        receive(&spool, "1.1", b"corrected").expect("changed")
+    else {
+        panic!("a corrected version is queued")
+    };
+    assert_eq!(superseded, Some(first.id));
+    // The stale copy is gone with its payload (its only route was superseded).
+    let records = spool.records().expect("records");
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].id, record.id);
+    assert!(!dir
+        .path()
+        .join(format!("data/{:016x}.dcm", first.id))
+        .exists());
+    assert_eq!(
+        fs::read_dir(dir.path().join("data")).expect("data").count(),
+        1,
+        "the duplicate's file was removed"
+    );
+    let events: Vec<_> = spool
+        .audit_since(0, 100)
+        .expect("audit")
+        .into_iter()
+        .map(|a| a.event)
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            AuditEvent::Received,
+            AuditEvent::Duplicate,
+            AuditEvent::Superseded,
+            AuditEvent::Received
+        ]
+    );
 }
 
 #[test]
-fn recovery_requeues_in_flight_and_repairs_mismatches() {
+fn concurrent_copies_of_one_instance_are_queued_once() {
+    // Many associations carrying the same instance at the same moment: the
+    // decision is taken inside the commit, so exactly one copy is queued.
+    for round in 0..10 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (spool, _) = open(dir.path(), 64 << 20);
+        let threads = 8;
+        let barrier = Arc::new(std::sync::Barrier::new(threads));
+        let outcomes: Vec<Accepted> = (0..threads)
+            .map(|_| {
+                let spool = Arc::clone(&spool);
+                let barrier = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    let mut inc = spool.begin(b"HEADER", "1.7").expect("begin");
+                    inc.write(&[7u8; 4096]).expect("write");
+                    barrier.wait();
+                    inc.commit(meta("1.7"), 2000).expect("commit")
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect();
+        let queued = outcomes
+            .iter()
+            .filter(|a| matches!(a, Accepted::Queued { .. }))
+            .count();
+        assert_eq!(queued, 1, "round {round}: {outcomes:?}");
+        assert_eq!(spool.records().expect("records").len(), 1);
+        assert_eq!(
+            fs::read_dir(dir.path().join("data")).expect("data").count(),
+            1,
+            "round {round}: only the queued copy's payload stays"
+        );
+    }
+}
+
+#[test]
+fn a_correction_replaces_only_what_was_not_delivered() {
+    // Two destinations; the old copy already reached one of them.
     let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, _) = open(dir.path(), 1 << 20);
-    let Accepted::Queued(a) = receive(&spool, "1.1", b"aaaa").expect("a") else {
-        panic!()
-    };
-    let Accepted::Queued(b) = receive(&spool, "1.2", b"bbbb").expect("b") else {
-        panic!()
+    let (spool, _) =
+        Spool::open(dir.path(), vec!["a".into(), "b".into()], limits(1 << 20), 1).expect("open");
+    let old = queued(receive(&spool, "1.1", b"stale").expect("old"));
+    let how = RouteUpdate {
+        durability: Durability::Immediate,
+        audit: None,
+        now_ms: 2,
+        keep_payload: false,
     };
     spool
-        .update_route(
-            a.id,
-            "center",
-            RouteUpdate {
-                durability: Durability::Immediate,
-                audit: None,
-                now_ms: 3000,
-                keep_payload: false,
-            },
-            |r| r.state = RouteState::InFlight,
-        )
-        .expect("in flight");
-    // a crash between rename and commit, a crash mid-receive, a lost payload:
-    fs::write(dir.path().join("data/00000000000000ff.dcm"), b"orphan").expect("orphan");
-    fs::write(dir.path().join("tmp/0000000000000100.part"), b"partial").expect("partial");
+        .update_route(old.id, "a", how, |r| r.state = RouteState::Delivered)
+        .expect("deliver to a");
+    let new = queued(receive(&spool, "1.1", b"fresh").expect("correction"));
+    assert!(
+        matches!(spool.get(old.id), Err(SpoolError::NotFound(_))),
+        "the stale copy is gone: it can never be sent after the correction"
+    );
+    let counts = spool.counts().expect("counts");
+    assert_eq!((counts["a"].queued, counts["b"].queued), (1, 1));
+    assert_eq!(spool.get(new.id).expect("new").routes.len(), 2);
+    let superseded: Vec<_> = spool
+        .audit_since(0, 100)
+        .expect("audit")
+        .into_iter()
+        .filter(|a| a.event == AuditEvent::Superseded)
+        .collect();
+    assert_eq!(superseded.len(), 1, "one pending route was dropped");
+    assert_eq!(superseded[0].destination.as_deref(), Some("b"));
+}
+
+#[test]
+fn recovery_repairs_mismatches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = open(dir.path(), 1 << 20);
+    let a = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
+    let b = queued(receive(&spool, "1.2", b"bbbb").expect("b"));
+    // a crash mid-receive (a payload without a record), a lost payload:
+    fs::write(dir.path().join("data/00000000000000ff.dcm"), b"partial").expect("orphan");
     fs::remove_file(dir.path().join(format!("data/{:016x}.dcm", b.id))).expect("lose b");
     drop(spool);
 
     let (spool, report) = open(dir.path(), 1 << 20);
-    assert_eq!(report.in_flight_requeued, 1);
     assert_eq!(report.orphan_files_removed, 1);
-    assert_eq!(report.temp_files_removed, 1);
     assert_eq!(report.missing_payloads, vec![b.id]);
     assert_eq!(
         spool.get(a.id).expect("a").routes[0].state,
@@ -134,9 +219,7 @@ fn recovery_requeues_in_flight_and_repairs_mismatches() {
         .unwrap_or("")
         .contains("integrity"));
     // new ids never collide with the orphan's
-    let Accepted::Queued(c) = receive(&spool, "1.3", b"c").expect("c") else {
-        panic!()
-    };
+    let c = queued(receive(&spool, "1.3", b"c").expect("c"));
     assert!(c.id > 0xff);
 }
 
@@ -144,9 +227,7 @@ fn recovery_requeues_in_flight_and_repairs_mismatches() {
 fn delivery_deletes_payload_and_record() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, _) = open(dir.path(), 1 << 20);
-    let Accepted::Queued(a) = receive(&spool, "1.1", b"aaaa").expect("a") else {
-        panic!()
-    };
+    let a = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
     spool
         .update_route(
             a.id,
@@ -172,7 +253,7 @@ fn delivery_deletes_payload_and_record() {
     // after delivery the same instance may be sent again (a deliberate re-send)
     assert!(matches!(
         receive(&spool, "1.1", b"aaaa").expect("resend"),
-        Accepted::Queued(_)
+        Accepted::Queued { .. }
     ));
 }
 
@@ -180,12 +261,8 @@ fn delivery_deletes_payload_and_record() {
 fn dead_letters_can_be_retried_or_purged() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, _) = open(dir.path(), 1 << 20);
-    let Accepted::Queued(a) = receive(&spool, "1.1", b"aaaa").expect("a") else {
-        panic!()
-    };
-    let Accepted::Queued(b) = receive(&spool, "1.2", b"bbbb").expect("b") else {
-        panic!()
-    };
+    let a = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
+    let b = queued(receive(&spool, "1.2", b"bbbb").expect("b"));
     for id in [a.id, b.id] {
         spool
             .update_route(
@@ -239,9 +316,7 @@ fn refuses_a_newer_record_format() {
 fn a_non_durable_delivery_keeps_its_payload_until_a_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, _) = open(dir.path(), 1 << 20);
-    let Accepted::Queued(a) = receive(&spool, "1.1", b"aaaa").expect("a") else {
-        panic!()
-    };
+    let a = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
     spool
         .update_route(
             a.id,
@@ -270,15 +345,15 @@ fn a_non_durable_delivery_keeps_its_payload_until_a_checkpoint() {
 }
 
 #[test]
-fn recovery_finishes_a_rename_that_lost_the_race_with_its_commit() {
+fn recovery_finishes_a_rename_of_a_spool_written_by_0_1_0() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, _) = open(dir.path(), 1 << 20);
-    let Accepted::Queued(a) = receive(&spool, "1.1", b"aaaa").expect("a") else {
-        panic!()
-    };
+    let a = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
     drop(spool);
-    // As if the box died after the index commit but before the rename was durable.
+    // A spool written by 0.1.0, as if the box died after the index commit
+    // but before the rename from tmp/ was durable.
     let name = format!("{:016x}", a.id);
+    fs::create_dir(dir.path().join("tmp")).expect("old tmp dir");
     fs::rename(
         dir.path().join(format!("data/{name}.dcm")),
         dir.path().join(format!("tmp/{name}.part")),
@@ -305,9 +380,7 @@ fn recovery_finishes_a_rename_that_lost_the_race_with_its_commit() {
 fn retention_keeps_delivered_payloads_until_swept() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, _) = open(dir.path(), 1 << 20);
-    let Accepted::Queued(a) = receive(&spool, "1.1", b"aaaa").expect("a") else {
-        panic!()
-    };
+    let a = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
     let how = RouteUpdate {
         durability: Durability::Immediate,
         audit: None,
@@ -338,9 +411,7 @@ fn a_payload_stays_until_every_destination_has_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, _) =
         Spool::open(dir.path(), vec!["a".into(), "b".into()], limits(1 << 20), 1).expect("open");
-    let Accepted::Queued(rec) = receive(&spool, "1.1", b"data").expect("rec") else {
-        panic!()
-    };
+    let rec = queued(receive(&spool, "1.1", b"data").expect("rec"));
     let deliver = |d: &str| {
         let how = RouteUpdate {
             durability: Durability::Immediate,
@@ -373,9 +444,7 @@ fn a_keyed_spool_seals_payloads_and_patient_ids_and_catches_tampering() {
     )
     .expect("open");
     let body = b"PATIENT^NAME dataset bytes".repeat(5000);
-    let Accepted::Queued(rec) = receive(&spool, "1.1", &body).expect("receive") else {
-        panic!("queued")
-    };
+    let rec = queued(receive(&spool, "1.1", &body).expect("receive"));
     let (_, path) = spool.open_payload(rec.id).expect("payload");
     let on_disk = fs::read(&path).expect("read");
     assert!(seal::is_sealed(&on_disk[..4]));
@@ -439,9 +508,7 @@ fn a_sealed_payload_cut_at_a_chunk_boundary_fails_its_check() {
     // "HEADER" + body fills exactly two 64 KiB chunks; the file ends with
     // an empty, flagged last chunk (its tag alone).
     let body = vec![0x5a; 2 * 65536 - 6];
-    let Accepted::Queued(rec) = receive(&spool, "1.9", &body).expect("receive") else {
-        panic!("queued")
-    };
+    let rec = queued(receive(&spool, "1.9", &body).expect("receive"));
     let dataset = DatasetRef::from(&*rec);
     spool.verify_dataset(&dataset).expect("whole file verifies");
     let (_, path) = spool.open_payload(rec.id).expect("payload");
@@ -455,4 +522,28 @@ fn a_sealed_payload_cut_at_a_chunk_boundary_fails_its_check() {
         e.contains("truncated") || e.contains("authentication"),
         "{e}"
     );
+}
+
+#[test]
+fn an_unreadable_payload_is_an_io_error_not_integrity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = open(dir.path(), 1 << 20);
+    let rec = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
+    let dataset = DatasetRef::from(&*rec);
+    let (_, path) = spool.open_payload(rec.id).expect("payload");
+    let aside = dir.path().join("aside");
+    fs::rename(&path, &aside).expect("move aside");
+    // A directory where the file was: opening works, reading fails (EISDIR),
+    // as a failing disk would (EIO): nothing says the bytes are wrong.
+    fs::create_dir(&path).expect("dir in its place");
+    let e = spool.read_dataset(&dataset).expect_err("unreadable");
+    assert!(matches!(e, SpoolError::Io { .. }), "{e:?}");
+    fs::remove_dir(&path).expect("rmdir");
+    let e = spool.read_dataset(&dataset).expect_err("missing");
+    assert!(matches!(e, SpoolError::Integrity { .. }), "{e:?}");
+    fs::write(&path, b"HEADERaaab").expect("other bytes");
+    let e = spool.read_dataset(&dataset).expect_err("changed");
+    assert!(matches!(e, SpoolError::Integrity { .. }), "{e:?}");
+    fs::rename(&aside, &path).expect("restore");
+    assert_eq!(spool.read_dataset(&dataset).expect("reads"), b"aaaa");
 }
