@@ -86,6 +86,59 @@ fn wait_port(port: u16, what: &str) {
     });
 }
 
+/// A tmpfs of `size` (e.g. "64m") mounted on a fresh directory, unmounted
+/// on drop: a small disk to fill.
+#[derive(Debug)]
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("kakehashi-tmpfs-")
+            .tempdir()
+            .expect("tempdir");
+        netns::run(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path()),
+        );
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the filesystem to the last byte with `name`; returns its path.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write as _;
+        let path = self.path().join(name);
+        let mut f = std::fs::File::create(&path).expect("filler");
+        let block = vec![0xffu8; 64 * 1024];
+        let mut n = block.len();
+        loop {
+            match f.write(&block[..n]) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) if n > 1 => n /= 2,
+                Err(_) => break,
+            }
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
 /// A child process killed (SIGKILL) on drop.
 #[derive(Debug)]
 pub struct Proc(pub Child);
@@ -115,6 +168,10 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
 pub struct RelayOptions {
     pub destinations: Vec<(String, String, u16)>,
     pub max_size: String,
+    /// `spool.min_free`.
+    pub min_free: String,
+    /// The spool directory (default: `spool` in the relay's temp dir).
+    pub spool_dir: Option<PathBuf>,
     pub retry_initial: String,
     pub retry_max: String,
     /// Extra `[[dicom.sources]]` entries, as TOML.
@@ -155,6 +212,8 @@ impl RelayOptions {
         RelayOptions {
             destinations: vec![("reading-center".into(), "READCENTER".into(), dest_port)],
             max_size: "4 GiB".into(),
+            min_free: "64 MiB".into(),
+            spool_dir: None,
             retry_initial: "200ms".into(),
             retry_max: "1s".into(),
             extra_sources: String::new(),
@@ -198,9 +257,13 @@ impl Relay {
             toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"{}:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"30s\"\nlinger = \"1s\"\n\n", opts.dest_host);
         }
         toml += &format!(
-            "[spool]\ndir = \"{}\"\nmax_size = \"{}\"\nmin_free = \"64 MiB\"\n\n[retry]\ninitial = \"{}\"\nmax = \"{}\"\n\n[control]\nsocket = \"{}\"\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n",
-            dir.path().join("spool").display(),
+            "[spool]\ndir = \"{}\"\nmax_size = \"{}\"\nmin_free = \"{}\"\n\n[retry]\ninitial = \"{}\"\nmax = \"{}\"\n\n[control]\nsocket = \"{}\"\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n",
+            opts.spool_dir
+                .clone()
+                .unwrap_or_else(|| dir.path().join("spool"))
+                .display(),
             opts.max_size,
+            opts.min_free,
             opts.retry_initial,
             opts.retry_max,
             socket.display()

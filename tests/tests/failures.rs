@@ -536,3 +536,107 @@ fn a_payload_that_cannot_be_read_is_retried_not_dead_lettered() {
     relay.wait_drained(Duration::from_secs(60));
     assert_eq!(center.files().len(), 2);
 }
+
+#[test]
+fn a_low_disk_answers_out_of_resources_and_takes_again_when_there_is_room() {
+    // A 48 MiB disk with 16 MiB kept free: once free space drops below that,
+    // every instance is answered 0xA700 (never 0x0110, never a fake Success)
+    // and nothing accepted is touched. Freed space is used again at once.
+    let disk = Tmpfs::mount("48m");
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = ct_study(data.path(), "lowdisk", 24, 1024 * 1024);
+    let filler = disk.path().join("other-data");
+    std::fs::write(&filler, vec![0u8; 24 << 20]).expect("filler");
+    let center_port = free_port();
+    let mut opts = RelayOptions::to(center_port);
+    opts.spool_dir = Some(disk.path().join("spool"));
+    opts.min_free = "16 MiB".into();
+    let relay = Relay::start(opts);
+
+    let out = storescu(relay.port, "MODALITY1", &files);
+    assert!(
+        !out.acked.is_empty() && !out.failed.is_empty(),
+        "{}",
+        out.output
+    );
+    for (f, status) in &out.failed {
+        assert!(
+            status.contains("OutOfResources"),
+            "{}: {status}",
+            f.display()
+        );
+    }
+    assert_eq!(out.acked.len() + out.failed.len(), files.len());
+    assert!(relay
+        .log_text()
+        .contains("below the 16777216 bytes kept free"));
+    assert_eq!(relay.queued() as usize, out.acked.len());
+
+    std::fs::remove_file(&filler).expect("free the disk");
+    let refused: Vec<_> = out.failed.iter().map(|(f, _)| f.clone()).collect();
+    let again = storescu(relay.port, "MODALITY1", &refused);
+    assert_eq!(again.acked.len(), refused.len(), "{}", again.output);
+    let center = StoreScp::start(center_port);
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(center.files().len(), files.len());
+}
+
+#[test]
+fn an_index_that_fills_its_disk_is_out_of_space_and_heals_without_a_restart() {
+    // redb refuses every transaction after an I/O error until it is opened
+    // again. The index is put on its own tiny disk (a symlink), so the
+    // payloads still fit and the index commit is what hits ENOSPC.
+    use kakehashi_spool::{Accepted, InstanceMeta, Limits, Priority, Spool};
+    let disk = Tmpfs::mount("1m");
+    let base = tempfile::tempdir().expect("tempdir");
+    let dir = base.path().join("spool");
+    std::fs::create_dir(&dir).expect("spool dir");
+    std::os::unix::fs::symlink(disk.path().join("index.redb"), dir.join("index.redb"))
+        .expect("symlink");
+    let limits = Limits {
+        max_size: 1 << 30,
+        min_free: 0,
+    };
+    let (spool, _) = Spool::open(&dir, vec!["center".into()], limits, 1).expect("open");
+    let receive = |n: u32| {
+        let uid = format!("2.25.99.{n}");
+        let meta = InstanceMeta {
+            sop_class_uid: testdata::CT_IMAGE.into(),
+            sop_instance_uid: uid.clone(),
+            transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+            study_instance_uid: "2.25.99".into(),
+            patient_id: "P".into(),
+            source_ae: "MODALITY1".into(),
+            source_ip: "127.0.0.1".into(),
+            priority: Priority::Medium,
+        };
+        let mut inc = spool.begin(b"HEADER", &uid)?;
+        inc.write(&[n as u8; 2048])?;
+        inc.commit(meta, 2)
+    };
+    let filler = disk.fill("filler");
+    let mut accepted = 0;
+    let refused = (0..2000).find_map(|n| match receive(n) {
+        Ok(Accepted::Queued { .. }) => {
+            accepted += 1;
+            None
+        }
+        Ok(other) => panic!("{other:?}"),
+        Err(e) => Some(e),
+    });
+    let e = refused.expect("the index's disk filled up");
+    println!("after {accepted} instances: {e}");
+    assert!(
+        e.is_out_of_space(),
+        "a full disk under the index is out of space (0xA700), not a fault: {e}"
+    );
+    std::fs::remove_file(&filler).expect("room again");
+    let Ok(Accepted::Queued { .. }) = receive(5000) else {
+        panic!("with room again the index takes new instances without a restart")
+    };
+    let records = spool.records().expect("records").len();
+    assert_eq!(records, accepted + 1, "everything accepted is still there");
+    drop(spool);
+    let (spool, _) = Spool::open(&dir, vec!["center".into()], limits, 3).expect("reopen");
+    assert_eq!(spool.records().expect("records").len(), accepted + 1);
+}

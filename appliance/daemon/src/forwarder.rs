@@ -540,7 +540,9 @@ fn stream_dataset(spool: Arc<kakehashi_spool::Spool>, dataset: DatasetRef) -> Ch
             Ok(r) => r,
             Err(e) => {
                 let kind = match e {
-                    kakehashi_spool::SpoolError::Integrity { .. } => std::io::ErrorKind::InvalidData,
+                    kakehashi_spool::SpoolError::Integrity { .. } => {
+                        std::io::ErrorKind::InvalidData
+                    }
                     _ => std::io::ErrorKind::Other,
                 };
                 let _ = tx.blocking_send(Err(std::io::Error::new(kind, e.to_string())));

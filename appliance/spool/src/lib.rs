@@ -22,7 +22,12 @@
 //! blocking tasks. It does not schedule (see the daemon's forwarder) and
 //! does not parse DICOM (see `kakehashi-dicom`).
 //!
-//! Limitations: the size limit counts payload bytes, not index overhead.
+//! Space: `spool.max_size` counts payloads and the index; below
+//! `spool.min_free` on the filesystem, and on ENOSPC anywhere (payload or
+//! index), new instances are refused as out of space (the ingress answers
+//! 0xA700). An I/O error fails redb until it is reopened: the next
+//! transaction reopens it (redb repairs on open), so a disk that had filled
+//! up serves again without a restart.
 
 #![forbid(unsafe_code)]
 
@@ -96,21 +101,39 @@ pub enum SpoolError {
     InUse { dir: PathBuf },
     #[error("no instance {0} in the spool")]
     NotFound(u64),
+    #[error("spool index {path} could not be reopened after an I/O error; retrying with the next operation")]
+    IndexUnavailable { path: PathBuf },
 }
 
 impl SpoolError {
     /// Whether the failure means "no room" (DICOM 0xA700), as opposed to a fault.
     pub fn is_out_of_space(&self) -> bool {
+        let no_room = |e: &std::io::Error| {
+            [nix::errno::Errno::ENOSPC, nix::errno::Errno::EDQUOT]
+                .iter()
+                .any(|n| e.raw_os_error() == Some(*n as i32))
+        };
         match self {
             SpoolError::Full { .. } | SpoolError::DiskLow { .. } => true,
-            SpoolError::Io { source, .. } => source.raw_os_error() == Some(libc_enospc()),
+            SpoolError::Io { source, .. } => no_room(source),
+            SpoolError::Index {
+                source: redb::Error::Io(e),
+                ..
+            } => no_room(e),
             _ => false,
         }
     }
-}
 
-fn libc_enospc() -> i32 {
-    nix::errno::Errno::ENOSPC as i32
+    /// An error after which redb refuses every transaction until reopened.
+    fn fails_index(&self) -> bool {
+        matches!(
+            self,
+            SpoolError::Index {
+                source: redb::Error::Io(_) | redb::Error::PreviousIo,
+                ..
+            }
+        )
+    }
 }
 
 /// For errors while reading a payload: what proves the bytes wrong (a failed
@@ -215,7 +238,15 @@ pub struct Spool {
     dir: PathBuf,
     data_dir: PathBuf,
     tmp_dir: PathBuf,
-    db: Database,
+    /// `None` after a failed reopen; see [`Spool::reopen_index`].
+    db: std::sync::RwLock<Option<Database>>,
+    db_path: PathBuf,
+    /// An I/O error (ENOSPC, EIO) failed a transaction: redb then refuses
+    /// everything until the database is opened again, which the next
+    /// transaction does.
+    db_failed: std::sync::atomic::AtomicBool,
+    /// See [`Spool::index_bytes`].
+    index_blocks: AtomicU64,
     destinations: Vec<String>,
     limits: Limits,
     /// Bytes of payload files in `data/`.
@@ -271,7 +302,10 @@ impl Spool {
             dir: dir.to_path_buf(),
             data_dir,
             tmp_dir,
-            db,
+            db: std::sync::RwLock::new(Some(db)),
+            db_path,
+            db_failed: Default::default(),
+            index_blocks: AtomicU64::new(0),
             destinations,
             limits,
             used: AtomicU64::new(0),
@@ -298,14 +332,84 @@ impl Spool {
         free_space(&self.dir)
     }
 
+    /// What counts against `spool.max_size`: payloads and the index (it
+    /// lives on the same disk).
     pub fn used_bytes(&self) -> u64 {
+        self.payload_bytes() + self.index_bytes()
+    }
+
+    /// Bytes of payload files.
+    pub fn payload_bytes(&self) -> u64 {
         self.used.load(Ordering::SeqCst)
+    }
+
+    /// Disk blocks of the index (not its length: redb preallocates
+    /// sparsely), as of the last commit.
+    pub fn index_bytes(&self) -> u64 {
+        self.index_blocks.load(Ordering::SeqCst)
+    }
+
+    fn measure_index(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        if let Ok(m) = fs::metadata(&self.db_path) {
+            self.index_blocks.store(m.blocks() * 512, Ordering::SeqCst);
+        }
+    }
+
+    /// Runs `f` on the index, opening it again first if an I/O error failed
+    /// it (redb refuses everything after one until it is reopened; reopening
+    /// repairs it). A box whose disk filled up thus serves again, without a
+    /// restart, once there is room.
+    fn with_db<T>(&self, f: impl Fn(&Database) -> Result<T, SpoolError>) -> Result<T, SpoolError> {
+        if self.db_failed.load(Ordering::SeqCst) {
+            self.reopen_index()?;
+        }
+        let attempt = || {
+            let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+            let db = guard.as_ref().ok_or_else(|| SpoolError::IndexUnavailable {
+                path: self.db_path.clone(),
+            })?;
+            f(db)
+        };
+        match attempt() {
+            // Failed by an error inside an earlier transaction: reopen, once.
+            Err(e) if e.fails_index() => {
+                self.note_failure(&e);
+                self.reopen_index()?;
+                attempt()
+            }
+            other => other,
+        }
+    }
+
+    fn note_failure(&self, e: &SpoolError) {
+        if e.fails_index() {
+            self.db_failed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn read_txn(&self) -> Result<redb::ReadTransaction, SpoolError> {
+        self.with_db(|db| db.begin_read().map_err(idx("begin read")))
+    }
+
+    fn reopen_index(&self) -> Result<(), SpoolError> {
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if !self.db_failed.load(Ordering::SeqCst) && guard.is_some() {
+            return Ok(()); // another thread did it
+        }
+        // The old handle must go first: it holds the file lock.
+        guard.take();
+        let db = Database::create(&self.db_path).map_err(idx("reopen after an I/O error"))?;
+        *guard = Some(db);
+        self.db_failed.store(false, Ordering::SeqCst);
+        tracing::warn!(index = %self.db_path.display(), "spool index reopened after an I/O error");
+        Ok(())
     }
 
     fn check_format(&self) -> Result<(), SpoolError> {
         let mut marker = FORMAT_MAGIC.to_vec();
         marker.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
-        let txn = self.db.begin_write().map_err(idx("begin"))?;
+        let txn = self.with_db(|db| db.begin_write().map_err(idx("begin")))?;
         {
             let mut meta = txn.open_table(META).map_err(idx("open meta"))?;
             let found = meta
@@ -523,7 +627,7 @@ impl Spool {
                 Vec::new()
             },
         };
-        let mut inner = self.db.begin_write().map_err(idx("begin"))?;
+        let mut inner = self.with_db(|db| db.begin_write().map_err(idx("begin")))?;
         inner
             .set_durability(durability)
             .map_err(idx("set durability"))?;
@@ -574,7 +678,7 @@ impl Spool {
     }
 
     fn check_room(&self, extra: u64) -> Result<(), SpoolError> {
-        let used = self.used.load(Ordering::SeqCst) + self.reserved.load(Ordering::SeqCst);
+        let used = self.used_bytes() + self.reserved.load(Ordering::SeqCst);
         if used + extra > self.limits.max_size {
             return Err(SpoolError::Full {
                 used,
@@ -594,7 +698,7 @@ impl Spool {
 
     /// Every record, for rebuilding schedules and listings.
     pub fn records(&self) -> Result<Vec<InstanceRecord>, SpoolError> {
-        let txn = self.db.begin_read().map_err(idx("begin read"))?;
+        let txn = self.read_txn()?;
         let table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
         let mut out = Vec::new();
         for item in table.iter().map_err(idx("scan instances"))? {
@@ -605,7 +709,7 @@ impl Spool {
     }
 
     pub fn get(&self, id: u64) -> Result<InstanceRecord, SpoolError> {
-        let txn = self.db.begin_read().map_err(idx("begin read"))?;
+        let txn = self.read_txn()?;
         let table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
         let v = table
             .get(id)
@@ -991,7 +1095,7 @@ impl Spool {
 
     /// Audit records with `seq > after`, oldest first, at most `limit`.
     pub fn audit_since(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, SpoolError> {
-        let txn = self.db.begin_read().map_err(idx("begin read"))?;
+        let txn = self.read_txn()?;
         let table = txn.open_table(AUDIT).map_err(idx("open audit"))?;
         let mut out = Vec::new();
         for item in table.range(after + 1..).map_err(idx("scan audit"))? {
@@ -1031,7 +1135,11 @@ impl<'a> Txn<'a> {
             inner, released, ..
         } = self;
         // On failure `released` drops and hands its payloads back to pending.
-        inner.commit().map_err(idx(action))?;
+        if let Err(e) = inner.commit().map_err(idx(action)) {
+            released.spool.note_failure(&e);
+            return Err(e);
+        }
+        released.spool.measure_index();
         Ok(released)
     }
 }
@@ -1203,7 +1311,7 @@ impl Incoming {
     fn reserve(&mut self, n: u64) -> Result<(), SpoolError> {
         let before = self.spool.reserved.fetch_add(n, Ordering::SeqCst);
         self.reserved += n;
-        let used = self.spool.used.load(Ordering::SeqCst);
+        let used = self.spool.used_bytes();
         if used + before + n > self.spool.limits.max_size {
             return Err(SpoolError::Full {
                 used: used + before,

@@ -53,7 +53,7 @@ fn accepted_instances_survive_reopen_with_their_bytes() {
     let rec = spool.get(rec.id).expect("record");
     let (_, path) = spool.open_payload(rec.id).expect("payload");
     assert_eq!(fs::read(path).expect("read"), b"HEADERdataset-bytes");
-    assert_eq!(spool.used_bytes(), 19);
+    assert_eq!(spool.payload_bytes(), 19);
     let audit = spool.audit_since(0, 10).expect("audit");
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].event, AuditEvent::Received);
@@ -62,9 +62,10 @@ fn accepted_instances_survive_reopen_with_their_bytes() {
 #[test]
 fn full_spool_refuses_and_keeps_what_it_has() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, _) = open(dir.path(), 100);
-    receive(&spool, "1.1", &[1; 60]).expect("first fits");
-    let err = receive(&spool, "1.2", &[2; 60]).expect_err("second must not fit");
+    // Two payloads would fill it exactly: the index (a few KiB) tips it over.
+    let (spool, _) = open(dir.path(), 256 << 10);
+    receive(&spool, "1.1", &[1; (128 << 10) - 6]).expect("first fits");
+    let err = receive(&spool, "1.2", &[2; (128 << 10) - 6]).expect_err("second must not fit");
     assert!(err.is_out_of_space(), "{err}");
     assert_eq!(spool.records().expect("records").len(), 1);
     assert_eq!(
@@ -245,7 +246,7 @@ fn delivery_deletes_payload_and_record() {
         )
         .expect("deliver");
     assert!(spool.records().expect("records").is_empty());
-    assert_eq!(spool.used_bytes(), 0);
+    assert_eq!(spool.payload_bytes(), 0);
     assert_eq!(
         fs::read_dir(dir.path().join("data")).expect("data").count(),
         0
@@ -341,7 +342,7 @@ fn a_non_durable_delivery_keeps_its_payload_until_a_checkpoint() {
     );
     spool.checkpoint().expect("checkpoint");
     assert!(!payload.exists());
-    assert_eq!(spool.used_bytes(), 0);
+    assert_eq!(spool.payload_bytes(), 0);
 }
 
 #[test]
@@ -483,7 +484,7 @@ fn a_keyed_spool_seals_payloads_and_patient_ids_and_catches_tampering() {
     )
     .expect("reopen");
     assert!(report.is_clean(), "{report:?}");
-    assert_eq!(spool.used_bytes(), on_disk.len() as u64);
+    assert_eq!(spool.payload_bytes(), on_disk.len() as u64);
     assert_eq!(spool.read_dataset(&dataset).expect("reads"), body);
 
     // Reopened without the key: the payload and the Patient ID stay sealed.
