@@ -132,6 +132,7 @@ fn record() {
         sha256: "00".repeat(32),
         received_ms: 1,
         stored_size: Some(1240),
+        key_id: Some("00112233aabbccdd".into()),
         routes: vec![Route {
             destination: "center".into(),
             state: RouteState::Queued,

@@ -199,7 +199,7 @@ impl RelayOptions {
             pcrs: Vec::new(),
         };
         kakehashi_tpm::KeyStore::open(&config)
-            .and_then(|mut s| s.provision(false))
+            .and_then(|mut s| s.provision(kakehashi_tpm::keystore::Replace::Nothing))
             .expect("provision software keys");
         self.extra_toml += &format!(
             "\n[tpm]\nbackend = \"software\"\nkey_dir = \"{}\"\n",

@@ -126,11 +126,38 @@ fn a_reset_tpm_is_explained_and_nothing_is_deleted() {
     let _peers = peers(&v);
     let out = v.provision(&[]);
     assert!(out.status.success(), "{}", text(&out));
+    let wg_key = wireguard_key_of(&text(&out));
     // The center does not know this box yet: studies wait in the spool.
     let relay = v.start();
     let data = tempfile::tempdir().expect("tempdir");
     let files = v.send_study(data.path(), "reset", 4, 16 * 1024);
+    // Rotating a spool key that still works while it seals queued data is
+    // refused (asked of the running daemon), and --force keeps every key
+    // that loads: queued instances stay readable, the center need not re-enroll.
+    let rotate = v.provision(&["--rotate"]);
+    assert!(!rotate.status.success(), "{}", text(&rotate));
+    assert!(
+        text(&rotate).contains("the spool holds 4 instance(s) sealed with it"),
+        "{}",
+        text(&rotate)
+    );
+    let forced = v.provision(&["--force"]);
+    assert!(forced.status.success(), "{}", text(&forced));
+    assert_eq!(
+        wireguard_key_of(&text(&forced)),
+        wg_key,
+        "{}",
+        text(&forced)
+    );
+    assert!(!text(&forced).contains("replaced"), "{}", text(&forced));
     drop(relay);
+    // Asked of the spool itself when the daemon is stopped.
+    let rotate = v.provision(&["--rotate"]);
+    assert!(
+        !rotate.status.success() && text(&rotate).contains("4 instance(s)"),
+        "{}",
+        text(&rotate)
+    );
 
     v.swtpm.reset();
     let relay = v.start();
@@ -182,6 +209,31 @@ fn a_reset_tpm_is_explained_and_nothing_is_deleted() {
     let again = v.provision(&[]);
     assert!(!again.status.success(), "{}", text(&again));
     assert!(text(&again).contains("--force"), "{}", text(&again));
+    drop(relay);
+
+    // Re-enrollment: --force replaces what no longer loads and says what
+    // becomes of the spool; the daemon then keeps the old instances as
+    // "key lost" dead letters, not as tampered ones, and deletes nothing.
+    let forced = v.provision(&["--force"]);
+    let said = text(&forced);
+    assert!(forced.status.success(), "{said}");
+    assert!(
+        said.contains("spool.sealed: replaced")
+            && said.contains("4 instance(s) sealed with the old spool key"),
+        "{said}"
+    );
+    assert_ne!(wireguard_key_of(&said), wg_key, "a new key for a new TPM");
+    let relay = v.start();
+    let s = relay.status();
+    assert_eq!(s.tpm.as_ref().and_then(|t| t.problem.clone()), None);
+    assert_eq!(s.destinations[0].queued, 0);
+    assert_eq!(s.destinations[0].dead_letter, 4, "kept for the operator");
+    let dead = text(&relay.cli(&["queue", "list", "--dead"]));
+    assert_eq!(dead.matches("key lost").count(), 4, "{dead}");
+    assert!(!dead.contains("integrity"), "{dead}");
+    // New studies flow again under the new key.
+    let fresh = v.send_study(data.path(), "after", 2, 8 * 1024);
+    assert_eq!(relay.queued(), fresh.len() as u64);
 }
 
 #[test]

@@ -68,9 +68,16 @@ enum Command {
         /// Where to write the box's config.
         #[arg(long, default_value = kakehashi_config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
-        /// Replace existing keys even if they still load (the center must re-enroll the box).
-        #[arg(long)]
+        /// Replace the keys that no longer load on this TPM (after a TPM reset
+        /// or replacement, or a firmware change with PCR-bound keys); keys that
+        /// still load are kept. The center must re-enroll what is replaced.
+        #[arg(long, conflicts_with = "rotate")]
         force: bool,
+        /// Replace every key, also those that still load (a suspected
+        /// compromise). Refused while the spool holds instances sealed with
+        /// the current spool key.
+        #[arg(long)]
+        rotate: bool,
     },
     /// Check everything a working box needs, with a fix for each failure:
     /// config, TPM and keys, C-ECHO to local sources and destinations, tunnel,
@@ -143,16 +150,23 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
             site,
             config,
             force,
+            rotate,
         } => {
+            use kakehashi_tpm::keystore::Replace;
+            let replace = match (force, rotate) {
+                (_, true) => Replace::All,
+                (true, _) => Replace::Unloadable,
+                _ => Replace::Nothing,
+            };
             return Ok(
-                match provision::run(site, config, *force, cli.common.json) {
+                match provision::run(site, config, replace, cli.common.json) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("kakehashi provision: {e}");
                         ExitCode::from(1)
                     }
                 },
-            )
+            );
         }
         Command::Selftest { config } => {
             let socket = std::env::var_os("KAKEHASHI_SOCKET")

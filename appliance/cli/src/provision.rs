@@ -1,14 +1,21 @@
 //! `kakehashi provision --site SITE.toml`: a field engineer's one command.
 //!
 //! Checks the TPM, creates the identity and the sealed keys (keeping those
-//! that already load on this TPM, unless `--force`), writes the box's config
-//! from the site file (validated before it is written), and prints what the
-//! reading center needs to enroll the box.
+//! that already load on this TPM; `--force` replaces those that do not,
+//! `--rotate` all of them), writes the box's config from the site file
+//! (validated before it is written), and prints what the reading center
+//! needs to enroll the box.
+//!
+//! The spool key is special: everything in the spool is sealed with it. A
+//! key that still loads is never replaced while the spool holds instances
+//! (they would become unreadable); one that no longer loads is replaced with
+//! `--force`, and kakehashid then keeps what it sealed as "key lost" dead
+//! letters.
 
 use std::path::Path;
 
 use kakehashi_config::{Config, KeyBackend, TpmConfig};
-use kakehashi_tpm::keystore::{write_file, KeyStore};
+use kakehashi_tpm::keystore::{write_file, KeyStore, Replace, SPOOL};
 use serde::Deserialize;
 
 /// The site file: what a field engineer knows about the hospital and the center.
@@ -190,7 +197,32 @@ impl Site {
     }
 }
 
-pub fn run(site_path: &Path, config_path: &Path, force: bool, json: bool) -> Result<(), String> {
+/// How many instances the box's spool holds (queued or dead letter): asked
+/// of kakehashid if it runs, else read from the spool's index.
+fn held_instances(config: &Config) -> Result<u64, String> {
+    use kakehashi_control::{call, Request, Response};
+    if let Ok(Response::Status(s)) = call(&config.control.socket, &Request::Status) {
+        return Ok(s
+            .destinations
+            .iter()
+            .map(|d| d.queued + d.dead_letter)
+            .max()
+            .unwrap_or(0));
+    }
+    match kakehashi_spool::inspect(&config.spool.dir) {
+        Ok(held) => Ok(held.map_or(0, |h| h.instances)),
+        Err(e) => Err(format!(
+            "cannot tell what the spool holds ({e}); is kakehashid running with another control socket?"
+        )),
+    }
+}
+
+pub fn run(
+    site_path: &Path,
+    config_path: &Path,
+    replace: Replace,
+    json: bool,
+) -> Result<(), String> {
     let site = Site::load(site_path)?;
     let text = site.config_text(site_path);
     let config = Config::parse(&text).map_err(|e| {
@@ -223,14 +255,40 @@ pub fn run(site_path: &Path, config_path: &Path, force: bool, json: bool) -> Res
     } else {
         say(format!("[ok] TPM {tcti} reachable"));
     }
-    let done = store
-        .provision(force)
-        .map_err(|e| format!("{e}\n  fix: {}", kakehashi_tpm::keystore::REENROLL))?;
+    // Never replace a spool key that still works while data sealed with it
+    // is in the spool: those instances would become unreadable.
+    let spool_key_loads = store.loads(SPOOL).unwrap_or(false);
+    if replace == Replace::All && spool_key_loads {
+        let held = held_instances(&config)?;
+        if held > 0 {
+            return Err(format!(
+                "refusing to replace the spool key: it still works, and the spool holds {held} instance(s) sealed with it, which would become unreadable.\n  fix: let them be delivered (`kakehashi status` shows 0 queued), retry or purge the dead letters (`kakehashi queue list --dead`), then run provision --rotate again"
+            ));
+        }
+    }
+    let done = store.provision(replace).map_err(|e| {
+        format!(
+            "{e}\n  fix: if the TPM was reset or replaced, run again with --force (keys that still load are kept). {}",
+            kakehashi_tpm::keystore::REENROLL
+        )
+    })?;
     for k in &done.kept {
         say(format!("[ok] {k}: kept (loads on this TPM)"));
     }
     for k in &done.created {
         say(format!("[ok] {k}: created in {}", store.dir().display()));
+    }
+    for (k, why) in &done.replaced {
+        say(format!("[!!] {k}: replaced ({why})"));
+    }
+    if done.replaced.iter().any(|(k, _)| *k == SPOOL) && !spool_key_loads {
+        match held_instances(&config) {
+            Ok(0) => {}
+            Ok(n) => say(format!(
+                "[!!] the spool holds {n} instance(s) sealed with the old spool key: they cannot be decrypted. kakehashid keeps them as dead letters marked \"key lost\" at its next start; have the hospital send them again, then `kakehashi queue purge`."
+            )),
+            Err(e) => say(format!("[!!] {e}")),
+        }
     }
     let enrollment = store.enrollment().map_err(|e| e.to_string())?;
     let wg = store.wireguard_key().map_err(|e| e.to_string())?;
@@ -264,6 +322,7 @@ pub fn run(site_path: &Path, config_path: &Path, force: bool, json: bool) -> Res
             "csr_pem": enrollment.csr_pem,
             "created": done.created,
             "kept": done.kept,
+            "replaced": done.replaced.iter().map(|(k, why)| serde_json::json!({"key": k, "why": why})).collect::<Vec<_>>(),
             "config": config_path,
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

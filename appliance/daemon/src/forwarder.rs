@@ -428,7 +428,8 @@ async fn send_one(shared: &Shared, scu: &mut Scu, pc: u8, item: &Item) -> Sent {
 /// sent); any other error (EIO, ENOSPC…) is the disk's, retried.
 fn unreadable(e: kakehashi_spool::SpoolError) -> Sent {
     match e {
-        kakehashi_spool::SpoolError::Integrity { .. } => Sent::Dead(e.to_string()),
+        kakehashi_spool::SpoolError::Integrity { .. }
+        | kakehashi_spool::SpoolError::KeyLost { .. } => Sent::Dead(e.to_string()),
         other => Sent::Retry(format!("cannot read the payload (will retry): {other}")),
     }
 }

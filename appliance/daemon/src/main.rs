@@ -225,6 +225,7 @@ async fn run(
             temp_files_removed = report.temp_files_removed,
             orphan_files_removed = report.orphan_files_removed,
             missing_payloads = report.missing_payloads.len(),
+            key_lost = report.key_lost.len(),
             "spool recovered after an unclean stop (temp and orphan files were never acknowledged; missing payloads are dead-lettered)"
         );
     }

@@ -73,6 +73,10 @@ pub enum SpoolError {
     /// dead-lettered (and never sent).
     #[error("integrity: payload {path}: {detail}")]
     Integrity { path: PathBuf, detail: String },
+    /// The payload was sealed with a spool key this box no longer has (its
+    /// TPM was reset, or it was provisioned again): it can never be read.
+    #[error("key lost: payload {path}: {detail}; it cannot be decrypted (the box's TPM was reset or it was provisioned again): have the hospital send it again, then `kakehashi queue purge`")]
+    KeyLost { path: PathBuf, detail: String },
     #[error("spool index {action}: {source}")]
     Index {
         action: &'static str,
@@ -141,6 +145,16 @@ impl SpoolError {
 /// (EIO, ENOMEM…) is an I/O error, retried.
 fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
     move |source| match source.kind() {
+        std::io::ErrorKind::InvalidInput
+            if source
+                .get_ref()
+                .is_some_and(|e| e.downcast_ref::<seal::OtherKey>().is_some()) =>
+        {
+            SpoolError::KeyLost {
+                path: path.to_path_buf(),
+                detail: source.to_string(),
+            }
+        }
         std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
             SpoolError::Integrity {
                 path: path.to_path_buf(),
@@ -184,6 +198,9 @@ pub struct RecoveryReport {
     pub orphan_files_removed: usize,
     /// Records whose payload file is missing or short: dead-lettered.
     pub missing_payloads: Vec<u64>,
+    /// Pending records sealed with a spool key this box no longer has:
+    /// dead-lettered as "key lost".
+    pub key_lost: Vec<u64>,
     /// Records committed while their payload's rename was in flight: the
     /// rename was completed.
     pub renames_completed: usize,
@@ -194,6 +211,7 @@ impl RecoveryReport {
         self.temp_files_removed == 0
             && self.orphan_files_removed == 0
             && self.missing_payloads.is_empty()
+            && self.key_lost.is_empty()
             && self.renames_completed == 0
     }
 }
@@ -264,7 +282,10 @@ pub struct Spool {
 }
 
 /// A sealed Patient ID in a record starts with this.
-const SEALED_PREFIX: &str = "sealed:";
+/// A Patient ID sealed with XChaCha20-Poly1305 in a record starts with this;
+/// `sealed:` is version 1 (ChaCha20-Poly1305), still read.
+const SEALED_PREFIX: &str = "sealed2:";
+const SEALED_PREFIX_V1: &str = "sealed:";
 
 impl Spool {
     /// Opens (creating if needed) the spool at `dir` and recovers it;
@@ -500,7 +521,16 @@ impl Spool {
             let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
             let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
             let mut audit = txn.open_table(AUDIT).map_err(idx("open audit"))?;
-            let mut updates = Vec::new();
+            let mut meta = txn.open_table(META).map_err(idx("open meta"))?;
+            // Which spool key sealed what: records since 0.1.1 say it; for
+            // older ones, the key the spool had when it was last opened.
+            let current_key = self.key.as_ref().map(SpoolKey::id_hex);
+            let previous_key = meta
+                .get("spool_key")
+                .map_err(idx("read meta"))?
+                .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+            // (record, what to say in the audit trail about it)
+            let mut updates: Vec<(InstanceRecord, Option<String>)> = Vec::new();
             for item in table.iter().map_err(idx("scan instances"))? {
                 let (k, v) = item.map_err(idx("scan instances"))?;
                 let id = k.value();
@@ -508,6 +538,7 @@ impl Spool {
                 report.records += 1;
                 max_id = max_id.max(id);
                 let mut changed = false;
+                let mut said = None;
                 // A destination added to the config since: route to it too.
                 for d in &self.destinations {
                     if rec.route(d).is_none() && !rec.is_done() {
@@ -545,31 +576,50 @@ impl Spool {
                             }
                             report.missing_payloads.push(id);
                             changed = true;
+                            said = Some(format!("integrity: {why} (found at start-up)"));
                             if let Some(len) = found {
                                 used += len;
                             }
                         }
                     }
                 }
+                // Sealed with a key this box no longer has (TPM reset, then
+                // provisioned again): never readable again, and not tampering.
+                let sealed_with = rec.key_id.clone().or_else(|| previous_key.clone());
+                if let (true, Some(ours), Some(theirs)) =
+                    (rec.is_sealed(), &current_key, &sealed_with)
+                {
+                    if ours != theirs && rec.routes.iter().any(|r| r.state.is_pending()) {
+                        let why = format!(
+                            "key lost: sealed with spool key {theirs}, and this box's spool key is {ours} (its TPM was reset or it was provisioned again); it cannot be decrypted: have the hospital send it again, then `kakehashi queue purge`"
+                        );
+                        for r in rec.routes.iter_mut().filter(|r| r.state.is_pending()) {
+                            r.state = RouteState::DeadLetter;
+                            r.last_error = Some(why.clone());
+                        }
+                        report.key_lost.push(id);
+                        changed = true;
+                        said = Some(why);
+                    }
+                }
                 if changed {
-                    updates.push(rec);
+                    updates.push((rec, said));
                 }
             }
-            for rec in updates {
+            if let Some(k) = &current_key {
+                meta.insert("spool_key", k.as_bytes())
+                    .map_err(idx("write meta"))?;
+            }
+            for (rec, said) in updates {
                 if rec.is_done() && !self.payload_path(rec.id).exists() {
                     table.remove(rec.id).map_err(idx("drop record"))?;
                     continue;
                 }
-                if report.missing_payloads.contains(&rec.id) {
+                if let Some(why) = said {
                     append_audit(
                         &mut audit,
-                        AuditRecord::new(
-                            now_ms,
-                            AuditEvent::DeadLettered,
-                            "kakehashid",
-                            "payload file missing or short at start-up",
-                        )
-                        .instance(&rec.meta),
+                        AuditRecord::new(now_ms, AuditEvent::DeadLettered, "kakehashid", why)
+                            .instance(&rec.meta),
                     )?;
                 }
                 uids.insert(rec.meta.sop_instance_uid.as_str(), rec.id)
@@ -844,9 +894,14 @@ impl Spool {
     /// The Patient ID of `rec` in clear (the index keeps it sealed); `None`
     /// if it cannot be opened (no key, or not this spool's key).
     pub fn patient_id(&self, rec: &InstanceRecord) -> Option<String> {
-        match rec.meta.patient_id.strip_prefix(SEALED_PREFIX) {
-            None => Some(rec.meta.patient_id.clone()),
-            Some(sealed) => self.key.as_ref()?.open_value(&rec.id.to_be_bytes(), sealed),
+        let aad = rec.id.to_be_bytes();
+        let pid = &rec.meta.patient_id;
+        if let Some(sealed) = pid.strip_prefix(SEALED_PREFIX) {
+            self.key.as_ref()?.open_value(&aad, sealed)
+        } else if let Some(sealed) = pid.strip_prefix(SEALED_PREFIX_V1) {
+            self.key.as_ref()?.open_value_v1(&aad, sealed)
+        } else {
+            Some(pid.clone())
         }
     }
 
@@ -1112,6 +1167,65 @@ impl Spool {
         }
         Ok(out)
     }
+}
+
+/// What a spool holds, read without opening it for writing (for `kakehashi
+/// provision`, which must not replace a spool key that still seals data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// Instances still needed by some destination (queued or dead letter).
+    pub instances: u64,
+}
+
+/// Counts what the spool at `dir` holds, opening its index read-only;
+/// `Ok(None)` if there is no spool there. Fails with
+/// [`SpoolError::InUse`] while kakehashid has it open (ask kakehashid).
+pub fn inspect(dir: &Path) -> Result<Option<Held>, SpoolError> {
+    let path = dir.join("index.redb");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let in_use = |e: redb::DatabaseError| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => SpoolError::InUse {
+            dir: dir.to_path_buf(),
+        },
+        other => idx("open")(other),
+    };
+    // A spool whose daemon stopped uncleanly needs redb's repair, which a
+    // read-only open refuses: then open it for writing (nobody else has it),
+    // as kakehashid would at its next start.
+    let (_read_only, _repaired);
+    let txn = match redb::ReadOnlyDatabase::open(&path) {
+        Ok(db) => {
+            let txn = db.begin_read().map_err(idx("begin read"))?;
+            _read_only = db;
+            txn
+        }
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+            return Err(SpoolError::InUse {
+                dir: dir.to_path_buf(),
+            })
+        }
+        Err(_) => {
+            let db = Database::create(&path).map_err(in_use)?;
+            let txn = db.begin_read().map_err(idx("begin read"))?;
+            _repaired = db;
+            txn
+        }
+    };
+    let table = match txn.open_table(INSTANCES) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Some(Held { instances: 0 })),
+        Err(e) => return Err(idx("open instances")(e)),
+    };
+    let mut instances = 0;
+    for item in table.iter().map_err(idx("scan instances"))? {
+        let (k, v) = item.map_err(idx("scan instances"))?;
+        if !decode_record(k.value(), v.value())?.is_done() {
+            instances += 1;
+        }
+    }
+    Ok(Some(Held { instances }))
 }
 
 /// A write transaction and, if durable, the payloads its commit makes safe
@@ -1385,6 +1499,7 @@ impl Incoming {
             received_ms: now_ms,
             routes: spool.destinations.iter().map(|d| new_route(d)).collect(),
             stored_size: (stored != self.header_len + self.dataset_len).then_some(stored),
+            key_id: spool.key.as_ref().map(SpoolKey::id_hex),
             meta,
         };
         let accepted = spool.commit_received(&rec, now_ms)?;

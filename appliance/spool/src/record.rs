@@ -102,6 +102,11 @@ pub struct InstanceRecord {
     /// and a tag per chunk).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_size: Option<u64>,
+    /// Id (hex) of the spool key that sealed the payload; `None` for a clear
+    /// payload, and for payloads sealed before 0.1.1 (the spool's `meta`
+    /// then says which key the spool had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 impl InstanceRecord {
@@ -119,6 +124,11 @@ impl InstanceRecord {
         self.routes
             .iter_mut()
             .find(|r| r.destination == destination)
+    }
+
+    /// The payload (and the Patient ID in the index) are sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.key_id.is_some() || self.meta.patient_id.starts_with("sealed")
     }
 
     /// No route still needs the payload (all delivered; dead letters keep it).

@@ -1,25 +1,41 @@
-//! Payload sealing: ChaCha20-Poly1305 in chunks, as the data streams in.
+//! Payload sealing: XChaCha20-Poly1305 in chunks, as the data streams in.
 //!
-//! File layout: `KKSE`, version 1, a 7-byte random nonce prefix, then
-//! chunks of up to 64 KiB of plaintext, each followed by its 16-byte tag.
-//! Nonce = prefix ‖ chunk counter (u32, big endian) ‖ last-chunk flag, the
-//! STREAM construction (Hoang, Reyhanitabar, Rogaway, Vizár): chunks cannot
-//! be reordered, dropped or appended, and a truncated file fails because its
-//! last chunk does not carry the flag. Associated data binds the file to its
-//! instance: the spool id and the SOP Instance UID. No plaintext is ever
-//! written to disk, temp files included.
+//! File layout (version 2): `KKSE`, 2, the spool key's id (8 bytes), a
+//! 19-byte random nonce prefix, then chunks of up to 64 KiB of plaintext,
+//! each followed by its 16-byte tag. Nonce = prefix ‖ chunk counter (u32,
+//! big endian) ‖ last-chunk flag, the STREAM construction (Hoang,
+//! Reyhanitabar, Rogaway, Vizár): chunks cannot be reordered, dropped or
+//! appended, and a truncated file fails because its last chunk does not carry
+//! the flag. Associated data binds the file to its instance: the spool id and
+//! the SOP Instance UID. No plaintext is ever written to disk.
+//!
+//! Why XChaCha: one spool key seals every payload of a box's life, and
+//! version 1's 7 random bytes of nonce prefix (ChaCha20-Poly1305's 12-byte
+//! nonce) reach a birthday collision after about 2^28 payloads, with a
+//! collision reusing both keystream and Poly1305 key. 19 random bytes put
+//! that beyond any box's life. Version 1 files are still read.
+//!
+//! The key id lets a reader tell "sealed with another key" (the TPM was
+//! reset and the box re-provisioned: the key is lost, see [`OtherKey`]) from
+//! tampering.
 
 use std::io::{Read, Write};
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, XChaCha20Poly1305, XNonce};
+use sha2::Digest as _;
 use zeroize::Zeroizing;
 
 pub const MAGIC: &[u8; 4] = b"KKSE";
-const VERSION: u8 = 1;
+/// The version written; 1 is still read.
+const VERSION: u8 = 2;
 const CHUNK: usize = 64 * 1024;
 const TAG: usize = 16;
-pub const HEADER_LEN: usize = 4 + 1 + 7;
+const PREFIX_V1: usize = 7;
+const PREFIX_V2: usize = 19;
+pub const KEY_ID_LEN: usize = 8;
+/// Bytes before the first chunk of a version 2 file.
+pub const HEADER_LEN: usize = 4 + 1 + KEY_ID_LEN + PREFIX_V2;
 
 /// The spool's data key (unsealed from the TPM at start).
 #[derive(Clone)]
@@ -27,45 +43,163 @@ pub struct SpoolKey(Zeroizing<[u8; 32]>);
 
 impl std::fmt::Debug for SpoolKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SpoolKey(..)")
+        write!(f, "SpoolKey({})", self.id_hex())
     }
 }
+
+/// A payload sealed with another spool key than the one this spool has:
+/// not tampering, a lost key (see the module doc).
+#[derive(Debug)]
+pub struct OtherKey {
+    pub found: String,
+    pub ours: String,
+}
+
+impl std::fmt::Display for OtherKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sealed with spool key {} but this box's spool key is {}",
+            self.found, self.ours
+        )
+    }
+}
+
+impl std::error::Error for OtherKey {}
 
 impl SpoolKey {
     pub fn new(bytes: Zeroizing<[u8; 32]>) -> Self {
         SpoolKey(bytes)
     }
 
-    fn cipher(&self) -> ChaCha20Poly1305 {
+    /// A public fingerprint of the key (SHA-256 of a label and the key, cut
+    /// to 8 bytes): written in sealed files and the index so a lost key is
+    /// told apart from tampering. It reveals nothing of the key.
+    pub fn id(&self) -> [u8; KEY_ID_LEN] {
+        let mut h = sha2::Sha256::new();
+        h.update(b"kakehashi spool key id");
+        h.update(&self.0[..]);
+        let mut out = [0u8; KEY_ID_LEN];
+        out.copy_from_slice(&h.finalize()[..KEY_ID_LEN]);
+        out
+    }
+
+    pub fn id_hex(&self) -> String {
+        hex::encode(self.id())
+    }
+
+    fn cipher_v1(&self) -> ChaCha20Poly1305 {
         ChaCha20Poly1305::new(Key::from_slice(&self.0[..]))
     }
 
-    /// Seals a short value (a field of the index) bound to `aad`: base64-free
-    /// hex of nonce ‖ ciphertext ‖ tag.
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(Key::from_slice(&self.0[..]))
+    }
+
+    /// Seals a short value (a field of the index) bound to `aad`: hex of a
+    /// 24-byte random nonce ‖ ciphertext ‖ tag (XChaCha20-Poly1305).
     pub fn seal_value(&self, aad: &[u8], value: &str) -> String {
-        let mut nonce = [0u8; 12];
+        let mut nonce = [0u8; 24];
         random(&mut nonce);
         let mut buf = value.as_bytes().to_vec();
         // Encryption of an in-memory buffer cannot fail for these sizes.
         let _ = self
             .cipher()
-            .encrypt_in_place(Nonce::from_slice(&nonce), aad, &mut buf);
+            .encrypt_in_place(XNonce::from_slice(&nonce), aad, &mut buf);
         let mut out = nonce.to_vec();
         out.extend_from_slice(&buf);
         hex::encode(out)
     }
 
+    /// Opens a value of [`SpoolKey::seal_value`].
     pub fn open_value(&self, aad: &[u8], sealed: &str) -> Option<String> {
+        let bytes = hex::decode(sealed).ok()?;
+        if bytes.len() < 24 + TAG {
+            return None;
+        }
+        let (nonce, ct) = bytes.split_at(24);
+        let mut buf = ct.to_vec();
+        self.cipher()
+            .decrypt_in_place(XNonce::from_slice(nonce), aad, &mut buf)
+            .ok()?;
+        String::from_utf8(buf).ok()
+    }
+
+    /// Opens a value sealed by version 1 (12-byte nonce, ChaCha20-Poly1305).
+    pub fn open_value_v1(&self, aad: &[u8], sealed: &str) -> Option<String> {
         let bytes = hex::decode(sealed).ok()?;
         if bytes.len() < 12 + TAG {
             return None;
         }
         let (nonce, ct) = bytes.split_at(12);
         let mut buf = ct.to_vec();
-        self.cipher()
+        self.cipher_v1()
             .decrypt_in_place(Nonce::from_slice(nonce), aad, &mut buf)
             .ok()?;
         String::from_utf8(buf).ok()
+    }
+}
+
+/// The chunk cipher of one file, by version.
+enum Chunks {
+    V1 {
+        cipher: ChaCha20Poly1305,
+        prefix: [u8; PREFIX_V1],
+    },
+    V2 {
+        cipher: XChaCha20Poly1305,
+        prefix: [u8; PREFIX_V2],
+    },
+}
+
+impl Chunks {
+    fn seal(&self, counter: u32, last: bool, aad: &[u8], buf: &mut Vec<u8>) -> std::io::Result<()> {
+        let tail = |n: &mut [u8]| {
+            let len = n.len();
+            n[len - 5..len - 1].copy_from_slice(&counter.to_be_bytes());
+            n[len - 1] = u8::from(last);
+        };
+        let ok = match self {
+            Chunks::V1 { cipher, prefix } => {
+                let mut n = [0u8; 12];
+                n[..PREFIX_V1].copy_from_slice(prefix);
+                tail(&mut n);
+                cipher.encrypt_in_place(Nonce::from_slice(&n), aad, buf)
+            }
+            Chunks::V2 { cipher, prefix } => {
+                let mut n = [0u8; 24];
+                n[..PREFIX_V2].copy_from_slice(prefix);
+                tail(&mut n);
+                cipher.encrypt_in_place(XNonce::from_slice(&n), aad, buf)
+            }
+        };
+        ok.map_err(|_| std::io::Error::other("chunk encryption failed"))
+    }
+
+    fn open(&self, counter: u32, last: bool, aad: &[u8], buf: &mut Vec<u8>) -> bool {
+        let tail = |n: &mut [u8]| {
+            let len = n.len();
+            n[len - 5..len - 1].copy_from_slice(&counter.to_be_bytes());
+            n[len - 1] = u8::from(last);
+        };
+        match self {
+            Chunks::V1 { cipher, prefix } => {
+                let mut n = [0u8; 12];
+                n[..PREFIX_V1].copy_from_slice(prefix);
+                tail(&mut n);
+                cipher
+                    .decrypt_in_place(Nonce::from_slice(&n), aad, buf)
+                    .is_ok()
+            }
+            Chunks::V2 { cipher, prefix } => {
+                let mut n = [0u8; 24];
+                n[..PREFIX_V2].copy_from_slice(prefix);
+                tail(&mut n);
+                cipher
+                    .decrypt_in_place(XNonce::from_slice(&n), aad, buf)
+                    .is_ok()
+            }
+        }
     }
 }
 
@@ -79,26 +213,18 @@ pub fn random(buf: &mut [u8]) {
     }
 }
 
-fn aad(id: u64, sop_instance_uid: &str) -> Vec<u8> {
-    let mut a = b"KKSE1".to_vec();
+fn aad(version: u8, id: u64, sop_instance_uid: &str) -> Vec<u8> {
+    let mut a = b"KKSE".to_vec();
+    a.push(b'0' + version);
     a.extend_from_slice(&id.to_be_bytes());
     a.extend_from_slice(sop_instance_uid.as_bytes());
     a
 }
 
-fn nonce(prefix: &[u8; 7], counter: u32, last: bool) -> [u8; 12] {
-    let mut n = [0u8; 12];
-    n[..7].copy_from_slice(prefix);
-    n[7..11].copy_from_slice(&counter.to_be_bytes());
-    n[11] = u8::from(last);
-    n
-}
-
-/// Encrypts everything written to it into `inner`.
+/// Encrypts everything written to it into `inner` (always version 2).
 pub struct SealWriter<W: Write> {
     inner: W,
-    cipher: ChaCha20Poly1305,
-    prefix: [u8; 7],
+    chunks: Chunks,
     aad: Vec<u8>,
     counter: u32,
     buf: Zeroizing<Vec<u8>>,
@@ -119,26 +245,27 @@ impl<W: Write> SealWriter<W> {
         id: u64,
         sop_instance_uid: &str,
     ) -> std::io::Result<Self> {
-        let mut prefix = [0u8; 7];
+        let mut prefix = [0u8; PREFIX_V2];
         random(&mut prefix);
         inner.write_all(MAGIC)?;
         inner.write_all(&[VERSION])?;
+        inner.write_all(&key.id())?;
         inner.write_all(&prefix)?;
         Ok(SealWriter {
             inner,
-            cipher: key.cipher(),
-            prefix,
-            aad: aad(id, sop_instance_uid),
+            chunks: Chunks::V2 {
+                cipher: key.cipher(),
+                prefix,
+            },
+            aad: aad(VERSION, id, sop_instance_uid),
             counter: 0,
             buf: Zeroizing::new(Vec::with_capacity(CHUNK + TAG)),
         })
     }
 
     fn flush_chunk(&mut self, last: bool) -> std::io::Result<()> {
-        let n = nonce(&self.prefix, self.counter, last);
-        self.cipher
-            .encrypt_in_place(Nonce::from_slice(&n), &self.aad, &mut *self.buf)
-            .map_err(|_| std::io::Error::other("chunk encryption failed"))?;
+        self.chunks
+            .seal(self.counter, last, &self.aad, &mut self.buf)?;
         self.inner.write_all(&self.buf)?;
         self.buf.clear();
         self.counter = self
@@ -176,12 +303,13 @@ impl<W: Write> Write for SealWriter<W> {
     }
 }
 
-/// Decrypts a sealed file; any tampering surfaces as an `InvalidData` error
-/// naming the chunk, before that chunk's plaintext is released.
+/// Decrypts a sealed file (version 1 or 2); any tampering surfaces as an
+/// `InvalidData` error naming the chunk, before that chunk's plaintext is
+/// released. A file sealed with another key is an `InvalidInput` error
+/// carrying [`OtherKey`].
 pub struct SealReader<R: Read> {
     inner: R,
-    cipher: ChaCha20Poly1305,
-    prefix: [u8; 7],
+    chunks: Chunks,
     aad: Vec<u8>,
     counter: u32,
     plain: Zeroizing<Vec<u8>>,
@@ -209,21 +337,46 @@ impl<R: Read> SealReader<R> {
         id: u64,
         sop_instance_uid: &str,
     ) -> std::io::Result<Self> {
-        let mut head = [0u8; 8];
-        inner.read_exact(&mut head)?;
-        if head[0] != VERSION {
-            return Err(tampered(format!(
-                "sealed payload version {} is not supported",
-                head[0]
-            )));
-        }
-        let mut prefix = [0u8; 7];
-        prefix.copy_from_slice(&head[1..]);
+        let mut version = [0u8; 1];
+        inner.read_exact(&mut version)?;
+        let chunks = match version[0] {
+            1 => {
+                let mut prefix = [0u8; PREFIX_V1];
+                inner.read_exact(&mut prefix)?;
+                Chunks::V1 {
+                    cipher: key.cipher_v1(),
+                    prefix,
+                }
+            }
+            2 => {
+                let mut key_id = [0u8; KEY_ID_LEN];
+                inner.read_exact(&mut key_id)?;
+                if key_id != key.id() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        OtherKey {
+                            found: hex::encode(key_id),
+                            ours: key.id_hex(),
+                        },
+                    ));
+                }
+                let mut prefix = [0u8; PREFIX_V2];
+                inner.read_exact(&mut prefix)?;
+                Chunks::V2 {
+                    cipher: key.cipher(),
+                    prefix,
+                }
+            }
+            v => {
+                return Err(tampered(format!(
+                    "sealed payload version {v} is not supported"
+                )))
+            }
+        };
         Ok(SealReader {
             inner,
-            cipher: key.cipher(),
-            prefix,
-            aad: aad(id, sop_instance_uid),
+            chunks,
+            aad: aad(version[0], id, sop_instance_uid),
             counter: 0,
             plain: Zeroizing::new(Vec::with_capacity(CHUNK + TAG)),
             pos: 0,
@@ -251,15 +404,15 @@ impl<R: Read> SealReader<R> {
                 self.counter
             )));
         }
-        let n = nonce(&self.prefix, self.counter, last);
-        self.cipher
-            .decrypt_in_place(Nonce::from_slice(&n), &self.aad, &mut *self.plain)
-            .map_err(|_| {
-                tampered(format!(
-                    "sealed payload fails authentication at chunk {} (altered, truncated, or not this instance's file)",
-                    self.counter
-                ))
-            })?;
+        if !self
+            .chunks
+            .open(self.counter, last, &self.aad, &mut self.plain)
+        {
+            return Err(tampered(format!(
+                "sealed payload fails authentication at chunk {} (altered, truncated, or not this instance's file)",
+                self.counter
+            )));
+        }
         self.counter += 1;
         self.pos = 0;
         self.done = last;
@@ -339,10 +492,7 @@ mod tests {
             let mut bad = file.clone();
             bad[at] ^= 1;
             let e = open(&bad, 42, "1.2.3").expect_err("flip must fail");
-            assert!(
-                e.kind() == std::io::ErrorKind::InvalidData || at == 4,
-                "{at}: {e}"
-            );
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{at}: {e}");
         }
         // Truncated at a chunk boundary, or the last chunk dropped.
         let cut = HEADER_LEN + CHUNK + TAG;
@@ -354,11 +504,73 @@ mod tests {
     }
 
     #[test]
+    fn version_2_is_xchacha_with_a_19_byte_random_prefix() {
+        let data = b"some dataset bytes".to_vec();
+        let a = seal(&data);
+        let b = seal(&data);
+        assert_eq!(&a[..5], b"KKSE\x02");
+        assert_eq!(&a[5..13], &key().id());
+        assert_ne!(a[13..32], b[13..32], "a fresh random prefix per file");
+        // The one (last) chunk opens with XChaCha20-Poly1305 under the
+        // nonce prefix ‖ counter 0 ‖ last flag.
+        let mut nonce = [0u8; 24];
+        nonce[..19].copy_from_slice(&a[13..32]);
+        nonce[23] = 1;
+        let mut chunk = a[HEADER_LEN..].to_vec();
+        key()
+            .cipher()
+            .decrypt_in_place(XNonce::from_slice(&nonce), &aad(2, 42, "1.2.3"), &mut chunk)
+            .expect("XChaCha20-Poly1305");
+        assert_eq!(chunk, data);
+    }
+
+    #[test]
+    fn version_1_files_are_still_read() {
+        // What kakehashi 0.1.0 wrote: KKSE, 1, 7-byte prefix, ChaCha20-Poly1305.
+        let data: Vec<u8> = (0..(CHUNK + 100)).map(|i| (i % 7) as u8).collect();
+        let prefix = [9u8; PREFIX_V1];
+        let v1 = Chunks::V1 {
+            cipher: key().cipher_v1(),
+            prefix,
+        };
+        let mut file = b"KKSE\x01".to_vec();
+        file.extend_from_slice(&prefix);
+        for (i, part) in [&data[..CHUNK], &data[CHUNK..]].iter().enumerate() {
+            let mut buf = part.to_vec();
+            v1.seal(i as u32, i == 1, &aad(1, 42, "1.2.3"), &mut buf)
+                .expect("seal");
+            file.extend_from_slice(&buf);
+        }
+        assert_eq!(open(&file, 42, "1.2.3").expect("reads v1"), data);
+        let mut bad = file.clone();
+        bad[20] ^= 1;
+        assert!(open(&bad, 42, "1.2.3").is_err());
+    }
+
+    #[test]
+    fn another_keys_file_is_a_lost_key_not_tampering() {
+        let file = seal(b"data");
+        let other = SpoolKey::new(Zeroizing::new([8u8; 32]));
+        let e = SealReader::new(&file[4..], &other, 42, "1.2.3").expect_err("other key");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        let inner = e.get_ref().and_then(|i| i.downcast_ref::<OtherKey>());
+        assert!(inner.is_some(), "{e}");
+    }
+
+    #[test]
     fn values_are_sealed_and_bound() {
         let k = key();
         let s = k.seal_value(b"id-1", "PID-001");
         assert!(!s.contains("PID"));
+        assert_eq!(s.len(), 2 * (24 + 7 + TAG), "a 24-byte nonce");
         assert_eq!(k.open_value(b"id-1", &s).as_deref(), Some("PID-001"));
         assert_eq!(k.open_value(b"id-2", &s), None);
+        // Version 1 values (12-byte nonce, ChaCha20-Poly1305) still open.
+        let mut v1 = b"PID-001".to_vec();
+        k.cipher_v1()
+            .encrypt_in_place(Nonce::from_slice(&[5u8; 12]), b"id-1", &mut v1)
+            .expect("seal v1");
+        let v1 = hex::encode([&[5u8; 12][..], &v1].concat());
+        assert_eq!(k.open_value_v1(b"id-1", &v1).as_deref(), Some("PID-001"));
     }
 }

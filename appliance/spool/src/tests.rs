@@ -548,3 +548,53 @@ fn an_unreadable_payload_is_an_io_error_not_integrity() {
     fs::rename(&aside, &path).expect("restore");
     assert_eq!(spool.read_dataset(&dataset).expect("reads"), b"aaaa");
 }
+
+#[test]
+fn instances_sealed_with_a_lost_key_are_dead_lettered_as_key_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open_with = |k: u8| {
+        Spool::open_with_key(
+            dir.path(),
+            vec!["center".into()],
+            limits(1 << 20),
+            1000,
+            Some(SpoolKey::new(zeroize::Zeroizing::new([k; 32]))),
+        )
+        .expect("open")
+    };
+    let (spool, _) = open_with(1);
+    let a = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
+    drop(spool);
+    // Same key again: nothing happens.
+    let (spool, report) = open_with(1);
+    assert!(report.is_clean(), "{report:?}");
+    drop(spool);
+    // The TPM was reset and the box provisioned again: a new spool key.
+    let (spool, report) = open_with(2);
+    assert_eq!(report.key_lost, vec![a.id]);
+    let rec = spool.get(a.id).expect("kept, not deleted");
+    assert_eq!(rec.routes[0].state, RouteState::DeadLetter);
+    let why = rec.routes[0].last_error.clone().unwrap_or_default();
+    assert!(
+        why.starts_with("key lost:") && !why.contains("integrity"),
+        "{why}"
+    );
+    let e = spool
+        .read_dataset(&DatasetRef::from(&rec))
+        .expect_err("unreadable");
+    assert!(matches!(e, SpoolError::KeyLost { .. }), "{e:?}");
+    // New instances are sealed with the new key and flow as usual.
+    let b = queued(receive(&spool, "1.2", b"bbbb").expect("b"));
+    assert_eq!(
+        spool.read_dataset(&DatasetRef::from(&*b)).expect("reads"),
+        b"bbbb"
+    );
+    let dead: Vec<_> = spool
+        .audit_since(0, 100)
+        .expect("audit")
+        .into_iter()
+        .filter(|x| x.event == AuditEvent::DeadLettered)
+        .collect();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].detail.starts_with("key lost"));
+}

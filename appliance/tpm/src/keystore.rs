@@ -38,6 +38,22 @@ pub struct Enrollment {
 pub struct Provisioned {
     pub created: Vec<&'static str>,
     pub kept: Vec<&'static str>,
+    /// Keys that existed and were replaced, with why.
+    pub replaced: Vec<(&'static str, String)>,
+}
+
+/// Which existing keys [`KeyStore::provision`] may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    /// None: a key that exists but does not load is an error.
+    Nothing,
+    /// Keys that no longer load on this TPM (reset, replaced, PCRs changed,
+    /// damaged); keys that load are kept. `provision --force`.
+    Unloadable,
+    /// Every key, also those that load (a suspected compromise).
+    /// `provision --rotate`; the caller makes sure nothing sealed with the
+    /// spool key is still spooled.
+    All,
 }
 
 #[derive(Debug)]
@@ -146,10 +162,10 @@ impl KeyStore {
         KeyBlob::read(&self.path(name))
     }
 
-    /// Creates what is missing; keeps what loads on this TPM. A key that
-    /// exists but does not load (the TPM was reset or replaced) is an error
-    /// unless `force`, which makes a new one (the center must re-enroll).
-    pub fn provision(&mut self, force: bool) -> Result<Provisioned, TpmError> {
+    /// Creates what is missing and, as `replace` allows, replaces what
+    /// exists (see [`Replace`]). Whether a key "loads" is tested for real:
+    /// the identity signs, a sealed key unseals.
+    pub fn provision(&mut self, replace: Replace) -> Result<Provisioned, TpmError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -159,14 +175,16 @@ impl KeyStore {
         for name in [IDENTITY, WIREGUARD, SPOOL] {
             let path = self.path(name);
             if path.exists() {
-                match self.check_one(name) {
-                    Ok(()) if !force => {
+                match (self.check_one(name), replace) {
+                    (Ok(()), Replace::All) => done
+                        .replaced
+                        .push((name, "rotated (it still loaded)".into())),
+                    (Ok(()), _) => {
                         done.kept.push(name);
                         continue;
                     }
-                    Ok(()) => {}
-                    Err(e) if !force => return Err(e),
-                    Err(_) => {}
+                    (Err(e), Replace::Nothing) => return Err(e),
+                    (Err(e), _) => done.replaced.push((name, e.to_string())),
                 }
             }
             let bytes = match &mut self.backend {
@@ -186,7 +204,9 @@ impl KeyStore {
                 Backend::Software => urandom(32)?.to_vec(),
             };
             write_file(&path, &bytes, 0o600)?;
-            done.created.push(name);
+            if !done.replaced.iter().any(|(n, _)| *n == name) {
+                done.created.push(name);
+            }
         }
         let e = self.enrollment()?;
         write_file(
@@ -196,6 +216,15 @@ impl KeyStore {
         )?;
         write_file(&self.path("identity.csr.pem"), e.csr_pem.as_bytes(), 0o644)?;
         Ok(done)
+    }
+
+    /// Whether the key `name` exists and loads on this TPM (see
+    /// [`KeyStore::provision`]); `Ok(false)` when it does not exist.
+    pub fn loads(&mut self, name: &str) -> Result<bool, TpmError> {
+        if !self.path(name).exists() {
+            return Ok(false);
+        }
+        self.check_one(name).map(|()| true)
     }
 
     fn check_one(&mut self, name: &str) -> Result<(), TpmError> {
@@ -304,10 +333,11 @@ fn what(name: &str) -> &'static str {
 
 /// What to do when the keys no longer load, for logs, status and selftest.
 pub const REENROLL: &str = "the TPM no longer holds this box's keys (reset, cleared or replaced). \
-Re-enroll: 1) `kakehashi provision --site SITE.toml --force` makes a new identity and new sealed keys; \
+Re-enroll: 1) `kakehashi provision --site SITE.toml --force` replaces the keys that no longer load (those that still load are kept); \
 2) give the reading center the new WireGuard public key, identity key and CSR it prints; \
-3) instances already queued were encrypted with the old spool key and cannot be decrypted: \
-list them with `kakehashi queue list`, have the hospital resend them, then `kakehashi queue purge`.";
+3) instances already in the spool were sealed with the old spool key and cannot be decrypted: \
+kakehashid keeps them as dead letters marked \"key lost\" at its next start (nothing is deleted); \
+list them with `kakehashi queue list --dead`, have the hospital resend them, then `kakehashi queue purge`.";
 
 #[cfg(test)]
 mod tests {
@@ -325,7 +355,7 @@ mod tests {
         };
         let mut store = KeyStore::open(&config).expect("open");
         assert!(store.is_software());
-        let done = store.provision(false).expect("provision");
+        let done = store.provision(Replace::Nothing).expect("provision");
         assert_eq!(done.created, vec![IDENTITY, WIREGUARD, SPOOL]);
         let wg = store.wireguard_key().expect("wg");
         let point = store.identity_point().expect("point");
@@ -341,9 +371,22 @@ mod tests {
         );
         assert_eq!(mode & 0o777, 0o600);
         let mut again = KeyStore::open(&config).expect("reopen");
-        let done = again.provision(false).expect("provision again");
+        let done = again
+            .provision(Replace::Unloadable)
+            .expect("provision again");
         assert_eq!(done.kept.len(), 3);
         assert_eq!(*again.wireguard_key().expect("wg"), *wg, "keys are kept");
+        // --force keeps what loads; a damaged key is replaced, the rest kept.
+        std::fs::write(dir.join(IDENTITY), b"damaged").expect("damage");
+        let done = again.provision(Replace::Unloadable).expect("force");
+        assert_eq!(done.kept, vec![WIREGUARD, SPOOL]);
+        assert_eq!(done.replaced.len(), 1);
+        assert_eq!(done.replaced[0].0, IDENTITY);
+        assert_eq!(*again.wireguard_key().expect("wg"), *wg, "still kept");
+        // Rotation replaces everything.
+        let done = again.provision(Replace::All).expect("rotate");
+        assert_eq!(done.replaced.len(), 3);
+        assert_ne!(*again.wireguard_key().expect("wg"), *wg, "rotated");
         assert!(again
             .enrollment()
             .expect("csr")
