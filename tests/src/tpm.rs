@@ -107,11 +107,21 @@ impl Swtpm {
     /// A tpm2-tools command against this TPM; flushes what it leaves behind
     /// (swtpm has no resource manager and three object slots).
     pub fn tools(&self, args: &[&str], dir: &std::path::Path) -> std::process::Output {
+        self.tools_via(&self.tcti(), args, dir)
+    }
+
+    /// Like [`Swtpm::tools`], through another TCTI (e.g. a [`BusTap`]).
+    pub fn tools_via(
+        &self,
+        tcti: &str,
+        args: &[&str],
+        dir: &std::path::Path,
+    ) -> std::process::Output {
         let run = |args: &[&str]| {
             ns_command(self.netns.as_deref(), args[0])
                 .args(&args[1..])
                 .current_dir(dir)
-                .env("TPM2TOOLS_TCTI", self.tcti())
+                .env("TPM2TOOLS_TCTI", tcti)
                 .output()
                 .expect("tpm2-tools (apt-get install tpm2-tools)")
         };
@@ -124,5 +134,98 @@ impl Swtpm {
 impl Drop for Swtpm {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A recording proxy between a TPM client and swtpm: what a logic analyser
+/// on a box's TPM bus would see. Commands and responses on the command
+/// channel are captured; the control channel is only forwarded.
+#[derive(Debug)]
+pub struct BusTap {
+    pub port: u16,
+    captured: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BusTap {
+    pub fn start(swtpm: &Swtpm) -> BusTap {
+        use std::sync::atomic::Ordering;
+        let port = crate::free_ports(2);
+        let tap = BusTap {
+            port,
+            captured: Default::default(),
+            stop: Default::default(),
+        };
+        for (ours, theirs, record) in [(port, swtpm.port, true), (port + 1, swtpm.port + 1, false)]
+        {
+            let listener =
+                std::net::TcpListener::bind(("127.0.0.1", ours)).expect("bus tap listens");
+            listener.set_nonblocking(true).expect("nonblocking");
+            let (captured, stop) = (tap.captured.clone(), tap.stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok((client, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    let _ = client.set_nonblocking(false);
+                    let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", theirs)) else {
+                        continue;
+                    };
+                    for (mut from, mut to) in [
+                        (
+                            client.try_clone().expect("clone"),
+                            upstream.try_clone().expect("clone"),
+                        ),
+                        (upstream, client),
+                    ] {
+                        let captured = captured.clone();
+                        std::thread::spawn(move || {
+                            use std::io::{Read, Write};
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n) = from.read(&mut buf) {
+                                if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                                if record {
+                                    captured
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .extend_from_slice(&buf[..n]);
+                                }
+                            }
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            });
+        }
+        tap
+    }
+
+    /// The TCTI that goes through the tap.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Everything seen on the command channel so far, both directions.
+    pub fn captured(&self) -> Vec<u8> {
+        self.captured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn clear(&self) {
+        self.captured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+impl Drop for BusTap {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }

@@ -14,10 +14,15 @@
 //! - **Sealed secrets** (the WireGuard key, the spool's data key) are keyed-
 //!   hash objects under the primary: blobs that only this TPM can unseal.
 //!
-//! Every command runs with one password session set once (not a fresh HMAC
-//! session per call: 0.1 ms instead of 10 ms per unseal). Transient objects
-//! are flushed after use: without a resource manager (swtpm) the TPM has
-//! only three slots.
+//! Commands that carry a secret — sealing one (TPM2_Create) and unsealing
+//! it — run in a session salted to the storage primary with parameter
+//! encryption both ways, so the WireGuard and spool keys never cross the
+//! TPM's bus in clear (a bus sniffer on a stolen box sees AES-CFB
+//! ciphertext under a session key it cannot derive). Every other command
+//! (loading, signing, policies) runs with one password session set once:
+//! nothing secret passes there. Transient objects and sessions are flushed
+//! after use: without a resource manager (swtpm) the TPM has only three
+//! slots.
 
 #![forbid(unsafe_code)]
 
@@ -30,7 +35,7 @@ pub use keystore::KeyStore;
 use std::path::Path;
 use std::str::FromStr;
 
-use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::constants::SessionType;
 use tss_esapi::handles::KeyHandle;
@@ -283,19 +288,27 @@ impl Tpm {
         &self.tcti
     }
 
-    /// `n` random bytes from the TPM's generator.
+    /// `n` random bytes from the TPM's generator; they become keys, so they
+    /// come back encrypted on the bus (see [`Tpm::encrypted_session`]).
     pub fn random(&mut self, n: usize) -> Result<Zeroizing<Vec<u8>>, TpmError> {
+        let session = self.encrypted_session(SessionType::Hmac)?;
         let mut out = Zeroizing::new(Vec::with_capacity(n));
+        let mut result = Ok(());
         while out.len() < n {
             let want = (n - out.len()).min(32);
-            // GetRandom takes no authorization: no session may be attached.
-            let chunk = self
+            match self
                 .context
-                .execute_without_session(|c| c.get_random(want))
-                .map_err(command("GetRandom"))?;
-            out.extend_from_slice(chunk.value());
+                .execute_with_session(Some(session), |c| c.get_random(want))
+            {
+                Ok(chunk) => out.extend_from_slice(chunk.value()),
+                Err(e) => {
+                    result = Err(command("GetRandom")(e));
+                    break;
+                }
+            }
         }
-        Ok(out)
+        self.end_session(session);
+        result.map(|()| out)
     }
 
     fn create(
@@ -393,21 +406,50 @@ impl Tpm {
         result
     }
 
-    /// A session satisfying PolicyPCR over `pcrs` with their current values
-    /// (`trial`: only to compute the policy digest).
-    fn pcr_session(&mut self, pcrs: &[u8], trial: bool) -> Result<AuthSession, TpmError> {
-        let selection = pcr_selection(pcrs).map_err(command("PCR selection"))?;
+    /// A session salted to the storage primary (its key comes from a secret
+    /// only this TPM can decrypt) with parameter encryption both ways:
+    /// secrets travel between host and TPM encrypted with AES-128-CFB
+    /// under that session key, never in clear on the bus.
+    fn encrypted_session(&mut self, kind: SessionType) -> Result<AuthSession, TpmError> {
+        let primary = self.primary;
         self.context.execute_without_session(|c| {
             let session = c
                 .start_auth_session(
+                    Some(primary),
+                    None,
+                    None,
+                    kind,
+                    SymmetricDefinition::AES_128_CFB,
+                    HashingAlgorithm::Sha256,
+                )
+                .map_err(command("StartAuthSession (salted)"))?
+                .ok_or_else(|| TpmError::Command {
+                    operation: "StartAuthSession".into(),
+                    message: "no session returned".into(),
+                })?;
+            let (attributes, mask) = SessionAttributesBuilder::new()
+                .with_decrypt(true)
+                .with_encrypt(true)
+                .with_continue_session(true)
+                .build();
+            c.tr_sess_set_attributes(session, attributes, mask)
+                .map_err(command("session attributes"))?;
+            Ok(session)
+        })
+    }
+
+    /// A session satisfying PolicyPCR over `pcrs` with their current values
+    /// (`trial`: only to compute the policy digest). A real one is salted
+    /// and encrypts parameters (see [`Tpm::encrypted_session`]).
+    fn pcr_session(&mut self, pcrs: &[u8], trial: bool) -> Result<AuthSession, TpmError> {
+        let selection = pcr_selection(pcrs).map_err(command("PCR selection"))?;
+        let session = if trial {
+            self.context.execute_without_session(|c| {
+                c.start_auth_session(
                     None,
                     None,
                     None,
-                    if trial {
-                        SessionType::Trial
-                    } else {
-                        SessionType::Policy
-                    },
+                    SessionType::Trial,
                     SymmetricDefinition::AES_128_CFB,
                     HashingAlgorithm::Sha256,
                 )
@@ -415,12 +457,25 @@ impl Tpm {
                 .ok_or_else(|| TpmError::Command {
                     operation: "StartAuthSession".into(),
                     message: "no session returned".into(),
-                })?;
-            let policy = PolicySession::try_from(session).map_err(command("policy session"))?;
-            c.policy_pcr(policy, Digest::default(), selection)
-                .map_err(command("PolicyPCR"))?;
-            Ok(session)
-        })
+                })
+            })?
+        } else {
+            self.encrypted_session(SessionType::Policy)?
+        };
+        let applied = PolicySession::try_from(session)
+            .map_err(command("policy session"))
+            .and_then(|policy| {
+                self.context
+                    .execute_without_session(|c| c.policy_pcr(policy, Digest::default(), selection))
+                    .map_err(command("PolicyPCR"))
+            });
+        match applied {
+            Ok(()) => Ok(session),
+            Err(e) => {
+                self.end_session(session);
+                Err(e)
+            }
+        }
     }
 
     fn end_session(&mut self, session: AuthSession) {
@@ -447,12 +502,32 @@ impl Tpm {
             Some(digest?)
         };
         let template = sealed_template(policy).map_err(command("seal template"))?;
-        let mut blob = self.create(template, Some(data))?;
+        // The secret goes to the TPM encrypted (TPM2_Create's first
+        // parameter, under an encrypting session that also authorizes the
+        // primary).
+        let session = self.encrypted_session(SessionType::Hmac)?;
+        let primary = self.primary;
+        let created = self
+            .context
+            .execute_with_session(Some(session), |c| {
+                c.create(primary, template, None, Some(data), None, None)
+            })
+            .map_err(command("Create"));
+        self.end_session(session);
+        let created = created?;
+        let mut blob = KeyBlob {
+            public: created.out_public.marshall().map_err(command("marshal"))?,
+            private: created.out_private.value().to_vec(),
+            pcrs: Vec::new(),
+        };
         blob.pcrs = pcrs.to_vec();
         Ok(blob)
     }
 
-    /// Unseals a blob made by [`Tpm::seal`] on this TPM.
+    /// Unseals a blob made by [`Tpm::seal`] on this TPM. The secret comes
+    /// back encrypted on the bus (a salted session with response parameter
+    /// encryption), so sniffing the TPM's bus on a stolen box shows nothing;
+    /// with PCRs, the policy session itself is that session.
     pub fn unseal(
         &mut self,
         blob: &KeyBlob,
@@ -460,30 +535,31 @@ impl Tpm {
         path: &str,
     ) -> Result<Zeroizing<Vec<u8>>, TpmError> {
         let handle = self.load(blob, what, path)?;
-        let result = if blob.pcrs.is_empty() {
-            self.context
-                .unseal(handle.into())
-                .map(|d| Zeroizing::new(d.value().to_vec()))
-                .map_err(command("Unseal"))
+        let session = if blob.pcrs.is_empty() {
+            self.encrypted_session(SessionType::Hmac)
         } else {
-            match self.pcr_session(&blob.pcrs, false) {
-                Ok(session) => {
-                    let r = self
-                        .context
-                        .execute_with_session(Some(session), |c| c.unseal(handle.into()))
-                        .map(|d| Zeroizing::new(d.value().to_vec()))
-                        .map_err(|e| TpmError::Policy {
+            self.pcr_session(&blob.pcrs, false)
+        };
+        let result = session.and_then(|session| {
+            let r = self
+                .context
+                .execute_with_session(Some(session), |c| c.unseal(handle.into()))
+                .map(|d| Zeroizing::new(d.value().to_vec()))
+                .map_err(|e| {
+                    if blob.pcrs.is_empty() {
+                        command("Unseal")(e)
+                    } else {
+                        TpmError::Policy {
                             what: what.to_string(),
                             path: path.to_string(),
                             pcrs: blob.pcrs.clone(),
                             message: e.to_string(),
-                        });
-                    self.end_session(session);
-                    r
-                }
-                Err(e) => Err(e),
-            }
-        };
+                        }
+                    }
+                });
+            self.end_session(session);
+            r
+        });
         self.flush(handle);
         result
     }
