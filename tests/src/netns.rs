@@ -29,6 +29,11 @@ pub const CENTER_MOVED_IP: &str = "198.51.100.3";
 pub const BOX_TUNNEL_IP: &str = "10.8.0.2";
 pub const CENTER_TUNNEL_IP: &str = "10.8.0.1";
 pub const CENTER_NAME: &str = "center.test";
+/// The center's DICOM node by name, inside the tunnel.
+pub const CENTER_PACS_NAME: &str = "pacs.center.test";
+/// A name that resolves to the center's WAN address: a destination given
+/// this name would carry patient data outside the tunnel.
+pub const CENTER_WAN_NAME: &str = "wan.center.test";
 pub const WG_PORT: u16 = 51820;
 
 /// `program` run inside namespace `ns` (or here, when `None`).
@@ -251,8 +256,8 @@ impl Site {
         std::fs::write(
             dir.join("hosts"),
             format!(
-                "127.0.0.1 localhost\n{} {CENTER_NAME}\n",
-                self.center_wan_ip
+                "127.0.0.1 localhost\n{wan} {CENTER_NAME}\n{CENTER_TUNNEL_IP} {CENTER_PACS_NAME}\n{wan} {CENTER_WAN_NAME}\n",
+                wan = self.center_wan_ip
             ),
         )
         .expect("write hosts");

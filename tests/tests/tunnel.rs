@@ -390,3 +390,77 @@ fn the_hospital_pacs_pushes_a_study_through_the_tunnel() {
         String::from_utf8_lossy(&relay.cli(&["audit", "--limit", "1000"]).stdout).to_string();
     assert!(audit.contains("HOSPITALPACS"), "{audit}");
 }
+
+#[test]
+fn a_destination_name_that_resolves_outside_the_tunnel_gets_nothing() {
+    // Two destinations given by DNS name: pacs.center.test resolves to the
+    // center's tunnel address; wan.center.test to its WAN address, where a
+    // DICOM node listens too. Only a literal address can be checked when the
+    // config loads, so the box checks every resolved address at connect
+    // time: the second destination is refused, shown and audited, and never
+    // receives a byte; nothing is dead-lettered.
+    const LEAKY_PORT: u16 = 11114;
+    let site = Site::new();
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = study(data.path(), "names", 4, 16 * 1024);
+    let scp = center_scp(&site);
+    let leaky = StoreScp::start_ns(LEAKY_PORT, &std::env::temp_dir(), Some(site.center.name()));
+    let mut opts = RelayOptions::to(CENTER_DICOM_PORT);
+    opts.netns = Some(site.boxns.name().to_string());
+    opts.listen_host = BOX_LAN_IP.into();
+    opts.dest_host = CENTER_PACS_NAME.into();
+    opts.extra_toml = site.tunnel_toml(&site.center_public, "150s")
+        + &format!(
+            "\n[[destinations]]\nname = \"leaky\"\nae_title = \"READCENTER\"\naddress = \"{CENTER_WAN_NAME}:{LEAKY_PORT}\"\nconnect_timeout = \"2s\"\n"
+        );
+    let relay = Relay::start(opts);
+
+    let out = send_from_hospital(&site, &relay, &files);
+    assert_eq!(out.acked.len(), files.len(), "{}", out.output);
+    wait_arrived(&scp, files.len(), Duration::from_secs(60));
+    assert_identical(&files, &scp);
+    wait_until(
+        "the refusal to show in status",
+        Duration::from_secs(30),
+        || {
+            relay.status().destinations[1]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("outside the tunnel"))
+        },
+    );
+    // Several retries later: still nothing there, nothing dead-lettered.
+    std::thread::sleep(Duration::from_secs(3));
+    let d = relay.status().destinations[1].clone();
+    assert_eq!(d.queued, files.len() as u64, "{d:?}");
+    assert_eq!(d.dead_letter, 0);
+    let why = d.last_error.unwrap_or_default();
+    assert!(
+        why.contains(CENTER_WAN_IP) && why.contains("10.8.0.0/24"),
+        "{why}"
+    );
+    assert_eq!(leaky.store_requests(), 0);
+    assert!(
+        !std::fs::read_to_string(&leaky.log)
+            .unwrap_or_default()
+            .contains("Association Acknowledged"),
+        "not even an association was made over the WAN"
+    );
+    let audit = match relay.request(&kakehashi_control::Request::Audit {
+        after: 0,
+        limit: 1000,
+    }) {
+        kakehashi_control::Response::Audit { records } => records,
+        other => panic!("{other:?}"),
+    };
+    let refusals: Vec<_> = audit
+        .iter()
+        .filter(|a| a.event == kakehashi_control::AuditEvent::OutsideTunnel)
+        .collect();
+    assert_eq!(
+        refusals.len(),
+        1,
+        "audited once, not at every retry: {refusals:?}"
+    );
+    assert_eq!(refusals[0].destination.as_deref(), Some("leaky"));
+}

@@ -32,7 +32,40 @@ fn fail(what: String, fix: impl Into<String>) -> Check {
     }
 }
 
+/// C-ECHO to a destination, never outside the tunnel it must be reached by.
+async fn echo_destination(
+    config: &Config,
+    d: &kakehashi_config::Destination,
+) -> Result<Duration, String> {
+    let addrs = kakehashi_dicom::scu::resolve(&d.address, Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())?;
+    let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
+    if let Some(why) = d.leaves_tunnel(config.tunnel.as_ref(), &ips) {
+        return Err(why);
+    }
+    echo_to(
+        &d.address,
+        &addrs,
+        d.calling_ae_title.as_str(),
+        d.ae_title.as_str(),
+    )
+    .await
+}
+
 async fn echo(address: &str, calling: &str, called: &str) -> Result<Duration, String> {
+    let addrs = kakehashi_dicom::scu::resolve(address, Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())?;
+    echo_to(address, &addrs, calling, called).await
+}
+
+async fn echo_to(
+    address: &str,
+    addrs: &[std::net::SocketAddr],
+    calling: &str,
+    called: &str,
+) -> Result<Duration, String> {
     let opts = ScuOptions {
         calling_ae: calling.to_string(),
         called_ae: called.to_string(),
@@ -47,7 +80,7 @@ async fn echo(address: &str, calling: &str, called: &str) -> Result<Duration, St
         uids::VERIFICATION.to_string(),
         uids::IMPLICIT_VR_LE.to_string(),
     )];
-    let mut scu = Scu::connect(address, &opts, &contexts)
+    let mut scu = Scu::connect_to(address, addrs, &opts, &contexts)
         .await
         .map_err(|e| e.to_string())?;
     let pc = scu
@@ -218,7 +251,7 @@ fn with_config(config: &Config, socket: Option<&Path>) -> Vec<Check> {
         } else {
             ""
         };
-        match runtime.block_on(echo(&d.address, d.calling_ae_title.as_str(), d.ae_title.as_str())) {
+        match runtime.block_on(echo_destination(&config, d)) {
             Ok(t) => checks.push(pass(format!("C-ECHO to destination {} ({}@{}){via}: {} ms", d.name, d.ae_title, d.address, t.as_millis()))),
             Err(e) => checks.push(fail(
                 format!("C-ECHO to destination {} ({}@{}){via}: {e}", d.name, d.ae_title, d.address),

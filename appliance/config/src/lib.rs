@@ -126,6 +126,37 @@ pub struct TunnelPeer {
     pub persistent_keepalive: Duration,
 }
 
+impl Destination {
+    /// For a destination reached through the tunnel: why connecting to the
+    /// addresses its name resolved to would leave the tunnel, if any does.
+    /// (A literal address is checked at load; a name can point anywhere.)
+    pub fn leaves_tunnel(
+        &self,
+        tunnel: Option<&TunnelConfig>,
+        resolved: &[IpAddr],
+    ) -> Option<String> {
+        let t = tunnel.filter(|_| self.via_tunnel)?;
+        let outside: Vec<String> = resolved
+            .iter()
+            .filter(|ip| !t.routes(**ip))
+            .map(|ip| ip.to_string())
+            .collect();
+        (!outside.is_empty()).then(|| {
+            format!(
+                "refused to connect: {} resolves to {} outside the tunnel (tunnel.peer.allowed_ips {}); patient data must not leave the tunnel: fix the name, or set route = \"direct\" if this destination is meant to be reached without it",
+                self.address,
+                outside.join(", "),
+                t.peer
+                    .allowed_ips
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
+}
+
 impl TunnelConfig {
     /// Whether packets to `ip` are routed into the tunnel.
     pub fn routes(&self, ip: IpAddr) -> bool {

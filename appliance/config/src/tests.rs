@@ -198,3 +198,31 @@ fn tunnel_errors_name_the_key() {
     ));
     assert!(e.contains("destinations[0].route"), "{e}");
 }
+
+#[test]
+fn a_name_is_checked_against_the_tunnel_once_resolved() {
+    let c = Config::parse(&with_tunnel("pacs.center.example:104")).expect("a name loads");
+    let d = &c.destinations[0];
+    let inside: std::net::IpAddr = "10.8.0.1".parse().expect("ip");
+    let outside: std::net::IpAddr = "203.0.113.9".parse().expect("ip");
+    assert_eq!(d.leaves_tunnel(c.tunnel.as_ref(), &[inside]), None);
+    let why = d
+        .leaves_tunnel(c.tunnel.as_ref(), &[inside, outside])
+        .expect("one address outside is enough to refuse");
+    assert!(
+        why.contains("203.0.113.9")
+            && why.contains("10.8.0.0/24")
+            && why.contains("route = \"direct\""),
+        "{why}"
+    );
+    let direct = Config::parse(&with_tunnel("pacs.center.example:104").replace(
+        "name = \"reading-center\"",
+        "name = \"reading-center\"\nroute = \"direct\"",
+    ))
+    .expect("direct");
+    assert_eq!(
+        direct.destinations[0].leaves_tunnel(direct.tunnel.as_ref(), &[outside]),
+        None,
+        "a direct destination is not the tunnel's"
+    );
+}

@@ -36,6 +36,8 @@ struct Stats {
     connect_failures: u32,
     /// Waiting for the tunnel to come up.
     paused: bool,
+    /// The last refusal to connect outside the tunnel (audited once).
+    last_refusal: Option<String>,
 }
 
 #[derive(Debug)]
@@ -290,7 +292,7 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
             beat.busy(true);
             let connected = tokio::select! {
                 _ = token.cancelled() => break,
-                c = Scu::connect(&dest.address, &opts, &contexts) => c,
+                c = connect(&shared, &dest, &opts, &contexts) => c,
             };
             beat.busy(false);
             match connected {
@@ -299,8 +301,12 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
                     tracing::debug!(destination = %dest.name, study = %item.study, contexts = contexts.len(), "association open");
                     assoc = Some((a, item.study.clone()));
                 }
-                Err(e) => {
+                Err(Refused::Scu(e)) => {
                     destination_failed(&handle, &shared, e);
+                    continue;
+                }
+                Err(Refused::OutsideTunnel(why)) => {
+                    outside_tunnel(&handle, &shared, why).await;
                     continue;
                 }
             }
@@ -335,6 +341,64 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
     }
     if let Some((a, _)) = assoc.take() {
         a.release().await;
+    }
+}
+
+/// Why no association was opened.
+enum Refused {
+    Scu(ScuError),
+    /// The destination's name resolved to an address the tunnel does not
+    /// carry: connecting would send patient data outside it.
+    OutsideTunnel(String),
+}
+
+/// Resolves the destination afresh and, if it is reached through the
+/// tunnel, checks every address it resolved to against the tunnel's
+/// allowed networks before connecting: a name can point anywhere (a typo,
+/// a changed DNS record, a spoofed answer), and only a literal address is
+/// checked when the config is loaded.
+async fn connect(
+    shared: &Shared,
+    dest: &kakehashi_config::Destination,
+    opts: &ScuOptions,
+    contexts: &[(String, String)],
+) -> Result<Scu, Refused> {
+    let addrs = kakehashi_dicom::scu::resolve(&dest.address, dest.connect_timeout)
+        .await
+        .map_err(Refused::Scu)?;
+    let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
+    if let Some(why) = dest.leaves_tunnel(shared.config.tunnel.as_ref(), &ips) {
+        return Err(Refused::OutsideTunnel(why));
+    }
+    Scu::connect_to(&dest.address, &addrs, opts, contexts)
+        .await
+        .map_err(Refused::Scu)
+}
+
+/// Backs the destination off like a connection failure (nothing is sent,
+/// burnt or dead-lettered) and records the refusal in the audit trail once
+/// per distinct reason, not at every retry.
+async fn outside_tunnel(handle: &Handle, shared: &Arc<Shared>, why: String) {
+    let first = {
+        let mut s = handle.stats();
+        let first = s.last_refusal.as_deref() != Some(why.as_str());
+        s.last_refusal = Some(why.clone());
+        first
+    };
+    tracing::error!(destination = %handle.dest.name, "{why}");
+    destination_failed(handle, shared, &why);
+    if first {
+        let spool = Arc::clone(&shared.spool);
+        let rec = kakehashi_spool::AuditRecord::new(
+            now_ms(),
+            AuditEvent::OutsideTunnel,
+            "kakehashid",
+            why,
+        )
+        .destination(&handle.dest.name);
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || spool.audit(rec)).await {
+            tracing::error!("cannot write the audit record: {e}");
+        }
     }
 }
 

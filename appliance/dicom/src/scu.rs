@@ -88,13 +88,18 @@ impl Scu {
         opts: &ScuOptions,
         proposed: &[(String, String)],
     ) -> Result<Scu, ScuError> {
-        let addrs: Vec<_> = tokio::net::lookup_host(address)
-            .await
-            .map_err(|source| ScuError::Resolve {
-                address: address.to_string(),
-                source,
-            })?
-            .collect();
+        let addrs = resolve(address, opts.connect_timeout).await?;
+        Scu::connect_to(address, &addrs, opts, proposed).await
+    }
+
+    /// Connects to the first of `addrs` that answers (what `address`
+    /// resolved to: the caller may have checked them) and negotiates.
+    pub async fn connect_to(
+        address: &str,
+        addrs: &[std::net::SocketAddr],
+        opts: &ScuOptions,
+        proposed: &[(String, String)],
+    ) -> Result<Scu, ScuError> {
         let mut last = None;
         let mut stream = None;
         for a in addrs {
@@ -401,6 +406,32 @@ impl Scu {
         .await;
         let _ = self.stream.shutdown().await;
     }
+}
+
+/// Resolves `address` (host:port), giving up after `within` (a resolver
+/// that does not answer must not hang a forwarder).
+pub async fn resolve(
+    address: &str,
+    within: Duration,
+) -> Result<Vec<std::net::SocketAddr>, ScuError> {
+    let failed = |source| ScuError::Resolve {
+        address: address.to_string(),
+        source,
+    };
+    let found = timeout(within, tokio::net::lookup_host(address))
+        .await
+        .map_err(|_| {
+            failed(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer from the resolver within {within:?}"),
+            ))
+        })?
+        .map_err(failed)?
+        .collect::<Vec<_>>();
+    if found.is_empty() {
+        return Err(failed(std::io::Error::other("the name has no address")));
+    }
+    Ok(found)
 }
 
 fn abort_reason(source: &AbortRQSource) -> String {

@@ -163,6 +163,9 @@ pub enum AuditEvent {
     DeadLettered,
     Retried,
     Purged,
+    /// A destination behind the tunnel resolved to an address outside it:
+    /// nothing was sent there.
+    OutsideTunnel,
     /// A pending copy was dropped because a corrected version (same SOP
     /// Instance UID, other bytes) was acknowledged before it was delivered.
     Superseded,
