@@ -251,7 +251,7 @@ fn with_config(config: &Config, socket: Option<&Path>) -> Vec<Check> {
         } else {
             ""
         };
-        match runtime.block_on(echo_destination(&config, d)) {
+        match runtime.block_on(echo_destination(config, d)) {
             Ok(t) => checks.push(pass(format!("C-ECHO to destination {} ({}@{}){via}: {} ms", d.name, d.ae_title, d.address, t.as_millis()))),
             Err(e) => checks.push(fail(
                 format!("C-ECHO to destination {} ({}@{}){via}: {e}", d.name, d.ae_title, d.address),
