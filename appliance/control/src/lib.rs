@@ -100,7 +100,11 @@ pub struct TunnelStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpoolStatus {
     pub dir: String,
+    /// What counts against `max_bytes`: payloads and the index.
     pub used_bytes: u64,
+    /// The index's part of `used_bytes`.
+    #[serde(default)]
+    pub index_bytes: u64,
     pub max_bytes: u64,
     pub free_bytes: u64,
 }
