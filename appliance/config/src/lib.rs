@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod raw;
+pub mod site;
 mod units;
 
 use std::net::{IpAddr, SocketAddr};
