@@ -179,56 +179,21 @@ impl Scu {
             peer: peer.clone(),
             source,
         })?;
-        match reply {
-            Pdu::AssociationAC(ac) => {
-                let mut peer_max_pdu = 16384;
-                for v in &ac.user_variables {
-                    if let UserVariableItem::MaxLength(len) = v {
-                        peer_max_pdu = *len;
-                    }
-                }
-                let accepted = ac
-                    .presentation_contexts
-                    .iter()
-                    .filter(|r| r.reason == PresentationContextResultReason::Acceptance)
-                    .filter_map(|r| {
-                        let p = contexts.iter().find(|p| p.id == r.id)?;
-                        // Only what we proposed counts; a peer "accepting" another syntax is refusing ours.
-                        p.transfer_syntaxes
-                            .contains(&r.transfer_syntax)
-                            .then(|| AcceptedContext {
-                                id: r.id,
-                                abstract_syntax: p.abstract_syntax.clone(),
-                                transfer_syntax: r.transfer_syntax.clone(),
-                            })
-                    })
-                    .collect();
-                Ok(Scu {
-                    peer,
-                    stream,
-                    buf,
-                    contexts: accepted,
-                    peer_max_pdu,
-                    our_max_pdu: opts.max_pdu,
-                    next_id: 1,
-                    response_timeout: opts.response_timeout,
-                    frame: Vec::new(),
-                })
-            }
-            Pdu::AssociationRJ(rj) => Err(ScuError::Rejected {
-                peer,
-                reason: rj.source.to_string(),
-                permanent: rj.result == AssociationRJResult::Permanent,
-            }),
-            Pdu::AbortRQ { source } => Err(ScuError::Aborted {
-                peer,
-                reason: abort_reason(&source),
-            }),
-            other => Err(ScuError::Protocol {
-                peer,
-                detail: format!("expected A-ASSOCIATE-AC, got {}", other.short_description()),
-            }),
-        }
+        let Negotiated {
+            contexts,
+            peer_max_pdu,
+        } = negotiated(reply, &contexts, &peer)?;
+        Ok(Scu {
+            peer,
+            stream,
+            buf,
+            contexts,
+            peer_max_pdu,
+            our_max_pdu: opts.max_pdu,
+            next_id: 1,
+            response_timeout: opts.response_timeout,
+            frame: Vec::new(),
+        })
     }
 
     pub fn peer(&self) -> &str {
@@ -331,7 +296,7 @@ impl Scu {
     }
 
     async fn read_command(&mut self, what: &'static str) -> Result<Command, ScuError> {
-        let mut bytes = Vec::new();
+        let mut reader = ResponseReader::default();
         loop {
             let pdu = timeout(
                 self.response_timeout,
@@ -347,36 +312,8 @@ impl Scu {
                 peer: self.peer.clone(),
                 source,
             })?;
-            match pdu {
-                Pdu::PData { data } => {
-                    for v in data {
-                        if v.value_type != PDataValueType::Command {
-                            return Err(ScuError::Protocol {
-                                peer: self.peer.clone(),
-                                detail: "dataset received where a response was expected".into(),
-                            });
-                        }
-                        bytes.extend_from_slice(&v.data);
-                        if v.is_last {
-                            return Command::parse(&bytes).map_err(|e| ScuError::Protocol {
-                                peer: self.peer.clone(),
-                                detail: e.to_string(),
-                            });
-                        }
-                    }
-                }
-                Pdu::AbortRQ { source } => {
-                    return Err(ScuError::Aborted {
-                        peer: self.peer.clone(),
-                        reason: abort_reason(&source),
-                    })
-                }
-                other => {
-                    return Err(ScuError::Protocol {
-                        peer: self.peer.clone(),
-                        detail: format!("unexpected {} while {what}", other.short_description()),
-                    })
-                }
+            if let Some(command) = reader.push(pdu, &self.peer, what)? {
+                return Ok(command);
             }
         }
     }
@@ -432,6 +369,119 @@ pub async fn resolve(
         return Err(failed(std::io::Error::other("the name has no address")));
     }
     Ok(found)
+}
+
+/// What an A-ASSOCIATE-AC granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Only contexts accepted with a transfer syntax we proposed for them.
+    pub contexts: Vec<AcceptedContext>,
+    /// Largest PDU the peer accepts (16384 when it says nothing).
+    pub peer_max_pdu: u32,
+}
+
+/// The peer's answer to our A-ASSOCIATE-RQ, judged: a pure function (the
+/// fuzz target feeds it arbitrary answers).
+pub fn negotiated(
+    reply: Pdu,
+    proposed: &[PresentationContextProposed],
+    peer: &str,
+) -> Result<Negotiated, ScuError> {
+    let peer = peer.to_string();
+    match reply {
+        Pdu::AssociationAC(ac) => {
+            let mut peer_max_pdu = 16384;
+            for v in &ac.user_variables {
+                if let UserVariableItem::MaxLength(len) = v {
+                    peer_max_pdu = *len;
+                }
+            }
+            let contexts = ac
+                .presentation_contexts
+                .iter()
+                .filter(|r| r.reason == PresentationContextResultReason::Acceptance)
+                .filter_map(|r| {
+                    let p = proposed.iter().find(|p| p.id == r.id)?;
+                    // Only what we proposed counts; a peer "accepting" another syntax is refusing ours.
+                    p.transfer_syntaxes
+                        .contains(&r.transfer_syntax)
+                        .then(|| AcceptedContext {
+                            id: r.id,
+                            abstract_syntax: p.abstract_syntax.clone(),
+                            transfer_syntax: r.transfer_syntax.clone(),
+                        })
+                })
+                .collect();
+            Ok(Negotiated {
+                contexts,
+                peer_max_pdu,
+            })
+        }
+        Pdu::AssociationRJ(rj) => Err(ScuError::Rejected {
+            peer,
+            reason: rj.source.to_string(),
+            permanent: rj.result == AssociationRJResult::Permanent,
+        }),
+        Pdu::AbortRQ { source } => Err(ScuError::Aborted {
+            peer,
+            reason: abort_reason(&source),
+        }),
+        other => Err(ScuError::Protocol {
+            peer,
+            detail: format!("expected A-ASSOCIATE-AC, got {}", other.short_description()),
+        }),
+    }
+}
+
+/// Gathers a response command set from the PDUs that carry it: a pure
+/// state machine (the fuzz target feeds it arbitrary PDUs).
+#[derive(Debug, Default)]
+pub struct ResponseReader {
+    bytes: Vec<u8>,
+}
+
+impl ResponseReader {
+    /// The next PDU; `Some` once the command set is complete.
+    pub fn push(
+        &mut self,
+        pdu: Pdu,
+        peer: &str,
+        what: &'static str,
+    ) -> Result<Option<Command>, ScuError> {
+        let protocol = |detail: String| ScuError::Protocol {
+            peer: peer.to_string(),
+            detail,
+        };
+        match pdu {
+            Pdu::PData { data } => {
+                for v in data {
+                    if v.value_type != PDataValueType::Command {
+                        return Err(protocol(
+                            "dataset received where a response was expected".into(),
+                        ));
+                    }
+                    self.bytes.extend_from_slice(&v.data);
+                    if self.bytes.len() > crate::scp::MAX_COMMAND {
+                        return Err(protocol("response command set too large".into()));
+                    }
+                    if v.is_last {
+                        return Command::parse(&self.bytes)
+                            .map(Some)
+                            .map_err(|e| protocol(e.to_string()));
+                    }
+                }
+                Ok(None)
+            }
+            Pdu::AbortRQ { source } => Err(ScuError::Aborted {
+                peer: peer.to_string(),
+                reason: abort_reason(&source),
+            }),
+            other => Err(protocol(format!(
+                "unexpected {} while {what}",
+                other.short_description()
+            ))),
+        }
+    }
 }
 
 fn abort_reason(source: &AbortRQSource) -> String {
