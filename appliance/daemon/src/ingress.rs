@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, Pdu};
-use kakehashi_dicom::dimse::{self, status, Command};
-use kakehashi_dicom::negotiate::{self, AcceptedContext, AddressMatch, Policy, SourceRule};
-use kakehashi_dicom::{part10, scan, wire};
+use kakehashi_dicom::dimse::status;
+use kakehashi_dicom::negotiate::{self, AddressMatch, Policy, SourceRule};
+use kakehashi_dicom::scp::{Action, Scp, StoreRequest};
+use kakehashi_dicom::{part10, wire};
 use kakehashi_spool::{Accepted, AuditEvent, AuditRecord, InstanceMeta, Priority, SpoolError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -87,16 +88,7 @@ impl Drop for Active<'_> {
 
 async fn audit(shared: &Shared, event: AuditEvent, actor: String, detail: String) {
     let spool = Arc::clone(&shared.spool);
-    let rec = AuditRecord {
-        seq: 0,
-        time_ms: now_ms(),
-        event,
-        actor,
-        sop_instance_uid: None,
-        study_instance_uid: None,
-        destination: None,
-        detail,
-    };
+    let rec = AuditRecord::new(now_ms(), event, actor, detail);
     match tokio::task::spawn_blocking(move || spool.audit(rec)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!("cannot write the audit record: {e}"),
@@ -187,9 +179,8 @@ async fn association(
         shared: &shared,
         peer,
         calling,
-        contexts: accepted.contexts,
-        command: Vec::new(),
-        state: State::Idle,
+        scp: Scp::new(accepted.contexts),
+        receiving: None,
         stored: 0,
         high_priority,
     };
@@ -250,36 +241,19 @@ enum Chunk {
 
 /// An instance on its way to disk.
 struct Receiving {
-    message_id: u16,
-    pc: AcceptedContext,
-    sop_instance: String,
-    priority: Priority,
-    /// The first bytes, kept for the routing-key scan.
-    prefix: Vec<u8>,
+    request: StoreRequest,
     tx: mpsc::Sender<Chunk>,
     writer: tokio::task::JoinHandle<Result<Accepted, SpoolError>>,
 }
 
-enum State {
-    Idle,
-    Receiving(Box<Receiving>),
-    /// The sender's data is read and dropped; it will get `status`.
-    Discarding {
-        message_id: u16,
-        sop_class: String,
-        sop_instance: String,
-        status: u16,
-        comment: String,
-    },
-}
-
+/// Drives one association's [`Scp`] state machine: reads PDUs, carries out
+/// its actions (socket writes, the spool writer), feeds back store outcomes.
 struct Session<'a> {
     shared: &'a Shared,
     peer: SocketAddr,
     calling: String,
-    contexts: Vec<AcceptedContext>,
-    command: Vec<u8>,
-    state: State,
+    scp: Scp,
+    receiving: Option<Receiving>,
     stored: u64,
     /// The source is configured `priority = "high"`.
     high_priority: bool,
@@ -303,250 +277,165 @@ impl Session<'_> {
                 wire::WireError::Closed => gone("peer closed the connection without releasing"),
                 other => protocol(other.to_string()),
             })?;
-            let pdu = match frame {
+            let actions = match frame {
                 wire::Frame::PData(values) => {
                     for v in values {
-                        if v.command {
-                            self.command.extend_from_slice(&v.data);
-                            if self.command.len() > 64 * 1024 {
-                                return Err(protocol("command set larger than 64 KiB"));
-                            }
-                            if v.last {
-                                let bytes = std::mem::take(&mut self.command);
-                                self.on_command(stream, &bytes, v.pc_id).await?;
-                            }
-                        } else {
-                            self.on_data(v.data).await?;
-                            if v.last {
-                                self.finish(stream).await?;
-                            }
+                        let actions = self.scp.on_pdv(v);
+                        if self.perform(stream, actions).await? {
+                            return Ok(());
                         }
                     }
                     continue;
                 }
-                wire::Frame::Other(pdu) => pdu,
-            };
-            match pdu {
-                Pdu::ReleaseRQ => {
-                    if !matches!(self.state, State::Idle) {
-                        return Err(protocol("A-RELEASE-RQ in the middle of a C-STORE"));
-                    }
-                    let _ = wire::write_pdu(stream, &Pdu::ReleaseRP).await;
-                    return Ok(());
+                wire::Frame::Other(Pdu::ReleaseRQ) => self.scp.on_release(),
+                wire::Frame::Other(Pdu::AbortRQ { .. }) => return Err(gone("peer aborted the association (an instance in transfer is discarded, it was never acknowledged)")),
+                wire::Frame::Other(other) => {
+                    return Err(protocol(format!("unexpected {}", other.short_description())))
                 }
-                Pdu::AbortRQ { .. } => return Err(gone("peer aborted the association (an instance in transfer is discarded, it was never acknowledged)")),
-                other => return Err(protocol(format!("unexpected {}", other.short_description()))),
+            };
+            if self.perform(stream, actions).await? {
+                return Ok(());
             }
         }
     }
 
-    async fn on_command(
+    /// Carries out `actions` in order; `true` once the association is released.
+    async fn perform(
         &mut self,
         stream: &mut TcpStream,
-        bytes: &[u8],
-        pc_id: u8,
-    ) -> Result<(), SessionError> {
-        if !matches!(self.state, State::Idle) {
-            return Err(protocol("new command before the previous dataset ended"));
-        }
-        let cmd = Command::parse(bytes).map_err(|e| protocol(format!("bad command set: {e}")))?;
-        let field = cmd.command_field().map_err(|e| protocol(e.to_string()))?;
-        let message_id = cmd.message_id().unwrap_or(0);
-        let pc = self.contexts.iter().find(|c| c.id == pc_id).cloned();
-        let Some(pc) = pc else {
-            return Err(protocol(format!(
-                "command on presentation context {pc_id}, which was not accepted"
-            )));
-        };
-        match field {
-            dimse::C_ECHO_RQ => {
-                wire::send_command(stream, pc_id, &dimse::c_echo_rsp(message_id))
+        actions: Vec<Action>,
+    ) -> Result<bool, SessionError> {
+        let mut queue = std::collections::VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Command { pc, bytes } => wire::send_command(stream, pc, &bytes)
                     .await
-                    .map_err(|e| gone(e.to_string()))?;
-                Ok(())
-            }
-            dimse::C_STORE_RQ => {
-                let sop_class = cmd
-                    .affected_sop_class()
-                    .unwrap_or_else(|| pc.abstract_syntax.clone());
-                let sop_instance = cmd.affected_sop_instance().unwrap_or_default();
-                if !cmd.has_dataset() {
-                    return Err(protocol("C-STORE-RQ without a dataset"));
+                    .map_err(|e| gone(e.to_string()))?,
+                Action::StoreBegin(request) => {
+                    let header = part10::file_meta(
+                        &request.context.abstract_syntax,
+                        &request.sop_instance,
+                        &request.context.transfer_syntax,
+                        &self.calling,
+                    );
+                    let (tx, rx) = mpsc::channel(8);
+                    let spool = Arc::clone(&self.shared.spool);
+                    let uid = request.sop_instance.clone();
+                    let writer = tokio::task::spawn_blocking(move || {
+                        write_instance(&spool, &header, &uid, rx)
+                    });
+                    self.receiving = Some(Receiving {
+                        request,
+                        tx,
+                        writer,
+                    });
                 }
-                if !kakehashi_dicom::uids::is_valid_uid(&sop_instance)
-                    || sop_class != pc.abstract_syntax
-                {
-                    self.state = State::Discarding {
-                        message_id,
-                        sop_class,
-                        sop_instance,
-                        status: status::CANNOT_UNDERSTAND,
-                        comment: "missing/invalid Affected SOP Instance UID or SOP class differs from the presentation context".into(),
-                    };
-                    return Ok(());
+                Action::StoreData(data) => {
+                    if let Some(r) = &self.receiving {
+                        // A closed channel means the writer already failed;
+                        // its error comes out at the end.
+                        let _ = r.tx.send(Chunk::Data(data)).await;
+                    }
                 }
-                let header = part10::file_meta(
-                    &sop_class,
-                    &sop_instance,
-                    &pc.transfer_syntax,
-                    &self.calling,
-                );
-                let (tx, rx) = mpsc::channel(8);
-                let spool = Arc::clone(&self.shared.spool);
-                let uid = sop_instance.clone();
-                let writer =
-                    tokio::task::spawn_blocking(move || write_instance(&spool, &header, &uid, rx));
-                self.state = State::Receiving(Box::new(Receiving {
-                    message_id,
-                    pc,
+                Action::StoreEnd { keys } => {
+                    let (code, comment) = self.commit(keys).await;
+                    queue.extend(self.scp.stored(code, comment.as_deref()));
+                }
+                Action::Refused {
                     sop_instance,
-                    priority: if self.high_priority {
-                        Priority::High
-                    } else {
-                        Priority::from_dimse(cmd.priority())
-                    },
-                    prefix: Vec::new(),
-                    tx,
-                    writer,
-                }));
-                Ok(())
-            }
-            other => Err(protocol(format!(
-                "unsupported DIMSE command 0x{other:04X} (this box accepts C-ECHO and C-STORE)"
-            ))),
-        }
-    }
-
-    async fn on_data(&mut self, data: bytes::Bytes) -> Result<(), SessionError> {
-        match &mut self.state {
-            State::Idle => Err(protocol("dataset fragment without a command")),
-            State::Discarding { .. } => Ok(()),
-            State::Receiving(r) => {
-                if r.prefix.len() < scan::SCAN_LIMIT {
-                    let take = (scan::SCAN_LIMIT - r.prefix.len()).min(data.len());
-                    r.prefix.extend_from_slice(&data[..take]);
-                }
-                // A closed channel means the writer already failed; its error
-                // comes out of `finish`.
-                let _ = r.tx.send(Chunk::Data(data)).await;
-                Ok(())
-            }
-        }
-    }
-
-    async fn finish(&mut self, stream: &mut TcpStream) -> Result<(), SessionError> {
-        let (message_id, sop_class, sop_instance, code, comment) = match std::mem::replace(
-            &mut self.state,
-            State::Idle,
-        ) {
-            State::Idle => return Err(protocol("dataset end without a command")),
-            State::Discarding {
-                message_id,
-                sop_class,
-                sop_instance,
-                status,
-                comment,
-            } => {
-                tracing::warn!(peer = %self.peer, calling_ae = %self.calling, %sop_instance, status = format!("0x{status:04X}"), "instance refused: {comment}");
-                self.refusal_audit(&sop_instance, status, &comment).await;
-                (message_id, sop_class, sop_instance, status, Some(comment))
-            }
-            State::Receiving(r) => {
-                let r = *r;
-                let keys = scan::routing_keys(&r.pc.transfer_syntax, &r.prefix);
-                let meta = InstanceMeta {
-                    sop_class_uid: r.pc.abstract_syntax.clone(),
-                    sop_instance_uid: r.sop_instance.clone(),
-                    transfer_syntax_uid: r.pc.transfer_syntax.clone(),
-                    study_instance_uid: keys.study_instance_uid.unwrap_or_default(),
-                    patient_id: keys.patient_id.unwrap_or_default(),
-                    source_ae: self.calling.clone(),
-                    source_ip: self.peer.ip().to_string(),
-                    priority: r.priority,
-                };
-                let _ = r.tx.send(Chunk::Finish(meta)).await;
-                drop(r.tx);
-                let result = r.writer.await;
-                let (code, comment) = match result {
-                    Ok(Ok(Accepted::Queued { record, superseded })) => {
-                        self.stored += 1;
-                        tracing::debug!(id = record.id, sop_instance = %record.meta.sop_instance_uid, bytes = record.dataset_size, "instance spooled");
-                        if let Some(old) = superseded {
-                            tracing::info!(sop_instance = %record.meta.sop_instance_uid, old, new = record.id, "a corrected version replaces the queued copy, which will not be sent");
-                        }
-                        for f in &self.shared.forwarders {
-                            if let Some(old) = superseded {
-                                f.forget(old);
-                            }
-                            f.enqueue(&record);
-                        }
-                        (status::SUCCESS, None)
-                    }
-                    Ok(Ok(Accepted::Duplicate { existing })) => {
-                        tracing::info!(sop_instance = %r.sop_instance, existing, "duplicate of a spooled instance acknowledged, not queued twice");
-                        (status::SUCCESS, None)
-                    }
-                    Ok(Err(e)) if e.is_out_of_space() => {
-                        tracing::warn!(peer = %self.peer, calling_ae = %self.calling, sop_instance = %r.sop_instance, "answering 0xA700: {e}");
-                        let c = format!("Kakehashi: {e}");
-                        self.refusal_audit(&r.sop_instance, status::OUT_OF_RESOURCES, &c)
-                            .await;
-                        (status::OUT_OF_RESOURCES, Some(c))
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(peer = %self.peer, sop_instance = %r.sop_instance, "cannot spool instance, answering 0x0110: {e}");
-                        let c = format!("Kakehashi: {e}");
-                        self.refusal_audit(&r.sop_instance, status::PROCESSING_FAILURE, &c)
-                            .await;
-                        (status::PROCESSING_FAILURE, Some(c))
-                    }
-                    Err(e) => {
-                        tracing::error!(sop_instance = %r.sop_instance, "spool writer task failed: {e}");
-                        (
-                            status::PROCESSING_FAILURE,
-                            Some("Kakehashi: internal error".into()),
-                        )
-                    }
-                };
-                (
-                    r.message_id,
-                    r.pc.abstract_syntax,
-                    r.sop_instance,
-                    code,
+                    status,
                     comment,
+                } => {
+                    tracing::warn!(peer = %self.peer, calling_ae = %self.calling, %sop_instance, status = format!("0x{status:04X}"), "instance refused: {comment}");
+                    self.refusal_audit(&sop_instance, status, &comment).await;
+                }
+                Action::Release => {
+                    let _ = wire::write_pdu(stream, &Pdu::ReleaseRP).await;
+                    return Ok(true);
+                }
+                Action::Abort(why) => return Err(protocol(why)),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Finishes the instance being received; the status to answer with.
+    async fn commit(&mut self, keys: kakehashi_dicom::scan::RoutingKeys) -> (u16, Option<String>) {
+        let Some(r) = self.receiving.take() else {
+            return (
+                status::PROCESSING_FAILURE,
+                Some("Kakehashi: internal error (no instance in transfer)".into()),
+            );
+        };
+        let request = &r.request;
+        let meta = InstanceMeta {
+            sop_class_uid: request.context.abstract_syntax.clone(),
+            sop_instance_uid: request.sop_instance.clone(),
+            transfer_syntax_uid: request.context.transfer_syntax.clone(),
+            study_instance_uid: keys.study_instance_uid.unwrap_or_default(),
+            patient_id: keys.patient_id.unwrap_or_default(),
+            source_ae: self.calling.clone(),
+            source_ip: self.peer.ip().to_string(),
+            priority: if self.high_priority {
+                Priority::High
+            } else {
+                Priority::from_dimse(request.priority)
+            },
+        };
+        let _ = r.tx.send(Chunk::Finish(meta)).await;
+        drop(r.tx);
+        let uid = &request.sop_instance;
+        match r.writer.await {
+            Ok(Ok(Accepted::Queued { record, superseded })) => {
+                self.stored += 1;
+                tracing::debug!(id = record.id, sop_instance = %uid, bytes = record.dataset_size, "instance spooled");
+                if let Some(old) = superseded {
+                    tracing::info!(sop_instance = %uid, old, new = record.id, "a corrected version replaces the queued copy, which will not be sent");
+                }
+                for f in &self.shared.forwarders {
+                    if let Some(old) = superseded {
+                        f.forget(old);
+                    }
+                    f.enqueue(&record);
+                }
+                (status::SUCCESS, None)
+            }
+            Ok(Ok(Accepted::Duplicate { existing })) => {
+                tracing::info!(sop_instance = %uid, existing, "duplicate of a spooled instance acknowledged, not queued twice");
+                (status::SUCCESS, None)
+            }
+            Ok(Err(e)) if e.is_out_of_space() => {
+                tracing::warn!(peer = %self.peer, calling_ae = %self.calling, sop_instance = %uid, "answering 0xA700: {e}");
+                let c = format!("Kakehashi: {e}");
+                self.refusal_audit(uid, status::OUT_OF_RESOURCES, &c).await;
+                (status::OUT_OF_RESOURCES, Some(c))
+            }
+            Ok(Err(e)) => {
+                tracing::error!(peer = %self.peer, sop_instance = %uid, "cannot spool instance, answering 0x0110: {e}");
+                let c = format!("Kakehashi: {e}");
+                self.refusal_audit(uid, status::PROCESSING_FAILURE, &c)
+                    .await;
+                (status::PROCESSING_FAILURE, Some(c))
+            }
+            Err(e) => {
+                tracing::error!(sop_instance = %uid, "spool writer task failed: {e}");
+                (
+                    status::PROCESSING_FAILURE,
+                    Some("Kakehashi: internal error".into()),
                 )
             }
-        };
-        let pc_id = self
-            .contexts
-            .iter()
-            .find(|c| c.abstract_syntax == sop_class)
-            .map(|c| c.id)
-            .unwrap_or(1);
-        let rsp = dimse::c_store_rsp(
-            message_id,
-            &sop_class,
-            &sop_instance,
-            code,
-            comment.as_deref(),
-        );
-        wire::send_command(stream, pc_id, &rsp)
-            .await
-            .map_err(|e| gone(e.to_string()))
+        }
     }
 
     async fn refusal_audit(&self, sop_instance: &str, code: u16, comment: &str) {
         let spool = Arc::clone(&self.shared.spool);
-        let rec = AuditRecord {
-            seq: 0,
-            time_ms: now_ms(),
-            event: AuditEvent::Refused,
-            actor: format!("{}@{}", self.calling, self.peer.ip()),
-            sop_instance_uid: Some(sop_instance.to_string()),
-            study_instance_uid: None,
-            destination: None,
-            detail: format!("0x{code:04X}: {comment}"),
-        };
+        let rec = AuditRecord::new(
+            now_ms(),
+            AuditEvent::Refused,
+            format!("{}@{}", self.calling, self.peer.ip()),
+            format!("0x{code:04X}: {comment}"),
+        )
+        .sop_instance(sop_instance);
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || spool.audit(rec)).await {
             tracing::error!("cannot write the audit record: {e}");
         }

@@ -18,6 +18,8 @@ const DATASET_TYPE: u32 = 0x0000_0800;
 const STATUS: u32 = 0x0000_0900;
 const ERROR_COMMENT: u32 = 0x0000_0902;
 const AFFECTED_SOP_INSTANCE: u32 = 0x0000_1000;
+const MOVE_ORIGINATOR_AE: u32 = 0x0000_1030;
+const MOVE_ORIGINATOR_ID: u32 = 0x0000_1031;
 
 /// C-STORE statuses the relay sends.
 pub mod status {
@@ -111,6 +113,12 @@ impl Command {
     }
     pub fn affected_sop_instance(&self) -> Option<String> {
         self.text(AFFECTED_SOP_INSTANCE)
+    }
+    pub fn move_originator(&self) -> Option<String> {
+        self.text(MOVE_ORIGINATOR_AE).filter(|t| !t.is_empty())
+    }
+    pub fn move_originator_id(&self) -> Option<u16> {
+        self.us(MOVE_ORIGINATOR_ID)
     }
 }
 

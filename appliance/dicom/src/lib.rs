@@ -9,6 +9,7 @@
 //!
 //! - [`wire`]: read/write one PDU on an async stream, with a size limit
 //! - [`negotiate`]: A-ASSOCIATE-RQ → AC or RJ, a pure function
+//! - [`scp`]: the rest of an association as the SCP: PDVs in, actions out
 //! - [`dimse`]: command sets (C-ECHO, C-STORE) in implicit VR little endian
 //! - [`scan`]: study and patient IDs from the first bytes of a dataset
 //! - [`part10`]: the file meta header that makes a spooled payload a Part 10 file
@@ -23,6 +24,7 @@ pub mod dimse;
 pub mod negotiate;
 pub mod part10;
 pub mod scan;
+pub mod scp;
 pub mod scu;
 pub mod uids;
 pub mod wire;
