@@ -107,7 +107,10 @@ fn scan() {
 fn config() {
     let seeds: Vec<Vec<u8>> = ["kakehashi.toml", "minimal.toml"]
         .iter()
-        .map(|n| std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/").to_string() + n).expect("example config"))
+        .map(|n| {
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/").to_string() + n)
+                .expect("example config")
+        })
         .collect();
     run(f::config, &seeds);
 }
@@ -143,4 +146,83 @@ fn record() {
         }],
     };
     run(f::record, &[kakehashi_spool::record::encode(&rec)]);
+}
+
+#[test]
+fn association() {
+    // Scripts (see f::association for the encoding): a C-STORE on context
+    // 3, one last data fragment, its outcome; an echo on 5, a release; a
+    // C-STORE on 1 in two fragments, its outcome, a release.
+    run(
+        f::association,
+        &[
+            vec![0x12, 0x0c, 0x06, b'a', 0x01],
+            vec![0x23, 0x00],
+            vec![0x02, 0x04, 0x04, b'x', 0x04, 0x06, b'y', 0x01, 0x00],
+        ],
+    );
+}
+
+#[test]
+fn seal() {
+    use kakehashi_spool::seal::SealWriter;
+    use std::io::Write;
+    let key = kakehashi_spool::SpoolKey::new(zeroize::Zeroizing::new([7u8; 32]));
+    let mut w = SealWriter::new(Vec::new(), &key, 42, "1.2.3").expect("writer");
+    w.write_all(&[0x5a; 300]).expect("write");
+    let sealed = w.finish().expect("finish");
+    run(f::seal, &[sealed, b"KKSE\x01abcdefg".to_vec(), Vec::new()]);
+}
+
+#[test]
+fn keyblob() {
+    let blob = kakehashi_tpm::KeyBlob {
+        public: vec![0, 0x23, 0, 0x0b, 1, 2],
+        private: vec![9; 40],
+        pcrs: vec![7, 16],
+    };
+    let mut v1 = b"KKTB\x01".to_vec();
+    for part in [&blob.public, &blob.private] {
+        v1.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        v1.extend_from_slice(part);
+    }
+    run(f::keyblob, &[blob.encode(), v1]);
+}
+
+#[test]
+fn site() {
+    let seed = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../provisioning/site.toml"
+    ))
+    .expect("site file");
+    run(f::site, &[seed]);
+}
+
+#[test]
+fn scu() {
+    use dicom_ul::pdu::*;
+    let ac = Pdu::AssociationAC(AssociationAC {
+        protocol_version: 1,
+        calling_ae_title: "KAKEHASHI".into(),
+        called_ae_title: "CENTER".into(),
+        application_context_name: "1.2.840.10008.3.1.1.1".into(),
+        presentation_contexts: vec![PresentationContextResult {
+            id: 1,
+            reason: PresentationContextResultReason::Acceptance,
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+        }],
+        user_variables: vec![UserVariableItem::MaxLength(4096)],
+    });
+    let mut seed = Vec::new();
+    dicom_ul::pdu::write_pdu(&mut seed, &ac).expect("encode");
+    let rsp = kakehashi_dicom::dimse::c_store_rsp(
+        1,
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.3",
+        0xA700,
+        Some("full"),
+    );
+    seed.extend(pdata(&rsp));
+    run(f::scu, &[seed]);
 }
