@@ -5,19 +5,35 @@
 # namespaces, ping, iperf3 for the tunnel benchmark; libtss2-dev and pkg-config
 # to build the TPM binding, swtpm and tpm2-tools as the TPM and its independent
 # reader in tests, openssl as an independent signature verifier, strace to
-# check the order of the spool's flushes.
+# check the order of the spool's flushes; python3-venv for pynetdicom (a
+# second DICOM implementation, from PyPI: Debian 12 does not package it),
+# installed pinned into target/py.
 # Idempotent: installs only what is missing, so a second run is instant.
 set -euo pipefail
 
 packages=(dcmtk orthanc curl ca-certificates iproute2 iputils-ping wireguard-go wireguard-tools iperf3
-          swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl strace)
+          swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl strace
+          python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
         missing+=("$p")
     fi
 done
+python_deps() {
+    # Debian's python3 (not a pyenv one) so that Debian's python3-* packages
+    # are visible in the venv too.
+    local venv
+    venv="$(dirname "$0")/../target/py"
+    if "$venv/bin/python3" -c "import pynetdicom, pydicom" 2>/dev/null; then
+        return
+    fi
+    echo "deps: installing pynetdicom into target/py"
+    /usr/bin/python3 -m venv --system-site-packages "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check pynetdicom==3.0.4 pydicom==3.0.2
+}
 if [ ${#missing[@]} -eq 0 ]; then
+    python_deps
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
@@ -32,3 +48,4 @@ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 if command -v systemctl >/dev/null && systemctl is-active --quiet orthanc 2>/dev/null; then
     systemctl stop orthanc || true
 fi
+python_deps

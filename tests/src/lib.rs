@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod netns;
+pub mod pynetdicom;
 pub mod testdata;
 pub mod tpm;
 pub mod visit;
@@ -170,6 +171,8 @@ pub struct RelayOptions {
     pub max_size: String,
     /// `spool.min_free`.
     pub min_free: String,
+    /// `dicom.max_pdu` (the default when `None`).
+    pub max_pdu: Option<u32>,
     /// The spool directory (default: `spool` in the relay's temp dir).
     pub spool_dir: Option<PathBuf>,
     pub retry_initial: String,
@@ -214,6 +217,7 @@ impl RelayOptions {
             max_size: "4 GiB".into(),
             min_free: "64 MiB".into(),
             spool_dir: None,
+            max_pdu: None,
             retry_initial: "200ms".into(),
             retry_max: "1s".into(),
             extra_sources: String::new(),
@@ -250,8 +254,13 @@ impl Relay {
         let port = free_port();
         let socket = dir.path().join("control.sock");
         let mut toml = format!(
-            "[dicom]\nae_title = \"KAKEHASHI\"\nlisten = \"{}:{port}\"\nmax_associations = {}\nidle_timeout = \"30s\"\n\n[[dicom.sources]]\nae_title = \"MODALITY1\"\n\n[[dicom.sources]]\nae_title = \"MODALITY2\"\naddress = \"127.0.0.0/8\"\n{}\n",
-            opts.listen_host, opts.max_associations, opts.extra_sources
+            "[dicom]\nae_title = \"KAKEHASHI\"\nlisten = \"{}:{port}\"\nmax_associations = {}\nidle_timeout = \"30s\"\n{}\n[[dicom.sources]]\nae_title = \"MODALITY1\"\n\n[[dicom.sources]]\nae_title = \"MODALITY2\"\naddress = \"127.0.0.0/8\"\n{}\n",
+            opts.listen_host,
+            opts.max_associations,
+            opts.max_pdu
+                .map(|m| format!("max_pdu = {m}\n"))
+                .unwrap_or_default(),
+            opts.extra_sources
         );
         for (name, ae, p) in &opts.destinations {
             toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"{}:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"30s\"\nlinger = \"1s\"\n\n", opts.dest_host);

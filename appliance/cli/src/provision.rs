@@ -198,4 +198,3 @@ fn hand_over(key_dir: &Path, config: &Path) -> Result<Option<String>, String> {
         "[ok] keys owned by {SERVICE_USER} (the service user), config readable by its group"
     )))
 }
-

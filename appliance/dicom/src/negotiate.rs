@@ -14,6 +14,9 @@ use crate::uids::{
     is_storage_sop_class, is_valid_uid, trim_uid, APPLICATION_CONTEXT, IMPLICIT_VR_LE, VERIFICATION,
 };
 
+/// The Asynchronous Operations Window sub-item (PS3.7 D.3.3.3).
+pub const ASYNC_OPERATIONS_WINDOW: u8 = 0x53;
+
 /// Who may associate, and the box's side of the negotiation.
 #[derive(Debug)]
 pub struct Policy {
@@ -142,9 +145,12 @@ pub fn negotiate(
     }
 
     let mut peer_max_pdu = 16384;
+    let mut async_window = false;
     for v in &rq.user_variables {
-        if let UserVariableItem::MaxLength(len) = v {
-            peer_max_pdu = *len;
+        match v {
+            UserVariableItem::MaxLength(len) => peer_max_pdu = *len,
+            UserVariableItem::Unknown(ASYNC_OPERATIONS_WINDOW, _) => async_window = true,
+            _ => {}
         }
     }
 
@@ -196,6 +202,19 @@ pub fn negotiate(
         }
     }
 
+    let mut user_variables = vec![
+        UserVariableItem::MaxLength(policy.max_pdu),
+        UserVariableItem::ImplementationClassUID(crate::IMPLEMENTATION_CLASS_UID.to_string()),
+        UserVariableItem::ImplementationVersionName(crate::IMPLEMENTATION_VERSION_NAME.to_string()),
+    ];
+    if async_window {
+        // One operation invoked and performed at a time (PS3.7 D.3.3.3): the
+        // box answers each C-STORE only once it is durable.
+        user_variables.push(UserVariableItem::Unknown(
+            ASYNC_OPERATIONS_WINDOW,
+            vec![0, 1, 0, 1],
+        ));
+    }
     Ok(Accepted {
         ac: AssociationAC {
             protocol_version: 1,
@@ -203,15 +222,7 @@ pub fn negotiate(
             called_ae_title: rq.called_ae_title.clone(),
             application_context_name: APPLICATION_CONTEXT.to_string(),
             presentation_contexts: results,
-            user_variables: vec![
-                UserVariableItem::MaxLength(policy.max_pdu),
-                UserVariableItem::ImplementationClassUID(
-                    crate::IMPLEMENTATION_CLASS_UID.to_string(),
-                ),
-                UserVariableItem::ImplementationVersionName(
-                    crate::IMPLEMENTATION_VERSION_NAME.to_string(),
-                ),
-            ],
+            user_variables,
         },
         contexts,
         peer_max_pdu,
@@ -353,6 +364,31 @@ mod tests {
             false
         )
         .is_ok());
+    }
+
+    #[test]
+    fn an_asynchronous_operations_window_is_answered_with_one() {
+        let mut r = rq(
+            "MOD",
+            "KAKEHASHI",
+            vec![("1.2.840.10008.1.1", vec![IMPLICIT_VR_LE])],
+        );
+        r.user_variables.push(UserVariableItem::Unknown(
+            ASYNC_OPERATIONS_WINDOW,
+            vec![0, 8, 0, 8],
+        ));
+        let a = negotiate(&r, LOCAL, &policy(None), false).expect("accepted");
+        assert!(a.ac.user_variables.contains(&UserVariableItem::Unknown(
+            ASYNC_OPERATIONS_WINDOW,
+            vec![0, 1, 0, 1]
+        )));
+        let plain = rq("MOD", "KAKEHASHI", vec![]);
+        let a = negotiate(&plain, LOCAL, &policy(None), false).expect("accepted");
+        assert!(!a
+            .ac
+            .user_variables
+            .iter()
+            .any(|v| matches!(v, UserVariableItem::Unknown(ASYNC_OPERATIONS_WINDOW, _))));
     }
 
     #[test]

@@ -21,7 +21,11 @@ pub fn is_storage_sop_class(uid: &str) -> bool {
         "1.2.840.10008.5.1.4.43.1",  // Generic Implant Template Storage
         "1.2.840.10008.5.1.4.44.1",  // Implant Assembly Template Storage
         "1.2.840.10008.5.1.4.45.1",  // Implant Template Group Storage
+        "1.2.840.10008.5.1.4.34.7",  // RT Beams Delivery Instruction Storage
         "1.2.840.10008.5.1.4.34.10", // RT Brachy Application Setup Delivery Instruction
+        "1.2.840.10008.5.1.1.27",    // Stored Print Storage (retired)
+        "1.2.840.10008.5.1.1.29",    // Hardcopy Grayscale Image Storage (retired)
+        "1.2.840.10008.5.1.1.30",    // Hardcopy Color Image Storage (retired)
     ];
     uid.starts_with("1.2.840.10008.5.1.4.1.1.")
         || OTHER_STORAGE.contains(&uid)
