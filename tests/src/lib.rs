@@ -173,6 +173,8 @@ pub struct RelayOptions {
     pub min_free: String,
     /// `dicom.max_pdu` (the default when `None`).
     pub max_pdu: Option<u32>,
+    /// Every destination's `response_timeout`.
+    pub response_timeout: String,
     /// The spool directory (default: `spool` in the relay's temp dir).
     pub spool_dir: Option<PathBuf>,
     pub retry_initial: String,
@@ -218,6 +220,7 @@ impl RelayOptions {
             min_free: "64 MiB".into(),
             spool_dir: None,
             max_pdu: None,
+            response_timeout: "30s".into(),
             retry_initial: "200ms".into(),
             retry_max: "1s".into(),
             extra_sources: String::new(),
@@ -263,7 +266,7 @@ impl Relay {
             opts.extra_sources
         );
         for (name, ae, p) in &opts.destinations {
-            toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"{}:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"30s\"\nlinger = \"1s\"\n\n", opts.dest_host);
+            toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"{}:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"{}\"\nlinger = \"1s\"\n\n", opts.dest_host, opts.response_timeout);
         }
         toml += &format!(
             "[spool]\ndir = \"{}\"\nmax_size = \"{}\"\nmin_free = \"{}\"\n\n[retry]\ninitial = \"{}\"\nmax = \"{}\"\n\n[control]\nsocket = \"{}\"\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n",
@@ -459,6 +462,22 @@ impl StoreScp {
 
     /// Like [`StoreScp::start_ns`], with AE title `aet`.
     pub fn start_as(port: u16, base: &Path, ns: Option<&str>, aet: &str) -> StoreScp {
+        StoreScp::start_with(port, base, ns, aet, &[])
+    }
+
+    /// A center that stops reading in the middle of every C-STORE for
+    /// `seconds` (storescp `--sleep-during`).
+    pub fn start_sleepy(port: u16, seconds: u32) -> StoreScp {
+        StoreScp::start_with(
+            port,
+            &std::env::temp_dir(),
+            None,
+            "READCENTER",
+            &["--sleep-during", &seconds.to_string()],
+        )
+    }
+
+    fn start_with(port: u16, base: &Path, ns: Option<&str>, aet: &str, extra: &[&str]) -> StoreScp {
         let dir = tempfile::Builder::new()
             .prefix("storescp-")
             .tempdir_in(base)
@@ -468,7 +487,9 @@ impl StoreScp {
         let log = dir.path().join("storescp.log");
         let log_file = std::fs::File::create(&log).expect("log");
         let child = netns::ns_command(ns, "storescp")
-            .args(["-v", "-dhl", "+B", "+xa", "-aet", aet, "-od"])
+            .args(["-v", "-dhl", "+B", "+xa", "-aet", aet])
+            .args(extra)
+            .arg("-od")
             .arg(&out)
             .arg(port.to_string())
             .env("TCP_NODELAY", "1")

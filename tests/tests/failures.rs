@@ -346,7 +346,15 @@ fn send_with_our_scu(port: u16, files: &[std::path::PathBuf], sop_class: &str, p
             let uid = sop_instance_of_file(&bytes).expect("uid");
             let ds = testdata::dataset_of_file(&bytes).expect("dataset").to_vec();
             let (status, _) = scu
-                .store(pc, sop_class, &uid, priority, &ds[..], ds.len() as u64)
+                .store(
+                    pc,
+                    sop_class,
+                    &uid,
+                    priority,
+                    &ds[..],
+                    ds.len() as u64,
+                    |_| {},
+                )
                 .await
                 .expect("store");
             assert_eq!(status, 0);
@@ -639,4 +647,61 @@ fn an_index_that_fills_its_disk_is_out_of_space_and_heals_without_a_restart() {
     drop(spool);
     let (spool, _) = Spool::open(&dir, vec!["center".into()], limits, 3).expect("reopen");
     assert_eq!(spool.records().expect("records").len(), accepted + 1);
+}
+
+#[test]
+fn a_center_that_stops_reading_mid_store_is_shown_stalled_then_timed_out() {
+    // The center stops reading in the middle of a 60 MiB C-STORE (storescp
+    // --sleep-during): the forwarder's write blocks once the socket buffers
+    // are full. status says so; the response timeout ends the attempt
+    // (never a hang); the instance is neither burnt nor dead-lettered and
+    // goes through once the center reads again.
+    let data = tempfile::tempdir().expect("tempdir");
+    let file = testdata::study(
+        data.path(),
+        "stall",
+        "MG",
+        testdata::MG_IMAGE,
+        Syntax::ExplicitLe,
+        Name::Ascii,
+        1,
+        60 * 1024 * 1024,
+    )
+    .expect("data")
+    .remove(0);
+    let center_port = free_port();
+    let sleepy = StoreScp::start_sleepy(center_port, 120);
+    let mut opts = RelayOptions::to(center_port);
+    opts.response_timeout = "20s".into();
+    let relay = Relay::start(opts);
+    let out = storescu(relay.port, "MODALITY1", std::slice::from_ref(&file));
+    assert_eq!(out.acked.len(), 1, "{}", out.output);
+    wait_until("status to show the stall", Duration::from_secs(40), || {
+        relay.status().destinations[0].state == "stalled"
+    });
+    let d = relay.status().destinations[0].clone();
+    assert!(d.no_progress_for_s.is_some_and(|p| p >= 15), "{d:?}");
+    let text = String::from_utf8_lossy(&relay.cli(&["status"]).stdout).to_string();
+    assert!(text.contains("STALLED"), "{text}");
+    wait_until(
+        "the response timeout to end the attempt",
+        Duration::from_secs(30),
+        || {
+            relay.status().destinations[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("stopped reading"))
+        },
+    );
+    let d = relay.status().destinations[0].clone();
+    assert_ne!(d.state, "stalled", "{d:?}");
+    assert_eq!((d.queued, d.dead_letter), (1, 0), "{d:?}");
+    drop(sleepy);
+    let center = StoreScp::start(center_port);
+    relay.wait_drained(Duration::from_secs(120));
+    let arrived = center.files();
+    assert_eq!(arrived.len(), 1);
+    assert!(
+        testdata::dataset_of_file(&read(&arrived[0])) == testdata::dataset_of_file(&read(&file))
+    );
 }

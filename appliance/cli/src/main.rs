@@ -400,12 +400,19 @@ fn print_status(s: &StatusReport) {
             d.ae_title,
             d.address,
             if d.via_tunnel { " via tunnel" } else { "" },
-            if d.state == "paused" {
-                "paused (tunnel down; nothing is retried or dead-lettered meanwhile)"
-            } else {
-                &d.state
+            match d.state.as_str() {
+                "paused" => "paused (tunnel down; nothing is retried or dead-lettered meanwhile)",
+                "stalled" => "STALLED (a C-STORE makes no progress: the center stopped reading or answering; it is given up at the response timeout)",
+                other => other,
             }
         );
+        if let (Some(t), Some(p)) = (d.sending_for_s, d.no_progress_for_s) {
+            println!(
+                "  C-STORE under way for {}, last progress {} ago",
+                age(t),
+                age(p)
+            );
+        }
         println!(
             "  queued {} ({}), oldest {}, dead letters {}",
             d.queued,

@@ -117,7 +117,8 @@ pub struct DestinationStatus {
     /// Reached through the tunnel (paused while it is down).
     #[serde(default)]
     pub via_tunnel: bool,
-    /// idle | sending | backoff | paused (the tunnel is down)
+    /// idle | sending | stalled (a C-STORE without progress for 15 s) |
+    /// backoff | paused (the tunnel is down)
     pub state: String,
     pub queued: u64,
     pub queued_bytes: u64,
@@ -128,6 +129,12 @@ pub struct DestinationStatus {
     pub last_error: Option<String>,
     pub last_error_ms: Option<u64>,
     pub next_attempt_in_s: Option<u64>,
+    /// How long the C-STORE under way has been running.
+    #[serde(default)]
+    pub sending_for_s: Option<u64>,
+    /// How long since it last made progress (a fragment written).
+    #[serde(default)]
+    pub no_progress_for_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -24,9 +24,18 @@ use tokio_util::sync::CancellationToken;
 use crate::schedule::{backoff, Item, Queue};
 use crate::{now_ms, Shared};
 
+/// Added to an operation's own timeout for the watchdog's budget.
+const OPERATION_MARGIN: Duration = Duration::from_secs(30);
+
+/// A C-STORE without progress this long shows as stalled in `status`.
+const STALLED_AFTER_MS: u64 = 15_000;
+
 #[derive(Debug, Default)]
 struct Stats {
-    sending: bool,
+    /// A C-STORE is under way since then.
+    sending_since_ms: Option<u64>,
+    /// The last fragment written (or the start of the C-STORE).
+    progress_ms: u64,
     delivered: u64,
     last_success_ms: Option<u64>,
     last_error: Option<String>,
@@ -107,7 +116,11 @@ impl Handle {
             via_tunnel: self.dest.via_tunnel,
             state: if s.paused {
                 "paused"
-            } else if s.sending {
+            } else if s.sending_since_ms.is_some()
+                && now.saturating_sub(s.progress_ms) >= STALLED_AFTER_MS
+            {
+                "stalled"
+            } else if s.sending_since_ms.is_some() {
                 "sending"
             } else if s.blocked_until_ms > now && q.len() > 0 {
                 "backoff"
@@ -128,6 +141,10 @@ impl Handle {
             next_attempt_in_s: next_due
                 .filter(|d| *d > now)
                 .map(|d| (d - now).div_ceil(1000)),
+            sending_for_s: s.sending_since_ms.map(|t| now.saturating_sub(t) / 1000),
+            no_progress_for_s: s
+                .sending_since_ms
+                .map(|_| now.saturating_sub(s.progress_ms) / 1000),
         }
     }
 
@@ -289,12 +306,15 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
                 }
                 c
             };
-            beat.busy(true);
+            // Resolve, connect and negotiate each have their own timeout.
+            beat.busy(Some(
+                dest.connect_timeout * 2 + dest.response_timeout + OPERATION_MARGIN,
+            ));
             let connected = tokio::select! {
                 _ = token.cancelled() => break,
                 c = connect(&shared, &dest, &opts, &contexts) => c,
             };
-            beat.busy(false);
+            beat.busy(None);
             match connected {
                 Ok(a) => {
                     handle.stats().connect_failures = 0;
@@ -324,14 +344,24 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
             continue;
         };
 
-        handle.stats().sending = true;
-        beat.busy(true);
-        let outcome = tokio::select! {
-            _ = token.cancelled() => { handle.stats().sending = false; break }
-            o = send_one(&shared, scu, pc, &item) => o,
+        {
+            let now = now_ms();
+            let mut s = handle.stats();
+            s.sending_since_ms = Some(now);
+            s.progress_ms = now;
+        }
+        // Each step of a C-STORE has its own timeout; progress beats.
+        beat.busy(Some(dest.response_timeout + OPERATION_MARGIN));
+        let progress = |_sent: u64| {
+            beat.beat();
+            handle.stats().progress_ms = now_ms();
         };
-        beat.busy(false);
-        handle.stats().sending = false;
+        let outcome = tokio::select! {
+            _ = token.cancelled() => { handle.stats().sending_since_ms = None; break }
+            o = send_one(&shared, scu, pc, &item, progress) => o,
+        };
+        beat.busy(None);
+        handle.stats().sending_since_ms = None;
         if let Sent::Connection(_) | Sent::Corrupt(_) | Sent::ReadFailed(_) = &outcome {
             if let Some((a, _)) = assoc.take() {
                 a.abort().await;
@@ -413,7 +443,13 @@ fn destination_failed(handle: &Handle, shared: &Shared, e: impl std::fmt::Displa
     handle.note_error(e.to_string());
 }
 
-async fn send_one(shared: &Shared, scu: &mut Scu, pc: u8, item: &Item) -> Sent {
+async fn send_one(
+    shared: &Shared,
+    scu: &mut Scu,
+    pc: u8,
+    item: &Item,
+    progress: impl FnMut(u64),
+) -> Sent {
     // Everything needed is in the queued item: no index read per instance.
     let dataset = DatasetRef {
         id: item.id,
@@ -454,6 +490,7 @@ async fn send_one(shared: &Shared, scu: &mut Scu, pc: u8, item: &Item) -> Sent {
             item.priority.to_dimse(),
             reader,
             item.size,
+            progress,
         )
         .await
     {

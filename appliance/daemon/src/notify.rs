@@ -3,12 +3,14 @@
 //! loops that decides whether the watchdog is fed.
 //!
 //! The watchdog is fed only while every registered loop has reported within
-//! its allowed silence; a loop inside an operation that has its own timeout
-//! (a C-STORE, a connect) marks itself busy and is not judged meanwhile.
+//! its allowed silence. A loop inside a long operation (a connect, a
+//! C-STORE) declares a budget for it — the operation's own timeout and a
+//! margin — and beats on progress; it is judged against that budget, so an
+//! operation whose timeout failed to fire still stops the watchdog.
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,7 +56,8 @@ struct LoopState {
     name: String,
     max_silence: Duration,
     last_ms: AtomicU64,
-    busy: AtomicBool,
+    /// The allowed silence inside the current operation; 0 when not in one.
+    busy_ms: AtomicU64,
 }
 
 /// The loops whose silence stops the watchdog.
@@ -77,10 +80,12 @@ impl Beat {
         self.state.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Inside an operation bounded by its own timeouts.
-    pub fn busy(&self, busy: bool) {
+    /// Entering an operation that may be silent for up to `budget` between
+    /// beats (its own timeout and a margin); `None` when it ends.
+    pub fn busy(&self, budget: Option<Duration>) {
         self.beat();
-        self.state.busy.store(busy, Ordering::Relaxed);
+        let ms = budget.map_or(0, |b| (b.as_millis() as u64).max(1));
+        self.state.busy_ms.store(ms, Ordering::Relaxed);
     }
 }
 
@@ -99,7 +104,7 @@ impl Liveness {
             name: name.into(),
             max_silence,
             last_ms: AtomicU64::new(self.started.elapsed().as_millis() as u64),
-            busy: AtomicBool::new(false),
+            busy_ms: AtomicU64::new(0),
         });
         self.loops
             .lock()
@@ -118,10 +123,12 @@ impl Liveness {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|l| !l.busy.load(Ordering::Relaxed))
             .filter(|l| {
-                now.saturating_sub(l.last_ms.load(Ordering::Relaxed))
-                    > l.max_silence.as_millis() as u64
+                let allowed = match l.busy_ms.load(Ordering::Relaxed) {
+                    0 => l.max_silence.as_millis() as u64,
+                    budget => budget,
+                };
+                now.saturating_sub(l.last_ms.load(Ordering::Relaxed)) > allowed
             })
             .map(|l| l.name.clone())
             .collect()
@@ -133,13 +140,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_silent_loop_is_named_unless_busy() {
+    fn a_silent_loop_is_named_and_a_busy_one_is_judged_by_its_budget() {
         let l = Liveness::default();
         let quick = l.register("checkpointer", Duration::ZERO);
         let _slow = l.register("forwarder", Duration::from_secs(3600));
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(l.stalled(), vec!["checkpointer".to_string()]);
-        quick.busy(true);
+        quick.busy(Some(Duration::from_secs(3600)));
+        assert!(l.stalled().is_empty(), "within its operation's budget");
+        quick.busy(Some(Duration::from_millis(1)));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            l.stalled(),
+            vec!["checkpointer".to_string()],
+            "an operation that outlives its budget stops the watchdog"
+        );
+        quick.busy(None);
+        quick.beat();
         assert!(l.stalled().is_empty());
     }
 }

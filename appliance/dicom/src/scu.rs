@@ -1,5 +1,11 @@
 //! The storage SCU the forwarder drives: one association, one operation at
 //! a time, datasets streamed from any `AsyncRead` in PDU-sized fragments.
+//!
+//! Every network step has a timeout, so a peer that stops reading or
+//! answering cannot hang the caller: each write of a PDU (a fragment is at
+//! most the peer's maximum PDU, so this bounds progress, not the size of an
+//! instance over a slow link) and each wait for an answer gets
+//! `response_timeout`; release and abort get 5 s.
 
 use std::time::Duration;
 
@@ -158,12 +164,13 @@ impl Scu {
                 ),
             ],
         });
-        wire::write_pdu(&mut stream, &rq)
-            .await
-            .map_err(|source| ScuError::Wire {
-                peer: peer.clone(),
-                source,
-            })?;
+        within(
+            &peer,
+            "sending the A-ASSOCIATE-RQ",
+            opts.response_timeout,
+            wire::write_pdu(&mut stream, &rq),
+        )
+        .await?;
         let mut buf = BytesMut::new();
         let reply = timeout(
             opts.response_timeout,
@@ -215,6 +222,9 @@ impl Scu {
     }
 
     /// Sends one C-STORE and returns the response status and error comment.
+    /// `progress` is called with the dataset bytes sent so far after each
+    /// fragment (the caller's sign of life).
+    #[allow(clippy::too_many_arguments)]
     pub async fn store<R: AsyncRead + Unpin>(
         &mut self,
         pc_id: u8,
@@ -223,20 +233,18 @@ impl Scu {
         priority: u16,
         mut data: R,
         size: u64,
+        mut progress: impl FnMut(u64),
     ) -> Result<(u16, Option<String>), ScuError> {
         let id = self.next_message_id();
-        let peer = self.peer.clone();
-        let werr = |source| ScuError::Wire {
-            peer: peer.clone(),
-            source,
-        };
-        wire::send_command(
-            &mut self.stream,
-            pc_id,
-            &dimse::c_store_rq(id, sop_class, sop_instance, priority),
+        let after = self.response_timeout;
+        let command = dimse::c_store_rq(id, sop_class, sop_instance, priority);
+        within(
+            &self.peer,
+            "sending a C-STORE-RQ",
+            after,
+            wire::send_command(&mut self.stream, pc_id, &command),
         )
-        .await
-        .map_err(werr)?;
+        .await?;
         let max_fragment = match self.peer_max_pdu {
             0 => 1 << 20,
             n => (n.min(1 << 20) as usize).saturating_sub(6).max(2) & !1,
@@ -250,10 +258,20 @@ impl Scu {
                 .map_err(ScuError::Source)?;
             remaining -= n as u64;
             wire::frame_pdata(&mut self.frame, pc_id, false, remaining == 0);
-            self.stream
-                .write_all(&self.frame)
-                .await
-                .map_err(|e| werr(WireError::Io(e)))?;
+            let write = async {
+                self.stream
+                    .write_all(&self.frame)
+                    .await
+                    .map_err(WireError::Io)
+            };
+            within(
+                &self.peer,
+                "sending data (the peer stopped reading)",
+                after,
+                write,
+            )
+            .await?;
+            progress(size - remaining);
             if remaining == 0 {
                 break;
             }
@@ -276,12 +294,13 @@ impl Scu {
     /// returns the response status (0x0000 = the peer is alive and answers).
     pub async fn echo(&mut self, pc_id: u8) -> Result<u16, ScuError> {
         let id = self.next_message_id();
-        wire::send_command(&mut self.stream, pc_id, &dimse::c_echo_rq(id))
-            .await
-            .map_err(|source| ScuError::Wire {
-                peer: self.peer.clone(),
-                source,
-            })?;
+        within(
+            &self.peer,
+            "sending a C-ECHO-RQ",
+            self.response_timeout,
+            wire::send_command(&mut self.stream, pc_id, &dimse::c_echo_rq(id)),
+        )
+        .await?;
         let rsp = self.read_command("waiting for C-ECHO-RSP").await?;
         if rsp.responded_to() != Some(id) || rsp.command_field().ok() != Some(dimse::C_ECHO_RSP) {
             return Err(ScuError::Protocol {
@@ -319,30 +338,50 @@ impl Scu {
     }
 
     /// Orderly release; errors are irrelevant at this point and ignored.
+    /// Orderly release, at most 5 s for each step (the connection is
+    /// dropped anyway); errors are irrelevant at this point and ignored.
     pub async fn release(mut self) {
-        if wire::write_pdu(&mut self.stream, &Pdu::ReleaseRQ)
-            .await
-            .is_ok()
+        let bound = Duration::from_secs(5);
+        if let Ok(Ok(())) = timeout(bound, wire::write_pdu(&mut self.stream, &Pdu::ReleaseRQ)).await
         {
             let _ = timeout(
-                Duration::from_secs(5),
+                bound,
                 wire::read_pdu(&mut self.stream, &mut self.buf, self.our_max_pdu),
             )
             .await;
         }
-        let _ = self.stream.shutdown().await;
+        let _ = timeout(bound, self.stream.shutdown()).await;
     }
 
+    /// A-ABORT, at most 5 s for each step; the connection is dropped anyway.
     pub async fn abort(mut self) {
-        let _ = wire::write_pdu(
-            &mut self.stream,
-            &Pdu::AbortRQ {
-                source: AbortRQSource::ServiceUser,
-            },
-        )
-        .await;
-        let _ = self.stream.shutdown().await;
+        let bound = Duration::from_secs(5);
+        let abort = Pdu::AbortRQ {
+            source: AbortRQSource::ServiceUser,
+        };
+        let _ = timeout(bound, wire::write_pdu(&mut self.stream, &abort)).await;
+        let _ = timeout(bound, self.stream.shutdown()).await;
     }
+}
+
+/// Runs one network step of `peer`, giving up after `after`.
+async fn within<T>(
+    peer: &str,
+    what: &'static str,
+    after: Duration,
+    step: impl std::future::Future<Output = Result<T, WireError>>,
+) -> Result<T, ScuError> {
+    timeout(after, step)
+        .await
+        .map_err(|_| ScuError::Timeout {
+            peer: peer.to_string(),
+            what,
+            after,
+        })?
+        .map_err(|source| ScuError::Wire {
+            peer: peer.to_string(),
+            source,
+        })
 }
 
 /// Resolves `address` (host:port), giving up after `within` (a resolver
