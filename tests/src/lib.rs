@@ -175,6 +175,8 @@ pub struct RelayOptions {
     pub max_pdu: Option<u32>,
     /// Every destination's `response_timeout`.
     pub response_timeout: String,
+    /// More `[retry]` keys, as TOML lines.
+    pub retry_toml: String,
     /// The spool directory (default: `spool` in the relay's temp dir).
     pub spool_dir: Option<PathBuf>,
     pub retry_initial: String,
@@ -221,6 +223,7 @@ impl RelayOptions {
             spool_dir: None,
             max_pdu: None,
             response_timeout: "30s".into(),
+            retry_toml: String::new(),
             retry_initial: "200ms".into(),
             retry_max: "1s".into(),
             extra_sources: String::new(),
@@ -269,7 +272,7 @@ impl Relay {
             toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"{}:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"{}\"\nlinger = \"1s\"\n\n", opts.dest_host, opts.response_timeout);
         }
         toml += &format!(
-            "[spool]\ndir = \"{}\"\nmax_size = \"{}\"\nmin_free = \"{}\"\n\n[retry]\ninitial = \"{}\"\nmax = \"{}\"\n\n[control]\nsocket = \"{}\"\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n",
+            "[spool]\ndir = \"{}\"\nmax_size = \"{}\"\nmin_free = \"{}\"\n\n[retry]\ninitial = \"{}\"\nmax = \"{}\"\n{}\n[control]\nsocket = \"{}\"\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n",
             opts.spool_dir
                 .clone()
                 .unwrap_or_else(|| dir.path().join("spool"))
@@ -278,6 +281,7 @@ impl Relay {
             opts.min_free,
             opts.retry_initial,
             opts.retry_max,
+            opts.retry_toml,
             socket.display()
         );
         toml += &opts.extra_toml;

@@ -424,3 +424,75 @@ fn a_reset_right_after_the_acknowledgement_still_delivers() {
     assert_eq!(arrived.len(), 1);
     assert!(dataset_of_file(&read(&arrived[0])) == Some(&ds[..]));
 }
+
+#[test]
+fn an_instance_refused_transiently_forever_is_flagged_stuck_and_the_operator_can_take_it_out() {
+    // A center that answers 0xA700 for one instance, forever. It is retried
+    // (a transient status never dead-letters by itself), but after
+    // retry.stuck_after_attempts it surfaces: status, queue list, one audit
+    // record; and the operator can dead-letter it, then purge it.
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = ct_study(data.path(), "forever", 3, 8 * 1024);
+    let refused = uid(&files[1]);
+    let center_port = free_port();
+    let center = pynetdicom::Scp::start(center_port, &["--refuse", &format!("{refused}=a700")]);
+    let mut opts = RelayOptions::to(center_port);
+    opts.retry_toml = "stuck_after_attempts = 3\n".into();
+    let relay = Relay::start(opts);
+    assert_eq!(storescu(relay.port, "MODALITY1", &files).acked.len(), 3);
+    wait_until(
+        "the instance to be flagged stuck",
+        Duration::from_secs(60),
+        || relay.status().destinations[0].stuck == 1,
+    );
+    wait_until(
+        "more attempts after the flag",
+        Duration::from_secs(30),
+        || center.requests(&refused) >= 5,
+    );
+    let d = relay.status().destinations[0].clone();
+    assert_eq!((d.queued, d.dead_letter, d.stuck), (1, 0, 1), "{d:?}");
+    assert_eq!(center.stored(), 2, "the others went through");
+    let text = String::from_utf8_lossy(&relay.cli(&["status"]).stdout).to_string();
+    assert!(text.contains("STUCK 1"), "{text}");
+    let list = String::from_utf8_lossy(&relay.cli(&["queue", "list"]).stdout).to_string();
+    assert!(list.contains("STUCK") && list.contains("0xA700"), "{list}");
+    let audit = match relay.request(&kakehashi_control::Request::Audit {
+        after: 0,
+        limit: 1000,
+    }) {
+        kakehashi_control::Response::Audit { records } => records,
+        other => panic!("{other:?}"),
+    };
+    let stuck: Vec<_> = audit
+        .iter()
+        .filter(|a| a.event == kakehashi_control::AuditEvent::Stuck)
+        .collect();
+    assert_eq!(
+        stuck.len(),
+        1,
+        "flagged once, not at every retry: {stuck:?}"
+    );
+    assert_eq!(stuck[0].sop_instance_uid.as_deref(), Some(refused.as_str()));
+
+    let out = relay.cli(&["queue", "dead-letter", "--stuck"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Dead-lettered 1"),
+        "{out:?}"
+    );
+    let d = relay.status().destinations[0].clone();
+    assert_eq!((d.queued, d.dead_letter, d.stuck), (0, 1, 0), "{d:?}");
+    let tries = center.requests(&refused);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(center.requests(&refused), tries, "no more attempts");
+    let dead = String::from_utf8_lossy(&relay.cli(&["queue", "list", "--dead"]).stdout).to_string();
+    assert!(
+        dead.contains("dead-lettered by the operator after"),
+        "{dead}"
+    );
+    let purge = relay.cli(&["queue", "purge", "--all", "--yes"]);
+    assert!(
+        String::from_utf8_lossy(&purge.stdout).contains("Purged 1"),
+        "{purge:?}"
+    );
+}

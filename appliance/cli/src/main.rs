@@ -102,6 +102,19 @@ enum QueueCmd {
     },
     /// Put dead letters back in the queue (by id, or --all).
     Retry(Select),
+    /// Give up on queued instances: they become dead letters (to be
+    /// purged, or retried later). By id, or --stuck for every instance
+    /// flagged stuck (still refused after retry.stuck_after*).
+    DeadLetter {
+        /// Instance ids as shown by `queue list`.
+        ids: Vec<u64>,
+        /// Every queued instance flagged stuck (of --destination, if given).
+        #[arg(long, conflicts_with = "ids")]
+        stuck: bool,
+        /// Only this destination.
+        #[arg(long)]
+        destination: Option<String>,
+    },
     /// Delete dead letters for good (by id, or --all). Asks for confirmation.
     Purge {
         #[command(flatten)]
@@ -183,6 +196,21 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
             after: *after,
             limit: *limit,
         },
+        Command::Queue(QueueCmd::DeadLetter {
+            ids,
+            stuck,
+            destination,
+        }) => {
+            if ids.is_empty() && !stuck {
+                eprintln!("kakehashi queue dead-letter: name instance ids, or --stuck for every instance flagged stuck");
+                return Ok(ExitCode::from(2));
+            }
+            Request::QueueDeadLetter {
+                destination: destination.clone(),
+                ids: ids.clone(),
+                stuck_only: *stuck,
+            }
+        }
         Command::Queue(QueueCmd::List { destination, dead }) => Request::QueueList {
             destination: destination.clone(),
             dead_only: *dead,
@@ -253,6 +281,11 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
         Response::Queue { entries } => print_queue(entries),
         Response::Retried { ids } => println!("Requeued {} instance(s): {}", ids.len(), join(ids)),
         Response::Purged { ids } => println!("Purged {} instance(s): {}", ids.len(), join(ids)),
+        Response::DeadLettered { ids } => println!(
+            "Dead-lettered {} instance(s): {} (`kakehashi queue purge` deletes them, `queue retry` puts them back)",
+            ids.len(),
+            join(ids)
+        ),
         Response::Audit { records } => {
             for r in records {
                 println!(
@@ -420,6 +453,12 @@ fn print_status(s: &StatusReport) {
             d.oldest_age_s.map_or("-".into(), age),
             d.dead_letter
         );
+        if d.stuck > 0 {
+            println!(
+                "  STUCK {}: still refused after retry.stuck_after*; see `kakehashi queue list`, then `kakehashi queue dead-letter --stuck` to give up on them",
+                d.stuck
+            );
+        }
         println!(
             "  delivered since start {}, last success {}",
             d.delivered_since_start,
@@ -471,7 +510,12 @@ fn print_queue(entries: &[QueueEntry]) {
             e.sop_instance_uid
         );
         if let Some(err) = &e.last_error {
-            println!("{:>6}  └ attempts {}: {err}", "", e.attempts);
+            println!(
+                "{:>6}  └ attempts {}{}: {err}",
+                "",
+                e.attempts,
+                if e.stuck { ", STUCK" } else { "" }
+            );
         }
     }
 }

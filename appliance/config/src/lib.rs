@@ -225,6 +225,12 @@ pub struct SpoolConfig {
 pub struct RetryPolicy {
     pub initial: Duration,
     pub max: Duration,
+    /// An instance still refused with transient statuses after this many
+    /// attempts, or this long after it arrived, is flagged *stuck*: shown
+    /// in `status`, audited once, and the operator may dead-letter it. It is
+    /// still retried: a transient status never dead-letters by itself.
+    pub stuck_after_attempts: u32,
+    pub stuck_after: Duration,
 }
 
 #[derive(Debug, Clone)]

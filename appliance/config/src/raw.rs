@@ -183,6 +183,8 @@ struct RawSpool {
 struct RawRetry {
     initial: Option<String>,
     max: Option<String>,
+    stuck_after_attempts: Option<i64>,
+    stuck_after: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -577,6 +579,26 @@ impl RawConfig {
                 format!("a duration not shorter than retry.initial ({initial:?})"),
             ));
         }
+        let stuck_after_attempts = self.retry.stuck_after_attempts.unwrap_or(20);
+        if !(1..=1_000_000).contains(&stuck_after_attempts) {
+            return Err(ConfigError::invalid(
+                "retry.stuck_after_attempts",
+                stuck_after_attempts.to_string(),
+                "a number of attempts from 1 to 1000000",
+            ));
+        }
+        let stuck_after = duration(
+            "retry.stuck_after",
+            self.retry.stuck_after.as_deref(),
+            Duration::from_secs(24 * 3600),
+        )?;
+        if stuck_after.is_zero() {
+            return Err(ConfigError::invalid(
+                "retry.stuck_after",
+                self.retry.stuck_after.unwrap_or_default(),
+                "a duration above zero (e.g. \"24h\")",
+            ));
+        }
 
         let socket = self
             .control
@@ -615,7 +637,12 @@ impl RawConfig {
             dicom,
             destinations,
             spool,
-            retry: RetryPolicy { initial, max },
+            retry: RetryPolicy {
+                initial,
+                max,
+                stuck_after_attempts: stuck_after_attempts as u32,
+                stuck_after,
+            },
             control: ControlConfig {
                 socket: PathBuf::from(socket),
             },

@@ -31,6 +31,13 @@ pub enum Request {
         destination: Option<String>,
         ids: Vec<u64>,
     },
+    /// The operator gives up on queued instances (by id, or all of those
+    /// flagged stuck): they become dead letters, to be purged or retried.
+    QueueDeadLetter {
+        destination: Option<String>,
+        ids: Vec<u64>,
+        stuck_only: bool,
+    },
     Audit {
         after: u64,
         limit: usize,
@@ -44,6 +51,7 @@ pub enum Response {
     Queue { entries: Vec<QueueEntry> },
     Retried { ids: Vec<u64> },
     Purged { ids: Vec<u64> },
+    DeadLettered { ids: Vec<u64> },
     Audit { records: Vec<AuditRecord> },
     Error { message: String },
 }
@@ -123,6 +131,9 @@ pub struct DestinationStatus {
     pub queued: u64,
     pub queued_bytes: u64,
     pub dead_letter: u64,
+    /// Queued instances still refused after `retry.stuck_after*`.
+    #[serde(default)]
+    pub stuck: u64,
     pub oldest_age_s: Option<u64>,
     pub delivered_since_start: u64,
     pub last_success_ms: Option<u64>,
@@ -152,6 +163,9 @@ pub struct QueueEntry {
     pub received_ms: u64,
     pub attempts: u32,
     pub last_error: Option<String>,
+    /// Flagged stuck (still retried).
+    #[serde(default)]
+    pub stuck: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -79,6 +79,21 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> std::io::Result<()> 
             message: format!("not a valid request: {e}"),
         },
     };
+    if let Response::DeadLettered { ids } = &response {
+        // Out of the queues of the destinations it is no longer pending for.
+        for id in ids {
+            let rec = shared.spool.get(*id).ok();
+            for f in &shared.forwarders {
+                let pending = rec
+                    .as_ref()
+                    .and_then(|r| r.route(&f.dest.name))
+                    .is_some_and(|r| r.state.is_pending());
+                if !pending {
+                    f.forget(*id);
+                }
+            }
+        }
+    }
     if let Response::Retried { ids } = &response {
         for id in ids {
             if let Ok(rec) = shared.spool.get(*id) {
@@ -222,6 +237,7 @@ fn answer(shared: &Shared, req: Request) -> Response {
                         received_ms: rec.received_ms,
                         attempts: route.attempts,
                         last_error: route.last_error.clone(),
+                        stuck: route.stuck_ms.is_some(),
                     });
                 }
             }
@@ -253,6 +269,27 @@ fn answer(shared: &Shared, req: Request) -> Response {
                 Ok(ids) => {
                     tracing::warn!(count = ids.len(), "operator purged dead letters");
                     Response::Purged { ids }
+                }
+                Err(e) => err(e),
+            }
+        }
+        Request::QueueDeadLetter {
+            destination,
+            ids,
+            stuck_only,
+        } => {
+            if let Some(r) = unknown(&destination) {
+                return r;
+            }
+            match shared.spool.dead_letter_queued(
+                destination.as_deref(),
+                &ids,
+                stuck_only,
+                now_ms(),
+            ) {
+                Ok(ids) => {
+                    tracing::warn!(count = ids.len(), "operator dead-lettered queued instances");
+                    Response::DeadLettered { ids }
                 }
                 Err(e) => err(e),
             }

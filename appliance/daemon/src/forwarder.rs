@@ -131,6 +131,7 @@ impl Handle {
             queued: counts.map_or(q.len() as u64, |c| c.queued),
             queued_bytes: counts.map_or(q.bytes(), |c| c.queued_bytes),
             dead_letter: counts.map_or(0, |c| c.dead_letter),
+            stuck: counts.map_or(0, |c| c.stuck),
             oldest_age_s: counts
                 .and_then(|c| c.oldest_received_ms)
                 .map(|t| now.saturating_sub(t) / 1000),
@@ -540,6 +541,7 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
     let now = now_ms();
     let name = handle.dest.name.clone();
     let retention = !shared.config.spool.retention.is_zero();
+    let mut stuck = false;
     let (state, error, event, attempts, next) = match &outcome {
         Sent::Delivered(status) => {
             let mut s = handle.stats();
@@ -559,13 +561,27 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
             let attempts = item.attempts + 1;
             let next =
                 now + backoff(shared.config.retry, attempts, fastrand::f64()).as_millis() as u64;
+            let newly_stuck =
+                crate::schedule::becomes_stuck(shared.config.retry, item, attempts, now);
             if let Some(i) = handle.queue().get_mut(item.id) {
                 i.attempts = attempts;
                 i.next_attempt_ms = next;
+                if newly_stuck {
+                    i.stuck_ms = Some(now);
+                }
             }
             tracing::warn!(destination = %name, sop_instance = %item.sop_instance, attempts, "will retry: {why}");
             handle.note_error(why.clone());
-            (RouteState::Queued, Some(why.clone()), None, attempts, next)
+            let event = newly_stuck.then(|| {
+                let said = format!(
+                    "stuck: refused {attempts} times since it arrived {} s ago, last: {why}; still retried (retry.stuck_after_attempts / retry.stuck_after); `kakehashi queue dead-letter` takes it out",
+                    now.saturating_sub(item.received_ms) / 1000
+                );
+                tracing::error!(destination = %name, sop_instance = %item.sop_instance, "{said}");
+                (AuditEvent::Stuck, said)
+            });
+            stuck = newly_stuck;
+            (RouteState::Queued, Some(why.clone()), event, attempts, next)
         }
         Sent::Dead(why) | Sent::Corrupt(why) => {
             handle.queue().remove(item.id);
@@ -590,7 +606,7 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
     // A delivery need not be durable at once: if a crash loses it, the
     // instance is sent again (allowed), and its payload is only unlinked
     // after a later durable commit. Dead letters are durable immediately.
-    let durability = if state == RouteState::DeadLetter {
+    let durability = if state == RouteState::DeadLetter || stuck {
         Durability::Immediate
     } else {
         Durability::None
@@ -614,6 +630,9 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
                 }
                 if state == RouteState::Delivered {
                     r.delivered_ms = Some(now);
+                }
+                if stuck {
+                    r.stuck_ms = Some(now);
                 }
             },
         )

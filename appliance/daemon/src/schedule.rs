@@ -22,6 +22,9 @@ pub struct Item {
     pub sha256: String,
     pub next_attempt_ms: u64,
     pub attempts: u32,
+    pub received_ms: u64,
+    /// Flagged stuck (see [`becomes_stuck`]).
+    pub stuck_ms: Option<u64>,
 }
 
 impl Item {
@@ -39,6 +42,8 @@ impl Item {
             sha256: rec.sha256.clone(),
             next_attempt_ms: route.next_attempt_ms,
             attempts: route.attempts,
+            received_ms: rec.received_ms,
+            stuck_ms: route.stuck_ms,
         })
     }
 }
@@ -110,6 +115,15 @@ impl Queue {
     }
 }
 
+/// Whether a transient failure, the `attempts`-th, makes `item` stuck now:
+/// it was not already, and it has been tried `stuck_after_attempts` times or
+/// has waited `stuck_after` since it arrived.
+pub fn becomes_stuck(policy: RetryPolicy, item: &Item, attempts: u32, now_ms: u64) -> bool {
+    item.stuck_ms.is_none()
+        && (attempts >= policy.stuck_after_attempts
+            || now_ms.saturating_sub(item.received_ms) >= policy.stuck_after.as_millis() as u64)
+}
+
 /// Exponential backoff with full jitter: a uniform draw in
 /// `[initial/2, min(max, initial * 2^(failures-1))]`. `draw` is in [0,1).
 pub fn backoff(policy: RetryPolicy, failures: u32, draw: f64) -> Duration {
@@ -136,6 +150,8 @@ mod tests {
             sha256: String::new(),
             next_attempt_ms: 0,
             attempts: 0,
+            received_ms: 0,
+            stuck_ms: None,
         }
     }
 
@@ -179,6 +195,8 @@ mod tests {
         let policy = RetryPolicy {
             initial: Duration::from_secs(5),
             max: Duration::from_secs(300),
+            stuck_after_attempts: 20,
+            stuck_after: Duration::from_secs(86_400),
         };
         assert!(backoff(policy, 1, 0.0) >= Duration::from_millis(2500));
         assert!(backoff(policy, 1, 0.999) <= Duration::from_secs(5));
@@ -194,6 +212,23 @@ mod tests {
             now += d.as_millis() as u64;
         }
         assert!(tries > 2016, "at least one try per cap interval: {tries}");
+    }
+
+    #[test]
+    fn an_instance_becomes_stuck_once_by_attempts_or_age() {
+        let policy = RetryPolicy {
+            initial: Duration::from_secs(5),
+            max: Duration::from_secs(300),
+            stuck_after_attempts: 3,
+            stuck_after: Duration::from_secs(3600),
+        };
+        let mut i = item(1, Priority::Medium, "A");
+        i.received_ms = 1_000;
+        assert!(!becomes_stuck(policy, &i, 2, 2_000));
+        assert!(becomes_stuck(policy, &i, 3, 2_000), "by attempts");
+        assert!(becomes_stuck(policy, &i, 1, 1_000 + 3_600_000), "by age");
+        i.stuck_ms = Some(2_000);
+        assert!(!becomes_stuck(policy, &i, 4, 2_000), "only once");
     }
 
     #[test]

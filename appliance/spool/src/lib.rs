@@ -248,6 +248,8 @@ pub struct DestinationCounts {
     pub queued: u64,
     pub queued_bytes: u64,
     pub dead_letter: u64,
+    /// Queued, and flagged stuck (see [`Route::stuck_ms`]).
+    pub stuck: u64,
     pub oldest_received_ms: Option<u64>,
 }
 
@@ -780,6 +782,7 @@ impl Spool {
                 match r.state {
                     RouteState::Queued => {
                         c.queued += 1;
+                        c.stuck += u64::from(r.stuck_ms.is_some());
                         c.queued_bytes += rec.dataset_size;
                         c.oldest_received_ms = Some(
                             c.oldest_received_ms
@@ -1045,12 +1048,20 @@ impl Spool {
         ids: &[u64],
         now_ms: u64,
     ) -> Result<Vec<u64>, SpoolError> {
-        self.operator_change(destination, ids, now_ms, AuditEvent::Retried, |route| {
-            route.state = RouteState::Queued;
-            route.attempts = 0;
-            route.next_attempt_ms = 0;
-            true
-        })
+        self.operator_change(
+            destination,
+            ids,
+            now_ms,
+            AuditEvent::Retried,
+            |route| route.state == RouteState::DeadLetter,
+            |route| {
+                route.state = RouteState::Queued;
+                route.attempts = 0;
+                route.next_attempt_ms = 0;
+                route.stuck_ms = None;
+                true
+            },
+        )
     }
 
     /// Drops dead-lettered routes; deletes payloads nothing else needs.
@@ -1060,7 +1071,45 @@ impl Spool {
         ids: &[u64],
         now_ms: u64,
     ) -> Result<Vec<u64>, SpoolError> {
-        self.operator_change(destination, ids, now_ms, AuditEvent::Purged, |_| false)
+        self.operator_change(
+            destination,
+            ids,
+            now_ms,
+            AuditEvent::Purged,
+            |route| route.state == RouteState::DeadLetter,
+            |_| false,
+        )
+    }
+
+    /// Moves queued routes (of one destination, or all; by id, or all, or
+    /// only those flagged stuck) to the dead letters: the operator gives up
+    /// on them. Returns the ids changed.
+    pub fn dead_letter_queued(
+        &self,
+        destination: Option<&str>,
+        ids: &[u64],
+        stuck_only: bool,
+        now_ms: u64,
+    ) -> Result<Vec<u64>, SpoolError> {
+        self.operator_change(
+            destination,
+            ids,
+            now_ms,
+            AuditEvent::DeadLettered,
+            |route| route.state == RouteState::Queued && (!stuck_only || route.stuck_ms.is_some()),
+            |route| {
+                route.state = RouteState::DeadLetter;
+                route.last_error = Some(format!(
+                    "dead-lettered by the operator{}",
+                    route
+                        .last_error
+                        .as_deref()
+                        .map(|e| format!(" after: {e}"))
+                        .unwrap_or_default()
+                ));
+                true
+            },
+        )
     }
 
     /// `change` returns whether to keep the route (false: drop it).
@@ -1070,6 +1119,7 @@ impl Spool {
         ids: &[u64],
         now_ms: u64,
         event: AuditEvent,
+        select: impl Fn(&Route) -> bool,
         change: impl Fn(&mut Route) -> bool,
     ) -> Result<Vec<u64>, SpoolError> {
         let txn = self.begin_write(Durability::Immediate)?;
@@ -1090,8 +1140,8 @@ impl Spool {
                 let mut hit = false;
                 let mut kept = Vec::new();
                 for mut route in std::mem::take(&mut rec.routes) {
-                    let selected = route.state == RouteState::DeadLetter
-                        && destination.is_none_or(|d| d == route.destination);
+                    let selected =
+                        select(&route) && destination.is_none_or(|d| d == route.destination);
                     if !selected {
                         kept.push(route);
                         continue;
@@ -1297,6 +1347,7 @@ fn new_route(destination: &str) -> Route {
         next_attempt_ms: 0,
         last_error: None,
         delivered_ms: None,
+        stuck_ms: None,
     }
 }
 

@@ -68,6 +68,9 @@ pub struct Route {
     pub next_attempt_ms: u64,
     pub last_error: Option<String>,
     pub delivered_ms: Option<u64>,
+    /// When it was flagged stuck: still retried after `retry.stuck_after*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stuck_ms: Option<u64>,
 }
 
 /// What the ingress knows about an instance when it is accepted.
@@ -163,6 +166,9 @@ pub enum AuditEvent {
     DeadLettered,
     Retried,
     Purged,
+    /// Still refused with transient statuses after `retry.stuck_after*`:
+    /// flagged for the operator (it is still retried).
+    Stuck,
     /// A destination behind the tunnel resolved to an address outside it:
     /// nothing was sent there.
     OutsideTunnel,
