@@ -263,6 +263,15 @@ impl Site {
         .expect("write hosts");
     }
 
+    /// The box's resolver (`/etc/netns/<box>/resolv.conf`, bind-mounted on
+    /// `/etc/resolv.conf` by `ip netns exec`): e.g. a nameserver that never
+    /// answers.
+    pub fn set_box_resolver(&self, resolv_conf: &str) {
+        let dir = PathBuf::from(format!("/etc/netns/{}", self.boxns.name()));
+        std::fs::create_dir_all(&dir).expect("mkdir /etc/netns");
+        std::fs::write(dir.join("resolv.conf"), resolv_conf).expect("write resolv.conf");
+    }
+
     /// wireguard-go + `wg` as the reading center's hub.
     pub fn start_center_wireguard(&mut self) {
         let c = self.center.name().to_string();

@@ -27,7 +27,11 @@ fn destination_down_then_up_everything_arrives_once() {
     );
 
     // Several backoff rounds against a dead destination.
-    std::thread::sleep(Duration::from_secs(4));
+    wait_until(
+        "three failed connection attempts",
+        Duration::from_secs(30),
+        || relay.status().destinations[0].connect_failures >= 3,
+    );
     let s = relay.status();
     let d = &s.destinations[0];
     assert_eq!(d.queued, 40, "{d:?}");

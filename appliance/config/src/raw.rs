@@ -299,11 +299,11 @@ impl RawTunnel {
             self.handshake_timeout.as_deref(),
             Duration::from_secs(150),
         )?;
-        if handshake_timeout < Duration::from_secs(5) {
+        if !(Duration::from_secs(5)..=Duration::from_secs(170)).contains(&handshake_timeout) {
             return Err(ConfigError::invalid(
                 "tunnel.handshake_timeout",
                 self.handshake_timeout.unwrap_or_default(),
-                "at least 5s (WireGuard renews its handshake every 2 minutes)",
+                "from 5s to 170s: below WireGuard's 180 s session lifetime, so the endpoint's name is resolved again before the session dies (WireGuard renews its handshake every 2 minutes)",
             ));
         }
         let p = self.peer;

@@ -192,6 +192,15 @@ fn tunnel_errors_name_the_key() {
     assert!(e.contains("tunnel.mtu"), "{e}");
     let e = err(&with_tunnel("10.8.0.1:104").replace("address = [", "adress = ["));
     assert!(e.contains("adress"), "{e}");
+    // Above the session lifetime nothing would re-resolve before it dies.
+    let e = err(&with_tunnel("10.8.0.1:104").replace(
+        "[tunnel.peer]",
+        "handshake_timeout = \"300s\"\n[tunnel.peer]",
+    ));
+    assert!(
+        e.contains("tunnel.handshake_timeout") && e.contains("180 s"),
+        "{e}"
+    );
     let e = err(&ISSUE_EXAMPLE.replace(
         "address = \"127.0.0.1:11113\"",
         "address = \"127.0.0.1:11113\"\nroute = \"tunnel\"",

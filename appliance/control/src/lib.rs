@@ -89,7 +89,8 @@ pub struct TpmStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunnelStatus {
     pub interface: String,
-    /// A handshake completed within WireGuard's session lifetime (180 s).
+    /// A live session: a handshake within WireGuard's session lifetime
+    /// (180 s) and something received within the last 40 s.
     pub up: bool,
     pub public_key: String,
     pub peer_public_key: String,
@@ -140,6 +141,9 @@ pub struct DestinationStatus {
     pub last_error: Option<String>,
     pub last_error_ms: Option<u64>,
     pub next_attempt_in_s: Option<u64>,
+    /// Connection attempts that failed in a row (0 once one succeeds).
+    #[serde(default)]
+    pub connect_failures: u32,
     /// How long the C-STORE under way has been running.
     #[serde(default)]
     pub sending_for_s: Option<u64>,

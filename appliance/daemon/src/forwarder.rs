@@ -21,7 +21,7 @@ use std::io::Read as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::schedule::{backoff, Item, Queue};
+use crate::schedule::{Gate, Item, Queue, Transition};
 use crate::{now_ms, Shared};
 
 /// Added to an operation's own timeout for the watchdog's budget.
@@ -40,11 +40,8 @@ struct Stats {
     last_success_ms: Option<u64>,
     last_error: Option<String>,
     last_error_ms: Option<u64>,
-    /// Destination-level backoff after a connection failure.
-    blocked_until_ms: u64,
-    connect_failures: u32,
-    /// Waiting for the tunnel to come up.
-    paused: bool,
+    /// Paused, backing off, or open (see [`Gate`]).
+    gate: Gate,
     /// The last refusal to connect outside the tunnel (audited once).
     last_refusal: Option<String>,
 }
@@ -100,7 +97,7 @@ impl Handle {
 
     /// Lets an operator's retry skip the current backoff.
     pub fn wake(&self) {
-        self.stats().blocked_until_ms = 0;
+        self.stats().gate.wake();
         self.notify.notify_one();
     }
 
@@ -108,13 +105,13 @@ impl Handle {
         let now = now_ms();
         let s = self.stats();
         let q = self.queue();
-        let next_due = q.next_due_ms().map(|d| d.max(s.blocked_until_ms));
+        let next_due = q.next_due_ms().map(|d| d.max(s.gate.blocked_until_ms()));
         DestinationStatus {
             name: self.dest.name.clone(),
             ae_title: self.dest.ae_title.to_string(),
             address: self.dest.address.clone(),
             via_tunnel: self.dest.via_tunnel,
-            state: if s.paused {
+            state: if s.gate.paused() {
                 "paused"
             } else if s.sending_since_ms.is_some()
                 && now.saturating_sub(s.progress_ms) >= STALLED_AFTER_MS
@@ -122,7 +119,7 @@ impl Handle {
                 "stalled"
             } else if s.sending_since_ms.is_some() {
                 "sending"
-            } else if s.blocked_until_ms > now && q.len() > 0 {
+            } else if s.gate.blocked_until_ms() > now && q.len() > 0 {
                 "backoff"
             } else {
                 "idle"
@@ -142,6 +139,7 @@ impl Handle {
             next_attempt_in_s: next_due
                 .filter(|d| *d > now)
                 .map(|d| (d - now).div_ceil(1000)),
+            connect_failures: s.gate.connect_failures(),
             sending_for_s: s.sending_since_ms.map(|t| now.saturating_sub(t) / 1000),
             no_progress_for_s: s
                 .sending_since_ms
@@ -188,7 +186,11 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
     } else {
         None
     };
-    let mut handshakes = tunnel.as_ref().map_or(0, |t| t.borrow().handshakes);
+    if let Some(t) = &tunnel {
+        // The handshakes before this forwarder started are not news.
+        let h = t.borrow().handshakes;
+        handle.stats().gate.tunnel(true, h, false);
+    }
     let beat = shared
         .liveness
         .register(format!("forwarder {}", dest.name), Duration::from_secs(60));
@@ -199,7 +201,7 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
         }
         if shared.keys_problem().is_some() {
             // Without its keys the box cannot read what it holds: send nothing.
-            handle.stats().paused = true;
+            handle.stats().gate.pause();
             tokio::select! {
                 _ = token.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_secs(10)) => {}
@@ -211,18 +213,20 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
                 let h = t.borrow_and_update();
                 (h.up, h.handshakes)
             };
-            if seen != handshakes {
-                handshakes = seen;
-                let mut s = handle.stats();
-                s.blocked_until_ms = 0;
-                s.connect_failures = 0;
+            let pending = handle.queue().len() > 0;
+            let change = handle.stats().gate.tunnel(up, seen, pending);
+            match change {
+                Some(Transition::Paused) => {
+                    tracing::info!(destination = %dest.name, queued = handle.queue().len(), "paused: the tunnel is down; nothing is retried or dead-lettered until it is up");
+                }
+                Some(Transition::Resumed) => {
+                    tracing::info!(destination = %dest.name, "resumed: tunnel up")
+                }
+                None => {}
             }
-            if !up && handle.queue().len() > 0 {
+            if handle.stats().gate.paused() {
                 if let Some((a, _)) = assoc.take() {
                     a.abort().await;
-                }
-                if !std::mem::replace(&mut handle.stats().paused, true) {
-                    tracing::info!(destination = %dest.name, queued = handle.queue().len(), "paused: the tunnel is down; nothing is retried or dead-lettered until it is up");
                 }
                 tokio::select! {
                     _ = token.cancelled() => break,
@@ -231,12 +235,9 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
                 }
                 continue;
             }
-            if std::mem::replace(&mut handle.stats().paused, false) {
-                tracing::info!(destination = %dest.name, "resumed: tunnel up");
-            }
         }
         let now = now_ms();
-        let blocked_until = handle.stats().blocked_until_ms;
+        let blocked_until = handle.stats().gate.blocked_until_ms();
         let picked = if blocked_until > now {
             None
         } else {
@@ -318,7 +319,7 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
             beat.busy(None);
             match connected {
                 Ok(a) => {
-                    handle.stats().connect_failures = 0;
+                    handle.stats().gate.connected();
                     tracing::debug!(destination = %dest.name, study = %item.study, contexts = contexts.len(), "association open");
                     assoc = Some((a, item.study.clone()));
                 }
@@ -435,10 +436,10 @@ async fn outside_tunnel(handle: &Handle, shared: &Arc<Shared>, why: String) {
 
 fn destination_failed(handle: &Handle, shared: &Shared, e: impl std::fmt::Display) {
     let mut s = handle.stats();
-    s.connect_failures += 1;
-    let delay = backoff(shared.config.retry, s.connect_failures, fastrand::f64());
-    s.blocked_until_ms = now_ms() + delay.as_millis() as u64;
-    let failures = s.connect_failures;
+    let delay = s
+        .gate
+        .connect_failed(shared.config.retry, now_ms(), fastrand::f64());
+    let failures = s.gate.connect_failures();
     drop(s);
     tracing::warn!(destination = %handle.dest.name, failures, retry_in = ?delay, "destination unreachable: {e}");
     handle.note_error(e.to_string());
@@ -559,8 +560,9 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
         }
         Sent::Retry(why) | Sent::ReadFailed(why) => {
             let attempts = item.attempts + 1;
-            let next =
-                now + backoff(shared.config.retry, attempts, fastrand::f64()).as_millis() as u64;
+            let next = now
+                + crate::schedule::backoff(shared.config.retry, attempts, fastrand::f64())
+                    .as_millis() as u64;
             let newly_stuck =
                 crate::schedule::becomes_stuck(shared.config.retry, item, attempts, now);
             if let Some(i) = handle.queue().get_mut(item.id) {

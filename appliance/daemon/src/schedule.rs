@@ -1,5 +1,11 @@
 //! What a forwarder sends next, and when it tries again: plain logic over
 //! explicit `now` values, so a week-long outage is a microsecond test.
+//!
+//! - [`Queue`]: which instance next (priority, the study on the wire, arrival).
+//! - [`Gate`]: whether the destination may be tried at all (paused while its
+//!   tunnel is down, backing off after connection failures, tried at once
+//!   after a fresh handshake).
+//! - [`backoff`], [`becomes_stuck`]: per-instance retry decisions.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -115,6 +121,84 @@ impl Queue {
     }
 }
 
+/// A change worth a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Paused,
+    Resumed,
+}
+
+/// The destination-level decisions of a forwarder. Connection failures
+/// back off the whole destination and never touch an instance's attempts;
+/// a destination behind a tunnel that is down is paused (nothing tried,
+/// nothing burnt); a fresh handshake clears the backoff so a restored link
+/// carries traffic at once.
+#[derive(Debug, Default, Clone)]
+pub struct Gate {
+    paused: bool,
+    blocked_until_ms: u64,
+    connect_failures: u32,
+    handshakes: u64,
+}
+
+impl Gate {
+    /// The tunnel as last seen (destinations behind one): `pending`, whether
+    /// anything waits (an idle destination is not "paused").
+    pub fn tunnel(&mut self, up: bool, handshakes: u64, pending: bool) -> Option<Transition> {
+        if handshakes != self.handshakes {
+            self.handshakes = handshakes;
+            self.blocked_until_ms = 0;
+            self.connect_failures = 0;
+        }
+        match (self.paused, !up && pending) {
+            (false, true) => {
+                self.paused = true;
+                Some(Transition::Paused)
+            }
+            (true, false) => {
+                self.paused = false;
+                Some(Transition::Resumed)
+            }
+            _ => None,
+        }
+    }
+
+    /// Paused for a reason other than the tunnel (the box's keys are gone).
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    /// No connection is attempted before this.
+    pub fn blocked_until_ms(&self) -> u64 {
+        self.blocked_until_ms
+    }
+
+    pub fn connect_failures(&self) -> u32 {
+        self.connect_failures
+    }
+
+    /// A connection failed at `now`: the delay before the next attempt.
+    pub fn connect_failed(&mut self, policy: RetryPolicy, now_ms: u64, draw: f64) -> Duration {
+        self.connect_failures = self.connect_failures.saturating_add(1);
+        let delay = backoff(policy, self.connect_failures, draw);
+        self.blocked_until_ms = now_ms + delay.as_millis() as u64;
+        delay
+    }
+
+    pub fn connected(&mut self) {
+        self.connect_failures = 0;
+    }
+
+    /// An operator's retry: try at once.
+    pub fn wake(&mut self) {
+        self.blocked_until_ms = 0;
+    }
+}
+
 /// Whether a transient failure, the `attempts`-th, makes `item` stuck now:
 /// it was not already, and it has been tried `stuck_after_attempts` times or
 /// has waited `stuck_after` since it arrived.
@@ -190,28 +274,141 @@ mod tests {
         assert_eq!(q.next_due_ms(), Some(0));
     }
 
-    #[test]
-    fn a_week_of_outage_keeps_retrying_at_the_cap() {
-        let policy = RetryPolicy {
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
             initial: Duration::from_secs(5),
             max: Duration::from_secs(300),
             stuck_after_attempts: 20,
             stuck_after: Duration::from_secs(86_400),
-        };
-        assert!(backoff(policy, 1, 0.0) >= Duration::from_millis(2500));
-        assert!(backoff(policy, 1, 0.999) <= Duration::from_secs(5));
-        assert!(backoff(policy, 3, 0.999) <= Duration::from_secs(20));
-        // simulate a week of failures: the delay never exceeds the cap, never reaches zero,
-        // and attempts keep happening (no instance is given up for a transient outage)
-        let week = 7 * 86_400_000u64;
-        let (mut now, mut tries) = (0u64, 0u32);
-        while now < week {
-            tries += 1;
-            let d = backoff(policy, tries, fastrand::f64());
-            assert!(d <= policy.max && d >= policy.initial / 2);
-            now += d.as_millis() as u64;
         }
-        assert!(tries > 2016, "at least one try per cap interval: {tries}");
+    }
+
+    const WEEK: u64 = 7 * 86_400_000;
+
+    /// A forwarder's loop on a simulated clock, as `forwarder::run` makes
+    /// it: wait for the gate, pick, connect (fails while `center_up` says
+    /// so), send. Returns (connection attempts before the center came back,
+    /// when the last instance was delivered).
+    fn simulate(
+        gate: &mut Gate,
+        queue: &mut Queue,
+        center_up: impl Fn(u64) -> bool,
+        tunnel_up: impl Fn(u64) -> bool,
+        handshakes: impl Fn(u64) -> u64,
+        (from, until): (u64, u64),
+    ) -> (u64, Option<u64>) {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let (mut now, mut attempts_down, mut last_delivery) = (from, 0u64, None);
+        while now < until {
+            gate.tunnel(tunnel_up(now), handshakes(now), queue.len() > 0);
+            if gate.paused() {
+                now += 1_000; // the forwarder re-checks the tunnel every second at most
+                continue;
+            }
+            if now < gate.blocked_until_ms() {
+                now = gate.blocked_until_ms().min(now + 10_000);
+                continue;
+            }
+            let Some(item) = queue.pick(now, None).cloned() else {
+                break;
+            };
+            if !center_up(now) {
+                attempts_down += 1;
+                gate.connect_failed(policy(), now, rng.f64());
+                now += 10; // a refused connection is quick
+                continue;
+            }
+            gate.connected();
+            queue.remove(item.id);
+            now += 50; // one C-STORE
+            last_delivery = Some(now);
+        }
+        (attempts_down, last_delivery)
+    }
+
+    #[test]
+    fn a_week_long_outage_of_the_center_burns_nothing_and_ends_within_one_backoff() {
+        let mut q = Queue::default();
+        for id in 0..10 {
+            q.push(item(id, Priority::Medium, "A"));
+        }
+        let mut gate = Gate::default();
+        let down = |now: u64| now >= WEEK;
+        let (attempts, done) = simulate(&mut gate, &mut q, down, |_| true, |_| 0, (0, WEEK));
+        // At least one attempt per 300 s cap; never faster than the 2.5 s floor.
+        assert!(
+            (2016..=WEEK / 2_500).contains(&attempts),
+            "{attempts} connection attempts in a week"
+        );
+        assert_eq!(done, None);
+        // Connection failures are the destination's, not the instances':
+        // all ten still wait, untouched, due at once.
+        assert_eq!(q.len(), 10);
+        assert!(q
+            .items
+            .values()
+            .all(|i| i.attempts == 0 && i.next_attempt_ms == 0));
+        let resumed_at = gate.blocked_until_ms();
+        let (_, done) = simulate(
+            &mut gate,
+            &mut q,
+            down,
+            |_| true,
+            |_| 0,
+            (WEEK, WEEK + 3_600_000),
+        );
+        assert!(q.len() == 0, "everything delivered after the outage");
+        let done = done.expect("delivered");
+        assert!(
+            done - WEEK <= 300_000 + 10 * 50 && done >= resumed_at,
+            "delivered {} s after the center came back (at most one capped backoff)",
+            (done - WEEK) / 1000
+        );
+    }
+
+    #[test]
+    fn a_week_long_tunnel_outage_pauses_tries_nothing_and_resumes_at_the_first_handshake() {
+        let mut q = Queue::default();
+        for id in 0..10 {
+            q.push(item(id, Priority::Medium, "A"));
+        }
+        let mut gate = Gate::default();
+        // The tunnel comes back at WEEK + 7 s, with a fresh handshake; the
+        // center behind it was up all along.
+        let back = WEEK + 7_000;
+        let (attempts, done) = simulate(
+            &mut gate,
+            &mut q,
+            |_| true,
+            |now| now >= back,
+            |now| u64::from(now >= back),
+            (0, WEEK + 60_000),
+        );
+        assert_eq!(attempts, 0, "nothing is tried while paused");
+        let done = done.expect("delivered");
+        assert!(
+            done - back <= 1_000 + 10 * 50,
+            "resumed {} ms after the handshake",
+            done - back
+        );
+    }
+
+    #[test]
+    fn a_fresh_handshake_clears_a_long_backoff() {
+        let mut gate = Gate::default();
+        for i in 0..20 {
+            gate.connect_failed(policy(), i * 1_000, 0.99);
+        }
+        assert!(gate.blocked_until_ms() > 100_000);
+        assert_eq!(gate.tunnel(true, 1, true), None);
+        assert_eq!(gate.blocked_until_ms(), 0);
+        assert_eq!(gate.connect_failures(), 0);
+        assert_eq!(gate.tunnel(false, 1, true), Some(Transition::Paused));
+        assert_eq!(
+            gate.tunnel(false, 1, false),
+            Some(Transition::Resumed),
+            "idle, not paused"
+        );
     }
 
     #[test]

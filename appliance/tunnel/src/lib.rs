@@ -10,7 +10,8 @@
 //! an existing peer is modified.
 //!
 //! Addresses, MTU and routes are set with iproute2's `ip`, as `wg-quick` does.
-//! [`supervise`] watches the handshake and keeps the tunnel alive.
+//! [`supervise`] keeps the tunnel alive; what it decides is [`watch::Watch`],
+//! plain logic on an injected clock.
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ mod link;
 mod server;
 mod supervisor;
 pub mod uapi;
+pub mod watch;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -231,12 +233,25 @@ impl Tunnel {
     }
 }
 
-/// Resolves `host:port`, preferring IPv4 (the tunnel's usual underlay).
+/// The longest a resolution of the endpoint may take: a resolver that does
+/// not answer during a WAN outage must not stall the supervisor (and with
+/// it the systemd watchdog).
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Resolves `host:port` within [`RESOLVE_TIMEOUT`], preferring IPv4 (the
+/// tunnel's usual underlay).
 pub async fn resolve(endpoint: &str) -> Result<SocketAddr, String> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(endpoint)
-        .await
-        .map_err(|e| format!("cannot resolve {endpoint}: {e}"))?
-        .collect();
+    let addrs: Vec<SocketAddr> =
+        tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(endpoint))
+            .await
+            .map_err(|_| {
+                format!(
+                    "cannot resolve {endpoint}: no answer from the resolver within {} s",
+                    RESOLVE_TIMEOUT.as_secs()
+                )
+            })?
+            .map_err(|e| format!("cannot resolve {endpoint}: {e}"))?
+            .collect();
     addrs
         .iter()
         .find(|a| a.is_ipv4())

@@ -1,7 +1,9 @@
-//! Keeps the tunnel alive: watches the handshake age, re-resolves the
-//! endpoint's name and re-applies the peer when the handshake is stale (with
-//! backoff), probes the tunnel while it is down so boringtun keeps trying,
-//! and publishes [`Health`] for the forwarders, `kakehashi status` and logs.
+//! Keeps the tunnel alive: watches the handshake and what is received,
+//! re-resolves the endpoint's name and re-applies the peer when the
+//! handshake is stale (with backoff), probes the tunnel (so boringtun keeps
+//! trying while it is down, and so a silently dead link is noticed while it
+//! is up), and publishes [`Health`] for the forwarders, `kakehashi status`
+//! and logs. The decisions are [`crate::watch::Watch`]'s.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -10,13 +12,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::watch::{Log, Observation, Watch};
 use crate::{key, probe_target, resolve, Tunnel};
-
-/// WireGuard's REJECT_AFTER_TIME: a session older than this carries nothing.
-pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
-const BACKOFF_FIRST: Duration = Duration::from_secs(5);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
-const WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// What the supervisor last saw of the tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +25,8 @@ pub struct Health {
     pub configured_endpoint: String,
     /// The address packets go to now (boringtun follows a roaming peer).
     pub endpoint: Option<SocketAddr>,
-    /// A session is established: a handshake completed less than 180 s ago.
+    /// A live session: a handshake less than 180 s old and something
+    /// received within the last 40 s (see [`crate::watch`]).
     pub up: bool,
     pub last_handshake_age: Option<Duration>,
     /// Handshakes completed since the supervisor started; a change means a
@@ -70,9 +68,12 @@ impl Health {
 
 /// Runs until cancelled. `endpoint` is what [`Tunnel::start`] was given;
 /// `beat` is called on every round (the daemon's liveness for systemd).
+/// The decisions are [`Watch`]'s; this loop polls boringtun once a second,
+/// resolves (never longer than [`crate::RESOLVE_TIMEOUT`]), re-applies the peer,
+/// sends probes and publishes [`Health`].
 pub async fn supervise(
     tunnel: Arc<Tunnel>,
-    mut endpoint: Option<SocketAddr>,
+    endpoint: Option<SocketAddr>,
     health: watch::Sender<Health>,
     token: CancellationToken,
     beat: impl Fn() + Send,
@@ -81,13 +82,13 @@ pub async fn supervise(
     let peer_key = key::encode(&cfg.peer.public_key);
     let probe = probe_target(&cfg);
     let probe_socket = UdpSocket::bind(("0.0.0.0", 0)).ok();
-    let mut backoff = BACKOFF_FIRST;
-    let mut next_try = Instant::now() + BACKOFF_FIRST;
-    let mut resolve_problem: Option<String> = None;
-    let mut was_up = false;
-    let mut last_warn: Option<Instant> = None;
-    let mut handshakes = 0u64;
-    let mut previous_age: Option<Duration> = None;
+    let mut w = Watch::new(
+        cfg.handshake_timeout,
+        peer_key.clone(),
+        cfg.peer.endpoint.clone(),
+        endpoint,
+    );
+    let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -112,107 +113,68 @@ pub async fn supervise(
                 continue;
             }
         };
-        let age = peer.handshake_age;
-        // A handshake is new when its age went down (polls are 1 s apart).
-        if let Some(a) = age {
-            if previous_age.is_none_or(|p| a < p) {
-                handshakes += 1;
-            }
-        }
-        previous_age = age;
-        let up = age.is_some_and(|a| a < SESSION_LIFETIME);
-        let stale = age.is_none_or(|a| a > cfg.handshake_timeout);
-        let now = Instant::now();
-        if !stale {
-            backoff = BACKOFF_FIRST;
-            next_try = now;
-        } else if now >= next_try {
-            match resolve(&cfg.peer.endpoint).await {
-                Ok(addr) => {
-                    resolve_problem = None;
-                    let moved = Some(addr) != endpoint;
-                    if moved || !up {
-                        let t = Arc::clone(&tunnel);
-                        match tokio::task::spawn_blocking(move || t.reapply_peer(Some(addr))).await
-                        {
-                            Ok(Ok(())) if moved => {
-                                tracing::info!(
-                                    "tunnel endpoint {} now resolves to {addr} (was {}); peer re-applied",
-                                    cfg.peer.endpoint,
-                                    endpoint.map_or("unresolved".into(), |e| e.to_string())
-                                );
-                                endpoint = Some(addr);
-                            }
-                            Ok(Ok(())) => tracing::debug!("tunnel peer re-applied"),
-                            Ok(Err(e)) => tracing::error!("re-applying the tunnel peer: {e}"),
-                            Err(e) => tracing::error!("re-applying the tunnel peer: {e}"),
-                        }
-                    }
-                }
-                Err(e) => {
-                    if resolve_problem.as_deref() != Some(e.as_str()) {
-                        tracing::warn!("tunnel endpoint: {e}");
-                    }
-                    resolve_problem = Some(e);
+        let step = w.observe(
+            started.elapsed(),
+            Observation {
+                handshake_age: peer.handshake_age,
+                rx_bytes: peer.rx_bytes,
+            },
+        );
+        if step.resolve {
+            let result = resolve(&cfg.peer.endpoint).await;
+            let (reapply, log) = w.resolved(result);
+            say(log);
+            if let Some(r) = reapply {
+                let t = Arc::clone(&tunnel);
+                match tokio::task::spawn_blocking(move || t.reapply_peer(Some(r.addr))).await {
+                    Ok(Ok(())) if r.moved => tracing::info!(
+                        "tunnel endpoint {} now resolves to {} (was {}); peer re-applied",
+                        cfg.peer.endpoint,
+                        r.addr,
+                        r.was.map_or("unresolved".into(), |e| e.to_string())
+                    ),
+                    Ok(Ok(())) => tracing::debug!("tunnel peer re-applied"),
+                    Ok(Err(e)) => tracing::error!("re-applying the tunnel peer: {e}"),
+                    Err(e) => tracing::error!("re-applying the tunnel peer: {e}"),
                 }
             }
-            next_try = now + backoff;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
-        if !up {
+        if step.probe {
             if let (Some(sock), Some(target)) = (&probe_socket, probe) {
                 // Any packet routed into the interface makes boringtun
-                // (re)start a handshake; its content never leaves encrypted.
+                // (re)start a handshake, and the center's WireGuard answer
+                // (passive keepalive); its content never leaves encrypted.
                 let _ = sock.send_to(b"kakehashi-probe", (target, 9));
             }
         }
-        let silent_for = age.unwrap_or_else(|| tunnel.started().elapsed());
-        let problem = if up {
-            resolve_problem.clone()
-        } else {
-            let mut p = format!(
-                "no handshake with peer {peer_key} at {} for {} s",
-                cfg.peer.endpoint,
-                silent_for.as_secs()
-            );
-            if let Some(r) = &resolve_problem {
-                p.push_str(&format!(" ({r})"));
-            } else {
-                p.push_str(
-                    " (check the center's public key, its endpoint and that UDP reaches it)",
-                );
-            }
-            Some(p)
-        };
-        if up && !was_up {
+        if let (true, Some(Log::Info(_))) = (step.up, &step.log) {
             tracing::info!(
                 endpoint = %peer.endpoint.map_or("-".into(), |e| e.to_string()),
                 "tunnel up: handshake with peer {peer_key}"
             );
-            last_warn = None;
-        } else if !up && was_up {
-            tracing::warn!("tunnel down: {}", problem.as_deref().unwrap_or(""));
-            last_warn = Some(now);
-        } else if !up
-            && silent_for >= Duration::from_secs(10)
-            && last_warn.is_none_or(|w| now.duration_since(w) >= WARN_EVERY)
-        {
-            tracing::warn!("tunnel down: {}", problem.as_deref().unwrap_or(""));
-            last_warn = Some(now);
+        } else {
+            say(step.log);
         }
-        was_up = up;
         health.send_replace(Health {
             interface: cfg.interface.clone(),
             public_key: tunnel.public_key(),
             peer_public_key: peer_key.clone(),
             configured_endpoint: cfg.peer.endpoint.clone(),
-            endpoint: peer.endpoint.or(endpoint),
-            up,
-            last_handshake_age: age,
-            handshakes,
+            endpoint: peer.endpoint.or(w.endpoint()),
+            up: step.up,
+            last_handshake_age: peer.handshake_age,
+            handshakes: step.handshakes,
             rx_bytes: peer.rx_bytes,
             tx_bytes: peer.tx_bytes,
-            problem,
+            problem: step.problem,
         });
+    }
+}
+
+fn say(log: Option<Log>) {
+    match log {
+        Some(Log::Info(m)) => tracing::info!("{m}"),
+        Some(Log::Warn(m)) => tracing::warn!("{m}"),
+        None => {}
     }
 }
