@@ -177,6 +177,8 @@ pub struct RelayOptions {
     pub response_timeout: String,
     /// More `[retry]` keys, as TOML lines.
     pub retry_toml: String,
+    /// More `[audit]` keys, as TOML lines (its `dir` is in the relay's temp dir).
+    pub audit_toml: String,
     /// The spool directory (default: `spool` in the relay's temp dir).
     pub spool_dir: Option<PathBuf>,
     pub retry_initial: String,
@@ -224,6 +226,7 @@ impl RelayOptions {
             max_pdu: None,
             response_timeout: "30s".into(),
             retry_toml: String::new(),
+            audit_toml: String::new(),
             retry_initial: "200ms".into(),
             retry_max: "1s".into(),
             extra_sources: String::new(),
@@ -272,7 +275,7 @@ impl Relay {
             toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"{}:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"{}\"\nlinger = \"1s\"\n\n", opts.dest_host, opts.response_timeout);
         }
         toml += &format!(
-            "[spool]\ndir = \"{}\"\nmax_size = \"{}\"\nmin_free = \"{}\"\n\n[retry]\ninitial = \"{}\"\nmax = \"{}\"\n{}\n[control]\nsocket = \"{}\"\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n",
+            "[spool]\ndir = \"{}\"\nmax_size = \"{}\"\nmin_free = \"{}\"\n\n[retry]\ninitial = \"{}\"\nmax = \"{}\"\n{}\n[control]\nsocket = \"{}\"\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n\n[audit]\ndir = \"{}\"\n{}\n",
             opts.spool_dir
                 .clone()
                 .unwrap_or_else(|| dir.path().join("spool"))
@@ -282,7 +285,9 @@ impl Relay {
             opts.retry_initial,
             opts.retry_max,
             opts.retry_toml,
-            socket.display()
+            socket.display(),
+            dir.path().join("audit").display(),
+            opts.audit_toml,
         );
         toml += &opts.extra_toml;
         let config = dir.path().join("kakehashi.toml");

@@ -709,3 +709,108 @@ fn a_center_that_stops_reading_mid_store_is_shown_stalled_then_timed_out() {
         testdata::dataset_of_file(&read(&arrived[0])) == testdata::dataset_of_file(&read(&file))
     );
 }
+
+/// An A-ASSOCIATE-RQ from `calling` as raw bytes.
+fn association_rq(calling: &str) -> Vec<u8> {
+    use dicom_ul::pdu::*;
+    let rq = Pdu::AssociationRQ(AssociationRQ {
+        protocol_version: 1,
+        calling_ae_title: calling.into(),
+        called_ae_title: "KAKEHASHI".into(),
+        application_context_name: "1.2.840.10008.3.1.1.1".into(),
+        presentation_contexts: vec![PresentationContextProposed {
+            id: 1,
+            abstract_syntax: "1.2.840.10008.1.1".into(),
+            transfer_syntaxes: vec!["1.2.840.10008.1.2".into()],
+        }],
+        user_variables: vec![UserVariableItem::MaxLength(16384)],
+    });
+    let mut out = Vec::new();
+    dicom_ul::pdu::write_pdu(&mut out, &rq).expect("encode");
+    out
+}
+
+#[test]
+fn whoever_reaches_the_port_cannot_grow_the_index_or_lock_senders_out() {
+    let center = StoreScp::start(free_port());
+    let mut opts = RelayOptions::to(center.port);
+    opts.audit_toml = "max_records = 40\n".into();
+    let relay = Relay::start(opts);
+    let addr = ("127.0.0.1", relay.port);
+
+    // 300 rejected associations in a burst: counted, not each written.
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.write_all(&association_rq("STRANGER")).expect("rq");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    let audit = |relay: &Relay| match relay.request(&Request::Audit {
+        after: 0,
+        limit: 10_000,
+    }) {
+        Response::Audit { records } => records,
+        other => panic!("{other:?}"),
+    };
+    let rejected = audit(&relay)
+        .iter()
+        .filter(|a| a.event == kakehashi_control::AuditEvent::AssociationRejected)
+        .count();
+    assert_eq!(rejected, 1, "the first is written, the rest counted");
+
+    // 100 connections that never say anything, held open: a sender still
+    // gets through (the oldest silent ones are closed to make room).
+    let silent: Vec<TcpStream> = (0..100)
+        .filter_map(|_| TcpStream::connect(addr).ok())
+        .collect();
+    let ok = echoscu(relay.port, "MODALITY1");
+    assert!(
+        ok.status.success(),
+        "a sender is served during the flood: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let rss = peak_rss(relay.pid()).expect("VmHWM");
+    assert!(rss < 64 << 20, "the flood cost {} MiB", rss >> 20);
+    drop(silent);
+
+    // Past max_records, a restart prunes the index after exporting what it
+    // removes: nothing is lost, the index stays bounded.
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = ct_study(data.path(), "audited", 30, 4096);
+    assert_eq!(storescu(relay.port, "MODALITY1", &files).acked.len(), 30);
+    relay.wait_drained(Duration::from_secs(30));
+    let before: Vec<u64> = audit(&relay).iter().map(|a| a.seq).collect();
+    assert!(before.len() > 40, "{}", before.len());
+    let mut relay = relay;
+    relay.restart();
+    let kept: Vec<u64> = audit(&relay).iter().map(|a| a.seq).collect();
+    assert!(kept.len() <= 40 + 5, "{} records kept", kept.len());
+    let mut exported: Vec<u64> = std::fs::read_dir(relay.dir.path().join("audit"))
+        .expect("export dir")
+        .flat_map(|f| {
+            std::fs::read_to_string(f.expect("entry").path())
+                .expect("read")
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).expect("json")["seq"]
+                        .as_u64()
+                        .expect("seq")
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    exported.sort();
+    let mut all = exported.clone();
+    all.extend(&kept);
+    all.sort();
+    all.dedup();
+    let last = *before.last().expect("records");
+    assert!(
+        (1..=last).all(|s| all.binary_search(&s).is_ok()),
+        "every record is in the index or the export"
+    );
+    assert!(
+        exported.iter().all(|s| !kept.contains(s)),
+        "moved, not copied"
+    );
+}

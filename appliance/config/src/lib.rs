@@ -68,6 +68,7 @@ pub struct Config {
     pub retry: RetryPolicy,
     pub control: ControlConfig,
     pub log: LogConfig,
+    pub audit: AuditConfig,
     /// The WireGuard tunnel to the reading center, if the box keeps one.
     pub tunnel: Option<TunnelConfig>,
     /// Where the box's identity and sealed secrets live.
@@ -231,6 +232,16 @@ pub struct RetryPolicy {
     /// still retried: a transient status never dead-letters by itself.
     pub stuck_after_attempts: u32,
     pub stuck_after: Duration,
+}
+
+/// How much of the audit trail the spool's index keeps (`[audit]`). Older
+/// records, and the oldest beyond `max_records`, are first appended to a
+/// JSON-lines file in `dir`, then removed from the index.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub dir: PathBuf,
+    pub keep: Duration,
+    pub max_records: u64,
 }
 
 #[derive(Debug, Clone)]

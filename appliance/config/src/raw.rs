@@ -4,9 +4,9 @@ use serde::Deserialize;
 
 use crate::units::{parse_bytes, parse_duration};
 use crate::{
-    AeTitle, Config, ConfigError, ControlConfig, Destination, DicomConfig, IpNet, KeyBackend,
-    LogConfig, LogFormat, RetryPolicy, Source, SpoolConfig, TpmConfig, TunnelConfig, TunnelPeer,
-    DEFAULT_CONTROL_SOCKET,
+    AeTitle, AuditConfig, Config, ConfigError, ControlConfig, Destination, DicomConfig, IpNet,
+    KeyBackend, LogConfig, LogFormat, RetryPolicy, Source, SpoolConfig, TpmConfig, TunnelConfig,
+    TunnelPeer, DEFAULT_CONTROL_SOCKET,
 };
 use base64::Engine as _;
 use std::path::PathBuf;
@@ -28,6 +28,8 @@ pub(crate) struct RawConfig {
     control: RawControl,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    audit: RawAudit,
     tunnel: Option<RawTunnel>,
     tpm: Option<RawTpm>,
 }
@@ -191,6 +193,14 @@ struct RawRetry {
 #[serde(deny_unknown_fields)]
 struct RawControl {
     socket: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    dir: Option<String>,
+    keep: Option<String>,
+    max_records: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -624,6 +634,37 @@ impl RawConfig {
                 ))
             }
         };
+        let audit_dir = self
+            .audit
+            .dir
+            .unwrap_or_else(|| "/var/lib/kakehashi/audit".to_string());
+        if !audit_dir.starts_with('/') {
+            return Err(ConfigError::invalid(
+                "audit.dir",
+                &audit_dir,
+                "an absolute directory path",
+            ));
+        }
+        let keep = duration(
+            "audit.keep",
+            self.audit.keep.as_deref(),
+            Duration::from_secs(90 * 86_400),
+        )?;
+        if keep < Duration::from_secs(3600) {
+            return Err(ConfigError::invalid(
+                "audit.keep",
+                self.audit.keep.unwrap_or_default(),
+                "at least \"1h\" (older records move to the export files in audit.dir)",
+            ));
+        }
+        let max_records = self.audit.max_records.unwrap_or(1_000_000);
+        if !(10..=100_000_000).contains(&max_records) {
+            return Err(ConfigError::invalid(
+                "audit.max_records",
+                max_records.to_string(),
+                "a number from 10 to 100000000",
+            ));
+        }
         let level = self.log.level.unwrap_or_else(|| "info".to_string());
         if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
             return Err(ConfigError::invalid(
@@ -647,6 +688,11 @@ impl RawConfig {
                 socket: PathBuf::from(socket),
             },
             log: LogConfig { format, level },
+            audit: AuditConfig {
+                dir: PathBuf::from(audit_dir),
+                keep,
+                max_records: max_records as u64,
+            },
             tunnel,
             tpm,
         })

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-use crate::{now_ms, Shared};
+use crate::{now_ms, rejections, Shared};
 
 #[derive(Debug)]
 struct Cidr(kakehashi_config::IpNet);
@@ -51,21 +51,53 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, token: Cancellati
         max_pdu: shared.config.dicom.max_pdu,
     });
     let mut conns = tokio::task::JoinSet::new();
+    let mut sweep = tokio::time::interval(std::time::Duration::from_millis(rejections::WINDOW_MS));
+    let mut refused_connections = 0u64;
+    // Connections that have not yet associated (each cancels itself from
+    // here when its first PDU is in).
+    let waiting: std::sync::Mutex<Vec<CancellationToken>> = Default::default();
     loop {
         let accepted = tokio::select! {
             _ = token.cancelled() => break,
             a = listener.accept() => a,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            _ = sweep.tick() => {
+                // Counted repeats of rejections, written when their window closes.
+                let closed = shared.rejections().close_windows(now_ms());
+                for e in closed {
+                    audit(&shared, AuditEvent::AssociationRejected, e.actor, e.detail).await;
+                }
+                continue;
+            }
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Connections that have not yet said who they are: bounded.
+                // At the bound the oldest of them goes (a real sender sends
+                // its A-ASSOCIATE-RQ at once, so a flood of silent
+                // connections cannot lock senders out).
+                let this = CancellationToken::new();
+                let evicted = {
+                    let mut waiting = waiting.lock().unwrap_or_else(|p| p.into_inner());
+                    waiting.retain(|t: &CancellationToken| !t.is_cancelled());
+                    let evicted = (waiting.len() >= MAX_WAITING).then(|| waiting.remove(0));
+                    waiting.push(this.clone());
+                    evicted
+                };
+                if let Some(oldest) = evicted {
+                    oldest.cancel();
+                    refused_connections += 1;
+                    if refused_connections.is_power_of_two() {
+                        tracing::warn!(%peer, evicted = refused_connections, "{MAX_WAITING} connections waiting to associate: the oldest was closed");
+                    }
+                }
                 let shared = Arc::clone(&shared);
                 let policy = Arc::clone(&policy);
                 let token = token.clone();
                 conns.spawn(async move {
                     tokio::select! {
                         _ = token.cancelled() => {}
-                        _ = association(shared, policy, stream, peer) => {}
+                        _ = association(shared, policy, stream, peer, this) => {}
                     }
                 });
             }
@@ -77,6 +109,17 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, token: Cancellati
     }
     conns.shutdown().await;
 }
+
+/// Connections waiting to associate at once, at most 64 KiB each.
+const MAX_WAITING: usize = 32;
+
+/// Until an A-ASSOCIATE-RQ arrives the peer is unknown: it gets this long
+/// (DICOM's ARTIM timer, usually 30 s; far less than `idle_timeout`).
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The largest first PDU accepted (an A-ASSOCIATE-RQ with 128 presentation
+/// contexts and user identity is far below this).
+const MAX_REQUEST: u32 = 64 * 1024;
 
 /// Decrements the active-association count however the task ends.
 struct Active<'a>(&'a Shared);
@@ -101,14 +144,22 @@ async fn association(
     policy: Arc<Policy>,
     mut stream: TcpStream,
     peer: SocketAddr,
+    waiting: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let idle = shared.config.dicom.idle_timeout;
-    let max_pdu = shared.config.dicom.max_pdu;
     let mut buf = BytesMut::new();
-    let first = match timeout(idle, wire::read_pdu(&mut stream, &mut buf, max_pdu)).await {
+    let read = tokio::select! {
+        r = timeout(REQUEST_TIMEOUT, wire::read_first_pdu(&mut stream, &mut buf, MAX_REQUEST)) => r,
+        _ = waiting.cancelled() => {
+            tracing::warn!(%peer, "closed before it associated: too many connections waiting to associate");
+            return;
+        }
+    };
+    // No longer waiting: out of the eviction list.
+    waiting.cancel();
+    let first = match read {
         Err(_) => {
-            tracing::warn!(%peer, "connection sent nothing for {idle:?}; closed");
+            tracing::warn!(%peer, "no A-ASSOCIATE-RQ within {REQUEST_TIMEOUT:?}; closed");
             return;
         }
         Ok(Err(e)) => {
@@ -143,13 +194,15 @@ async fn association(
             }
             tracing::warn!(%peer, calling_ae = %calling, called_ae = %rq.called_ae_title.trim(), "association rejected: {}", rej.reason);
             let _ = wire::write_pdu(&mut stream, &Pdu::AssociationRJ(rej.rj)).await;
-            audit(
-                &shared,
-                AuditEvent::AssociationRejected,
-                format!("{calling}@{}", peer.ip()),
-                rej.reason,
-            )
-            .await;
+            // Repeats within a minute are counted, not each written.
+            let first = shared.rejections().reject(
+                now_ms(),
+                &format!("{calling}@{}", peer.ip()),
+                &rej.reason,
+            );
+            if let Some(e) = first {
+                audit(&shared, AuditEvent::AssociationRejected, e.actor, e.detail).await;
+            }
             return;
         }
         Ok(a) => a,

@@ -23,6 +23,7 @@ mod ingress;
 mod keys;
 mod logging;
 mod notify;
+mod rejections;
 mod schedule;
 
 use std::path::PathBuf;
@@ -76,9 +77,16 @@ pub struct Shared {
     pub liveness: notify::Liveness,
     /// The key store as found at start (`None` without a `[tpm]` section).
     pub tpm: Option<kakehashi_control::TpmStatus>,
+    /// Rejected associations, counted for the audit trail.
+    pub rejections: std::sync::Mutex<rejections::Rejections>,
 }
 
 impl Shared {
+    pub fn rejections(&self) -> std::sync::MutexGuard<'_, rejections::Rejections> {
+        // Plain counters: consistent whatever panicked while holding them.
+        self.rejections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Why the box must not accept or send data now (its keys are unusable).
     pub fn keys_problem(&self) -> Option<&str> {
         self.tpm.as_ref().and_then(|t| t.problem.as_deref())
@@ -279,6 +287,7 @@ async fn run(
         tunnel,
         liveness: notify::Liveness::default(),
         tpm: tpm_status,
+        rejections: Default::default(),
     });
 
     let listener = match tokio::net::TcpListener::bind(shared.config.dicom.listen).await {
@@ -327,6 +336,7 @@ async fn run(
     if !shared.config.spool.retention.is_zero() {
         tasks.spawn(retention_sweeper(Arc::clone(&shared), token.clone()));
     }
+    tasks.spawn(audit_pruner(Arc::clone(&shared), token.clone()));
     tracing::info!(
         ae_title = %shared.config.dicom.ae_title,
         listen = %shared.config.dicom.listen,
@@ -500,6 +510,44 @@ async fn checkpointer(shared: Arc<Shared>, token: CancellationToken) {
         }
         if stop {
             return;
+        }
+    }
+}
+
+/// Keeps the audit trail in the index within `[audit]` (age, count): at
+/// start, then every hour; what leaves the index is exported first.
+async fn audit_pruner(shared: Arc<Shared>, token: CancellationToken) {
+    const BATCH: usize = 10_000;
+    loop {
+        let audit = shared.config.audit.clone();
+        let spool = Arc::clone(&shared.spool);
+        let cutoff = now_ms().saturating_sub(audit.keep.as_millis() as u64);
+        let pruned = tokio::task::spawn_blocking(move || {
+            let mut total = 0;
+            loop {
+                let n = spool.prune_audit(cutoff, audit.max_records, &audit.dir, BATCH)?;
+                total += n;
+                if n < BATCH {
+                    return Ok::<_, kakehashi_spool::SpoolError>(total);
+                }
+            }
+        })
+        .await;
+        match pruned {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                moved = n,
+                dir = %shared.config.audit.dir.display(),
+                "audit: older records exported to the audit directory and removed from the index"
+            ),
+            Ok(Err(e)) => tracing::error!(
+                "audit pruning failed (nothing was removed that was not exported): {e}"
+            ),
+            Err(e) => tracing::error!("audit pruning task failed: {e}"),
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
         }
     }
 }

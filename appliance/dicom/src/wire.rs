@@ -48,12 +48,32 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     max_pdata: u32,
 ) -> Result<Pdu, WireError> {
+    read_pdu_within(reader, buf, max_pdata, MAX_CONTROL_PDU).await
+}
+
+/// The first PDU of a connection, before anyone knows who is calling: any
+/// type at most `limit` bytes (an A-ASSOCIATE-RQ with 128 contexts is about
+/// 16 KiB), so an unknown peer costs little memory.
+pub async fn read_first_pdu<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    limit: u32,
+) -> Result<Pdu, WireError> {
+    read_pdu_within(reader, buf, limit, limit).await
+}
+
+async fn read_pdu_within<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max_pdata: u32,
+    max_control: u32,
+) -> Result<Pdu, WireError> {
     let header = read_header(reader).await?;
     let pdu_type = header[0];
     let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
     let limit = match pdu_type {
         0x04 => max_pdata,
-        0x01..=0x07 => MAX_CONTROL_PDU,
+        0x01..=0x07 => max_control,
         other => return Err(WireError::UnknownType(other)),
     };
     if length > limit {
@@ -65,17 +85,18 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
     }
     buf.clear();
     buf.extend_from_slice(&header);
-    buf.resize(6 + length as usize, 0);
-    reader.read_exact(&mut buf[6..]).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            WireError::Malformed {
-                pdu_type,
-                detail: format!("connection closed inside a {length}-byte PDU"),
-            }
-        } else {
-            WireError::Io(e)
-        }
-    })?;
+    // Grown as bytes arrive, not to the announced length up front: a peer
+    // that announces a large PDU and sends nothing holds nothing.
+    let got = (&mut *reader)
+        .take(u64::from(length))
+        .read_buf_to_end(buf)
+        .await?;
+    if got < length as usize {
+        return Err(WireError::Malformed {
+            pdu_type,
+            detail: format!("connection closed inside a {length}-byte PDU"),
+        });
+    }
     match dicom_ul::pdu::read_pdu(&buf[..], MAXIMUM_PDU_SIZE, false) {
         Ok(Some(pdu)) => Ok(pdu),
         Ok(None) => Err(WireError::Malformed {
@@ -86,6 +107,26 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
             pdu_type,
             detail: e.to_string(),
         }),
+    }
+}
+
+/// Reads everything `reader` gives into `buf`; how many bytes that was.
+trait ReadBufToEnd {
+    async fn read_buf_to_end(&mut self, buf: &mut BytesMut) -> std::io::Result<usize>;
+}
+
+impl<R: AsyncRead + Unpin> ReadBufToEnd for R {
+    async fn read_buf_to_end(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        let mut total = 0;
+        loop {
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
+            }
+            match self.read_buf(buf).await? {
+                0 => return Ok(total),
+                n => total += n,
+            }
+        }
     }
 }
 

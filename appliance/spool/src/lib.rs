@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use sha2::{Digest, Sha256};
 
 pub use record::{
@@ -1196,6 +1196,72 @@ impl Spool {
             append_audit(&mut audit, rec)?;
         }
         txn.commit("commit audit")?.unlink()
+    }
+
+    /// Moves the oldest audit records out of the index: those before
+    /// `older_than_ms`, and the oldest beyond `max_records`, at most `batch`
+    /// at a time. They are first appended to a new JSON-lines file in
+    /// `export_dir` (`audit-<first seq>-<last seq>.jsonl`, fsynced, then its
+    /// directory), and only then deleted: a crash in between exports some
+    /// twice (the seq tells), never loses one. Returns how many moved.
+    pub fn prune_audit(
+        &self,
+        older_than_ms: u64,
+        max_records: u64,
+        export_dir: &Path,
+        batch: usize,
+    ) -> Result<usize, SpoolError> {
+        let victims: Vec<AuditRecord> = {
+            let txn = self.read_txn()?;
+            let table = txn.open_table(AUDIT).map_err(idx("open audit"))?;
+            let total = table.len().map_err(idx("count audit"))?;
+            let mut over = total.saturating_sub(max_records);
+            let mut out = Vec::new();
+            for item in table.iter().map_err(idx("scan audit"))? {
+                let (k, v) = item.map_err(idx("scan audit"))?;
+                let rec: AuditRecord =
+                    record::decode(v.value()).map_err(|source| SpoolError::Record {
+                        key: format!("audit/{}", k.value()),
+                        source,
+                    })?;
+                // The newest record always stays: sequence numbers continue
+                // from it and must never be reused.
+                if (over == 0 && rec.time_ms >= older_than_ms) || out.len() as u64 + 1 >= total {
+                    break;
+                }
+                over = over.saturating_sub(1);
+                out.push(rec);
+                if out.len() >= batch {
+                    break;
+                }
+            }
+            out
+        };
+        let (Some(first), Some(last)) = (victims.first(), victims.last()) else {
+            return Ok(0);
+        };
+        fs::create_dir_all(export_dir).map_err(io(export_dir))?;
+        let path = export_dir.join(format!("audit-{:012}-{:012}.jsonl", first.seq, last.seq));
+        let mut text = Vec::new();
+        for r in &victims {
+            // Plain structs serialize infallibly (see record::encode).
+            serde_json::to_writer(&mut text, r).map_err(|e| io(&path)(e.into()))?;
+            text.push(b'\n');
+        }
+        let mut f = File::create(&path).map_err(io(&path))?;
+        f.write_all(&text)
+            .and_then(|()| f.sync_all())
+            .map_err(io(&path))?;
+        sync_dir(export_dir)?;
+        let txn = self.begin_write(Durability::Immediate)?;
+        {
+            let mut table = txn.open_table(AUDIT).map_err(idx("open audit"))?;
+            for r in &victims {
+                table.remove(r.seq).map_err(idx("remove audit"))?;
+            }
+        }
+        txn.commit("commit audit prune")?.unlink()?;
+        Ok(victims.len())
     }
 
     /// Audit records with `seq > after`, oldest first, at most `limit`.

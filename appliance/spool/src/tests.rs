@@ -598,3 +598,70 @@ fn instances_sealed_with_a_lost_key_are_dead_lettered_as_key_lost() {
     assert_eq!(dead.len(), 1);
     assert!(dead[0].detail.starts_with("key lost"));
 }
+
+#[test]
+fn the_audit_is_pruned_by_age_and_count_after_an_export() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let export = dir.path().join("audit");
+    let (spool, _) = open(dir.path(), 1 << 20);
+    for t in 0..100u64 {
+        spool
+            .audit(AuditRecord::new(
+                t * 1000,
+                AuditEvent::AssociationAccepted,
+                "MOD@127.0.0.1",
+                format!("record {t}"),
+            ))
+            .expect("audit");
+    }
+    // By age: everything before t = 30 s.
+    assert_eq!(
+        spool
+            .prune_audit(30_000, 1000, &export, 1000)
+            .expect("prune"),
+        30
+    );
+    let left = spool.audit_since(0, 1000).expect("audit");
+    assert_eq!(left.len(), 70);
+    assert_eq!(left[0].seq, 31);
+    // By count: at most 50 kept, in batches of 15.
+    assert_eq!(spool.prune_audit(0, 50, &export, 15).expect("prune"), 15);
+    assert_eq!(spool.prune_audit(0, 50, &export, 15).expect("prune"), 5);
+    assert_eq!(spool.prune_audit(0, 50, &export, 15).expect("prune"), 0);
+    assert_eq!(spool.audit_since(0, 1000).expect("audit").len(), 50);
+    // Everything pruned is in the export files, once, in order.
+    let mut files: Vec<_> = fs::read_dir(&export)
+        .expect("export dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    let exported: Vec<AuditRecord> = files
+        .iter()
+        .flat_map(|f| {
+            fs::read_to_string(f)
+                .expect("read")
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("a record per line"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        exported.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=50).collect::<Vec<_>>()
+    );
+    // Even when everything is old, the newest record stays: seqs go on.
+    assert_eq!(
+        spool
+            .prune_audit(u64::MAX, 1000, &export, 1000)
+            .expect("prune"),
+        49
+    );
+    spool
+        .audit(AuditRecord::new(1, AuditEvent::Purged, "operator", ""))
+        .expect("audit");
+    let left = spool.audit_since(0, 10).expect("audit");
+    assert_eq!(
+        left.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![100, 101]
+    );
+}
