@@ -183,8 +183,9 @@ fn a_center_answering_a700_gets_it_once_and_one_answering_c000_dead_letters_only
     let dead = match relay.request(&kakehashi_control::Request::QueueList {
         destination: Some("strict".into()),
         dead_only: true,
+        limit: None,
     }) {
-        kakehashi_control::Response::Queue { entries } => entries,
+        kakehashi_control::Response::Queue { entries, .. } => entries,
         other => panic!("{other:?}"),
     };
     assert_eq!(dead.len(), 1);

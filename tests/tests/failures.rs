@@ -236,8 +236,9 @@ fn refused_sop_class_is_dead_lettered_and_operators_can_act() {
     let dead = match relay.request(&Request::QueueList {
         destination: None,
         dead_only: true,
+        limit: None,
     }) {
-        Response::Queue { entries } => entries,
+        Response::Queue { entries, .. } => entries,
         other => panic!("{other:?}"),
     };
     assert_eq!(dead.len(), 1);
@@ -522,8 +523,9 @@ fn a_payload_that_cannot_be_read_is_retried_not_dead_lettered() {
     let entry = || match relay.request(&Request::QueueList {
         destination: None,
         dead_only: false,
+        limit: None,
     }) {
-        Response::Queue { entries } => entries,
+        Response::Queue { entries, .. } => entries,
         other => panic!("{other:?}"),
     };
     wait_until(

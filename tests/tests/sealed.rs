@@ -117,8 +117,9 @@ fn a_flipped_byte_is_dead_lettered_as_integrity_and_never_sent() {
     let dead = relay.request(&kakehashi_control::Request::QueueList {
         destination: None,
         dead_only: true,
+        limit: None,
     });
-    let kakehashi_control::Response::Queue { entries } = dead else {
+    let kakehashi_control::Response::Queue { entries, .. } = dead else {
         panic!("{dead:?}")
     };
     assert_eq!(entries.len(), 1);

@@ -99,6 +99,9 @@ enum QueueCmd {
         /// Only dead letters.
         #[arg(long)]
         dead: bool,
+        /// At most this many, oldest first (0: all).
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
     },
     /// Put dead letters back in the queue (by id, or --all).
     Retry(Select),
@@ -211,9 +214,14 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
                 stuck_only: *stuck,
             }
         }
-        Command::Queue(QueueCmd::List { destination, dead }) => Request::QueueList {
+        Command::Queue(QueueCmd::List {
+            destination,
+            dead,
+            limit,
+        }) => Request::QueueList {
             destination: destination.clone(),
             dead_only: *dead,
+            limit: (*limit > 0).then_some(*limit),
         },
         Command::Queue(QueueCmd::Retry(sel)) => {
             if let Err(e) = sel.check() {
@@ -236,10 +244,11 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
                 &Request::QueueList {
                     destination: select.destination.clone(),
                     dead_only: true,
+                    limit: None,
                 },
             )?;
             let victims: Vec<QueueEntry> = match listing {
-                Response::Queue { entries } => entries
+                Response::Queue { entries, .. } => entries
                     .into_iter()
                     .filter(|e| select.all || select.ids.contains(&e.id))
                     .collect(),
@@ -278,7 +287,7 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
     }
     match &response {
         Response::Status(s) => print_status(s),
-        Response::Queue { entries } => print_queue(entries),
+        Response::Queue { entries, .. } => print_queue(entries),
         Response::Retried { ids } => println!("Requeued {} instance(s): {}", ids.len(), join(ids)),
         Response::Purged { ids } => println!("Purged {} instance(s): {}", ids.len(), join(ids)),
         Response::DeadLettered { ids } => println!(

@@ -22,6 +22,9 @@ pub enum Request {
     QueueList {
         destination: Option<String>,
         dead_only: bool,
+        /// At most this many entries, oldest first (`None`: all).
+        #[serde(default)]
+        limit: Option<usize>,
     },
     QueueRetry {
         destination: Option<String>,
@@ -48,7 +51,12 @@ pub enum Request {
 #[serde(tag = "response", rename_all = "kebab-case")]
 pub enum Response {
     Status(Box<StatusReport>),
-    Queue { entries: Vec<QueueEntry> },
+    Queue {
+        entries: Vec<QueueEntry>,
+        /// How many matched in all (more than `entries` when limited).
+        #[serde(default)]
+        total: u64,
+    },
     Retried { ids: Vec<u64> },
     Purged { ids: Vec<u64> },
     DeadLettered { ids: Vec<u64> },

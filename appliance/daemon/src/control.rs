@@ -144,10 +144,13 @@ fn answer(shared: &Shared, req: Request) -> Response {
     };
     match req {
         Request::Status => {
-            let counts = match shared.spool.counts() {
-                Ok(c) => c,
-                Err(e) => return err(e),
-            };
+            // O(destinations), whatever the backlog: counts come from the
+            // forwarders' queues and the spool's dead-letter counters.
+            let destinations: Vec<_> = shared
+                .forwarders
+                .iter()
+                .map(|f| f.status(shared.spool.dead_letters(&f.dest.name)))
+                .collect();
             let free = shared.spool.free_bytes().unwrap_or(0);
             Response::Status(Box::new(StatusReport {
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -164,11 +167,7 @@ fn answer(shared: &Shared, req: Request) -> Response {
                     max_bytes: shared.spool.limits().max_size,
                     free_bytes: free,
                 },
-                destinations: shared
-                    .forwarders
-                    .iter()
-                    .map(|f| f.status(counts.get(&f.dest.name)))
-                    .collect(),
+                destinations: destinations.clone(),
                 tunnel: shared.tunnel_health.as_ref().map(|h| {
                     let h = h.borrow();
                     TunnelStatus {
@@ -188,7 +187,7 @@ fn answer(shared: &Shared, req: Request) -> Response {
                 tpm: shared.tpm.clone().map(|mut t| {
                     if t.problem.is_some() {
                         // Everything queued was sealed with the key that is gone.
-                        t.undecryptable = Some(counts.values().map(|c| c.queued).sum());
+                        t.undecryptable = Some(destinations.iter().map(|d| d.queued).max().unwrap_or(0));
                     }
                     t
                 }),
@@ -197,16 +196,15 @@ fn answer(shared: &Shared, req: Request) -> Response {
         Request::QueueList {
             destination,
             dead_only,
+            limit,
         } => {
             if let Some(r) = unknown(&destination) {
                 return r;
             }
-            let records = match shared.spool.records() {
-                Ok(r) => r,
-                Err(e) => return err(e),
-            };
             let mut entries = Vec::new();
-            for rec in records {
+            let mut total = 0u64;
+            let limit = limit.unwrap_or(usize::MAX);
+            let scanned = shared.spool.for_each_record(|rec| {
                 for route in &rec.routes {
                     if destination
                         .as_ref()
@@ -220,6 +218,10 @@ fn answer(shared: &Shared, req: Request) -> Response {
                     if route.state == kakehashi_spool::RouteState::Delivered {
                         continue;
                     }
+                    total += 1;
+                    if entries.len() >= limit {
+                        continue;
+                    }
                     entries.push(QueueEntry {
                         id: rec.id,
                         destination: route.destination.clone(),
@@ -230,7 +232,7 @@ fn answer(shared: &Shared, req: Request) -> Response {
                         study_instance_uid: rec.meta.study_instance_uid.clone(),
                         patient_id: shared
                             .spool
-                            .patient_id(&rec)
+                            .patient_id(rec)
                             .unwrap_or_else(|| "(sealed)".into()),
                         source_ae: rec.meta.source_ae.clone(),
                         size: rec.dataset_size,
@@ -240,8 +242,11 @@ fn answer(shared: &Shared, req: Request) -> Response {
                         stuck: route.stuck_ms.is_some(),
                     });
                 }
+            });
+            if let Err(e) = scanned {
+                return err(e);
             }
-            Response::Queue { entries }
+            Response::Queue { entries, total }
         }
         Request::QueueRetry { destination, ids } => {
             if let Some(r) = unknown(&destination) {

@@ -55,13 +55,9 @@ pub struct Handle {
 }
 
 impl Handle {
-    pub fn new(dest: Destination, records: &[InstanceRecord]) -> Handle {
-        let mut queue = Queue::default();
-        for r in records {
-            if let Some(item) = Item::from_record(r, &dest.name) {
-                queue.push(item);
-            }
-        }
+    /// An empty queue; [`Handle::enqueue`] fills it (at start, from the spool).
+    pub fn new(dest: Destination) -> Handle {
+        let queue = Queue::default();
         Handle {
             dest,
             queue: Mutex::new(queue),
@@ -80,10 +76,13 @@ impl Handle {
         self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Called by the ingress after a commit, and by `queue retry`.
+    /// Called at start for every record, by the ingress after a commit, and
+    /// by `queue retry`.
     pub fn enqueue(&self, rec: &InstanceRecord) {
-        if let Some(item) = Item::from_record(rec, &self.dest.name) {
-            self.queue().push(item);
+        let mut q = self.queue();
+        if let Some(item) = Item::from_record(rec, &self.dest.name, q.strings()) {
+            q.push(item);
+            drop(q);
             self.notify.notify_one();
         }
     }
@@ -101,7 +100,9 @@ impl Handle {
         self.notify.notify_one();
     }
 
-    pub fn status(&self, counts: Option<&kakehashi_spool::DestinationCounts>) -> DestinationStatus {
+    /// The destination's status; `dead_letter` comes from the spool (the
+    /// queue holds only pending instances). O(log n) in the backlog.
+    pub fn status(&self, dead_letter: u64) -> DestinationStatus {
         let now = now_ms();
         let s = self.stats();
         let q = self.queue();
@@ -125,12 +126,12 @@ impl Handle {
                 "idle"
             }
             .to_string(),
-            queued: counts.map_or(q.len() as u64, |c| c.queued),
-            queued_bytes: counts.map_or(q.bytes(), |c| c.queued_bytes),
-            dead_letter: counts.map_or(0, |c| c.dead_letter),
-            stuck: counts.map_or(0, |c| c.stuck),
-            oldest_age_s: counts
-                .and_then(|c| c.oldest_received_ms)
+            queued: q.len() as u64,
+            queued_bytes: q.bytes(),
+            dead_letter,
+            stuck: q.stuck(),
+            oldest_age_s: q
+                .oldest_received_ms()
                 .map(|t| now.saturating_sub(t) / 1000),
             delivered_since_start: s.delivered,
             last_success_ms: s.last_success_ms,
@@ -178,7 +179,7 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
         connect_timeout: dest.connect_timeout,
         response_timeout: dest.response_timeout,
     };
-    let mut assoc: Option<(Scu, String)> = None;
+    let mut assoc: Option<(Scu, std::sync::Arc<str>)> = None;
     // Behind the tunnel: pause while it is down, and retry at once after a
     // fresh handshake instead of sitting out a connection backoff.
     let mut tunnel = if dest.via_tunnel {
@@ -241,9 +242,8 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
         let picked = if blocked_until > now {
             None
         } else {
-            let q = handle.queue();
-            q.pick(now, assoc.as_ref().map(|(_, s)| s.as_str()))
-                .cloned()
+            let mut q = handle.queue();
+            q.pick(now, assoc.as_ref().map(|(_, s)| &**s)).cloned()
         };
         let Some(item) = picked else {
             // Nothing due. If nothing waits at all, make the deliveries durable
@@ -300,9 +300,9 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
                 a.release().await;
             }
             let contexts = {
-                let q = handle.queue();
+                let mut q = handle.queue();
                 let mut c = q.contexts_for_study(&item.study, now);
-                let own = (item.sop_class.clone(), item.transfer_syntax.clone());
+                let own = (item.sop_class.to_string(), item.transfer_syntax.to_string());
                 if !c.contains(&own) {
                     c.insert(0, own);
                 }
@@ -565,13 +565,9 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
                     .as_millis() as u64;
             let newly_stuck =
                 crate::schedule::becomes_stuck(shared.config.retry, item, attempts, now);
-            if let Some(i) = handle.queue().get_mut(item.id) {
-                i.attempts = attempts;
-                i.next_attempt_ms = next;
-                if newly_stuck {
-                    i.stuck_ms = Some(now);
-                }
-            }
+            handle
+                .queue()
+                .reschedule(item.id, attempts, next, newly_stuck.then_some(now));
             tracing::warn!(destination = %name, sop_instance = %item.sop_instance, attempts, "will retry: {why}");
             handle.note_error(why.clone());
             let event = newly_stuck.then(|| {

@@ -257,19 +257,35 @@ async fn run(
     };
 
     let token = CancellationToken::new();
-    let records = match spool.records() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("cannot read the spool index: {e}");
-            return ExitCode::from(EXIT_CANTCREAT);
-        }
-    };
     let forwarders: Vec<Arc<forwarder::Handle>> = config
         .destinations
         .iter()
-        .map(|d| Arc::new(forwarder::Handle::new(d.clone(), &records)))
+        .map(|d| Arc::new(forwarder::Handle::new(d.clone())))
         .collect();
-    drop(records);
+    // One pass over the index, one record at a time.
+    let filled = {
+        let spool = Arc::clone(&spool);
+        let forwarders = forwarders.clone();
+        tokio::task::spawn_blocking(move || {
+            spool.for_each_record(|rec| {
+                for f in &forwarders {
+                    f.enqueue(rec);
+                }
+            })
+        })
+        .await
+    };
+    match filled {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!("cannot read the spool index: {e}");
+            return ExitCode::from(EXIT_CANTCREAT);
+        }
+        Err(e) => {
+            tracing::error!("spool read task failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let (tunnel, endpoint, health) = match tunnel {
         Some((t, e, h)) => (Some(t), e, Some(h)),
         None => (None, None, None),
@@ -447,14 +463,10 @@ async fn systemd(shared: Arc<Shared>, token: CancellationToken) {
 
 /// "tunnel up (handshake 12 s ago); 3 queued, 0 dead-letter"
 async fn status_line(shared: &Shared) -> String {
-    let spool = Arc::clone(&shared.spool);
-    let counts = tokio::task::spawn_blocking(move || spool.counts())
-        .await
-        .ok()
-        .and_then(Result::ok);
-    let (queued, dead) = counts.map_or((0, 0), |c| {
-        c.values()
-            .fold((0, 0), |(q, d), c| (q + c.queued, d + c.dead_letter))
+    // Cheap whatever the backlog (it runs every few seconds).
+    let (queued, dead) = shared.forwarders.iter().fold((0, 0), |(q, d), f| {
+        let s = f.status(shared.spool.dead_letters(&f.dest.name));
+        (q + s.queued, d + s.dead_letter)
     });
     let tunnel = match &shared.tunnel_health {
         None => String::new(),

@@ -267,6 +267,9 @@ pub struct Spool {
     db_failed: std::sync::atomic::AtomicBool,
     /// See [`Spool::index_bytes`].
     index_blocks: AtomicU64,
+    /// Dead letters per destination, kept as routes change (so `status` never
+    /// scans the index).
+    dead: std::sync::Mutex<HashMap<String, u64>>,
     destinations: Vec<String>,
     limits: Limits,
     /// Bytes of payload files in `data/`.
@@ -329,6 +332,7 @@ impl Spool {
             db_path,
             db_failed: Default::default(),
             index_blocks: AtomicU64::new(0),
+            dead: Default::default(),
             destinations,
             limits,
             used: AtomicU64::new(0),
@@ -516,6 +520,7 @@ impl Spool {
             }
         }
 
+        let mut dead_counts: HashMap<String, u64> = HashMap::new();
         let txn = self.begin_write(Durability::Immediate)?;
         let mut max_id = 0;
         let mut used = 0;
@@ -604,6 +609,9 @@ impl Spool {
                         said = Some(why);
                     }
                 }
+                for r in rec.routes.iter().filter(|r| r.state == RouteState::DeadLetter) {
+                    *dead_counts.entry(r.destination.clone()).or_default() += 1;
+                }
                 if changed {
                     updates.push((rec, said));
                 }
@@ -632,6 +640,7 @@ impl Spool {
             }
         }
         txn.commit("commit recovery")?.unlink()?;
+        *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = dead_counts;
 
         // Renamed into data/ but never committed: the sender was never told
         // Success, so it still holds the image. Remove.
@@ -748,7 +757,19 @@ impl Spool {
         Ok(())
     }
 
-    /// Every record, for rebuilding schedules and listings.
+    /// Calls `f` with every record in id order, one at a time (the daemon
+    /// rebuilds its queues with this at start, without holding them all).
+    pub fn for_each_record(&self, mut f: impl FnMut(&InstanceRecord)) -> Result<(), SpoolError> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+        for item in table.iter().map_err(idx("scan instances"))? {
+            let (k, v) = item.map_err(idx("scan instances"))?;
+            f(&decode_record(k.value(), v.value())?);
+        }
+        Ok(())
+    }
+
+    /// Every record (listings and tests; see [`Spool::for_each_record`]).
     pub fn records(&self) -> Result<Vec<InstanceRecord>, SpoolError> {
         let txn = self.read_txn()?;
         let table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
@@ -770,6 +791,9 @@ impl Spool {
         decode_record(id, v.value())
     }
 
+    /// Counts by a full scan of the index: the reference for the counters
+    /// kept as things change ([`Spool::dead_letters`] here, the forwarders'
+    /// queues in the daemon), and for tools. Not for a hot path.
     pub fn counts(&self) -> Result<HashMap<String, DestinationCounts>, SpoolError> {
         let mut out: HashMap<String, DestinationCounts> = self
             .destinations
@@ -927,6 +951,7 @@ impl Spool {
         let txn = self.begin_write(durability)?;
         let rec;
         let mut delete = false;
+        let dead_change;
         {
             let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
             let v = table
@@ -936,7 +961,10 @@ impl Spool {
             let mut r = decode_record(id, v.value())?;
             drop(v);
             let route = r.route_mut(destination).ok_or(SpoolError::NotFound(id))?;
+            let was_dead = route.state == RouteState::DeadLetter;
             change(route);
+            let is_dead = route.state == RouteState::DeadLetter;
+            dead_change = i64::from(is_dead) - i64::from(was_dead);
             if let Some((event, detail)) = audit {
                 let mut a = txn.open_table(AUDIT).map_err(idx("open audit"))?;
                 append_audit(
@@ -960,6 +988,9 @@ impl Spool {
         }
         let durable = txn.durable;
         let mut released = txn.commit("commit route")?;
+        if dead_change != 0 {
+            self.count_dead(&[(destination.to_string(), dead_change)]);
+        }
         if delete {
             let entry = (self.payload_path(rec.id), rec.file_size());
             if durable {
@@ -970,6 +1001,25 @@ impl Spool {
         }
         released.unlink()?;
         Ok(rec)
+    }
+
+    /// Dead letters of `destination`, O(1).
+    pub fn dead_letters(&self, destination: &str) -> u64 {
+        self.dead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(destination)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Applies dead-letter count changes of a committed transaction.
+    fn count_dead(&self, changes: &[(String, i64)]) {
+        let mut dead = self.dead.lock().unwrap_or_else(|p| p.into_inner());
+        for (d, delta) in changes {
+            let n = dead.entry(d.clone()).or_default();
+            *n = n.saturating_add_signed(*delta);
+        }
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, u64)>> {
@@ -1125,6 +1175,7 @@ impl Spool {
         let txn = self.begin_write(Durability::Immediate)?;
         let mut touched = Vec::new();
         let mut to_delete = Vec::new();
+        let mut dead_changes = Vec::new();
         {
             let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
             let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
@@ -1158,7 +1209,14 @@ impl Spool {
                         .instance(&rec.meta)
                         .destination(&route.destination),
                     )?;
-                    if change(&mut route) {
+                    let was_dead = route.state == RouteState::DeadLetter;
+                    let keep = change(&mut route);
+                    let is_dead = keep && route.state == RouteState::DeadLetter;
+                    dead_changes.push((
+                        route.destination.clone(),
+                        i64::from(is_dead) - i64::from(was_dead),
+                    ));
+                    if keep {
                         kept.push(route);
                     }
                 }
@@ -1179,6 +1237,7 @@ impl Spool {
             }
         }
         let mut released = txn.commit("commit operator change")?;
+        self.count_dead(&dead_changes);
         released.list.extend(
             to_delete
                 .iter()
@@ -1644,6 +1703,7 @@ impl Spool {
         let txn = self.begin_write(Durability::Immediate)?;
         let mut superseded = None;
         let mut release = None;
+        let mut dead_changes = Vec::new();
         {
             let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
             let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
@@ -1697,6 +1757,12 @@ impl Spool {
                     )?;
                 }
                 superseded = Some(old.id);
+                dead_changes.extend(
+                    old.routes
+                        .iter()
+                        .filter(|r| r.state == RouteState::DeadLetter)
+                        .map(|r| (r.destination.clone(), -1)),
+                );
                 table.remove(old.id).map_err(idx("remove instance"))?;
                 release = Some((self.payload_path(old.id), old.file_size()));
             }
@@ -1720,6 +1786,7 @@ impl Spool {
             )?;
         }
         let mut released = txn.commit("commit instance")?;
+        self.count_dead(&dead_changes);
         released.list.extend(release);
         released.unlink()?;
         Ok(Accepted::Queued {

@@ -665,3 +665,58 @@ fn the_audit_is_pruned_by_age_and_count_after_an_export() {
         vec![100, 101]
     );
 }
+
+#[test]
+fn dead_letter_counters_match_a_full_scan_through_every_kind_of_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dests = vec!["a".to_string(), "b".to_string()];
+    let (spool, _) = Spool::open(dir.path(), dests.clone(), limits(64 << 20), 1).expect("open");
+    let mut rng = fastrand::Rng::with_seed(3);
+    let mut ids = Vec::new();
+    let check = |spool: &Spool| {
+        let full = spool.counts().expect("counts");
+        for d in &dests {
+            assert_eq!(spool.dead_letters(d), full[d].dead_letter, "{d}");
+        }
+    };
+    for step in 0..300u32 {
+        match rng.u8(0..7) {
+            0 | 1 => {
+                let uid = format!("1.{}", rng.u32(0..40));
+                let body = vec![rng.u8(..); 16];
+                if let Ok(Accepted::Queued { record, .. }) = receive(&spool, &uid, &body) {
+                    ids.push(record.id);
+                }
+            }
+            2 | 3 if !ids.is_empty() => {
+                let id = ids[rng.usize(0..ids.len())];
+                let d = &dests[rng.usize(0..2)];
+                let state = [RouteState::DeadLetter, RouteState::Delivered, RouteState::Queued]
+                    [rng.usize(0..3)];
+                let how = RouteUpdate {
+                    durability: Durability::Immediate,
+                    audit: None,
+                    now_ms: 5,
+                    keep_payload: false,
+                };
+                let _ = spool.update_route(id, d, how, |r| r.state = state);
+            }
+            4 => {
+                let _ = spool.retry_dead(None, &[], 6);
+            }
+            5 => {
+                let _ = spool.purge_dead(Some(&dests[rng.usize(0..2)]), &[], 7);
+            }
+            _ => {
+                let _ = spool.dead_letter_queued(None, &[], false, 8);
+            }
+        }
+        if step % 10 == 0 {
+            check(&spool);
+        }
+    }
+    check(&spool);
+    drop(spool);
+    let (spool, _) = Spool::open(dir.path(), dests.clone(), limits(64 << 20), 9).expect("reopen");
+    check(&spool);
+}

@@ -41,9 +41,13 @@ struct Args {
     /// as a PACS that sends in parallel does.
     #[arg(long, default_value_t = 1)]
     senders: usize,
-    /// Only these parts (ct, mr, mg on loopback; tunnel in namespaces).
-    #[arg(long, value_delimiter = ',', default_value = "ct,mr,mg,tunnel")]
+    /// Only these parts (ct, mr, mg on loopback; tunnel in namespaces;
+    /// backlog: start-up and status with --backlog instances queued).
+    #[arg(long, value_delimiter = ',', default_value = "ct,mr,mg,tunnel,backlog")]
     only: Vec<String>,
+    /// Instances queued for the backlog part.
+    #[arg(long, default_value_t = 200_000)]
+    backlog: usize,
 }
 
 struct Study {
@@ -159,7 +163,7 @@ fn main() {
     std::fs::create_dir_all(&args.data).expect("bench data dir");
     let mut studies = Vec::new();
     for name in &args.only {
-        if name == "tunnel" {
+        if name == "tunnel" || name == "backlog" {
             continue;
         }
         studies.push(match name.as_str() {
@@ -182,7 +186,7 @@ fn main() {
                 27 * 1024 * 1024,
                 1.15,
             ),
-            other => panic!("unknown part {other:?} (ct, mr, mg, tunnel)"),
+            other => panic!("unknown part {other:?} (ct, mr, mg, tunnel, backlog)"),
         });
     }
     println!(
@@ -255,6 +259,90 @@ fn main() {
     if args.only.iter().any(|o| o == "tunnel") {
         tunnel_bench(&ct_study(&args.data), args.rounds);
     }
+    if args.only.iter().any(|o| o == "backlog") {
+        backlog_bench(&args.data, args.backlog);
+    }
+}
+
+/// A week's outage at a busy site: `n` small instances queued for a
+/// destination that does not answer. How long kakehashid takes to start on
+/// that spool (kill -9, start, serving), and how long `status` takes.
+fn backlog_bench(data: &Path, n: usize) {
+    const SENDERS: usize = 4;
+    let dir = data.join(format!("backlog-{n}"));
+    let marker = dir.join(".complete");
+    if !marker.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        let per = n.div_ceil(SENDERS);
+        for i in 0..SENDERS {
+            let count = per.min(n - i * per);
+            testdata::study(
+                &dir.join(format!("s{i}")),
+                &format!("backlog{i}"),
+                "CT",
+                testdata::CT_IMAGE,
+                Syntax::ExplicitLe,
+                Name::Ascii,
+                count,
+                1024,
+            )
+            .expect("generate backlog");
+        }
+        std::fs::write(&marker, b"").expect("marker");
+    }
+    // Nothing listens on the destination's port: everything stays queued.
+    let mut relay = Relay::start(RelayOptions::to(free_port()));
+    let t = Instant::now();
+    std::thread::scope(|scope| {
+        for i in 0..SENDERS {
+            let sub = dir.join(format!("s{i}"));
+            let port = relay.port;
+            scope.spawn(move || {
+                std::process::Command::new("storescu")
+                    .args(["-nh", "-R", "-xe", "+sd", "-aet", "MODALITY1", "-aec", "KAKEHASHI", "127.0.0.1"])
+                    .arg(port.to_string())
+                    .arg(&sub)
+                    .env("TCP_NODELAY", "1")
+                    .output()
+                    .expect("storescu")
+            });
+        }
+    });
+    let ingest = t.elapsed();
+    let queued = relay.queued();
+    let status_ms = |relay: &Relay| {
+        let mut v: Vec<f64> = (0..20)
+            .map(|_| {
+                let t = Instant::now();
+                let _ = relay.status();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let before = status_ms(&relay);
+    relay.kill9();
+    let t = Instant::now();
+    relay.restart();
+    let startup = t.elapsed();
+    let after = status_ms(&relay);
+    let cli = {
+        let t = Instant::now();
+        let out = relay.cli(&["status"]);
+        assert!(out.status.success());
+        t.elapsed()
+    };
+    println!(
+        "backlog: {queued} queued (sent {n} in {:.0} s, {:.0}/s with {SENDERS} senders); start-up after kill -9: {:.2} s; status: {:.2} ms (control socket, median of 20; {:.2} ms after the restart); `kakehashi status` {:.0} ms",
+        ingest.as_secs_f64(),
+        n as f64 / ingest.as_secs_f64(),
+        startup.as_secs_f64(),
+        before,
+        after,
+        cli.as_secs_f64() * 1e3
+    );
+    assert_eq!(queued as usize, n, "every instance queued");
 }
 
 const CENTER_DICOM_PORT: u16 = 11113;
