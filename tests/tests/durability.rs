@@ -218,8 +218,8 @@ fn big_instance(sealed: bool) {
         peak >> 20
     );
     assert!(
-        peak < 96 * 1024 * 1024,
-        "peak RSS {} MiB must stay far below the instance size",
+        peak < 24 * 1024 * 1024,
+        "peak RSS {} MiB: the instance is streamed, never held (README: about 12 MiB; the bound is twice that)",
         peak >> 20
     );
 }

@@ -52,6 +52,28 @@ fn destination_down_then_up_everything_arrives_once() {
     assert_eq!(center.files().len(), 40);
     assert_eq!(center.store_requests(), 40, "nothing sent twice");
     assert_eq!(relay.status().destinations[0].dead_letter, 0);
+    // Each delivery is in the audit trail, with the destination and status.
+    let audit = match relay.request(&Request::Audit {
+        after: 0,
+        limit: 1000,
+    }) {
+        Response::Audit { records } => records,
+        other => panic!("{other:?}"),
+    };
+    let delivered: std::collections::HashSet<_> = audit
+        .iter()
+        .filter(|a| {
+            a.event == kakehashi_control::AuditEvent::Delivered
+                && a.destination.as_deref() == Some("reading-center")
+                && a.detail.contains("0x0000")
+        })
+        .filter_map(|a| a.sop_instance_uid.clone())
+        .collect();
+    let sent: std::collections::HashSet<_> = files
+        .iter()
+        .map(|f| sop_instance_of_file(&read(f)).expect("uid"))
+        .collect();
+    assert_eq!(delivered, sent, "one delivered record per instance");
 }
 
 #[test]

@@ -178,3 +178,77 @@ fn a_readable_tunnel_key_is_refused_with_exit_78() {
         "{text}"
     );
 }
+
+#[test]
+fn sigterm_in_the_middle_of_a_transfer_loses_nothing_and_leaves_nothing_half_written() {
+    // The hospital is sending and the forwarder is delivering when systemd
+    // stops the box. Everything acknowledged must be delivered after the
+    // restart; no payload without its record may be left in the spool, and
+    // the restart must not need recovery.
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = testdata::study(
+        data.path(),
+        "term",
+        "CT",
+        testdata::CT_IMAGE,
+        Syntax::ExplicitLe,
+        Name::Utf8,
+        400,
+        256 * 1024,
+    )
+    .expect("data");
+    let center = StoreScp::start(free_port());
+    let mut relay = Relay::start(RelayOptions::to(center.port));
+    let port = relay.port;
+    let sender = {
+        let files = files.clone();
+        std::thread::spawn(move || storescu(port, "MODALITY1", &files))
+    };
+    wait_until(
+        "the transfer to be under way",
+        Duration::from_secs(60),
+        || center.files().len() >= 20,
+    );
+    let status = relay.terminate();
+    assert!(
+        status.success(),
+        "SIGTERM mid-transfer is a clean stop: {status:?}"
+    );
+    let out = sender.join().expect("sender");
+    assert!(
+        !out.acked.is_empty() && out.acked.len() < files.len(),
+        "the stop came mid-transfer ({} acknowledged)",
+        out.acked.len()
+    );
+    // Nothing half-written: every payload left has its record.
+    let spool = relay.spool_dir();
+    let held = kakehashi_spool::inspect(&spool)
+        .expect("inspect the spool")
+        .expect("a spool")
+        .instances;
+    let payloads = std::fs::read_dir(spool.join("data"))
+        .expect("data dir")
+        .count() as u64;
+    assert_eq!(payloads, held, "payloads without a record were left behind");
+
+    relay.restart();
+    relay.wait_drained(Duration::from_secs(120));
+    let log = relay.log_text();
+    assert!(
+        !log.contains("recovered after an unclean stop"),
+        "a clean stop needs no recovery:\n{log}"
+    );
+    let arrived: std::collections::HashSet<String> = center
+        .files()
+        .iter()
+        .filter_map(|p| sop_instance_of_file(&read(p)))
+        .collect();
+    for f in &out.acked {
+        let uid = sop_instance_of_file(&read(f)).expect("uid");
+        assert!(
+            arrived.contains(&uid),
+            "acknowledged {} never arrived",
+            f.display()
+        );
+    }
+}

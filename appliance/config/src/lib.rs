@@ -6,7 +6,9 @@
 //! raw string from the file. Every validation error names the key, the bad
 //! value and what would be accepted.
 //!
-//! Not here: the TPM section (a later issue), hot reload (the daemon reads
+//! [`site`] turns a field engineer's site file into a config.
+//!
+//! Not here: hot reload (the daemon reads
 //! its config once at start; restart it to apply changes).
 
 #![forbid(unsafe_code)]

@@ -57,11 +57,21 @@ pub enum Response {
         #[serde(default)]
         total: u64,
     },
-    Retried { ids: Vec<u64> },
-    Purged { ids: Vec<u64> },
-    DeadLettered { ids: Vec<u64> },
-    Audit { records: Vec<AuditRecord> },
-    Error { message: String },
+    Retried {
+        ids: Vec<u64>,
+    },
+    Purged {
+        ids: Vec<u64>,
+    },
+    DeadLettered {
+        ids: Vec<u64>,
+    },
+    Audit {
+        records: Vec<AuditRecord>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

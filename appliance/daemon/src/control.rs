@@ -187,7 +187,8 @@ fn answer(shared: &Shared, req: Request) -> Response {
                 tpm: shared.tpm.clone().map(|mut t| {
                     if t.problem.is_some() {
                         // Everything queued was sealed with the key that is gone.
-                        t.undecryptable = Some(destinations.iter().map(|d| d.queued).max().unwrap_or(0));
+                        t.undecryptable =
+                            Some(destinations.iter().map(|d| d.queued).max().unwrap_or(0));
                     }
                     t
                 }),

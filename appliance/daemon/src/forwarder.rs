@@ -130,9 +130,7 @@ impl Handle {
             queued_bytes: q.bytes(),
             dead_letter,
             stuck: q.stuck(),
-            oldest_age_s: q
-                .oldest_received_ms()
-                .map(|t| now.saturating_sub(t) / 1000),
+            oldest_age_s: q.oldest_received_ms().map(|t| now.saturating_sub(t) / 1000),
             delivered_since_start: s.delivered,
             last_success_ms: s.last_success_ms,
             last_error: s.last_error.clone(),

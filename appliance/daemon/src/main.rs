@@ -13,7 +13,17 @@
 //! tunnel key file (do not restart); 73 spool cannot be opened; 69 a socket
 //! cannot be bound or the tunnel interface cannot be created; 1 other failures.
 //!
-//! Not yet here: TPM identity and sealed spool (a later issue).
+//! With a `[tpm]` section it unseals the box's keys at start (`keys`): the
+//! spool is then sealed and the tunnel key comes from the TPM; without the
+//! keys it still starts, says why in `status`, and accepts and sends nothing.
+//!
+//! Modules: `ingress` (the SCP), `forwarder` and `schedule` (what to send,
+//! when; the pause/backoff gate), `control` (the operator socket), `notify`
+//! (sd_notify, watchdog liveness), `rejections` (rate-limited audit of
+//! rejected associations), `keys`, `logging`.
+//!
+//! Not here: prefetch of priors, reports, urgent findings, metrics (later
+//! issues); one association per destination at a time.
 
 #![forbid(unsafe_code)]
 
@@ -367,7 +377,13 @@ async fn run(
         .await
         .is_err()
     {
-        tracing::warn!("some tasks did not stop in 15 s; exiting anyway (in-flight work is requeued at next start)");
+        tracing::warn!("some tasks did not stop in 15 s; exiting anyway (an unfinished C-STORE is sent again at next start)");
+    }
+    // Deliveries settled after the checkpointer's last round: make them
+    // durable and free their payloads, so the next start finds a clean spool.
+    let spool = Arc::clone(&shared.spool);
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || spool.checkpoint()).await {
+        tracing::error!("final spool checkpoint failed: {e}");
     }
     let _ = std::fs::remove_file(&shared.config.control.socket);
     if let Some(t) = &shared.tunnel {

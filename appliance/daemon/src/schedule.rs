@@ -53,7 +53,11 @@ impl Interner {
 }
 
 impl Item {
-    pub fn from_record(rec: &InstanceRecord, destination: &str, strings: &mut Interner) -> Option<Item> {
+    pub fn from_record(
+        rec: &InstanceRecord,
+        destination: &str,
+        strings: &mut Interner,
+    ) -> Option<Item> {
         let route = rec.route(destination)?;
         route.state.is_pending().then(|| Item {
             id: rec.id,
@@ -131,7 +135,13 @@ impl Queue {
     }
 
     /// A transient failure: the item waits until `next_attempt_ms`.
-    pub fn reschedule(&mut self, id: u64, attempts: u32, next_attempt_ms: u64, stuck_ms: Option<u64>) {
+    pub fn reschedule(
+        &mut self,
+        id: u64,
+        attempts: u32,
+        next_attempt_ms: u64,
+        stuck_ms: Option<u64>,
+    ) {
         if let Some(mut item) = self.remove(id) {
             item.attempts = attempts;
             item.next_attempt_ms = next_attempt_ms;
@@ -187,7 +197,9 @@ impl Queue {
             return out;
         };
         for (_, id) in set {
-            let Some(i) = self.items.get(id) else { continue };
+            let Some(i) = self.items.get(id) else {
+                continue;
+            };
             let pair = (i.sop_class.to_string(), i.transfer_syntax.to_string());
             if !out.contains(&pair) {
                 out.push(pair);

@@ -15,8 +15,9 @@
 //! - [`part10`]: the file meta header that makes a spooled payload a Part 10 file
 //! - [`scu`]: the storage SCU the forwarder uses
 //!
-//! Not here: C-FIND/C-MOVE (prefetch is a later issue), TLS, asynchronous
-//! operations windows (one outstanding operation per association).
+//! Not here: C-FIND/C-MOVE (prefetch is a later issue), TLS. An asynchronous
+//! operations window is answered with 1/1: one outstanding operation per
+//! association, in both directions.
 
 #![forbid(unsafe_code)]
 

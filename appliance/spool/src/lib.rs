@@ -609,7 +609,11 @@ impl Spool {
                         said = Some(why);
                     }
                 }
-                for r in rec.routes.iter().filter(|r| r.state == RouteState::DeadLetter) {
+                for r in rec
+                    .routes
+                    .iter()
+                    .filter(|r| r.state == RouteState::DeadLetter)
+                {
                     *dead_counts.entry(r.destination.clone()).or_default() += 1;
                 }
                 if changed {

@@ -691,8 +691,11 @@ fn dead_letter_counters_match_a_full_scan_through_every_kind_of_change() {
             2 | 3 if !ids.is_empty() => {
                 let id = ids[rng.usize(0..ids.len())];
                 let d = &dests[rng.usize(0..2)];
-                let state = [RouteState::DeadLetter, RouteState::Delivered, RouteState::Queued]
-                    [rng.usize(0..3)];
+                let state = [
+                    RouteState::DeadLetter,
+                    RouteState::Delivered,
+                    RouteState::Queued,
+                ][rng.usize(0..3)];
                 let how = RouteUpdate {
                     durability: Durability::Immediate,
                     audit: None,

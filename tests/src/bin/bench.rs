@@ -299,7 +299,17 @@ fn backlog_bench(data: &Path, n: usize) {
             let port = relay.port;
             scope.spawn(move || {
                 std::process::Command::new("storescu")
-                    .args(["-nh", "-R", "-xe", "+sd", "-aet", "MODALITY1", "-aec", "KAKEHASHI", "127.0.0.1"])
+                    .args([
+                        "-nh",
+                        "-R",
+                        "-xe",
+                        "+sd",
+                        "-aet",
+                        "MODALITY1",
+                        "-aec",
+                        "KAKEHASHI",
+                        "127.0.0.1",
+                    ])
                     .arg(port.to_string())
                     .arg(&sub)
                     .env("TCP_NODELAY", "1")
