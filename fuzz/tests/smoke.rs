@@ -143,6 +143,7 @@ fn record() {
             next_attempt_ms: 3,
             last_error: Some("0xA700".into()),
             delivered_ms: None,
+            stuck_ms: Some(9),
         }],
     };
     run(f::record, &[kakehashi_spool::record::encode(&rec)]);
