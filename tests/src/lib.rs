@@ -417,6 +417,17 @@ impl Relay {
         }
     }
 
+    /// The whole audit trail kept in the index (up to 10 000 records).
+    pub fn audit(&self) -> Vec<kakehashi_control::AuditRecord> {
+        match self.request(&Request::Audit {
+            after: 0,
+            limit: 10_000,
+        }) {
+            Response::Audit { records } => records,
+            other => panic!("audit: {other:?}"),
+        }
+    }
+
     pub fn queued(&self) -> u64 {
         self.status().destinations.iter().map(|d| d.queued).sum()
     }

@@ -240,6 +240,35 @@ enum Cut {
     Rst,
 }
 
+/// An association with the box from MODALITY1, one context (CT, explicit
+/// VR little endian, id 1), as raw bytes on a socket: for injecting faults.
+async fn associate(port: u16) -> tokio::net::TcpStream {
+    use dicom_ul::pdu::*;
+    use kakehashi_dicom::wire;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let rq = Pdu::AssociationRQ(AssociationRQ {
+        protocol_version: 1,
+        calling_ae_title: "MODALITY1".into(),
+        called_ae_title: "KAKEHASHI".into(),
+        application_context_name: "1.2.840.10008.3.1.1.1".into(),
+        presentation_contexts: vec![PresentationContextProposed {
+            id: 1,
+            abstract_syntax: testdata::CT_IMAGE.into(),
+            transfer_syntaxes: vec!["1.2.840.10008.1.2.1".into()],
+        }],
+        user_variables: vec![UserVariableItem::MaxLength(65536)],
+    });
+    wire::write_pdu(&mut s, &rq).await.expect("rq");
+    let mut buf = bytes::BytesMut::new();
+    let ac = wire::read_pdu(&mut s, &mut buf, 65536)
+        .await
+        .expect("answer");
+    assert!(matches!(ac, Pdu::AssociationAC(_)), "{ac:?}");
+    s
+}
+
 /// A sender that speaks just enough DICOM to get into the middle of a
 /// 50 MiB C-STORE (20 MiB sent) and then cuts the association: the network
 /// faults a real site has, injected on purpose.
@@ -252,27 +281,7 @@ fn store_and_cut(port: u16, sop_instance: &str, cut: Cut) {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let rq = Pdu::AssociationRQ(AssociationRQ {
-            protocol_version: 1,
-            calling_ae_title: "MODALITY1".into(),
-            called_ae_title: "KAKEHASHI".into(),
-            application_context_name: "1.2.840.10008.3.1.1.1".into(),
-            presentation_contexts: vec![PresentationContextProposed {
-                id: 1,
-                abstract_syntax: testdata::CT_IMAGE.into(),
-                transfer_syntaxes: vec!["1.2.840.10008.1.2.1".into()],
-            }],
-            user_variables: vec![UserVariableItem::MaxLength(65536)],
-        });
-        wire::write_pdu(&mut s, &rq).await.expect("rq");
-        let mut buf = bytes::BytesMut::new();
-        let ac = wire::read_pdu(&mut s, &mut buf, 65536)
-            .await
-            .expect("answer");
-        assert!(matches!(ac, Pdu::AssociationAC(_)), "{ac:?}");
+        let mut s = associate(port).await;
         let cmd = dimse::c_store_rq(1, testdata::CT_IMAGE, sop_instance, 0);
         wire::send_command(&mut s, 1, &cmd).await.expect("command");
         // 20 MiB of a 50 MiB dataset, never the last fragment.
@@ -379,24 +388,8 @@ fn a_reset_right_after_the_acknowledgement_still_delivers() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let rq = Pdu::AssociationRQ(AssociationRQ {
-            protocol_version: 1,
-            calling_ae_title: "MODALITY1".into(),
-            called_ae_title: "KAKEHASHI".into(),
-            application_context_name: "1.2.840.10008.3.1.1.1".into(),
-            presentation_contexts: vec![PresentationContextProposed {
-                id: 1,
-                abstract_syntax: testdata::CT_IMAGE.into(),
-                transfer_syntaxes: vec!["1.2.840.10008.1.2.1".into()],
-            }],
-            user_variables: vec![UserVariableItem::MaxLength(65536)],
-        });
-        wire::write_pdu(&mut s, &rq).await.expect("rq");
+        let mut s = associate(port).await;
         let mut buf = bytes::BytesMut::new();
-        wire::read_pdu(&mut s, &mut buf, 65536).await.expect("ac");
         wire::send_command(
             &mut s,
             1,
@@ -458,13 +451,7 @@ fn an_instance_refused_transiently_forever_is_flagged_stuck_and_the_operator_can
     assert!(text.contains("STUCK 1"), "{text}");
     let list = String::from_utf8_lossy(&relay.cli(&["queue", "list"]).stdout).to_string();
     assert!(list.contains("STUCK") && list.contains("0xA700"), "{list}");
-    let audit = match relay.request(&kakehashi_control::Request::Audit {
-        after: 0,
-        limit: 1000,
-    }) {
-        kakehashi_control::Response::Audit { records } => records,
-        other => panic!("{other:?}"),
-    };
+    let audit = relay.audit();
     let stuck: Vec<_> = audit
         .iter()
         .filter(|a| a.event == kakehashi_control::AuditEvent::Stuck)

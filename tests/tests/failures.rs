@@ -53,13 +53,7 @@ fn destination_down_then_up_everything_arrives_once() {
     assert_eq!(center.store_requests(), 40, "nothing sent twice");
     assert_eq!(relay.status().destinations[0].dead_letter, 0);
     // Each delivery is in the audit trail, with the destination and status.
-    let audit = match relay.request(&Request::Audit {
-        after: 0,
-        limit: 1000,
-    }) {
-        Response::Audit { records } => records,
-        other => panic!("{other:?}"),
-    };
+    let audit = relay.audit();
     let delivered: std::collections::HashSet<_> = audit
         .iter()
         .filter(|a| {
@@ -206,13 +200,7 @@ fn strangers_are_rejected_and_garbage_only_costs_its_connection() {
         "oversized PDU is logged: {log}"
     );
 
-    let audit = match relay.request(&Request::Audit {
-        after: 0,
-        limit: 100,
-    }) {
-        Response::Audit { records } => records,
-        other => panic!("{other:?}"),
-    };
+    let audit = relay.audit();
     let rejected = audit
         .iter()
         .filter(|a| a.event == kakehashi_control::AuditEvent::AssociationRejected)
@@ -482,13 +470,7 @@ fn a_corrected_resend_replaces_the_queued_copy_and_is_the_one_delivered() {
         testdata::dataset_of_file(&read(&arrived[0])) == testdata::dataset_of_file(&read(&fixed)),
         "the center holds the corrected version"
     );
-    let audit = match relay.request(&Request::Audit {
-        after: 0,
-        limit: 1000,
-    }) {
-        Response::Audit { records } => records,
-        other => panic!("{other:?}"),
-    };
+    let audit = relay.audit();
     assert!(
         audit
             .iter()
@@ -769,13 +751,7 @@ fn whoever_reaches_the_port_cannot_grow_the_index_or_lock_senders_out() {
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
     }
-    let audit = |relay: &Relay| match relay.request(&Request::Audit {
-        after: 0,
-        limit: 10_000,
-    }) {
-        Response::Audit { records } => records,
-        other => panic!("{other:?}"),
-    };
+    let audit = |relay: &Relay| relay.audit();
     let rejected = audit(&relay)
         .iter()
         .filter(|a| a.event == kakehashi_control::AuditEvent::AssociationRejected)

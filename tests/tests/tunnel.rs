@@ -471,13 +471,7 @@ fn a_destination_name_that_resolves_outside_the_tunnel_gets_nothing() {
             .contains("Association Acknowledged"),
         "not even an association was made over the WAN"
     );
-    let audit = match relay.request(&kakehashi_control::Request::Audit {
-        after: 0,
-        limit: 1000,
-    }) {
-        kakehashi_control::Response::Audit { records } => records,
-        other => panic!("{other:?}"),
-    };
+    let audit = relay.audit();
     let refusals: Vec<_> = audit
         .iter()
         .filter(|a| a.event == kakehashi_control::AuditEvent::OutsideTunnel)

@@ -9,8 +9,24 @@ use kakehashi_tpm::{csr, sha256, Tpm};
 /// Loads `identity` with tpm2-tools (as `id.ctx` in `d`), under a primary
 /// made from the same template as ours: an independent reader of the TPM.
 fn load_with_tools(swtpm: &Swtpm, identity: &kakehashi_tpm::KeyBlob, d: &std::path::Path) {
-    std::fs::write(d.join("id.pub"), identity.tpm2b_public()).expect("write");
-    std::fs::write(d.join("id.priv"), identity.tpm2b_private()).expect("write");
+    load_via(swtpm, &swtpm.tcti(), identity, "id", d);
+}
+
+/// Like [`load_with_tools`], through `tcti`, as `<name>.ctx`.
+fn load_via(
+    swtpm: &Swtpm,
+    tcti: &str,
+    blob: &kakehashi_tpm::KeyBlob,
+    name: &str,
+    d: &std::path::Path,
+) {
+    let (public, private, ctx) = (
+        format!("{name}.pub"),
+        format!("{name}.priv"),
+        format!("{name}.ctx"),
+    );
+    std::fs::write(d.join(&public), blob.tpm2b_public()).expect("write");
+    std::fs::write(d.join(&private), blob.tpm2b_private()).expect("write");
     for args in [
         &[
             "tpm2_createprimary",
@@ -30,14 +46,14 @@ fn load_with_tools(swtpm: &Swtpm, identity: &kakehashi_tpm::KeyBlob, d: &std::pa
             "-C",
             "primary.ctx",
             "-u",
-            "id.pub",
+            &public,
             "-r",
-            "id.priv",
+            &private,
             "-c",
-            "id.ctx",
+            &ctx,
         ][..],
     ] {
-        let out = swtpm.tools(args, d);
+        let out = swtpm.tools_via(tcti, args, d);
         assert!(
             out.status.success(),
             "{args:?}: {}",
@@ -307,42 +323,13 @@ fn secrets_never_cross_the_tpm_bus_in_clear() {
     tap.clear();
     let work = tempfile::tempdir().expect("tempdir");
     let d = work.path();
-    std::fs::write(d.join("s.pub"), plain.tpm2b_public()).expect("write");
-    std::fs::write(d.join("s.priv"), plain.tpm2b_private()).expect("write");
-    for args in [
-        &[
-            "tpm2_createprimary",
-            "-C",
-            "o",
-            "-g",
-            "sha256",
-            "-G",
-            "ecc256:null:aes128cfb",
-            "-a",
-            "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt",
-            "-c",
-            "primary.ctx",
-        ][..],
-        &[
-            "tpm2_load",
-            "-C",
-            "primary.ctx",
-            "-u",
-            "s.pub",
-            "-r",
-            "s.priv",
-            "-c",
-            "s.ctx",
-        ][..],
-        &["tpm2_unseal", "-c", "s.ctx", "-o", "out"][..],
-    ] {
-        let out = swtpm.tools_via(&tap.tcti(), args, d);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    load_via(&swtpm, &tap.tcti(), &plain, "s", d);
+    let out = swtpm.tools_via(&tap.tcti(), &["tpm2_unseal", "-c", "s.ctx", "-o", "out"], d);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read(d.join("out")).expect("unsealed"), secret);
     assert!(
         holds(&tap.captured(), &secret[..12]),
