@@ -71,6 +71,10 @@ pub struct Config {
     pub control: ControlConfig,
     pub log: LogConfig,
     pub audit: AuditConfig,
+    /// The appliance image's network interfaces. With it, the system (the
+    /// image's kakehashi-render and systemd-networkd) also creates and
+    /// configures the tunnel's interface; kakehashid only attaches to it.
+    pub network: Option<NetworkConfig>,
     /// The WireGuard tunnel to the reading center, if the box keeps one.
     pub tunnel: Option<TunnelConfig>,
     /// Where the box's identity and sealed secrets live.
@@ -117,6 +121,11 @@ pub struct TunnelConfig {
     /// endpoint and re-apply the peer.
     pub handshake_timeout: Duration,
     pub peer: TunnelPeer,
+    /// The interface exists already, with its addresses, MTU and routes,
+    /// made by the system (the appliance image, when `[network]` is set):
+    /// kakehashid attaches to it and needs no privilege. Otherwise
+    /// kakehashid creates and configures it (CAP_NET_ADMIN).
+    pub link_by_system: bool,
 }
 
 /// The reading center's WireGuard peer (`[tunnel.peer]`).
@@ -234,6 +243,29 @@ pub struct RetryPolicy {
     /// still retried: a transient status never dead-letters by itself.
     pub stuck_after_attempts: u32,
     pub stuck_after: Duration,
+}
+
+/// The box's two ports (`[network]`), as the appliance image applies them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The hospital side.
+    pub lan: Port,
+    /// The internet side (towards the reading center's WireGuard endpoint).
+    pub wan: Port,
+    /// Name servers (empty: those DHCP gives).
+    pub dns: Vec<IpAddr>,
+    /// NTP servers (empty: those DHCP gives, else Debian's pool).
+    pub ntp: Vec<String>,
+}
+
+/// One network port of the box.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    /// Kernel interface name (`enp1s0`).
+    pub interface: String,
+    /// `None`: DHCP.
+    pub address: Option<IpNet>,
+    pub gateway: Option<IpAddr>,
 }
 
 /// How much of the audit trail the spool's index keeps (`[audit]`). Older

@@ -5,8 +5,8 @@ use serde::Deserialize;
 use crate::units::{parse_bytes, parse_duration};
 use crate::{
     AeTitle, AuditConfig, Config, ConfigError, ControlConfig, Destination, DicomConfig, IpNet,
-    KeyBackend, LogConfig, LogFormat, RetryPolicy, Source, SpoolConfig, TpmConfig, TunnelConfig,
-    TunnelPeer, DEFAULT_CONTROL_SOCKET,
+    KeyBackend, LogConfig, LogFormat, NetworkConfig, Port, RetryPolicy, Source, SpoolConfig,
+    TpmConfig, TunnelConfig, TunnelPeer, DEFAULT_CONTROL_SOCKET,
 };
 use base64::Engine as _;
 use std::path::PathBuf;
@@ -30,6 +30,7 @@ pub(crate) struct RawConfig {
     log: RawLog,
     #[serde(default)]
     audit: RawAudit,
+    network: Option<RawNetwork>,
     tunnel: Option<RawTunnel>,
     tpm: Option<RawTpm>,
 }
@@ -195,6 +196,112 @@ struct RawControl {
     socket: Option<String>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    lan: RawPort,
+    wan: RawPort,
+    #[serde(default)]
+    dns: Vec<String>,
+    #[serde(default)]
+    ntp: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    interface: String,
+    address: String,
+    gateway: Option<String>,
+}
+
+impl RawPort {
+    fn validate(self, side: &str, other: Option<&str>) -> Result<Port, ConfigError> {
+        let key = |k: &str| format!("network.{side}.{k}");
+        if !interface_name_ok(&self.interface) {
+            return Err(ConfigError::invalid(
+                key("interface"),
+                &self.interface,
+                "a kernel interface name of 1 to 15 characters (e.g. \"enp1s0\"; `ip link` on the box lists them)",
+            ));
+        }
+        if other == Some(self.interface.as_str()) {
+            return Err(ConfigError::invalid(
+                key("interface"),
+                &self.interface,
+                "another port than network.lan's (the LAN and the WAN are separate ports)",
+            ));
+        }
+        let address = match self.address.as_str() {
+            "dhcp" => None,
+            a => {
+                let net = IpNet::parse(&key("address"), a)?;
+                if a.split_once('/').is_none() {
+                    return Err(ConfigError::invalid(
+                        key("address"),
+                        a,
+                        "\"dhcp\", or an address with its prefix length, e.g. \"192.168.10.5/24\"",
+                    ));
+                }
+                Some(net)
+            }
+        };
+        let gateway = self
+            .gateway
+            .as_deref()
+            .map(|g| {
+                g.parse::<std::net::IpAddr>()
+                    .map_err(|_| ConfigError::invalid(key("gateway"), g, "an IP address"))
+            })
+            .transpose()?;
+        Ok(Port {
+            interface: self.interface,
+            address,
+            gateway,
+        })
+    }
+}
+
+fn interface_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+impl RawNetwork {
+    fn validate(self) -> Result<NetworkConfig, ConfigError> {
+        let lan = self.lan.validate("lan", None)?;
+        let wan = self.wan.validate("wan", Some(&lan.interface))?;
+        let dns = self
+            .dns
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                d.parse::<std::net::IpAddr>().map_err(|_| {
+                    ConfigError::invalid(format!("network.dns[{i}]"), d, "an IP address")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, n) in self.ntp.iter().enumerate() {
+            if n.is_empty() || n.contains(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    format!("network.ntp[{i}]"),
+                    n,
+                    "an NTP server's name or address",
+                ));
+            }
+        }
+        Ok(NetworkConfig {
+            lan,
+            wan,
+            dns,
+            ntp: self.ntp,
+        })
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawAudit {
@@ -252,12 +359,7 @@ fn literal_host(value: &str) -> Option<std::net::IpAddr> {
 impl RawTunnel {
     fn validate(self) -> Result<TunnelConfig, ConfigError> {
         let interface = self.interface.unwrap_or_else(|| "kakehashi0".to_string());
-        let name_ok = !interface.is_empty()
-            && interface.len() <= 15
-            && interface
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-        if !name_ok {
+        if !interface_name_ok(&interface) {
             return Err(ConfigError::invalid(
                 "tunnel.interface",
                 &interface,
@@ -373,13 +475,27 @@ impl RawTunnel {
                 allowed_ips,
                 persistent_keepalive,
             },
+            link_by_system: false,
         })
     }
 }
 
 impl RawConfig {
     pub(crate) fn validate(self) -> Result<Config, ConfigError> {
-        let tunnel = self.tunnel.map(RawTunnel::validate).transpose()?;
+        let mut tunnel = self.tunnel.map(RawTunnel::validate).transpose()?;
+        let network = self.network.map(RawNetwork::validate).transpose()?;
+        if let Some(t) = tunnel.as_mut() {
+            t.link_by_system = network.is_some();
+        }
+        if let (Some(n), Some(t)) = (&network, &tunnel) {
+            if [&n.lan.interface, &n.wan.interface].contains(&&t.interface) {
+                return Err(ConfigError::invalid(
+                    "tunnel.interface",
+                    &t.interface,
+                    "a name of its own (not network.lan's or network.wan's)",
+                ));
+            }
+        }
         let tpm = self.tpm.map(RawTpm::validate).transpose()?;
         if let Some(t) = &tunnel {
             if t.private_key_file.is_none() && tpm.is_none() {
@@ -688,6 +804,7 @@ impl RawConfig {
                 socket: PathBuf::from(socket),
             },
             log: LogConfig { format, level },
+            network,
             audit: AuditConfig {
                 dir: PathBuf::from(audit_dir),
                 keep,

@@ -21,6 +21,27 @@ pub struct Site {
     tpm: SiteTpm,
     #[serde(default)]
     spool: SiteSpool,
+    /// The appliance image's ports; copied into the config as it is.
+    network: Option<SiteNetwork>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SiteNetwork {
+    lan: SitePort,
+    wan: SitePort,
+    #[serde(default)]
+    dns: Vec<String>,
+    #[serde(default)]
+    ntp: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SitePort {
+    interface: String,
+    address: String,
+    gateway: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +193,25 @@ impl Site {
             q(&c.wg_endpoint),
             list(&c.allowed_ips)
         );
+        if let Some(n) = &self.network {
+            t += "\n[network]\n";
+            if !n.dns.is_empty() {
+                t += &format!("dns = {}\n", list(&n.dns));
+            }
+            if !n.ntp.is_empty() {
+                t += &format!("ntp = {}\n", list(&n.ntp));
+            }
+            for (side, p) in [("lan", &n.lan), ("wan", &n.wan)] {
+                t += &format!(
+                    "\n[network.{side}]\ninterface = {}\naddress = {}\n",
+                    q(&p.interface),
+                    q(&p.address)
+                );
+                if let Some(g) = &p.gateway {
+                    t += &format!("gateway = {}\n", q(g));
+                }
+            }
+        }
         t += "\n[tpm]\n";
         match self.tpm.backend.as_deref() {
             Some("software") => t += "backend = \"software\"   # development only\n",

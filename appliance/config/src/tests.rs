@@ -235,3 +235,35 @@ fn a_name_is_checked_against_the_tunnel_once_resolved() {
         "a direct destination is not the tunnel's"
     );
 }
+
+#[test]
+fn the_appliance_network_is_parsed_and_checked() {
+    let net = "\n[network]\ndns = [\"192.0.2.53\"]\n[network.lan]\ninterface = \"enp0s3\"\naddress = \"192.0.2.1/24\"\n[network.wan]\ninterface = \"enp0s4\"\naddress = \"dhcp\"\n";
+    let c = Config::parse(&(with_tunnel("10.8.0.1:104") + net)).expect("network loads");
+    let n = c.network.expect("network");
+    assert_eq!(
+        n.lan.address.map(|a| a.to_string()).as_deref(),
+        Some("192.0.2.1/24")
+    );
+    assert_eq!(n.wan.address, None, "dhcp");
+    assert!(
+        c.tunnel.expect("tunnel").link_by_system,
+        "the image makes the TUN"
+    );
+    let e = err(&(with_tunnel("10.8.0.1:104") + &net.replace("enp0s4", "enp0s3")));
+    assert!(e.contains("network.wan.interface"), "{e}");
+    let e = err(&(with_tunnel("10.8.0.1:104") + &net.replace("192.0.2.1/24", "192.0.2.1")));
+    assert!(
+        e.contains("network.lan.address") && e.contains("prefix"),
+        "{e}"
+    );
+    let e = err(&(with_tunnel("10.8.0.1:104") + &net.replace("\"enp0s3\"", "\"kk0\"")));
+    assert!(e.contains("tunnel.interface"), "{e}");
+    assert!(
+        !Config::parse(&with_tunnel("10.8.0.1:104"))
+            .expect("no network")
+            .tunnel
+            .expect("t")
+            .link_by_system
+    );
+}

@@ -43,7 +43,7 @@ pub const UAPI_DIR: &str = "/var/run/wireguard";
 pub enum TunnelError {
     #[error("tunnel.private_key_file {path}: {problem}")]
     Key { path: PathBuf, problem: String },
-    #[error("cannot create the WireGuard interface {interface}: {message} (kakehashid needs CAP_NET_ADMIN and access to /dev/net/tun)")]
+    #[error("cannot create the WireGuard interface {interface}: {message}")]
     Device { interface: String, message: String },
     #[error("cannot configure interface {interface}: `{command}` failed: {message}")]
     Link {
@@ -75,8 +75,10 @@ impl std::fmt::Debug for Tunnel {
 }
 
 impl Tunnel {
-    /// Creates the interface, gives it its key, port, peer, addresses, MTU
-    /// and routes. `endpoint` is the peer's resolved address, if it resolved.
+    /// Creates the interface (or attaches to it, when the system made it:
+    /// `link_by_system`), gives it its key, port and peer, and its
+    /// addresses, MTU and routes unless the system did. `endpoint` is the
+    /// peer's resolved address, if it resolved.
     pub fn start(
         config: TunnelConfig,
         key: PrivateKey,
@@ -104,7 +106,11 @@ impl Tunnel {
         )
         .map_err(|e| TunnelError::Device {
             interface: config.interface.clone(),
-            message: e.to_string(),
+            message: if config.link_by_system {
+                format!("{e} (the system makes it from the config's [network]: it must exist as a multi-queue tun owned by the service user; see `networkctl status {}`)", config.interface)
+            } else {
+                format!("{e} (kakehashid needs CAP_NET_ADMIN and access to /dev/net/tun)")
+            },
         })?;
         let tunnel = Tunnel {
             peer_hex: hex::encode(config.peer.public_key),
@@ -121,7 +127,9 @@ impl Tunnel {
         ));
         set.push_str(&tunnel.peer_section(endpoint));
         tunnel.set(&set)?;
-        link::configure(&tunnel.config)?;
+        if !tunnel.config.link_by_system {
+            link::configure(&tunnel.config)?;
+        }
         Ok(tunnel)
     }
 
