@@ -1,12 +1,17 @@
 //! `kakehashi`, the operator CLI. It talks to a running kakehashid over the
 //! control socket; it never opens the spool itself (the daemon owns it).
+//! `provision` and `selftest` are for the box's installer (module
+//! `provision`, `selftest`); `appliance render|medium` are what the
+//! appliance image's units run (module `appliance`, `render`).
 //!
 //! Exit codes: 0 done; 1 the daemon answered with an error; 2 usage;
 //! 69 the daemon cannot be reached.
 
 #![forbid(unsafe_code)]
 
+mod appliance;
 mod provision;
+mod render;
 mod selftest;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -79,11 +84,35 @@ enum Command {
         #[arg(long)]
         rotate: bool,
     },
+    /// What the appliance image's units run (not for a person at a prompt).
+    #[command(subcommand)]
+    Appliance(ApplianceCmd),
     /// Check everything a working box needs, with a fix for each failure:
     /// config, TPM and keys, C-ECHO to local sources and destinations, tunnel,
     /// spool space, clock. Exit 0 only if all pass.
     Selftest {
         /// The box's config.
+        #[arg(long, env = "KAKEHASHI_CONFIG", default_value = kakehashi_config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApplianceCmd {
+    /// Write the network (systemd-networkd), the tunnel's TUN and the
+    /// firewall (nftables) from the config, and load the firewall.
+    Render {
+        #[arg(long, env = "KAKEHASHI_CONFIG", default_value = kakehashi_config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Write under this directory instead of / and apply nothing (to look).
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
+    /// Provision from a FAT medium labelled KAKEHASHI holding site.toml (or
+    /// only report), and write the results back to it.
+    Medium {
+        /// The medium's block device (/dev/sdb1).
+        device: PathBuf,
         #[arg(long, env = "KAKEHASHI_CONFIG", default_value = kakehashi_config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
@@ -183,6 +212,22 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
                     }
                 },
             );
+        }
+        Command::Appliance(ApplianceCmd::Render { config, root }) => {
+            let result = match root {
+                Some(r) => appliance::render(config, r, false),
+                None => appliance::render(config, std::path::Path::new("/"), true),
+            };
+            return Ok(match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kakehashi appliance render: {e}");
+                    ExitCode::from(1)
+                }
+            });
+        }
+        Command::Appliance(ApplianceCmd::Medium { device, config }) => {
+            return Ok(ExitCode::from(appliance::medium(device, config) as u8));
         }
         Command::Selftest { config } => {
             let socket = std::env::var_os("KAKEHASHI_SOCKET")

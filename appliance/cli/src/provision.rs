@@ -38,12 +38,67 @@ fn held_instances(config: &Config) -> Result<u64, String> {
     }
 }
 
+/// What provisioning made, for the reading center and for the record.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub serial: String,
+    pub wireguard_public_key: String,
+    pub tunnel_address: String,
+    pub identity_public_key_pem: String,
+    pub csr_pem: String,
+    pub created: Vec<&'static str>,
+    pub kept: Vec<&'static str>,
+    pub replaced: Vec<(&'static str, String)>,
+    pub config: std::path::PathBuf,
+    pub key_dir: std::path::PathBuf,
+    /// What was done, line by line (`[ok] …`, `[!!] …`).
+    pub log: Vec<String>,
+}
+
+/// `kakehashi provision`: provisions, then prints the outcome.
 pub fn run(
     site_path: &Path,
     config_path: &Path,
     replace: Replace,
     json: bool,
 ) -> Result<(), String> {
+    let live = |line: &str| {
+        if !json {
+            println!("{line}");
+        }
+    };
+    let o = provision(site_path, config_path, replace, &live)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&o).unwrap_or_default());
+        return Ok(());
+    }
+    print!("{}", for_the_center(&o));
+    println!("\nNext: systemctl restart kakehashid, then `kakehashi selftest`.");
+    Ok(())
+}
+
+/// What the reading center needs, as the field engineer reads it.
+pub fn for_the_center(o: &Outcome) -> String {
+    format!(
+        "\nFor the reading center (also in {}/identity.pub.pem and identity.csr.pem):\n  serial               {}\n  WireGuard public key {}\n  on the center:       wg set <interface> peer {} allowed-ips {}/32\n  identity public key\n{}  certificate request (PKCS#10, signed in the TPM)\n{}",
+        o.key_dir.display(),
+        o.serial,
+        o.wireguard_public_key,
+        o.wireguard_public_key,
+        o.tunnel_address,
+        indent(&o.identity_public_key_pem),
+        indent(&o.csr_pem)
+    )
+}
+
+/// Checks the TPM, makes or keeps the keys, writes the config. `live` sees
+/// each step as it happens.
+pub fn provision(
+    site_path: &Path,
+    config_path: &Path,
+    replace: Replace,
+    live: &dyn Fn(&str),
+) -> Result<Outcome, String> {
     let site = Site::load(site_path)?;
     let text = site.config_text(site_path);
     let config = Config::parse(&text).map_err(|e| {
@@ -60,10 +115,10 @@ pub fn run(
         KeyBackend::Tpm { tcti } => tcti.clone(),
         KeyBackend::Software => "software".into(),
     };
+    let log = std::cell::RefCell::new(Vec::new());
     let say = |line: String| {
-        if !json {
-            println!("{line}");
-        }
+        live(&line);
+        log.borrow_mut().push(line);
     };
     let mut store = KeyStore::open(&tpm).map_err(|e| {
         format!("{e}\n  fix: is the TPM enabled in the firmware setup, and /dev/tpmrm0 present (ls -l /dev/tpmrm0)? Run as root or as a member of group tss.")
@@ -127,41 +182,19 @@ pub fn run(
     if let Some(line) = hand_over(store.dir(), config_path)? {
         say(line);
     }
-    let tunnel_ip = site.tunnel_ip().to_string();
-    if json {
-        let v = serde_json::json!({
-            "serial": enrollment.serial,
-            "wireguard_public_key": wg_public,
-            "tunnel_address": tunnel_ip,
-            "identity_public_key_pem": enrollment.identity_pem,
-            "csr_pem": enrollment.csr_pem,
-            "created": done.created,
-            "kept": done.kept,
-            "replaced": done.replaced.iter().map(|(k, why)| serde_json::json!({"key": k, "why": why})).collect::<Vec<_>>(),
-            "config": config_path,
-        });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        return Ok(());
-    }
-    println!(
-        "\nFor the reading center (also in {}/identity.pub.pem and identity.csr.pem):",
-        store.dir().display()
-    );
-    println!("  serial               {}", enrollment.serial);
-    println!("  WireGuard public key {wg_public}");
-    println!(
-        "  on the center:       wg set <interface> peer {wg_public} allowed-ips {tunnel_ip}/32"
-    );
-    print!(
-        "  identity public key\n{}",
-        indent(&enrollment.identity_pem)
-    );
-    print!(
-        "  certificate request (PKCS#10, signed in the TPM)\n{}",
-        indent(&enrollment.csr_pem)
-    );
-    println!("\nNext: systemctl restart kakehashid, then `kakehashi selftest`.");
-    Ok(())
+    Ok(Outcome {
+        serial: enrollment.serial,
+        wireguard_public_key: wg_public,
+        tunnel_address: site.tunnel_ip().to_string(),
+        identity_public_key_pem: enrollment.identity_pem,
+        csr_pem: enrollment.csr_pem,
+        created: done.created,
+        kept: done.kept,
+        replaced: done.replaced,
+        config: config_path.to_path_buf(),
+        key_dir: store.dir().to_path_buf(),
+        log: log.into_inner(),
+    })
 }
 
 fn indent(text: &str) -> String {

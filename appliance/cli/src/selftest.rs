@@ -94,7 +94,8 @@ async fn echo_to(
     Ok(t.elapsed())
 }
 
-pub fn run(config_path: &Path, socket: Option<&Path>, json: bool) -> i32 {
+/// Runs every check; the report as text or JSON, and whether all passed.
+pub fn report(config_path: &Path, socket: Option<&Path>, json: bool) -> (String, bool) {
     let mut checks = Vec::new();
     let config = match Config::load(config_path) {
         Ok(c) => {
@@ -112,23 +113,90 @@ pub fn run(config_path: &Path, socket: Option<&Path>, json: bool) -> i32 {
     if let Some(config) = &config {
         checks.extend(with_config(config, socket));
     }
+    checks.extend(appliance_root());
     let failed = checks.iter().filter(|c| !c.ok).count();
-    if json {
+    let text = if json {
         let v: Vec<_> = checks
             .iter()
             .map(|c| serde_json::json!({"ok": c.ok, "check": c.what, "fix": c.fix}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
     } else {
+        let mut t = String::new();
         for c in &checks {
-            println!("[{}] {}", if c.ok { "PASS" } else { "FAIL" }, c.what);
+            t += &format!("[{}] {}\n", if c.ok { "PASS" } else { "FAIL" }, c.what);
             if let Some(f) = &c.fix {
-                println!("       fix: {f}");
+                t += &format!("       fix: {f}\n");
             }
         }
-        println!("{} passed, {failed} failed", checks.len() - failed);
+        t + &format!("{} passed, {failed} failed\n", checks.len() - failed)
+    };
+    (text, failed == 0)
+}
+
+pub fn run(config_path: &Path, socket: Option<&Path>, json: bool) -> i32 {
+    let (text, ok) = report(config_path, socket, json);
+    print!("{text}");
+    i32::from(!ok)
+}
+
+/// On the appliance image (root on dm-verity): the root cannot be written,
+/// and it is the verified one. Elsewhere: nothing to check.
+fn appliance_root() -> Vec<Check> {
+    let Some(hash) = std::fs::read_to_string("/proc/cmdline").ok().and_then(|c| {
+        c.split_whitespace()
+            .find_map(|a| a.strip_prefix("kakehashi.roothash=").map(String::from))
+    }) else {
+        return Vec::new();
+    };
+    let mut checks = Vec::new();
+    // A write is the real proof; the mount flag answers when the caller
+    // could not have written anyway (not root).
+    let probe = Path::new("/usr/.kakehashi-write-probe");
+    let read_only = match std::fs::write(probe, b"x") {
+        Ok(()) => {
+            let _ = std::fs::remove_file(probe);
+            Ok(false)
+        }
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EROFS as i32) => Ok(true),
+        Err(_) => nix::sys::statvfs::statvfs("/")
+            .map(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY)),
+    };
+    match read_only {
+        Ok(true) => checks.push(pass(
+            "root filesystem: read-only (a write to /usr fails)".into(),
+        )),
+        Ok(false) => checks.push(fail(
+            "root filesystem: /usr is writable".into(),
+            "the box did not boot its read-only image: reflash it",
+        )),
+        Err(e) => checks.push(fail(
+            format!("root filesystem: cannot be inspected ({e})"),
+            "the box did not boot its read-only image: reflash it",
+        )),
     }
-    i32::from(failed > 0)
+    // veritysetup names the device "root" with a CRYPT-VERITY uuid.
+    let verity = std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|d| {
+            let dm = d.path().join("dm");
+            std::fs::read_to_string(dm.join("name")).is_ok_and(|n| n.trim() == "root")
+                && std::fs::read_to_string(dm.join("uuid"))
+                    .is_ok_and(|u| u.starts_with("CRYPT-VERITY"))
+        });
+    if verity {
+        checks.push(pass(format!(
+            "root filesystem: verified by dm-verity (root hash {hash})"
+        )));
+    } else {
+        checks.push(fail(
+            "root filesystem: not on dm-verity".into(),
+            "the box did not boot its verified image: reflash it",
+        ));
+    }
+    checks
 }
 
 fn with_config(config: &Config, socket: Option<&Path>) -> Vec<Check> {
