@@ -5,12 +5,15 @@
 CARGO ?= cargo
 BIN := target/release
 
-.PHONY: demo test bench deps build lint unit system fuzz-smoke clean help
+.PHONY: demo demo-image image image-reproducible test bench deps build lint unit system fuzz-smoke clean help
 
 help:
 	@echo "make demo   provision the box against swtpm, then hospital -> box -> WireGuard -> reading center (namespaces)"
 	@echo "make test   lint, unit tests, system tests (DCMTK, Orthanc, wireguard-go, swtpm), fuzz smoke"
 	@echo "make bench  relay (plain and sealed) vs direct, and the tunnel (boringtun vs wireguard-go)"
+	@echo "make image  the appliance image (image-build/out: disk.img, UKIs, root hash, manifest)"
+	@echo "make demo-image  the demo's story on the image in qemu (Secure Boot, swtpm, USB provisioning)"
+	@echo "make image-reproducible  build the image twice and compare"
 
 deps:
 	scripts/deps.sh
@@ -22,9 +25,21 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --release --locked -- -D warnings
 
-test: deps lint build
-	KAKEHASHI_BIN_DIR=$(CURDIR)/$(BIN) $(CARGO) test --release --workspace --locked
+# The image is built once per run; the qemu tests share it.
+test: deps lint build image
+	KAKEHASHI_BIN_DIR=$(CURDIR)/$(BIN) KAKEHASHI_IMAGE_DIR=$(CURDIR)/image-build/out \
+		$(CARGO) test --release --workspace --locked
 	$(MAKE) fuzz-smoke
+
+# The appliance image, from Debian 12 packages (image-build/build.sh, as root).
+image: deps build
+	image-build/build.sh
+
+image-reproducible: deps build
+	image-build/reproducible.sh
+
+demo-image: image
+	KAKEHASHI_IMAGE_DIR=$(CURDIR)/image-build/out $(BIN)/kakehashi-demo-image
 
 # Every fuzz target over its seeds and thousands of mutations, on stable Rust.
 fuzz-smoke:
@@ -38,4 +53,4 @@ bench: deps build
 
 clean:
 	$(CARGO) clean
-	rm -rf .bench .demo
+	rm -rf .bench .demo image-build/out image-build/work

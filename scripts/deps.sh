@@ -8,12 +8,19 @@
 # check the order of the spool's flushes; python3-venv for pynetdicom (a
 # second DICOM implementation, from PyPI: Debian 12 does not package it),
 # installed pinned into target/py.
+# The appliance image (make image, and the tests that boot it): mmdebstrap
+# builds the root from Debian packages; erofs-utils, cryptsetup-bin
+# (veritysetup), sbsigntool, efitools, systemd-boot-efi, binutils (objcopy:
+# the UKI), dosfstools, mtools, fdisk and e2fsprogs make the disk; qemu,
+# OVMF (Secure Boot firmware) and swtpm boot it; nmap scans it from outside.
 # Idempotent: installs only what is missing, so a second run is instant.
 set -euo pipefail
 
 packages=(dcmtk orthanc curl ca-certificates iproute2 iputils-ping wireguard-go wireguard-tools iperf3
           swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl strace
-          python3 python3-venv)
+          python3 python3-venv
+          mmdebstrap arch-test erofs-utils cryptsetup-bin sbsigntool efitools systemd-boot-efi
+          binutils dosfstools mtools fdisk e2fsprogs qemu-system-x86 ovmf nmap)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
