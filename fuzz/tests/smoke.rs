@@ -181,6 +181,7 @@ fn keyblob() {
         public: vec![0, 0x23, 0, 0x0b, 1, 2],
         private: vec![9; 40],
         pcrs: vec![7, 16],
+        legacy: false,
     };
     let mut v1 = b"KKTB\x01".to_vec();
     for part in [&blob.public, &blob.private] {

@@ -93,6 +93,13 @@ impl Swtpm {
         }
     }
 
+    /// The box loses power: swtpm is killed without TPM2_Shutdown and
+    /// starts again on the same state (and TPM2_Startup, as firmware does).
+    pub fn power_cut(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
     /// The TPM is cleared or replaced: same address, new seeds, no keys.
     pub fn reset(&mut self) {
         self.kill();

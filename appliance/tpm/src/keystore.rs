@@ -184,6 +184,17 @@ impl KeyStore {
                         continue;
                     }
                     (Err(e), Replace::Nothing) => return Err(e),
+                    // Only a key this TPM can never load again is replaced:
+                    // a locked-out, unreachable or failing TPM may answer
+                    // tomorrow, and replacing the spool key loses the spool.
+                    (
+                        Err(
+                            e @ (TpmError::Lockout { .. }
+                            | TpmError::Unreachable { .. }
+                            | TpmError::Command { .. }),
+                        ),
+                        _,
+                    ) => return Err(e),
                     (Err(e), _) => done.replaced.push((name, e.to_string())),
                 }
             }

@@ -56,8 +56,9 @@ use tss_esapi::Context;
 use zeroize::Zeroizing;
 
 const BLOB_MAGIC: &[u8; 4] = b"KKTB";
-/// 1: public, private. 2: public, private, PCR list.
-const BLOB_VERSION: u8 = 2;
+/// 1: public, private. 2: public, private, PCR list. 3: as 2, made under
+/// the noDA storage primary (1 and 2 are under the DA-protected one).
+const BLOB_VERSION: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TpmError {
@@ -71,6 +72,12 @@ pub enum TpmError {
     },
     #[error("{path}: {message}")]
     Blob { path: String, message: String },
+    #[error("{what} in {path} is refused by the TPM's dictionary-attack lockout ({message}): it was made by a version before blob format 3 (DA-protected), and the TPM counts each power cut; it clears by itself after the TPM's recovery time, then `kakehashi provision --rotate` (once the spool is empty) makes keys that are not subject to it")]
+    Lockout {
+        what: String,
+        path: String,
+        message: String,
+    },
     #[error("{what} in {path} is bound to PCRs {pcrs:?} and they no longer hold the values it was sealed with: the firmware, boot loader or their settings changed since provisioning ({message})")]
     Policy {
         what: String,
@@ -97,13 +104,18 @@ pub struct KeyBlob {
     pub private: Vec<u8>,
     /// PCRs (SHA-256 bank) the object's policy binds it to; empty: none.
     pub pcrs: Vec<u8>,
+    /// Made before blob version 3: under the DA-protected storage primary,
+    /// itself DA-protected. Such a key is locked out by the TPM after a few
+    /// power cuts (see [`primary_template`]); it still loads, and
+    /// `kakehashi selftest` says so.
+    pub legacy: bool,
 }
 
 impl KeyBlob {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(17 + self.public.len() + self.private.len());
         out.extend_from_slice(BLOB_MAGIC);
-        out.push(BLOB_VERSION);
+        out.push(if self.legacy { 2 } else { BLOB_VERSION });
         for part in [&self.public, &self.private, &self.pcrs] {
             out.extend_from_slice(&(part.len() as u32).to_be_bytes());
             out.extend_from_slice(part);
@@ -116,7 +128,7 @@ impl KeyBlob {
         let (&version, mut rest) = rest.split_first()?;
         let count = match version {
             1 => 2,
-            2 => 3,
+            2 | 3 => 3,
             _ => return None,
         };
         let mut parts = Vec::new();
@@ -135,6 +147,7 @@ impl KeyBlob {
             public,
             private,
             pcrs,
+            legacy: version < 3,
         })
     }
 
@@ -171,6 +184,8 @@ pub type EcPoint = [u8; 65];
 pub struct Tpm {
     context: Context,
     primary: KeyHandle,
+    /// The pre-noDA primary, made when a legacy blob is loaded.
+    legacy_primary: Option<KeyHandle>,
     tcti: String,
 }
 
@@ -196,18 +211,34 @@ fn ecc_template(
         .build()
 }
 
-/// Generated inside the TPM, bound to it and to its parent.
+/// Generated inside the TPM, bound to it and to its parent; not subject to
+/// dictionary-attack protection (noDA), as every object of ours.
 fn resident_attributes() -> ObjectAttributesBuilder {
     ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
+        .with_no_da(true)
 }
 
+/// The storage primary. noDA: a TPM that loses power without
+/// TPM2_Shutdown counts one dictionary-attack failure at its next start if
+/// a DA-protected object was used, and after `maxTries` such power cuts (3
+/// on swtpm) refuses every DA-protected object for `recoveryTime` (1000 s):
+/// a box whose power is cut would stop relaying. Our objects have empty
+/// passwords, nothing to guess, so DA protection guards nothing. (Found by
+/// the image's power-cut test: the box rejected associations after the
+/// third cut.)
 fn primary_template() -> Result<Public, tss_esapi::Error> {
+    primary_template_with(true)
+}
+
+/// `no_da = false`: the primary of blob versions 1 and 2.
+fn primary_template_with(no_da: bool) -> Result<Public, tss_esapi::Error> {
     ecc_template(
         resident_attributes()
+            .with_no_da(no_da)
             .with_decrypt(true)
             .with_restricted(true),
         PublicEccParametersBuilder::new_restricted_decryption_key(
@@ -247,6 +278,7 @@ fn sealed_template(policy: Option<Digest>) -> Result<Public, tss_esapi::Error> {
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_user_with_auth(policy.is_none())
+        .with_no_da(true)
         .build()?;
     let builder = match policy {
         Some(p) => PublicBuilder::new().with_auth_policy(p),
@@ -280,6 +312,7 @@ impl Tpm {
         Ok(Tpm {
             context,
             primary,
+            legacy_primary: None,
             tcti: tcti.to_string(),
         })
     }
@@ -324,6 +357,7 @@ impl Tpm {
             public: created.out_public.marshall().map_err(command("marshal"))?,
             private: created.out_private.value().to_vec(),
             pcrs: Vec::new(),
+            legacy: false,
         })
     }
 
@@ -335,13 +369,42 @@ impl Tpm {
         let public = Public::unmarshall(&blob.public).map_err(|e| damaged(e.to_string()))?;
         let private =
             Private::try_from(blob.private.clone()).map_err(|e| damaged(e.to_string()))?;
-        self.context
-            .load(self.primary, private, public)
-            .map_err(|e| TpmError::Foreign {
-                what: what.to_string(),
-                path: path.to_string(),
-                message: e.to_string(),
-            })
+        let parent = if blob.legacy {
+            self.legacy_primary()?
+        } else {
+            self.primary
+        };
+        self.context.load(parent, private, public).map_err(|e| {
+            let message = e.to_string();
+            if message.contains("DA lockout") {
+                TpmError::Lockout {
+                    what: what.to_string(),
+                    path: path.to_string(),
+                    message,
+                }
+            } else {
+                TpmError::Foreign {
+                    what: what.to_string(),
+                    path: path.to_string(),
+                    message,
+                }
+            }
+        })
+    }
+
+    /// The storage primary of blob versions 1 and 2, made when needed.
+    fn legacy_primary(&mut self) -> Result<KeyHandle, TpmError> {
+        if let Some(p) = self.legacy_primary {
+            return Ok(p);
+        }
+        let template = primary_template_with(false).map_err(command("primary template"))?;
+        let p = self
+            .context
+            .create_primary(Hierarchy::Owner, template, None, None, None, None)
+            .map_err(command("CreatePrimary (the pre-noDA primary)"))?
+            .key_handle;
+        self.legacy_primary = Some(p);
+        Ok(p)
     }
 
     fn flush(&mut self, handle: KeyHandle) {
@@ -519,8 +582,44 @@ impl Tpm {
             public: created.out_public.marshall().map_err(command("marshal"))?,
             private: created.out_private.value().to_vec(),
             pcrs: Vec::new(),
+            legacy: false,
         };
         blob.pcrs = pcrs.to_vec();
+        Ok(blob)
+    }
+
+    /// A blob as versions before 3 sealed it (under the DA-protected
+    /// primary, no noDA): for the tests that prove such blobs still load.
+    #[doc(hidden)]
+    pub fn seal_as_version_2(&mut self, secret: &[u8]) -> Result<KeyBlob, TpmError> {
+        let mut blob = KeyBlob {
+            public: Vec::new(),
+            private: Vec::new(),
+            pcrs: Vec::new(),
+            legacy: true,
+        };
+        let parent = self.legacy_primary()?;
+        let attributes = ObjectAttributesBuilder::new()
+            .with_fixed_tpm(true)
+            .with_fixed_parent(true)
+            .with_user_with_auth(true)
+            .build()
+            .map_err(command("attributes"))?;
+        let template = PublicBuilder::new()
+            .with_public_algorithm(PublicAlgorithm::KeyedHash)
+            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+            .with_object_attributes(attributes)
+            .with_keyed_hash_parameters(PublicKeyedHashParameters::new(KeyedHashScheme::Null))
+            .with_keyed_hash_unique_identifier(Digest::default())
+            .build()
+            .map_err(command("template"))?;
+        let data = SensitiveData::try_from(secret.to_vec()).map_err(command("data"))?;
+        let created = self
+            .context
+            .create(parent, template, None, Some(data), None, None)
+            .map_err(command("Create"))?;
+        blob.public = created.out_public.marshall().map_err(command("marshal"))?;
+        blob.private = created.out_private.value().to_vec();
         Ok(blob)
     }
 
@@ -568,6 +667,9 @@ impl Tpm {
 impl Drop for Tpm {
     fn drop(&mut self) {
         let _ = self.context.flush_context(self.primary.into());
+        if let Some(p) = self.legacy_primary {
+            let _ = self.context.flush_context(p.into());
+        }
     }
 }
 
