@@ -12,6 +12,7 @@ pub mod pynetdicom;
 pub mod testdata;
 pub mod tpm;
 pub mod visit;
+pub mod vm;
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -594,6 +595,19 @@ pub fn storescu_at(
     called: &str,
     files: &[PathBuf],
 ) -> StoreOutcome {
+    storescu_with(ns, host, port, calling, called, files, &[])
+}
+
+/// Like [`storescu_at`], with more storescu options (e.g. timeouts).
+pub fn storescu_with(
+    ns: Option<&str>,
+    host: &str,
+    port: u16,
+    calling: &str,
+    called: &str,
+    files: &[PathBuf],
+    extra: &[&str],
+) -> StoreOutcome {
     let mut groups: Vec<(&'static str, Vec<PathBuf>)> = Vec::new();
     for f in files {
         let flag = propose_flag(&transfer_syntax_of_file(&read_head(f)).unwrap_or_default());
@@ -611,6 +625,7 @@ pub fn storescu_at(
             .args([
                 "-v", "-nh", "-R", flag, "-aet", calling, "-aec", called, host,
             ])
+            .args(extra)
             .arg(port.to_string())
             .args(&group)
             .env("TCP_NODELAY", "1")
