@@ -31,6 +31,8 @@ pub fn pdu(data: &[u8]) {
             address: None,
         }],
         max_pdu: 65536,
+        sources_key: "dicom.sources",
+        storage_classes: None,
     };
     for _ in 0..16 {
         match ready(wire::read_pdu(&mut input, &mut buf, 65536)) {

@@ -21,14 +21,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 use kakehashi_config::{format_bytes, DEFAULT_CONTROL_SOCKET};
-use kakehashi_control::{call, QueueEntry, Request, Response, StatusReport};
+use kakehashi_control::{call, QueueEntry, Request, Response, ResultEntry, StatusReport};
 
 /// Operate a Kakehashi box: see what waits, what failed, and act on it.
 #[derive(Debug, Parser)]
 #[command(
     version,
     about,
-    after_help = "Examples:\n  kakehashi provision --site site.toml\n  kakehashi selftest\n  kakehashi status\n  kakehashi queue list --dead\n  kakehashi queue retry --all\n  kakehashi queue purge 42 --yes\n  kakehashi audit --limit 50 --json"
+    after_help = "Examples:\n  kakehashi provision --site site.toml\n  kakehashi selftest\n  kakehashi status\n  kakehashi queue list --dead\n  kakehashi queue retry --all\n  kakehashi queue purge 42 --yes\n  kakehashi results\n  kakehashi results release 57\n  kakehashi audit --limit 50 --json"
 )]
 struct Cli {
     #[command(flatten)]
@@ -54,6 +54,14 @@ enum Command {
     /// The store-and-forward queue.
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// Results (reports, SRs, KOS) from the reading center on their way to
+    /// the hospital's PACS, and those held because they match no study this
+    /// box relayed. Delivered ones are in the audit trail.
+    #[command(subcommand_required = false, args_conflicts_with_subcommands = true)]
+    Results {
+        #[command(subcommand)]
+        action: Option<ResultsCmd>,
+    },
     /// The audit trail: associations, receptions, deliveries, dead letters, operator actions.
     Audit {
         /// Show records after this sequence number.
@@ -115,6 +123,30 @@ enum ApplianceCmd {
         device: PathBuf,
         #[arg(long, env = "KAKEHASHI_CONFIG", default_value = kakehashi_config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ResultsCmd {
+    /// List them (the default).
+    List,
+    /// Deliver held results to the PACS after all: you checked that they
+    /// belong to the hospital (by id, or --all).
+    Release {
+        /// Result ids as shown by `kakehashi results`.
+        ids: Vec<u64>,
+        /// Every held result.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete held results for good (by id). Asks for confirmation.
+    Purge {
+        /// Result ids as shown by `kakehashi results`.
+        #[arg(required = true)]
+        ids: Vec<u64>,
+        /// Do not ask.
+        #[arg(long, short)]
+        yes: bool,
     },
 }
 
@@ -240,6 +272,28 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
             return Ok(ExitCode::from(code as u8));
         }
         Command::Status => Request::Status,
+        Command::Results { action } => match action {
+            None | Some(ResultsCmd::List) => Request::Results,
+            Some(ResultsCmd::Release { ids, all }) => {
+                if ids.is_empty() && !all {
+                    eprintln!("kakehashi results release: name result ids, or --all for every held result");
+                    return Ok(ExitCode::from(2));
+                }
+                Request::ResultsRelease { ids: ids.clone() }
+            }
+            Some(ResultsCmd::Purge { ids, yes }) => {
+                if !*yes
+                    && !confirm(&format!(
+                        "Delete held result(s) {} for good? They will never reach the PACS.",
+                        join(ids)
+                    ))
+                {
+                    println!("Nothing purged.");
+                    return Ok(ExitCode::from(1));
+                }
+                Request::ResultsPurge { ids: ids.clone() }
+            }
+        },
         Command::Audit { after, limit } => Request::Audit {
             after: *after,
             limit: *limit,
@@ -335,6 +389,12 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
         Response::Queue { entries, .. } => print_queue(entries),
         Response::Retried { ids } => println!("Requeued {} instance(s): {}", ids.len(), join(ids)),
         Response::Purged { ids } => println!("Purged {} instance(s): {}", ids.len(), join(ids)),
+        Response::Results { entries } => print_results(entries),
+        Response::Released { ids } => println!(
+            "Released {} held result(s) for delivery to the PACS: {}",
+            ids.len(),
+            join(ids)
+        ),
         Response::DeadLettered { ids } => println!(
             "Dead-lettered {} instance(s): {} (`kakehashi queue purge` deletes them, `queue retry` puts them back)",
             ids.len(),
@@ -346,10 +406,7 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
                     "{:>6}  {}  {:<20} {:<24} {}{}{}",
                     r.seq,
                     when(r.time_ms),
-                    serde_json::to_value(r.event)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default(),
+                    word(r.event),
                     r.actor,
                     r.sop_instance_uid
                         .as_deref()
@@ -387,6 +444,14 @@ fn confirm(question: &str) -> bool {
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
     matches!(line.trim(), "y" | "Y" | "yes")
+}
+
+/// How a state, priority or event is spelled on the wire (`dead-letter`).
+fn word(value: impl serde::Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 fn join(ids: &[u64]) -> String {
@@ -507,6 +572,12 @@ fn print_status(s: &StatusReport) {
             d.oldest_age_s.map_or("-".into(), age),
             d.dead_letter
         );
+        if d.held > 0 {
+            println!(
+                "  HELD {}: results matching no study this box relayed; see `kakehashi results`",
+                d.held
+            );
+        }
         if d.stuck > 0 {
             println!(
                 "  STUCK {}: still refused after retry.stuck_after*; see `kakehashi queue list`, then `kakehashi queue dead-letter --stuck` to give up on them",
@@ -544,14 +615,7 @@ fn print_queue(entries: &[QueueEntry]) {
         "id", "destination", "state", "prio", "size", "age", "patient"
     );
     for e in entries {
-        let state = serde_json::to_value(e.state)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
-        let prio = serde_json::to_value(e.priority)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
+        let (state, prio) = (word(e.state), word(e.priority));
         println!(
             "{:>6}  {:<16} {:<11} {:<6} {:>10}  {:>8}  {:<12} {}",
             e.id,
@@ -570,6 +634,36 @@ fn print_queue(entries: &[QueueEntry]) {
                 e.attempts,
                 if e.stuck { ", STUCK" } else { "" }
             );
+        }
+    }
+}
+
+fn print_results(entries: &[ResultEntry]) {
+    if entries.is_empty() {
+        println!("No results waiting or held.");
+        return;
+    }
+    println!(
+        "{:>6}  {:<11} {:<6} {:>10}  {:>8}  {:<12} {:<22} SOP instance / study",
+        "id", "state", "prio", "size", "age", "patient", "from"
+    );
+    for e in entries {
+        let (state, prio) = (word(e.state), word(e.priority));
+        println!(
+            "{:>6}  {:<11} {:<6} {:>10}  {:>8}  {:<12} {:<22} {}{}",
+            e.id,
+            state,
+            prio,
+            format_bytes(e.size),
+            age(now_ms().saturating_sub(e.received_ms) / 1000),
+            e.patient_id,
+            format!("{}@{}", e.source_ae, e.source_ip),
+            e.sop_instance_uid,
+            if e.amendment { " (amendment)" } else { "" }
+        );
+        println!("{:>6}  study {}", "", e.study_instance_uid);
+        if let Some(r) = &e.reason {
+            println!("{:>6}  └ {r}", "");
         }
     }
 }

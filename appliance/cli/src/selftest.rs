@@ -313,6 +313,15 @@ fn with_config(config: &Config, socket: Option<&Path>) -> Vec<Check> {
             }
         }
     }
+    if let Some(p) = &config.pacs {
+        match runtime.block_on(echo_destination(config, p)) {
+            Ok(t) => checks.push(pass(format!("C-ECHO to the hospital PACS ({}@{}), where results go: {} ms", p.ae_title, p.address, t.as_millis()))),
+            Err(e) => checks.push(fail(
+                format!("C-ECHO to the hospital PACS ({}@{}): {e}", p.ae_title, p.address),
+                format!("the PACS must know this box as calling AE {} (results are stored into it); check pacs.address and pacs.ae_title", p.calling_ae_title),
+            )),
+        }
+    }
     for d in &config.destinations {
         let via = if d.via_tunnel {
             " through the tunnel"

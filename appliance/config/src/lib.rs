@@ -79,6 +79,44 @@ pub struct Config {
     pub tunnel: Option<TunnelConfig>,
     /// Where the box's identity and sealed secrets live.
     pub tpm: Option<TpmConfig>,
+    /// The hospital's PACS (`[pacs]`): receives the reports the reading
+    /// center sends back. Its forwarder is a destination named
+    /// [`PACS_DESTINATION`], reached directly (never through the tunnel)
+    /// unless `route = "tunnel"`.
+    pub pacs: Option<Destination>,
+    /// Where the reading center sends results (`[results]`).
+    pub results: Option<ResultsConfig>,
+}
+
+/// Name of the destination that carries results to `[pacs]` (in `status`,
+/// the audit trail and the spool's routes). No `[[destinations]]` may use it.
+pub const PACS_DESTINATION: &str = "pacs";
+
+/// Storage SOP classes `[results]` accepts unless the config adds more:
+/// Encapsulated PDF, Basic Text / Enhanced / Comprehensive / Comprehensive 3D
+/// SR, Key Object Selection.
+pub const RESULT_SOP_CLASSES: &[(&str, &str)] = &[
+    ("1.2.840.10008.5.1.4.1.1.104.1", "Encapsulated PDF"),
+    ("1.2.840.10008.5.1.4.1.1.88.11", "Basic Text SR"),
+    ("1.2.840.10008.5.1.4.1.1.88.22", "Enhanced SR"),
+    ("1.2.840.10008.5.1.4.1.1.88.33", "Comprehensive SR"),
+    ("1.2.840.10008.5.1.4.1.1.88.34", "Comprehensive 3D SR"),
+    ("1.2.840.10008.5.1.4.1.1.88.59", "Key Object Selection"),
+];
+
+/// The results SCP (`[results]`): the reading center's reports come back
+/// here and are delivered to `[pacs]`.
+#[derive(Debug, Clone)]
+pub struct ResultsConfig {
+    /// On a real box, the tunnel address: results come only from the center.
+    pub listen: SocketAddr,
+    /// Called AE title the center must use (default: `dicom.ae_title`).
+    pub ae_title: AeTitle,
+    /// Calling AE titles allowed to send results.
+    pub from: Vec<AeTitle>,
+    /// Storage SOP classes accepted: [`RESULT_SOP_CLASSES`] and
+    /// `results.extra_sop_classes`.
+    pub sop_classes: Vec<String>,
 }
 
 /// The key store (`[tpm]`).
@@ -424,8 +462,12 @@ impl Config {
         raw.validate()
     }
 
+    /// A `[[destinations]]` entry, or `[pacs]` by its name `pacs`.
     pub fn destination(&self, name: &str) -> Option<&Destination> {
-        self.destinations.iter().find(|d| d.name == name)
+        self.destinations
+            .iter()
+            .chain(&self.pacs)
+            .find(|d| d.name == name)
     }
 }
 

@@ -5,10 +5,12 @@ use serde::Deserialize;
 use crate::units::{parse_bytes, parse_duration};
 use crate::{
     AeTitle, AuditConfig, Config, ConfigError, ControlConfig, Destination, DicomConfig, IpNet,
-    KeyBackend, LogConfig, LogFormat, NetworkConfig, Port, RetryPolicy, Source, SpoolConfig,
-    TpmConfig, TunnelConfig, TunnelPeer, DEFAULT_CONTROL_SOCKET,
+    KeyBackend, LogConfig, LogFormat, NetworkConfig, Port, ResultsConfig, RetryPolicy, Source,
+    SpoolConfig, TpmConfig, TunnelConfig, TunnelPeer, DEFAULT_CONTROL_SOCKET, PACS_DESTINATION,
+    RESULT_SOP_CLASSES,
 };
 use base64::Engine as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -33,6 +35,32 @@ pub(crate) struct RawConfig {
     network: Option<RawNetwork>,
     tunnel: Option<RawTunnel>,
     tpm: Option<RawTpm>,
+    pacs: Option<RawPacs>,
+    results: Option<RawResults>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPacs {
+    ae_title: String,
+    address: String,
+    calling_ae_title: Option<String>,
+    max_pdu: Option<i64>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    linger: Option<String>,
+    route: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResults {
+    listen: String,
+    ae_title: Option<String>,
+    #[serde(default)]
+    from: Vec<String>,
+    #[serde(default)]
+    extra_sop_classes: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -317,6 +345,151 @@ struct RawLog {
     level: Option<String>,
 }
 
+/// Validates one forwarding target (`[[destinations]]` or `[pacs]`); `key`
+/// is the prefix error messages name.
+fn destination(
+    key: &str,
+    r: RawDestination,
+    own_ae: &AeTitle,
+    tunnel: Option<&TunnelConfig>,
+) -> Result<Destination, ConfigError> {
+    let key = |k: &str| format!("{key}.{k}");
+    if !host_port_ok(&r.address) {
+        return Err(ConfigError::invalid(
+            key("address"),
+            &r.address,
+            "host:port, e.g. \"10.8.0.1:104\" or \"pacs.center.example:11112\"",
+        ));
+    }
+    let via_tunnel = match (r.route.as_deref(), tunnel) {
+        (None, t) => t.is_some(),
+        (Some("tunnel"), Some(_)) => true,
+        (Some("tunnel"), None) => {
+            return Err(ConfigError::invalid(
+                key("route"),
+                "tunnel",
+                "\"direct\" (there is no [tunnel] section), or add a [tunnel] section",
+            ))
+        }
+        (Some("direct"), _) => false,
+        (Some(other), _) => {
+            return Err(ConfigError::invalid(
+                key("route"),
+                other,
+                "\"tunnel\" (the default when a [tunnel] is configured) or \"direct\"",
+            ))
+        }
+    };
+    if let (true, Some(t), Some(ip)) = (via_tunnel, &tunnel, literal_host(&r.address)) {
+        if !t.routes(ip) {
+            return Err(ConfigError::invalid(
+        key("address"),
+        &r.address,
+        "an address inside tunnel.peer.allowed_ips (patient data must not leave the tunnel), or route = \"direct\"",
+            ));
+        }
+    }
+    Ok(Destination {
+        ae_title: AeTitle::parse(&key("ae_title"), &r.ae_title)?,
+        calling_ae_title: match &r.calling_ae_title {
+            Some(t) => AeTitle::parse(&key("calling_ae_title"), t)?,
+            None => own_ae.clone(),
+        },
+        max_pdu: max_pdu(&key("max_pdu"), r.max_pdu, 256 * 1024)?,
+        connect_timeout: duration(
+            &key("connect_timeout"),
+            r.connect_timeout.as_deref(),
+            Duration::from_secs(10),
+        )?,
+        response_timeout: duration(
+            &key("response_timeout"),
+            r.response_timeout.as_deref(),
+            Duration::from_secs(120),
+        )?,
+        linger: duration(&key("linger"), r.linger.as_deref(), Duration::from_secs(5))?,
+        name: r.name,
+        address: r.address,
+        via_tunnel,
+    })
+}
+
+impl RawResults {
+    fn validate(self, dicom: &DicomConfig, have_pacs: bool) -> Result<ResultsConfig, ConfigError> {
+        if !have_pacs {
+            return Err(ConfigError::invalid(
+                "results",
+                "(no [pacs])",
+                "a [pacs] section too: results are delivered to the hospital's PACS",
+            ));
+        }
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            ConfigError::invalid(
+                "results.listen",
+                &self.listen,
+                "an IP address and port, on a real box the tunnel address (e.g. \"10.8.0.2:11114\")",
+            )
+        })?;
+        if listen == dicom.listen {
+            return Err(ConfigError::invalid(
+                "results.listen",
+                &self.listen,
+                "an address and port other than dicom.listen's",
+            ));
+        }
+        let ae_title = match &self.ae_title {
+            Some(t) => AeTitle::parse("results.ae_title", t)?,
+            None => dicom.ae_title.clone(),
+        };
+        if self.from.is_empty() {
+            return Err(ConfigError::invalid(
+                "results.from",
+                "[]",
+                "the calling AE titles allowed to send results, e.g. [\"READCENTER\"]",
+            ));
+        }
+        let from = self
+            .from
+            .iter()
+            .enumerate()
+            .map(|(i, t)| AeTitle::parse(&format!("results.from[{i}]"), t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut sop_classes: Vec<String> = RESULT_SOP_CLASSES
+            .iter()
+            .map(|(u, _)| u.to_string())
+            .collect();
+        for (i, u) in self.extra_sop_classes.iter().enumerate() {
+            if !uid_ok(u) {
+                return Err(ConfigError::invalid(
+                    format!("results.extra_sop_classes[{i}]"),
+                    u,
+                    "a storage SOP class UID such as \"1.2.840.10008.5.1.4.1.1.11.1\"",
+                ));
+            }
+            if !sop_classes.contains(u) {
+                sop_classes.push(u.clone());
+            }
+        }
+        Ok(ResultsConfig {
+            listen,
+            ae_title,
+            from,
+            sop_classes,
+        })
+    }
+}
+
+/// A UID as PS3.5 9.1 allows it: digits and dots, no empty or leading-zero
+/// component, at most 64 characters.
+fn uid_ok(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid.split('.').all(|c| {
+            !c.is_empty()
+                && c.bytes().all(|b| b.is_ascii_digit())
+                && (c == "0" || !c.starts_with('0'))
+        })
+}
+
 fn duration(key: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
@@ -596,64 +769,46 @@ impl RawConfig {
                     "a name not used by another destination",
                 ));
             }
-            if !host_port_ok(&r.address) {
+            if r.name == PACS_DESTINATION {
                 return Err(ConfigError::invalid(
-                    key("address"),
-                    &r.address,
-                    "host:port, e.g. \"10.8.0.1:104\" or \"pacs.center.example:11112\"",
+                    key("name"),
+                    &r.name,
+                    "another name (\"pacs\" is the [pacs] section's forwarder)",
                 ));
             }
-            let via_tunnel = match (r.route.as_deref(), &tunnel) {
-                (None, t) => t.is_some(),
-                (Some("tunnel"), Some(_)) => true,
-                (Some("tunnel"), None) => {
-                    return Err(ConfigError::invalid(
-                        key("route"),
-                        "tunnel",
-                        "\"direct\" (there is no [tunnel] section), or add a [tunnel] section",
-                    ))
-                }
-                (Some("direct"), _) => false,
-                (Some(other), _) => {
-                    return Err(ConfigError::invalid(
-                        key("route"),
-                        other,
-                        "\"tunnel\" (the default when a [tunnel] is configured) or \"direct\"",
-                    ))
-                }
-            };
-            if let (true, Some(t), Some(ip)) = (via_tunnel, &tunnel, literal_host(&r.address)) {
-                if !t.routes(ip) {
-                    return Err(ConfigError::invalid(
-                        key("address"),
-                        &r.address,
-                        "an address inside tunnel.peer.allowed_ips (patient data must not leave the tunnel), or route = \"direct\"",
-                    ));
-                }
-            }
-            destinations.push(Destination {
-                ae_title: AeTitle::parse(&key("ae_title"), &r.ae_title)?,
-                calling_ae_title: match &r.calling_ae_title {
-                    Some(t) => AeTitle::parse(&key("calling_ae_title"), t)?,
-                    None => ae_title.clone(),
-                },
-                max_pdu: max_pdu(&key("max_pdu"), r.max_pdu, 256 * 1024)?,
-                connect_timeout: duration(
-                    &key("connect_timeout"),
-                    r.connect_timeout.as_deref(),
-                    Duration::from_secs(10),
-                )?,
-                response_timeout: duration(
-                    &key("response_timeout"),
-                    r.response_timeout.as_deref(),
-                    Duration::from_secs(120),
-                )?,
-                linger: duration(&key("linger"), r.linger.as_deref(), Duration::from_secs(5))?,
-                name: r.name,
-                address: r.address,
-                via_tunnel,
-            });
+            destinations.push(destination(
+                &format!("destinations[{i}]"),
+                r,
+                &ae_title,
+                tunnel.as_ref(),
+            )?);
         }
+        let pacs = self
+            .pacs
+            .map(|p| {
+                destination(
+                    "pacs",
+                    RawDestination {
+                        name: PACS_DESTINATION.to_string(),
+                        ae_title: p.ae_title,
+                        address: p.address,
+                        calling_ae_title: p.calling_ae_title,
+                        max_pdu: p.max_pdu,
+                        connect_timeout: p.connect_timeout,
+                        response_timeout: p.response_timeout,
+                        linger: p.linger,
+                        // The PACS is in the hospital: direct unless said otherwise.
+                        route: Some(p.route.unwrap_or_else(|| "direct".into())),
+                    },
+                    &ae_title,
+                    tunnel.as_ref(),
+                )
+            })
+            .transpose()?;
+        let results = self
+            .results
+            .map(|r| r.validate(&dicom, pacs.is_some()))
+            .transpose()?;
 
         let s = self.spool;
         if s.dir.trim().is_empty() || !s.dir.starts_with('/') {
@@ -812,6 +967,8 @@ impl RawConfig {
             },
             tunnel,
             tpm,
+            pacs,
+            results,
         })
     }
 }

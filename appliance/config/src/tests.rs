@@ -267,3 +267,89 @@ fn the_appliance_network_is_parsed_and_checked() {
             .link_by_system
     );
 }
+
+const RESULTS_EXAMPLE: &str = r#"
+[dicom]
+ae_title = "KAKEHASHI"
+listen = "127.0.0.1:11112"
+
+[[dicom.sources]]
+ae_title = "HOSPITALPACS"
+
+[pacs]
+ae_title = "HOSPITALPACS"
+address = "127.0.0.1:4242"
+
+[[destinations]]
+name = "reading-center"
+ae_title = "READCENTER"
+address = "127.0.0.1:11113"
+route = "direct"
+
+[results]
+listen = "127.0.0.1:11114"
+ae_title = "KAKEHASHI"
+from = ["READCENTER"]
+
+[spool]
+dir = "/var/lib/kakehashi/spool"
+max_size = "50 GiB"
+"#;
+
+#[test]
+fn pacs_and_results_mean_what_they_say() {
+    let c = Config::parse(RESULTS_EXAMPLE).expect("the results example must load");
+    let pacs = c.pacs.expect("[pacs]");
+    assert_eq!(pacs.name, PACS_DESTINATION);
+    assert_eq!(pacs.ae_title.as_str(), "HOSPITALPACS");
+    assert_eq!(pacs.address, "127.0.0.1:4242");
+    assert_eq!(pacs.calling_ae_title.as_str(), "KAKEHASHI");
+    assert!(!pacs.via_tunnel);
+    let r = c.results.expect("[results]");
+    assert_eq!(r.listen, "127.0.0.1:11114".parse().expect("addr"));
+    assert_eq!(r.ae_title.as_str(), "KAKEHASHI");
+    assert_eq!(r.from, vec![AeTitle("READCENTER".into())]);
+    assert!(r
+        .sop_classes
+        .contains(&"1.2.840.10008.5.1.4.1.1.104.1".to_string()));
+    assert!(r
+        .sop_classes
+        .contains(&"1.2.840.10008.5.1.4.1.1.88.33".to_string()));
+    assert!(!r
+        .sop_classes
+        .contains(&"1.2.840.10008.5.1.4.1.1.2".to_string()));
+}
+
+#[test]
+fn results_errors_name_the_key() {
+    let no_pacs = RESULTS_EXAMPLE.replace(
+        "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:4242\"\n",
+        "",
+    );
+    assert!(err(&no_pacs).contains("`results`"), "{}", err(&no_pacs));
+    let no_from = RESULTS_EXAMPLE.replace("from = [\"READCENTER\"]", "from = []");
+    assert!(err(&no_from).contains("`results.from`"));
+    let same_port = RESULTS_EXAMPLE.replace("127.0.0.1:11114", "127.0.0.1:11112");
+    assert!(err(&same_port).contains("`results.listen`"));
+    let bad_uid = RESULTS_EXAMPLE.replace(
+        "from = [\"READCENTER\"]",
+        "from = [\"READCENTER\"]\nextra_sop_classes = [\"1.2.03\"]",
+    );
+    assert!(err(&bad_uid).contains("`results.extra_sop_classes[0]`"));
+    let extra = RESULTS_EXAMPLE.replace(
+        "from = [\"READCENTER\"]",
+        "from = [\"READCENTER\"]\nextra_sop_classes = [\"1.2.840.10008.5.1.4.1.1.11.1\"]",
+    );
+    let c = Config::parse(&extra).expect("extra class");
+    assert!(c
+        .results
+        .expect("results")
+        .sop_classes
+        .contains(&"1.2.840.10008.5.1.4.1.1.11.1".to_string()));
+    let unknown = RESULTS_EXAMPLE.replace("from = [", "senders = [");
+    assert!(err(&unknown).contains("senders"));
+    let reserved = RESULTS_EXAMPLE.replace("name = \"reading-center\"", "name = \"pacs\"");
+    assert!(err(&reserved).contains("`destinations[0].name`"));
+    let pacs_addr = RESULTS_EXAMPLE.replace("127.0.0.1:4242", "pacs");
+    assert!(err(&pacs_addr).contains("`pacs.address`"));
+}

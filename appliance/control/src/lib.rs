@@ -45,6 +45,17 @@ pub enum Request {
         after: u64,
         limit: usize,
     },
+    /// Results from the reading center still in the spool (on their way to
+    /// the PACS, or held).
+    Results,
+    /// Delivers held results after all (by id; empty: all held).
+    ResultsRelease {
+        ids: Vec<u64>,
+    },
+    /// Drops held results (by id; never all at once).
+    ResultsPurge {
+        ids: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +79,12 @@ pub enum Response {
     },
     Audit {
         records: Vec<AuditRecord>,
+    },
+    Results {
+        entries: Vec<ResultEntry>,
+    },
+    Released {
+        ids: Vec<u64>,
     },
     Error {
         message: String,
@@ -150,6 +167,9 @@ pub struct DestinationStatus {
     pub queued: u64,
     pub queued_bytes: u64,
     pub dead_letter: u64,
+    /// Held results (matching no study the box relayed), for `[pacs]`.
+    #[serde(default)]
+    pub held: u64,
     /// Queued instances still refused after `retry.stuck_after*`.
     #[serde(default)]
     pub stuck: u64,
@@ -188,6 +208,29 @@ pub struct QueueEntry {
     /// Flagged stuck (still retried).
     #[serde(default)]
     pub stuck: bool,
+}
+
+/// A result from the reading center, as `kakehashi results` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultEntry {
+    pub id: u64,
+    /// Towards the PACS: queued, held or dead-letter.
+    pub state: RouteState,
+    pub priority: Priority,
+    /// It amends an earlier result (Predecessor Documents Sequence).
+    pub amendment: bool,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub study_instance_uid: String,
+    pub patient_id: String,
+    /// Calling AE title and address it came from.
+    pub source_ae: String,
+    pub source_ip: String,
+    pub size: u64,
+    pub received_ms: u64,
+    pub attempts: u32,
+    /// Why it is held, or the last delivery error.
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

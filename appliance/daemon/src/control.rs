@@ -4,7 +4,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use kakehashi_control::{QueueEntry, Request, Response, SpoolStatus, StatusReport, TunnelStatus};
+use kakehashi_control::{
+    QueueEntry, Request, Response, ResultEntry, SpoolStatus, StatusReport, TunnelStatus,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -94,7 +96,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> std::io::Result<()> 
             }
         }
     }
-    if let Response::Retried { ids } = &response {
+    if let Response::Retried { ids } | Response::Released { ids } = &response {
         for id in ids {
             if let Ok(rec) = shared.spool.get(*id) {
                 for f in &shared.forwarders {
@@ -149,7 +151,11 @@ fn answer(shared: &Shared, req: Request) -> Response {
             let destinations: Vec<_> = shared
                 .forwarders
                 .iter()
-                .map(|f| f.status(shared.spool.dead_letters(&f.dest.name)))
+                .map(|f| {
+                    let mut s = f.status(shared.spool.dead_letters(&f.dest.name));
+                    s.held = shared.spool.held(&f.dest.name);
+                    s
+                })
                 .collect();
             let free = shared.spool.free_bytes().unwrap_or(0);
             Response::Status(Box::new(StatusReport {
@@ -296,6 +302,65 @@ fn answer(shared: &Shared, req: Request) -> Response {
                 Ok(ids) => {
                     tracing::warn!(count = ids.len(), "operator dead-lettered queued instances");
                     Response::DeadLettered { ids }
+                }
+                Err(e) => err(e),
+            }
+        }
+        Request::Results => {
+            let mut entries = Vec::new();
+            let scanned = shared.spool.for_each_record(|rec| {
+                if rec.meta.role != kakehashi_spool::Role::Result {
+                    return;
+                }
+                for route in rec.routes.iter().filter(|r| !r.state.is_final()) {
+                    entries.push(ResultEntry {
+                        id: rec.id,
+                        state: route.state,
+                        priority: rec.meta.priority,
+                        amendment: rec.meta.amendment,
+                        sop_class_uid: rec.meta.sop_class_uid.clone(),
+                        sop_instance_uid: rec.meta.sop_instance_uid.clone(),
+                        study_instance_uid: rec.meta.study_instance_uid.clone(),
+                        patient_id: shared
+                            .spool
+                            .patient_id(rec)
+                            .unwrap_or_else(|| "(sealed)".into()),
+                        source_ae: rec.meta.source_ae.clone(),
+                        source_ip: rec.meta.source_ip.clone(),
+                        size: rec.dataset_size,
+                        received_ms: rec.received_ms,
+                        attempts: route.attempts,
+                        reason: route.last_error.clone(),
+                    });
+                }
+            });
+            match scanned {
+                Ok(()) => Response::Results { entries },
+                Err(e) => err(e),
+            }
+        }
+        Request::ResultsRelease { ids } => match shared.spool.release_held(&ids, now_ms()) {
+            Ok(ids) => {
+                tracing::warn!(
+                    count = ids.len(),
+                    "operator released held results for delivery"
+                );
+                Response::Released { ids }
+            }
+            Err(e) => err(e),
+        },
+        Request::ResultsPurge { ids } => {
+            if ids.is_empty() {
+                return Response::Error {
+                    message:
+                        "name the held results to purge by id (`kakehashi results` lists them)"
+                            .into(),
+                };
+            }
+            match shared.spool.purge_held(&ids, now_ms()) {
+                Ok(ids) => {
+                    tracing::warn!(count = ids.len(), "operator purged held results");
+                    Response::Purged { ids }
                 }
                 Err(e) => err(e),
             }

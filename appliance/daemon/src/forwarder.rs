@@ -129,6 +129,7 @@ impl Handle {
             queued: q.len() as u64,
             queued_bytes: q.bytes(),
             dead_letter,
+            held: 0,
             stuck: q.stuck(),
             oldest_age_s: q.oldest_received_ms().map(|t| now.saturating_sub(t) / 1000),
             delivered_since_start: s.delivered,

@@ -1,4 +1,7 @@
-//! The DICOM SCP the hospital sends to.
+//! The DICOM SCPs: the one the hospital sends to (`[dicom]`), and the one
+//! the reading center sends its results back to (`[results]`, when set).
+//! Both run this code; [`Kind`] says which policy, role and priority rules
+//! apply.
 //!
 //! Each association runs in its own task. P-DATA fragments go, as they
 //! arrive, through a bounded channel to a blocking writer that appends them
@@ -16,7 +19,9 @@ use kakehashi_dicom::dimse::status;
 use kakehashi_dicom::negotiate::{self, AddressMatch, Policy, SourceRule};
 use kakehashi_dicom::scp::{Action, Scp, StoreRequest};
 use kakehashi_dicom::{part10, wire};
-use kakehashi_spool::{Accepted, AuditEvent, AuditRecord, InstanceMeta, Priority, SpoolError};
+use kakehashi_spool::{
+    Accepted, AuditEvent, AuditRecord, InstanceMeta, Priority, Role, SpoolError,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -33,23 +38,83 @@ impl AddressMatch for Cidr {
     }
 }
 
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, token: CancellationToken) {
-    let policy = Arc::new(Policy {
-        ae_title: shared.config.dicom.ae_title.to_string(),
-        sources: shared
-            .config
-            .dicom
-            .sources
-            .iter()
-            .map(|s| SourceRule {
-                ae_title: s.ae_title.to_string(),
-                address: s
-                    .address
-                    .map(|a| Box::new(Cidr(a)) as Box<dyn AddressMatch>),
-            })
-            .collect(),
-        max_pdu: shared.config.dicom.max_pdu,
-    });
+/// The networks behind the tunnel's peer: with a `[tunnel]`, results are
+/// taken only from there (WireGuard authenticated the packets as the
+/// center's).
+#[derive(Debug)]
+struct ThroughTunnel(Vec<kakehashi_config::IpNet>);
+
+impl AddressMatch for ThroughTunnel {
+    fn matches(&self, ip: std::net::IpAddr) -> bool {
+        self.0.iter().any(|n| n.contains(ip))
+    }
+}
+
+/// Which SCP a listener is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `[dicom]`: studies from the hospital, every storage SOP class.
+    Hospital,
+    /// `[results]`: reports from the reading center, only the result
+    /// classes; delivered to `[pacs]`.
+    Results,
+}
+
+impl Kind {
+    fn role(self) -> Role {
+        match self {
+            Kind::Hospital => Role::Current,
+            Kind::Results => Role::Result,
+        }
+    }
+
+    fn policy(self, config: &kakehashi_config::Config) -> Policy {
+        match (self, &config.results) {
+            (Kind::Results, Some(r)) => Policy {
+                ae_title: r.ae_title.to_string(),
+                sources: r
+                    .from
+                    .iter()
+                    .map(|t| SourceRule {
+                        ae_title: t.to_string(),
+                        address: config.tunnel.as_ref().map(|tun| {
+                            Box::new(ThroughTunnel(tun.peer.allowed_ips.clone()))
+                                as Box<dyn AddressMatch>
+                        }),
+                    })
+                    .collect(),
+                max_pdu: config.dicom.max_pdu,
+                sources_key: "results.from",
+                storage_classes: Some(r.sop_classes.clone()),
+            },
+            _ => Policy {
+                ae_title: config.dicom.ae_title.to_string(),
+                sources: config
+                    .dicom
+                    .sources
+                    .iter()
+                    .map(|s| SourceRule {
+                        ae_title: s.ae_title.to_string(),
+                        address: s
+                            .address
+                            .map(|a| Box::new(Cidr(a)) as Box<dyn AddressMatch>),
+                    })
+                    .collect(),
+                max_pdu: config.dicom.max_pdu,
+                sources_key: "dicom.sources",
+                storage_classes: None,
+            },
+        }
+    }
+}
+
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    token: CancellationToken,
+    kind: Kind,
+) {
+    let policy = Arc::new(kind.policy(&shared.config));
     let mut conns = tokio::task::JoinSet::new();
     let mut sweep = tokio::time::interval(std::time::Duration::from_millis(rejections::WINDOW_MS));
     let mut refused_connections = 0u64;
@@ -97,7 +162,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, token: Cancellati
                 conns.spawn(async move {
                     tokio::select! {
                         _ = token.cancelled() => {}
-                        _ = association(shared, policy, stream, peer, this) => {}
+                        _ = association(shared, policy, stream, peer, this, kind) => {}
                     }
                 });
             }
@@ -145,6 +210,7 @@ async fn association(
     mut stream: TcpStream,
     peer: SocketAddr,
     waiting: CancellationToken,
+    kind: Kind,
 ) {
     let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::new();
@@ -223,11 +289,12 @@ async fn association(
     )
     .await;
 
-    let high_priority = shared.config.dicom.sources.iter().any(|s| {
-        s.high_priority
-            && s.ae_title.as_str() == calling
-            && s.address.is_none_or(|a| a.contains(peer.ip()))
-    });
+    let high_priority = kind == Kind::Hospital
+        && shared.config.dicom.sources.iter().any(|s| {
+            s.high_priority
+                && s.ae_title.as_str() == calling
+                && s.address.is_none_or(|a| a.contains(peer.ip()))
+        });
     let mut session = Session {
         shared: &shared,
         peer,
@@ -236,6 +303,7 @@ async fn association(
         receiving: None,
         stored: 0,
         high_priority,
+        role: kind.role(),
     };
     let outcome = session.run(&mut stream, &mut buf).await;
     match outcome {
@@ -310,6 +378,7 @@ struct Session<'a> {
     stored: u64,
     /// The source is configured `priority = "high"`.
     high_priority: bool,
+    role: Role,
 }
 
 impl Session<'_> {
@@ -434,6 +503,10 @@ impl Session<'_> {
             } else {
                 Priority::from_dimse(request.priority)
             },
+            role: self.role,
+            accession_number: keys.accession_number,
+            amendment: self.role == Role::Result && keys.has_predecessors,
+            via: self.via(),
         };
         let _ = r.tx.send(Chunk::Finish(meta)).await;
         drop(r.tx);
@@ -442,6 +515,20 @@ impl Session<'_> {
             Ok(Ok(Accepted::Queued { record, superseded })) => {
                 self.stored += 1;
                 tracing::debug!(id = record.id, sop_instance = %uid, bytes = record.dataset_size, "instance spooled");
+                if record.meta.role == Role::Result {
+                    let held = record
+                        .routes
+                        .iter()
+                        .find(|r| r.state == kakehashi_spool::RouteState::Held);
+                    match held {
+                        Some(r) => {
+                            tracing::warn!(id = record.id, sop_instance = %uid, calling_ae = %self.calling, "result held: {}", r.last_error.as_deref().unwrap_or(""))
+                        }
+                        None => {
+                            tracing::info!(id = record.id, sop_instance = %uid, calling_ae = %self.calling, amendment = record.meta.amendment, "result accepted for the hospital's PACS")
+                        }
+                    }
+                }
                 if let Some(old) = superseded {
                     tracing::info!(sop_instance = %uid, old, new = record.id, "a corrected version replaces the queued copy, which will not be sent");
                 }
@@ -478,6 +565,21 @@ impl Session<'_> {
                 )
             }
         }
+    }
+
+    /// For a result: whether it came through the tunnel, and from which
+    /// WireGuard peer (recorded in its `received` audit record).
+    fn via(&self) -> Option<String> {
+        if self.role != Role::Result {
+            return None;
+        }
+        Some(match &self.shared.config.tunnel {
+            Some(t) if t.routes(self.peer.ip()) => format!(
+                "through the tunnel from WireGuard peer {}",
+                kakehashi_tunnel::key::encode(&t.peer.public_key)
+            ),
+            _ => "not through the tunnel".to_string(),
+        })
     }
 
     async fn refusal_audit(&self, sop_instance: &str, code: u16, comment: &str) {

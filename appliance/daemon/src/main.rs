@@ -157,6 +157,20 @@ fn main() -> ExitCode {
             config.spool.dir.display(),
             kakehashi_config::format_bytes(config.spool.max_size),
         );
+        if let (Some(p), Some(r)) = (&config.pacs, &config.results) {
+            println!(
+                "results: AE {} on {} from {}; delivered to the PACS {}@{}",
+                r.ae_title,
+                r.listen,
+                r.from
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                p.ae_title,
+                p.address
+            );
+        }
         if let (Some(t), Some(key)) = (&config.tunnel, &key) {
             println!(
                 "tunnel {}: box public key {}, peer {} at {}, allowed IPs {}",
@@ -214,14 +228,17 @@ async fn run(
             (None, key, None)
         }
     };
-    let names = config.destinations.iter().map(|d| d.name.clone()).collect();
+    let routing = kakehashi_spool::Routing {
+        current: config.destinations.iter().map(|d| d.name.clone()).collect(),
+        results: config.pacs.iter().map(|p| p.name.clone()).collect(),
+    };
     let limits = Limits {
         max_size: config.spool.max_size,
         min_free: config.spool.min_free,
     };
     let dir = config.spool.dir.clone();
     let opened = tokio::task::spawn_blocking(move || {
-        Spool::open_with_key(&dir, names, limits, now_ms(), spool_key)
+        Spool::open_with_key(&dir, routing, limits, now_ms(), spool_key)
     })
     .await;
     let (spool, report) = match opened {
@@ -270,6 +287,7 @@ async fn run(
     let forwarders: Vec<Arc<forwarder::Handle>> = config
         .destinations
         .iter()
+        .chain(&config.pacs)
         .map(|d| Arc::new(forwarder::Handle::new(d.clone())))
         .collect();
     // One pass over the index, one record at a time.
@@ -326,6 +344,19 @@ async fn run(
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    let results_listener = match &shared.config.results {
+        None => None,
+        Some(r) => match tokio::net::TcpListener::bind(r.listen).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!(
+                    "cannot listen for results on {} (results.listen): {e}",
+                    r.listen
+                );
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        },
+    };
     let control = match control::bind(&shared.config.control.socket) {
         Ok(l) => l,
         Err(e) => {
@@ -343,7 +374,20 @@ async fn run(
         ));
     }
     tasks.spawn(control::serve(Arc::clone(&shared), control, token.clone()));
-    tasks.spawn(ingress::serve(Arc::clone(&shared), listener, token.clone()));
+    tasks.spawn(ingress::serve(
+        Arc::clone(&shared),
+        listener,
+        token.clone(),
+        ingress::Kind::Hospital,
+    ));
+    if let Some(l) = results_listener {
+        tasks.spawn(ingress::serve(
+            Arc::clone(&shared),
+            l,
+            token.clone(),
+            ingress::Kind::Results,
+        ));
+    }
     tasks.spawn(checkpointer(Arc::clone(&shared), token.clone()));
     if let (Some(t), Some(h)) = (&shared.tunnel, health) {
         let beat = shared

@@ -23,6 +23,11 @@ pub struct Policy {
     pub ae_title: String,
     pub sources: Vec<SourceRule>,
     pub max_pdu: u32,
+    /// The config key that lists the sources, for rejection reasons
+    /// (`dicom.sources`, `results.from`).
+    pub sources_key: &'static str,
+    /// `None`: every storage SOP class; otherwise only these.
+    pub storage_classes: Option<Vec<String>>,
 }
 
 /// A calling AE title allowed to send, optionally only from some addresses.
@@ -121,7 +126,10 @@ pub fn negotiate(
         return Err(reject(
             AssociationRJResult::Permanent,
             ServiceUser(AssociationRJServiceUserReason::CallingAETitleNotRecognized),
-            format!("calling AE title {calling:?} is not in dicom.sources"),
+            format!(
+                "calling AE title {calling:?} is not in {}",
+                policy.sources_key
+            ),
         ));
     }
     if !known
@@ -171,7 +179,13 @@ pub fn negotiate(
                 .or(offered.first())
                 .map(|t| t.to_string())
                 .ok_or(PresentationContextResultReason::TransferSyntaxesNotSupported)
-        } else if is_valid_uid(&abstract_syntax) && is_storage_sop_class(&abstract_syntax) {
+        } else if is_valid_uid(&abstract_syntax)
+            && is_storage_sop_class(&abstract_syntax)
+            && policy
+                .storage_classes
+                .as_ref()
+                .is_none_or(|allowed| allowed.contains(&abstract_syntax))
+        {
             // The sender's first choice, whatever it is: the relay never
             // decodes, so it must never make the sender transcode either.
             offered
@@ -270,6 +284,8 @@ mod tests {
                 address: only.map(|ip| Box::new(Only(ip)) as Box<dyn AddressMatch>),
             }],
             max_pdu: 65536,
+            sources_key: "dicom.sources",
+            storage_classes: None,
         }
     }
 
@@ -314,6 +330,31 @@ mod tests {
             PresentationContextResultReason::AbstractSyntaxNotSupported
         );
         assert_eq!(a.peer_max_pdu, 16384);
+    }
+
+    #[test]
+    fn a_restricted_listener_accepts_only_its_storage_classes() {
+        let r = rq(
+            "MOD",
+            "KAKEHASHI",
+            vec![
+                ("1.2.840.10008.5.1.4.1.1.2", vec!["1.2.840.10008.1.2.1"]), // CT
+                ("1.2.840.10008.5.1.4.1.1.104.1", vec!["1.2.840.10008.1.2.1"]), // PDF
+                ("1.2.840.10008.1.1", vec!["1.2.840.10008.1.2"]),
+            ],
+        );
+        let mut p = policy(None);
+        p.storage_classes = Some(vec!["1.2.840.10008.5.1.4.1.1.104.1".into()]);
+        p.sources_key = "results.from";
+        let a = negotiate(&r, LOCAL, &p, false).expect("accepted");
+        let ids: Vec<u8> = a.contexts.iter().map(|c| c.id).collect();
+        assert_eq!(ids, vec![3, 5]);
+        assert_eq!(
+            a.ac.presentation_contexts[0].reason,
+            PresentationContextResultReason::AbstractSyntaxNotSupported
+        );
+        let e = negotiate(&rq("STRANGER", "KAKEHASHI", vec![]), LOCAL, &p, false).expect_err("rj");
+        assert!(e.reason.contains("results.from"), "{}", e.reason);
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! Reads the routing keys (Patient ID, Study Instance UID) out of the first
-//! bytes of a dataset, in whatever transfer syntax it came.
+//! Reads the routing keys (Patient ID, Study Instance UID, Accession
+//! Number, whether a Predecessor Documents Sequence is present) out of the
+//! first bytes of a dataset, in whatever transfer syntax it came.
 //!
-//! The relay never decodes a dataset; it only needs these two values to
-//! group a study and to show operators what waits. The scanner looks at a
-//! bounded prefix ([`SCAN_LIMIT`]), walks top-level elements in tag order,
-//! skips sequences, and stops after (0020,000D). It never fails: a value it
-//! cannot find is `None`.
+//! The relay never decodes a dataset; it only needs these values to group a
+//! study, match a result to the study it reports on, and show operators what
+//! waits. The scanner looks at a bounded prefix ([`SCAN_LIMIT`]), walks
+//! top-level elements in tag order, skips sequences, and stops after
+//! (0040,A360). It never fails: a value it cannot find is `None`.
 
 use std::io::Read;
 
@@ -14,8 +15,12 @@ use crate::uids::{DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE, IMPLICIT_VR_LE};
 /// How many leading dataset bytes are kept for scanning.
 pub const SCAN_LIMIT: usize = 64 * 1024;
 
+const ACCESSION_NUMBER: u32 = 0x0008_0050;
 const PATIENT_ID: u32 = 0x0010_0020;
 const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
+/// Present (with an item) in an SR or encapsulated document that amends an
+/// earlier one.
+const PREDECESSOR_DOCUMENTS: u32 = 0x0040_A360;
 const ITEM: u32 = 0xFFFE_E000;
 const ITEM_END: u32 = 0xFFFE_E00D;
 const SEQUENCE_END: u32 = 0xFFFE_E0DD;
@@ -24,6 +29,9 @@ const SEQUENCE_END: u32 = 0xFFFE_E0DD;
 pub struct RoutingKeys {
     pub patient_id: Option<String>,
     pub study_instance_uid: Option<String>,
+    pub accession_number: Option<String>,
+    /// A Predecessor Documents Sequence with at least one item was seen.
+    pub has_predecessors: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -145,7 +153,7 @@ impl Scanner<'_> {
     fn run(mut self) -> RoutingKeys {
         let mut pos = 0;
         while let Some(h) = self.header(pos) {
-            if h.tag > STUDY_INSTANCE_UID || (h.tag >> 16) == 0xFFFE {
+            if h.tag > PREDECESSOR_DOCUMENTS || (h.tag >> 16) == 0xFFFE {
                 break;
             }
             let start = pos + h.size;
@@ -154,7 +162,7 @@ impl Scanner<'_> {
                     let Some(end) = start.checked_add(len as usize) else {
                         break;
                     };
-                    if h.tag == PATIENT_ID || h.tag == STUDY_INSTANCE_UID {
+                    if [PATIENT_ID, STUDY_INSTANCE_UID, ACCESSION_NUMBER].contains(&h.tag) {
                         let Some(value) = self.buf.get(start..end) else {
                             break;
                         };
@@ -162,15 +170,23 @@ impl Scanner<'_> {
                             .trim_end_matches(['\0', ' '])
                             .trim_start()
                             .to_string();
-                        if h.tag == PATIENT_ID {
-                            self.found.patient_id = Some(text);
-                        } else {
-                            self.found.study_instance_uid = Some(text);
+                        match h.tag {
+                            PATIENT_ID => self.found.patient_id = Some(text),
+                            STUDY_INSTANCE_UID => self.found.study_instance_uid = Some(text),
+                            _ => self.found.accession_number = Some(text),
                         }
+                    }
+                    if h.tag == PREDECESSOR_DOCUMENTS && len > 0 {
+                        self.found.has_predecessors = true;
                     }
                     pos = end;
                 }
                 None => match self.skip_until(start, SEQUENCE_END, 0) {
+                    Some(p) if h.tag == PREDECESSOR_DOCUMENTS => {
+                        // More than the delimiter: at least one item.
+                        self.found.has_predecessors = p - start > 8;
+                        pos = p;
+                    }
                     Some(p) => pos = p,
                     None => break,
                 },
@@ -218,6 +234,7 @@ mod tests {
             0x1140,
             &el_explicit(0x0010, 0x0020, b"LO", b"DECOY "),
         ));
+        ds.extend(el_explicit(0x0008, 0x0050, b"SH", b"ACC-1 "));
         ds.extend(el_explicit(0x0010, 0x0010, b"PN", "山田^太郎 ".as_bytes()));
         ds.extend(el_explicit(0x0010, 0x0020, b"LO", b"PID-001 "));
         ds.extend(el_explicit(0x0020, 0x000D, b"UI", b"1.2.3.4\0"));
@@ -230,6 +247,34 @@ mod tests {
         let k = routing_keys("1.2.840.10008.1.2.1", &sample());
         assert_eq!(k.patient_id.as_deref(), Some("PID-001"));
         assert_eq!(k.study_instance_uid.as_deref(), Some("1.2.3.4"));
+        assert_eq!(k.accession_number.as_deref(), Some("ACC-1"));
+        assert!(!k.has_predecessors);
+    }
+
+    #[test]
+    fn sees_a_predecessor_documents_sequence() {
+        let mut ds = sample();
+        ds.truncate(ds.len() - 8); // without the pixel data
+        let mut amended = ds.clone();
+        amended.extend(undefined_sequence_explicit(
+            0x0040,
+            0xA360,
+            &el_explicit(0x0020, 0x000D, b"UI", b"1.2.3.4\0"),
+        ));
+        let k = routing_keys("1.2.840.10008.1.2.1", &amended);
+        assert!(k.has_predecessors);
+        assert_eq!(
+            k.study_instance_uid.as_deref(),
+            Some("1.2.3.4"),
+            "the nested UID is not taken"
+        );
+        // An empty sequence (delimiter only) amends nothing.
+        let mut empty = ds;
+        empty.extend_from_slice(&[0x40, 0x00, 0x60, 0xA3]);
+        empty.extend_from_slice(b"SQ\0\0");
+        empty.extend_from_slice(&u32::MAX.to_le_bytes());
+        empty.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        assert!(!routing_keys("1.2.840.10008.1.2.1", &empty).has_predecessors);
     }
 
     #[test]

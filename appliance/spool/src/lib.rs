@@ -47,7 +47,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use sha2::{Digest, Sha256};
 
 pub use record::{
-    AuditEvent, AuditRecord, DecodeError, InstanceMeta, InstanceRecord, Priority, Route, RouteState,
+    AuditEvent, AuditRecord, DecodeError, InstanceMeta, InstanceRecord, Priority, Role, Route,
+    RouteState, StudyEntry,
 };
 pub use redb::Durability;
 
@@ -55,6 +56,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const INSTANCES: TableDefinition<u64, &[u8]> = TableDefinition::new("instances");
 const UIDS: TableDefinition<&str, u64> = TableDefinition::new("uids");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Study Instance UID → [`StudyEntry`] of the studies received from the
+/// hospital (results are matched against it).
+const STUDIES: TableDefinition<&str, &[u8]> = TableDefinition::new("studies");
 
 /// Magic and version of the spool as a whole (`meta["format"]`).
 pub const FORMAT_MAGIC: &[u8; 4] = b"KKHS";
@@ -182,6 +186,39 @@ fn idx<E: Into<redb::Error>>(action: &'static str) -> impl FnOnce(E) -> SpoolErr
     }
 }
 
+/// Which destinations get what: every instance gets a route to each
+/// destination of its [`Role`].
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    /// Instances from the hospital (`[[destinations]]`).
+    pub current: Vec<String>,
+    /// Results from the reading center (the hospital's PACS).
+    pub results: Vec<String>,
+}
+
+impl Routing {
+    pub fn for_role(&self, role: Role) -> &[String] {
+        match role {
+            Role::Current => &self.current,
+            Role::Result => &self.results,
+        }
+    }
+
+    fn all(&self) -> impl Iterator<Item = &String> {
+        self.current.iter().chain(&self.results)
+    }
+}
+
+/// The destinations of the hospital's studies; no results.
+impl From<Vec<String>> for Routing {
+    fn from(current: Vec<String>) -> Routing {
+        Routing {
+            current,
+            results: Vec::new(),
+        }
+    }
+}
+
 /// Limits the spool enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -248,6 +285,8 @@ pub struct DestinationCounts {
     pub queued: u64,
     pub queued_bytes: u64,
     pub dead_letter: u64,
+    /// Held for the operator (results matching no study the box relayed).
+    pub held: u64,
     /// Queued, and flagged stuck (see [`Route::stuck_ms`]).
     pub stuck: u64,
     pub oldest_received_ms: Option<u64>,
@@ -270,7 +309,9 @@ pub struct Spool {
     /// Dead letters per destination, kept as routes change (so `status` never
     /// scans the index).
     dead: std::sync::Mutex<HashMap<String, u64>>,
-    destinations: Vec<String>,
+    /// Held routes per destination, kept the same way.
+    held: std::sync::Mutex<HashMap<String, u64>>,
+    routing: Routing,
     limits: Limits,
     /// Bytes of payload files in `data/`.
     used: AtomicU64,
@@ -297,17 +338,17 @@ impl Spool {
     /// payloads are stored in clear (development without keys).
     pub fn open(
         dir: &Path,
-        destinations: Vec<String>,
+        routing: impl Into<Routing>,
         limits: Limits,
         now_ms: u64,
     ) -> Result<(Arc<Spool>, RecoveryReport), SpoolError> {
-        Spool::open_with_key(dir, destinations, limits, now_ms, None)
+        Spool::open_with_key(dir, routing, limits, now_ms, None)
     }
 
     /// Like [`Spool::open`]; with `key`, new payloads and Patient IDs are sealed.
     pub fn open_with_key(
         dir: &Path,
-        destinations: Vec<String>,
+        routing: impl Into<Routing>,
         limits: Limits,
         now_ms: u64,
         key: Option<SpoolKey>,
@@ -333,7 +374,8 @@ impl Spool {
             db_failed: Default::default(),
             index_blocks: AtomicU64::new(0),
             dead: Default::default(),
-            destinations,
+            held: Default::default(),
+            routing: routing.into(),
             limits,
             used: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
@@ -521,6 +563,7 @@ impl Spool {
         }
 
         let mut dead_counts: HashMap<String, u64> = HashMap::new();
+        let mut held_counts: HashMap<String, u64> = HashMap::new();
         let txn = self.begin_write(Durability::Immediate)?;
         let mut max_id = 0;
         let mut used = 0;
@@ -547,7 +590,7 @@ impl Spool {
                 let mut changed = false;
                 let mut said = None;
                 // A destination added to the config since: route to it too.
-                for d in &self.destinations {
+                for d in self.routing.for_role(rec.meta.role) {
                     if rec.route(d).is_none() && !rec.is_done() {
                         rec.routes.push(new_route(d));
                         changed = true;
@@ -616,6 +659,9 @@ impl Spool {
                 {
                     *dead_counts.entry(r.destination.clone()).or_default() += 1;
                 }
+                for r in rec.routes.iter().filter(|r| r.state == RouteState::Held) {
+                    *held_counts.entry(r.destination.clone()).or_default() += 1;
+                }
                 if changed {
                     updates.push((rec, said));
                 }
@@ -645,6 +691,7 @@ impl Spool {
         }
         txn.commit("commit recovery")?.unlink()?;
         *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = dead_counts;
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = held_counts;
 
         // Renamed into data/ but never committed: the sender was never told
         // Success, so it still holds the image. Remove.
@@ -800,8 +847,8 @@ impl Spool {
     /// queues in the daemon), and for tools. Not for a hot path.
     pub fn counts(&self) -> Result<HashMap<String, DestinationCounts>, SpoolError> {
         let mut out: HashMap<String, DestinationCounts> = self
-            .destinations
-            .iter()
+            .routing
+            .all()
             .map(|d| (d.clone(), DestinationCounts::default()))
             .collect();
         for rec in self.records()? {
@@ -818,6 +865,7 @@ impl Spool {
                         );
                     }
                     RouteState::DeadLetter => c.dead_letter += 1,
+                    RouteState::Held => c.held += 1,
                     RouteState::Delivered => {}
                 }
             }
@@ -1019,11 +1067,17 @@ impl Spool {
 
     /// Applies dead-letter count changes of a committed transaction.
     fn count_dead(&self, changes: &[(String, i64)]) {
-        let mut dead = self.dead.lock().unwrap_or_else(|p| p.into_inner());
-        for (d, delta) in changes {
-            let n = dead.entry(d.clone()).or_default();
-            *n = n.saturating_add_signed(*delta);
-        }
+        apply_counts(&self.dead, changes);
+    }
+
+    /// Held results of `destination`, O(1).
+    pub fn held(&self, destination: &str) -> u64 {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(destination)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, u64)>> {
@@ -1118,6 +1172,65 @@ impl Spool {
         )
     }
 
+    /// Releases held results (of the ids given, or all) for delivery.
+    /// Returns the ids released.
+    pub fn release_held(&self, ids: &[u64], now_ms: u64) -> Result<Vec<u64>, SpoolError> {
+        self.operator_change(
+            None,
+            ids,
+            now_ms,
+            AuditEvent::Released,
+            |route| route.state == RouteState::Held,
+            |route| {
+                route.state = RouteState::Queued;
+                route.last_error = None;
+                true
+            },
+        )
+    }
+
+    /// Drops held results (of the ids given, or all); their payloads are
+    /// deleted.
+    pub fn purge_held(&self, ids: &[u64], now_ms: u64) -> Result<Vec<u64>, SpoolError> {
+        self.operator_change(
+            None,
+            ids,
+            now_ms,
+            AuditEvent::Purged,
+            |route| route.state == RouteState::Held,
+            |_| false,
+        )
+    }
+
+    /// What the box knows of the hospital's study `uid` (`None`: never received).
+    pub fn study(&self, uid: &str) -> Result<Option<StudyEntry>, SpoolError> {
+        let txn = self.read_txn()?;
+        let table = match txn.open_table(STUDIES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(idx("open studies")(e)),
+        };
+        table
+            .get(uid)
+            .map_err(idx("read study"))?
+            .map(|v| {
+                record::decode(v.value()).map_err(|source| SpoolError::Record {
+                    key: format!("studies/{uid}"),
+                    source,
+                })
+            })
+            .transpose()
+    }
+
+    fn blind_accession(&self, accession: &str) -> String {
+        let a = accession.trim();
+        match &self.key {
+            Some(k) => k.blind("accession", a),
+            // Development spools (no key) keep a plain digest.
+            None => hex::encode(&Sha256::digest(a.as_bytes())[..16]),
+        }
+    }
+
     /// Drops dead-lettered routes; deletes payloads nothing else needs.
     pub fn purge_dead(
         &self,
@@ -1180,6 +1293,7 @@ impl Spool {
         let mut touched = Vec::new();
         let mut to_delete = Vec::new();
         let mut dead_changes = Vec::new();
+        let mut held_changes = Vec::new();
         {
             let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
             let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
@@ -1214,7 +1328,13 @@ impl Spool {
                         .destination(&route.destination),
                     )?;
                     let was_dead = route.state == RouteState::DeadLetter;
+                    let was_held = route.state == RouteState::Held;
                     let keep = change(&mut route);
+                    let is_held = keep && route.state == RouteState::Held;
+                    held_changes.push((
+                        route.destination.clone(),
+                        i64::from(is_held) - i64::from(was_held),
+                    ));
                     let is_dead = keep && route.state == RouteState::DeadLetter;
                     dead_changes.push((
                         route.destination.clone(),
@@ -1242,6 +1362,7 @@ impl Spool {
         }
         let mut released = txn.commit("commit operator change")?;
         self.count_dead(&dead_changes);
+        apply_counts(&self.held, &held_changes);
         released.list.extend(
             to_delete
                 .iter()
@@ -1460,11 +1581,20 @@ impl Drop for Released<'_> {
     }
 }
 
+fn apply_counts(counts: &std::sync::Mutex<HashMap<String, u64>>, changes: &[(String, i64)]) {
+    let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+    for (d, delta) in changes {
+        let n = counts.entry(d.clone()).or_default();
+        *n = n.saturating_add_signed(*delta);
+    }
+}
+
 fn route_word(state: RouteState) -> &'static str {
     match state {
         RouteState::Queued => "queued",
         RouteState::DeadLetter => "dead letter",
         RouteState::Delivered => "delivered",
+        RouteState::Held => "held",
     }
 }
 
@@ -1478,6 +1608,79 @@ fn new_route(destination: &str) -> Route {
         delivered_ms: None,
         stuck_ms: None,
     }
+}
+
+/// Counts an accepted instance of a hospital study in the studies table.
+fn note_study(
+    studies: &mut redb::Table<&str, &[u8]>,
+    rec: &InstanceRecord,
+    accession: Option<String>,
+    now_ms: u64,
+) -> Result<(), SpoolError> {
+    let uid = rec.meta.study_instance_uid.as_str();
+    if uid.is_empty() {
+        return Ok(());
+    }
+    let mut entry = match studies.get(uid).map_err(idx("read study"))? {
+        Some(v) => {
+            record::decode::<StudyEntry>(v.value()).map_err(|source| SpoolError::Record {
+                key: format!("studies/{uid}"),
+                source,
+            })?
+        }
+        None => StudyEntry {
+            first_received_ms: now_ms,
+            last_received_ms: now_ms,
+            instances: 0,
+            bytes: 0,
+            accessions: Vec::new(),
+        },
+    };
+    entry.last_received_ms = now_ms;
+    entry.instances += 1;
+    entry.bytes += rec.dataset_size;
+    if let Some(a) = accession.filter(|a| !entry.accessions.contains(a)) {
+        entry.accessions.push(a);
+    }
+    studies
+        .insert(uid, record::encode(&entry).as_slice())
+        .map_err(idx("write study"))?;
+    Ok(())
+}
+
+/// `None` when the result belongs to a study the box received from the
+/// hospital (same Study Instance UID, or same Accession Number); otherwise
+/// why it is held.
+fn match_result(
+    studies: &redb::Table<&str, &[u8]>,
+    rec: &InstanceRecord,
+    accession: Option<&str>,
+) -> Result<Option<String>, SpoolError> {
+    let uid = rec.meta.study_instance_uid.as_str();
+    if !uid.is_empty() && studies.get(uid).map_err(idx("read study"))?.is_some() {
+        return Ok(None);
+    }
+    if let Some(a) = accession {
+        for item in studies.iter().map_err(idx("scan studies"))? {
+            let (k, v) = item.map_err(idx("scan studies"))?;
+            let entry: StudyEntry =
+                record::decode(v.value()).map_err(|source| SpoolError::Record {
+                    key: format!("studies/{}", k.value()),
+                    source,
+                })?;
+            if entry.accessions.iter().any(|x| x == a) {
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(format!(
+        "unmatched: no study with Study Instance UID {uid:?}{} was relayed by this box; held (`kakehashi results release` to deliver it anyway)",
+        if accession.is_some() {
+            " or its Accession Number"
+        } else {
+            ""
+        }
+    )))
 }
 
 fn decode_record(id: u64, bytes: &[u8]) -> Result<InstanceRecord, SpoolError> {
@@ -1664,6 +1867,11 @@ impl Incoming {
         let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
 
         let mut meta = meta;
+        let accession = meta
+            .accession_number
+            .take()
+            .filter(|a| !a.trim().is_empty())
+            .map(|a| spool.blind_accession(&a));
         if let Some(k) = &spool.key {
             // The index keeps no Patient ID in clear.
             meta.patient_id = format!(
@@ -1677,15 +1885,20 @@ impl Incoming {
             dataset_offset: self.header_len,
             sha256,
             received_ms: now_ms,
-            routes: spool.destinations.iter().map(|d| new_route(d)).collect(),
+            routes: spool
+                .routing
+                .for_role(meta.role)
+                .iter()
+                .map(|d| new_route(d))
+                .collect(),
             stored_size: (stored != self.header_len + self.dataset_len).then_some(stored),
             key_id: spool.key.as_ref().map(SpoolKey::id_hex),
             meta,
         };
-        let accepted = spool.commit_received(&rec, now_ms)?;
+        let accepted = spool.commit_received(rec, accession, now_ms)?;
         match &accepted {
-            Accepted::Queued { .. } => {
-                spool.used.fetch_add(rec.file_size(), Ordering::SeqCst);
+            Accepted::Queued { record, .. } => {
+                spool.used.fetch_add(record.file_size(), Ordering::SeqCst);
                 // Committed: the payload is the record's now, not ours to remove.
                 self.tmp = PathBuf::new();
             }
@@ -1702,9 +1915,21 @@ impl Spool {
     /// record; or, if the instance is still spooled with the same bytes,
     /// only a `duplicate` audit record. A still-pending older version with
     /// other bytes is superseded in the same transaction.
-    fn commit_received(&self, rec: &InstanceRecord, now_ms: u64) -> Result<Accepted, SpoolError> {
+    ///
+    /// A study from the hospital is recorded in the studies table (with the
+    /// keyed digest of its Accession Number); a result is matched against
+    /// that table by Study Instance UID or Accession Number, and held when
+    /// it matches nothing.
+    fn commit_received(
+        &self,
+        mut rec: InstanceRecord,
+        accession: Option<String>,
+        now_ms: u64,
+    ) -> Result<Accepted, SpoolError> {
         let actor = format!("{}@{}", rec.meta.source_ae, rec.meta.source_ip);
         let txn = self.begin_write(Durability::Immediate)?;
+        let mut held = None;
+        let mut held_changes: Vec<(String, i64)> = Vec::new();
         let mut superseded = None;
         let mut release = None;
         let mut dead_changes = Vec::new();
@@ -1712,6 +1937,7 @@ impl Spool {
             let mut table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
             let mut uids = txn.open_table(UIDS).map_err(idx("open uids"))?;
             let mut audit = txn.open_table(AUDIT).map_err(idx("open audit"))?;
+            let mut studies = txn.open_table(STUDIES).map_err(idx("open studies"))?;
             let previous = uids
                 .get(rec.meta.sop_instance_uid.as_str())
                 .map_err(idx("read uid"))?
@@ -1736,7 +1962,7 @@ impl Spool {
                         )
                         .instance(&rec.meta),
                     )?;
-                    drop((table, uids, audit));
+                    drop((table, uids, audit, studies));
                     txn.commit("commit duplicate")?.unlink()?;
                     return Ok(Accepted::Duplicate { existing: old.id });
                 }
@@ -1767,11 +1993,29 @@ impl Spool {
                         .filter(|r| r.state == RouteState::DeadLetter)
                         .map(|r| (r.destination.clone(), -1)),
                 );
+                held_changes.extend(
+                    old.routes
+                        .iter()
+                        .filter(|r| r.state == RouteState::Held)
+                        .map(|r| (r.destination.clone(), -1)),
+                );
                 table.remove(old.id).map_err(idx("remove instance"))?;
                 release = Some((self.payload_path(old.id), old.file_size()));
             }
+            match rec.meta.role {
+                Role::Current => note_study(&mut studies, &rec, accession, now_ms)?,
+                Role::Result => {
+                    if let Some(why) = match_result(&studies, &rec, accession.as_deref())? {
+                        for r in &mut rec.routes {
+                            r.state = RouteState::Held;
+                            r.last_error = Some(why.clone());
+                        }
+                        held = Some(why);
+                    }
+                }
+            }
             table
-                .insert(rec.id, record::encode(rec).as_slice())
+                .insert(rec.id, record::encode(&rec).as_slice())
                 .map_err(idx("write instance"))?;
             uids.insert(rec.meta.sop_instance_uid.as_str(), rec.id)
                 .map_err(idx("write uid"))?;
@@ -1782,19 +2026,41 @@ impl Spool {
                     AuditEvent::Received,
                     actor,
                     format!(
-                        "{} bytes, {}",
-                        rec.dataset_size, rec.meta.transfer_syntax_uid
+                        "{} bytes, {}{}{}",
+                        rec.dataset_size,
+                        rec.meta.transfer_syntax_uid,
+                        match (rec.meta.role, rec.meta.amendment) {
+                            (Role::Current, _) => "",
+                            (Role::Result, false) => ", result",
+                            (Role::Result, true) => ", result (amendment)",
+                        },
+                        rec.meta
+                            .via
+                            .as_deref()
+                            .map(|v| format!(", {v}"))
+                            .unwrap_or_default()
                     ),
                 )
                 .instance(&rec.meta),
             )?;
+            if let Some(why) = &held {
+                append_audit(
+                    &mut audit,
+                    AuditRecord::new(now_ms, AuditEvent::Held, "kakehashid", why.clone())
+                        .instance(&rec.meta),
+                )?;
+            }
         }
         let mut released = txn.commit("commit instance")?;
         self.count_dead(&dead_changes);
+        if held.is_some() {
+            held_changes.extend(rec.routes.iter().map(|r| (r.destination.clone(), 1)));
+        }
+        apply_counts(&self.held, &held_changes);
         released.list.extend(release);
         released.unlink()?;
         Ok(Accepted::Queued {
-            record: Box::new(rec.clone()),
+            record: Box::new(rec),
             superseded,
         })
     }

@@ -37,6 +37,31 @@ impl Priority {
     }
 }
 
+/// Why the box holds an instance: what it relays, and to whom.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Sent by the hospital: goes to `[[destinations]]`.
+    #[default]
+    Current,
+    /// A result (report, SR, KOS) sent back by the reading center: goes to
+    /// the hospital's PACS, once matched to a study the box relayed.
+    Result,
+}
+
+impl Role {
+    pub fn is_current(&self) -> bool {
+        *self == Role::Current
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Current => "current",
+            Role::Result => "result",
+        }
+    }
+}
+
 /// Where one instance stands towards one destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -46,6 +71,9 @@ pub enum RouteState {
     Queued,
     Delivered,
     DeadLetter,
+    /// Kept, not sent, until the operator releases or purges it: a result
+    /// that matches no study the box relayed (`last_error` says why).
+    Held,
 }
 
 impl RouteState {
@@ -57,6 +85,21 @@ impl RouteState {
     pub fn is_final(self) -> bool {
         self == RouteState::Delivered
     }
+}
+
+/// What the box knows of a study it received from the hospital (table
+/// `studies`): enough to match a result to it, kept after its instances
+/// are delivered and gone from the spool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StudyEntry {
+    pub first_received_ms: u64,
+    pub last_received_ms: u64,
+    /// Instances accepted for this study (duplicates not counted).
+    pub instances: u64,
+    pub bytes: u64,
+    /// Keyed digests ([`crate::SpoolKey::blind`]) of the Accession Numbers seen.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accessions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +127,21 @@ pub struct InstanceMeta {
     pub source_ae: String,
     pub source_ip: String,
     pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Role::is_current")]
+    pub role: Role,
+    /// Accession Number (0008,0050), when the dataset has one. Not kept in
+    /// the record: the studies table keeps a keyed digest of it, to match
+    /// results by.
+    #[serde(skip)]
+    pub accession_number: Option<String>,
+    /// A result that amends an earlier one (it has a Predecessor Documents
+    /// Sequence).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub amendment: bool,
+    /// How it reached the box, for the `received` audit record only (a
+    /// result: "through the tunnel from WireGuard peer …").
+    #[serde(skip)]
+    pub via: Option<String>,
 }
 
 /// One spooled instance and its routes.
@@ -175,6 +233,11 @@ pub enum AuditEvent {
     /// A pending copy was dropped because a corrected version (same SOP
     /// Instance UID, other bytes) was acknowledged before it was delivered.
     Superseded,
+    /// A result matching no study the box relayed: kept, not delivered,
+    /// until the operator releases or purges it.
+    Held,
+    /// The operator released a held result for delivery.
+    Released,
 }
 
 impl AuditRecord {

@@ -88,6 +88,20 @@ impl SpoolKey {
         hex::encode(self.id())
     }
 
+    /// A keyed digest of `value` for finding it again without storing it
+    /// (an Accession Number in the studies table): equal values give equal
+    /// digests under this key, and nothing about the value without the key.
+    /// The key is a fixed-length prefix, so length extension gives nothing.
+    pub fn blind(&self, label: &str, value: &str) -> String {
+        let mut h = sha2::Sha256::new();
+        h.update(b"kakehashi blind\0");
+        h.update(&self.0[..]);
+        h.update(label.as_bytes());
+        h.update([0u8]);
+        h.update(value.as_bytes());
+        hex::encode(&h.finalize()[..16])
+    }
+
     fn cipher_v1(&self) -> ChaCha20Poly1305 {
         ChaCha20Poly1305::new(Key::from_slice(&self.0[..]))
     }

@@ -10,6 +10,10 @@ fn meta(uid: &str) -> InstanceMeta {
         source_ae: "MODALITY1".into(),
         source_ip: "127.0.0.1".into(),
         priority: Priority::Medium,
+        role: Default::default(),
+        accession_number: None,
+        amendment: false,
+        via: None,
     }
 }
 
@@ -722,4 +726,119 @@ fn dead_letter_counters_match_a_full_scan_through_every_kind_of_change() {
     drop(spool);
     let (spool, _) = Spool::open(dir.path(), dests.clone(), limits(64 << 20), 9).expect("reopen");
     check(&spool);
+}
+
+fn result_meta(uid: &str, study: &str, accession: Option<&str>) -> InstanceMeta {
+    InstanceMeta {
+        sop_class_uid: "1.2.840.10008.5.1.4.1.1.104.1".into(),
+        study_instance_uid: study.into(),
+        source_ae: "READCENTER".into(),
+        role: Role::Result,
+        accession_number: accession.map(str::to_string),
+        ..meta(uid)
+    }
+}
+
+fn open_with_pacs(dir: &Path) -> Arc<Spool> {
+    let routing = Routing {
+        current: vec!["center".into()],
+        results: vec!["pacs".into()],
+    };
+    Spool::open(dir, routing, limits(1 << 20), 1000)
+        .expect("open spool")
+        .0
+}
+
+#[test]
+fn results_go_to_the_pacs_only_when_they_match_a_relayed_study() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = open_with_pacs(dir.path());
+    // A hospital study (Study UID 1.2.3) with an Accession Number.
+    let mut inc = spool.begin(b"H", "1.1").expect("begin");
+    inc.write(b"image").expect("write");
+    let mut m = meta("1.1");
+    m.accession_number = Some("ACC-7".into());
+    let study = queued(inc.commit(m, 2000).expect("commit"));
+    assert_eq!(study.routes.len(), 1);
+    assert_eq!(study.routes[0].destination, "center");
+    let entry = spool.study("1.2.3").expect("read").expect("study noted");
+    assert_eq!((entry.instances, entry.bytes), (1, 5));
+    assert_eq!(entry.accessions.len(), 1);
+    assert_ne!(
+        entry.accessions[0], "ACC-7",
+        "the accession is not kept in clear"
+    );
+
+    let result = |uid: &str, study: &str, acc: Option<&str>| {
+        let mut inc = spool.begin(b"H", uid).expect("begin");
+        inc.write(b"report").expect("write");
+        queued(
+            inc.commit(result_meta(uid, study, acc), 3000)
+                .expect("commit"),
+        )
+    };
+    // Same study: queued for the PACS, not for the center.
+    let by_uid = result("9.1", "1.2.3", None);
+    assert_eq!(by_uid.routes.len(), 1);
+    assert_eq!(by_uid.routes[0].destination, "pacs");
+    assert_eq!(by_uid.routes[0].state, RouteState::Queued);
+    // Another Study UID but the same Accession Number: matched too.
+    let by_accession = result("9.2", "7.7.7", Some("ACC-7"));
+    assert_eq!(by_accession.routes[0].state, RouteState::Queued);
+    // Nothing known: held, with the reason, and audited.
+    let unknown = result("9.3", "8.8.8", Some("ACC-8"));
+    assert_eq!(unknown.routes[0].state, RouteState::Held);
+    let why = unknown.routes[0].last_error.clone().expect("reason");
+    assert!(why.contains("8.8.8"), "{why}");
+    let counts = spool.counts().expect("counts");
+    assert_eq!(counts["pacs"].queued, 2);
+    assert_eq!(counts["pacs"].held, 1);
+    assert_eq!(counts["center"].queued, 1);
+    assert_eq!(
+        spool.held("pacs"),
+        1,
+        "the O(1) counter agrees with the scan"
+    );
+    assert!(spool
+        .audit_since(0, 100)
+        .expect("audit")
+        .iter()
+        .any(|a| a.event == AuditEvent::Held && a.sop_instance_uid.as_deref() == Some("9.3")));
+
+    // Held survives a restart (and recovery adds no route of another role).
+    drop(spool);
+    let spool = open_with_pacs(dir.path());
+    assert_eq!(spool.held("pacs"), 1, "counted again by recovery");
+    let again = spool.get(unknown.id).expect("record");
+    assert_eq!(again.routes.len(), 1);
+    assert_eq!(again.routes[0].state, RouteState::Held);
+    // The operator releases it: queued for the PACS.
+    assert_eq!(
+        spool.release_held(&[], 4000).expect("release"),
+        vec![unknown.id]
+    );
+    assert_eq!(
+        spool.get(unknown.id).expect("record").routes[0].state,
+        RouteState::Queued
+    );
+    assert_eq!(spool.held("pacs"), 0);
+}
+
+#[test]
+fn a_held_result_can_be_purged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = open_with_pacs(dir.path());
+    let mut inc = spool.begin(b"H", "9.9").expect("begin");
+    inc.write(b"report").expect("write");
+    let rec = queued(
+        inc.commit(result_meta("9.9", "5.5", None), 3000)
+            .expect("commit"),
+    );
+    assert_eq!(rec.routes[0].state, RouteState::Held);
+    assert_eq!(
+        spool.purge_held(&[rec.id], 4000).expect("purge"),
+        vec![rec.id]
+    );
+    assert!(matches!(spool.get(rec.id), Err(SpoolError::NotFound(_))));
+    assert_eq!(spool.payload_bytes(), 0);
 }

@@ -1,0 +1,248 @@
+//! Reports back: the reading center sends a PDF report (DCMTK `pdf2dcm`)
+//! and an SR (`xml2dsr`) to the box's `[results]` port; they reach the
+//! hospital's PACS (Orthanc) byte-identical, through the spool, across a
+//! kill -9 while the PACS was unreachable. A report for a study the box
+//! never relayed is held and shown, and reaches the PACS only when the
+//! operator releases it. Strangers and image classes are refused.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kakehashi_control::{Request, Response, RouteState};
+use kakehashi_systest::testdata::{ct_study, dataset_of_file};
+use kakehashi_systest::*;
+
+/// The smallest PDF `pdf2dcm` takes (it checks the header).
+const PDF: &[u8] = b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 200 200]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n";
+
+fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.output().expect("run DCMTK tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An encapsulated PDF report; with `study`, for that study (patient and
+/// study taken from the file), else for a new study of its own.
+fn pdf_report(dir: &Path, name: &str, study: Option<&Path>) -> PathBuf {
+    let pdf = dir.join(format!("{name}.pdf"));
+    std::fs::write(&pdf, PDF).expect("write pdf");
+    let out = dir.join(format!("{name}.dcm"));
+    let mut cmd = std::process::Command::new("pdf2dcm");
+    cmd.args(["+t", "Radiology report"]);
+    match study {
+        Some(f) => cmd.arg("+st").arg(f),
+        None => cmd.args(["+pn", "Nobody^Known", "+pi", "PID-NOBODY"]),
+    };
+    run_ok(cmd.arg(&pdf).arg(&out));
+    out
+}
+
+/// A Basic Text SR for study `study_uid` of patient `patient_id`.
+fn sr_report(dir: &Path, study_uid: &str, patient_id: &str) -> PathBuf {
+    let xml = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<report type="Basic Text SR">
+<sopclass uid="1.2.840.10008.5.1.4.1.1.88.11">BasicTextSRStorage</sopclass>
+<charset>ISO_IR 192</charset>
+<modality>SR</modality>
+<device><manufacturer>Reading Center</manufacturer><model>test</model></device>
+<patient><id>{patient_id}</id><name><last>山田</last><first>太郎</first></name></patient>
+<study uid="{study_uid}"></study>
+<series uid="{study_uid}.77"><number>77</number></series>
+<instance uid="{study_uid}.77.1"><number>1</number></instance>
+<document>
+<completion flag="COMPLETE"/>
+<verification flag="UNVERIFIED"/>
+<content>
+<date>20261123</date><time>120000</time>
+<container flag="SEPARATE">
+<concept><value>11528-7</value><scheme><designator>LN</designator></scheme><meaning>Radiology Report</meaning></concept>
+<text><relationship>CONTAINS</relationship>
+<concept><value>121071</value><scheme><designator>DCM</designator></scheme><meaning>Finding</meaning></concept>
+<value>No acute findings. 異常なし。</value></text>
+</container>
+</content>
+</document>
+</report>
+"#
+    );
+    let path = dir.join("report.xml");
+    std::fs::write(&path, xml).expect("write xml");
+    let out = dir.join("sr.dcm");
+    run_ok(std::process::Command::new("xml2dsr").arg(&path).arg(&out));
+    out
+}
+
+fn results(relay: &Relay) -> Vec<kakehashi_control::ResultEntry> {
+    match relay.request(&Request::Results) {
+        Response::Results { entries } => entries,
+        other => panic!("results: {other:?}"),
+    }
+}
+
+/// SOP Instance UID → dataset bytes of what Orthanc holds.
+fn pacs_datasets(pacs: &Orthanc) -> HashMap<String, Vec<u8>> {
+    pacs.instance_ids()
+        .iter()
+        .map(|id| {
+            let bytes = pacs.instance_file(id);
+            (
+                sop_instance_of_file(&bytes).expect("uid"),
+                dataset_of_file(&bytes).expect("Part 10").to_vec(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn reports_reach_the_pacs_byte_identical_and_unknown_ones_are_held() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let pacs = Orthanc::start_as(None, "HOSPITALPACS", serde_json::json!({}));
+    let center = StoreScp::start(free_port());
+    let results_port = free_port();
+    // The PACS is unreachable at first: results must wait in the spool.
+    let dead_port = free_port();
+    let mut opts = RelayOptions::to(center.port);
+    opts.extra_toml = format!(
+        "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{dead_port}\"\nconnect_timeout = \"1s\"\n\n[results]\nlisten = \"127.0.0.1:{results_port}\"\nfrom = [\"READCENTER\"]\n"
+    );
+    let mut relay = Relay::start(opts);
+
+    // The hospital's study goes to the center.
+    let study = ct_study(&work.path().join("study"), "results", 3, 2048);
+    let sent = storescu(relay.port, "MODALITY1", &study);
+    assert!(sent.success, "{}", sent.output);
+    wait_until("the study at the center", Duration::from_secs(60), || {
+        center.files().len() == 3
+    });
+    let study_bytes = read(&study[0]);
+    let study_uid = testdata_study_uid(&study_bytes);
+
+    // The center's reports: a PDF and an SR for the study, a PDF for a
+    // study the box never saw.
+    let pdf = pdf_report(work.path(), "report", Some(&study[0]));
+    let sr = sr_report(work.path(), &study_uid, "PID-results");
+    let stray = pdf_report(work.path(), "stray", None);
+    let back = storescu_to(
+        results_port,
+        "READCENTER",
+        "KAKEHASHI",
+        &[pdf.clone(), sr.clone(), stray.clone()],
+    );
+    assert!(back.success, "{}", back.output);
+    assert_eq!(back.acked.len(), 3, "{}", back.output);
+
+    // Acknowledged, undeliverable for now: two queued for the PACS, one held.
+    let listed = results(&relay);
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    let held: Vec<_> = listed
+        .iter()
+        .filter(|e| e.state == RouteState::Held)
+        .collect();
+    assert_eq!(held.len(), 1, "{listed:?}");
+    let stray_uid = sop_instance_of_file(&read(&stray)).expect("uid");
+    assert_eq!(held[0].sop_instance_uid, stray_uid);
+    assert!(
+        held[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("no study")),
+        "{:?}",
+        held[0]
+    );
+    let pacs_status = relay
+        .status()
+        .destinations
+        .into_iter()
+        .find(|d| d.name == "pacs")
+        .expect("the PACS in status");
+    assert_eq!((pacs_status.queued, pacs_status.held), (2, 1));
+    let shown = relay.cli(&["results"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("held") && text.contains(&stray_uid), "{text}");
+    // Results never go back to the center.
+    assert_eq!(center.files().len(), 3);
+
+    // Power of the process, not of the box: kill -9, then the PACS is back.
+    relay.kill9();
+    let config = std::fs::read_to_string(&relay.config).expect("config");
+    std::fs::write(
+        &relay.config,
+        config.replace(
+            &format!(":{dead_port}\""),
+            &format!(":{}\"", pacs.dicom_port),
+        ),
+    )
+    .expect("config");
+    relay.restart();
+    wait_until("the reports in the PACS", Duration::from_secs(60), || {
+        pacs.instance_ids().len() == 2
+    });
+    let stored = pacs_datasets(&pacs);
+    for f in [&pdf, &sr] {
+        let bytes = read(f);
+        let uid = sop_instance_of_file(&bytes).expect("uid");
+        assert!(
+            stored.get(&uid).map(Vec::as_slice) == dataset_of_file(&bytes),
+            "{} is not byte-identical in the PACS",
+            f.display()
+        );
+    }
+    assert!(
+        !stored.contains_key(&stray_uid),
+        "a held result was delivered"
+    );
+    // Still held after the restart, still not delivered.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(pacs.instance_ids().len(), 2);
+    let still: Vec<_> = results(&relay);
+    assert_eq!(still.len(), 1, "{still:?}");
+    assert_eq!(still[0].state, RouteState::Held);
+    let audit = relay.audit();
+    assert!(audit
+        .iter()
+        .any(|a| a.event == kakehashi_control::AuditEvent::Held
+            && a.sop_instance_uid.as_deref() == Some(stray_uid.as_str())));
+
+    // The operator checked it: released, it reaches the PACS.
+    let released = relay.cli(&["results", "release", &still[0].id.to_string()]);
+    assert!(released.status.success(), "{released:?}");
+    wait_until(
+        "the released report in the PACS",
+        Duration::from_secs(30),
+        || pacs.instance_ids().len() == 3,
+    );
+    let stored = pacs_datasets(&pacs);
+    assert_eq!(
+        stored.get(&stray_uid).map(Vec::as_slice),
+        dataset_of_file(&read(&stray))
+    );
+    assert!(results(&relay).is_empty());
+
+    // Refused: an AE not in results.from, and an image class.
+    let stranger = storescu_to(
+        results_port,
+        "STRANGER",
+        "KAKEHASHI",
+        std::slice::from_ref(&pdf),
+    );
+    assert!(stranger.acked.is_empty(), "{}", stranger.output);
+    let image = storescu_to(results_port, "READCENTER", "KAKEHASHI", &study[..1]);
+    assert!(image.acked.is_empty(), "{}", image.output);
+    assert_eq!(pacs.instance_ids().len(), 3);
+    let log = relay.log_text();
+    assert!(log.contains("\"STRANGER\" is not in results.from"), "{log}");
+}
+
+/// Study Instance UID of a test file (in the UID map kakehashid keeps).
+fn testdata_study_uid(file: &[u8]) -> String {
+    let ds = dataset_of_file(file).expect("Part 10");
+    kakehashi_dicom::scan::routing_keys("1.2.840.10008.1.2.1", ds)
+        .study_instance_uid
+        .expect("study uid")
+}
