@@ -11,7 +11,8 @@
 //! newer one) are decided inside that commit transaction.
 //!
 //! Layout of `spool.dir`:
-//! - `index.redb` — instance records, SOP Instance UID map, audit trail, format marker
+//! - `index.redb` — instance records, SOP Instance UID map, audit trail, format marker,
+//!   and the studies received from the hospital (results are matched against them)
 //! - `data/<id>.dcm` — payload files: Part 10 files (file meta header + the
 //!   dataset as received), sealed when the spool has a key ([`seal`]); a file
 //!   without a record was never acknowledged and is removed at start-up
@@ -21,6 +22,11 @@
 //! This crate is synchronous (std::fs + redb); the daemon calls it from
 //! blocking tasks. It does not schedule (see the daemon's forwarder) and
 //! does not parse DICOM (see `kakehashi-dicom`).
+//!
+//! Roles: every instance is the hospital's (`current`) or a result from the
+//! reading center (`result`); [`Routing`] gives each role its destinations.
+//! A result that matches no study in the studies table is *held* (never
+//! sent) until the operator releases it.
 //!
 //! Space: `spool.max_size` counts payloads and the index; below
 //! `spool.min_free` on the filesystem, and on ENOSPC anywhere (payload or
