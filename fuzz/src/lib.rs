@@ -84,6 +84,20 @@ pub fn scan(data: &[u8]) {
     let _ = scan::routing_keys(ts, rest);
 }
 
+/// Query/retrieve identifiers as a PACS answers a C-FIND (and, later, as
+/// the center asks one): what decodes re-encodes to something that decodes
+/// to the same values.
+pub fn identifier(data: &[u8]) {
+    if let Some(id) = kakehashi_dicom::query::Identifier::decode(data) {
+        let again = kakehashi_dicom::query::Identifier::decode(&id.encode());
+        assert_eq!(
+            again.as_ref(),
+            Some(&id),
+            "an identifier changed on re-encode"
+        );
+    }
+}
+
 /// The site configuration file.
 pub fn config(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
@@ -266,7 +280,7 @@ pub fn site(data: &[u8]) {
 /// A-ASSOCIATE-RQ, then the PDUs carrying a response.
 pub fn scu(data: &[u8]) {
     use dicom_ul::pdu::PresentationContextProposed;
-    use kakehashi_dicom::scu::{negotiated, ResponseReader};
+    use kakehashi_dicom::scu::{negotiated, MessageReader, ResponseReader};
     let proposed = vec![PresentationContextProposed {
         id: 1,
         abstract_syntax: "1.2.840.10008.5.1.4.1.1.2".into(),
@@ -285,6 +299,7 @@ pub fn scu(data: &[u8]) {
             );
         }
     }
+    let after_reply = input;
     let mut reader = ResponseReader::default();
     for _ in 0..16 {
         let Ok(pdu) = ready(wire::read_pdu(&mut input, &mut buf, 65536)) else {
@@ -296,6 +311,25 @@ pub fn scu(data: &[u8]) {
                 break;
             }
             Ok(None) => {}
+            Err(_) => break,
+        }
+    }
+    // The same PDUs as C-FIND/C-MOVE responses (command, then a dataset).
+    let mut input = after_reply;
+    let mut reader = MessageReader::default();
+    for _ in 0..16 {
+        let Ok(pdu) = ready(wire::read_pdu(&mut input, &mut buf, 65536)) else {
+            break;
+        };
+        match reader.push(pdu, "PACS@test", "waiting for C-FIND-RSP") {
+            Ok(messages) => {
+                for (c, data) in messages {
+                    let _ = (c.status(), c.sub_operations(), c.has_dataset());
+                    if let Some(d) = data {
+                        let _ = kakehashi_dicom::query::Identifier::decode(&d);
+                    }
+                }
+            }
             Err(_) => break,
         }
     }

@@ -63,9 +63,13 @@ fn association_rq() -> Vec<u8> {
 }
 
 fn pdata(command: &[u8]) -> Vec<u8> {
-    let mut frame = vec![0u8; kakehashi_dicom::wire::PDATA_OVERHEAD + command.len()];
-    frame[kakehashi_dicom::wire::PDATA_OVERHEAD..].copy_from_slice(command);
-    kakehashi_dicom::wire::frame_pdata(&mut frame, 1, true, true);
+    pdv(command, true)
+}
+
+fn pdv(bytes: &[u8], is_command: bool) -> Vec<u8> {
+    let mut frame = vec![0u8; kakehashi_dicom::wire::PDATA_OVERHEAD + bytes.len()];
+    frame[kakehashi_dicom::wire::PDATA_OVERHEAD..].copy_from_slice(bytes);
+    kakehashi_dicom::wire::frame_pdata(&mut frame, 1, is_command, true);
     frame
 }
 
@@ -104,6 +108,27 @@ fn scan() {
 }
 
 #[test]
+fn identifier() {
+    use kakehashi_dicom::query::{tag, Identifier};
+    let find = Identifier::new()
+        .with(tag::QUERY_RETRIEVE_LEVEL, "STUDY")
+        .with(tag::PATIENT_ID, "PID-A")
+        .with(tag::STUDY_INSTANCE_UID, "")
+        .with(tag::MODALITIES_IN_STUDY, "")
+        .encode();
+    let answer = Identifier::new()
+        .with(tag::STUDY_INSTANCE_UID, "1.2.3.4")
+        .with(tag::STUDY_DATE, "20250102")
+        .with(tag::MODALITIES_IN_STUDY, "CT\\SR")
+        .encode();
+    // A sequence of undefined length in an answer (skipped).
+    let mut seq = answer.clone();
+    seq.extend(b"\x08\x00\x15\x11\xff\xff\xff\xff\xfe\xff\x00\xe0\xff\xff\xff\xff");
+    seq.extend(b"\xfe\xff\x0d\xe0\x00\x00\x00\x00\xfe\xff\xdd\xe0\x00\x00\x00\x00");
+    run(f::identifier, &[find, answer, seq]);
+}
+
+#[test]
 fn config() {
     let seeds: Vec<Vec<u8>> = ["kakehashi.toml", "minimal.toml"]
         .iter()
@@ -131,6 +156,7 @@ fn record() {
             priority: Priority::High,
             role: Default::default(),
             accession_number: None,
+            issuer: None,
             amendment: false,
             via: None,
         },
@@ -229,6 +255,19 @@ fn scu() {
         0xA700,
         Some("full"),
     );
-    seed.extend(pdata(&rsp));
-    run(f::scu, &[seed]);
+    let mut store = seed.clone();
+    store.extend(pdata(&rsp));
+    // A command that announces a dataset, then the dataset: an answer.
+    use kakehashi_dicom::query::{tag, Identifier};
+    let mut find = seed;
+    find.extend(pdata(&kakehashi_dicom::dimse::c_find_rq(
+        1,
+        kakehashi_dicom::query::STUDY_ROOT_FIND,
+        0,
+    )));
+    let answer = Identifier::new()
+        .with(tag::STUDY_INSTANCE_UID, "1.2.3")
+        .with(tag::MODALITIES_IN_STUDY, "CT");
+    find.extend(pdv(&answer.encode(), false));
+    run(f::scu, &[store, find]);
 }

@@ -796,6 +796,11 @@ impl Orthanc {
         out.status.success().then_some(out.stdout)
     }
 
+    /// PUT of a JSON body on the REST API (e.g. `/modalities/NAME`).
+    pub fn put(&self, path: &str, body: &serde_json::Value) -> Option<Vec<u8>> {
+        self.curl(path, &["-X", "PUT", "--data-binary", &body.to_string()])
+    }
+
     /// Stores a DICOM file in this Orthanc (as a modality would); its instance ID.
     pub fn upload(&self, file: &Path) -> String {
         let body = format!("@{}", file.display());

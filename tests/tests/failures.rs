@@ -629,6 +629,7 @@ fn an_index_that_fills_its_disk_is_out_of_space_and_heals_without_a_restart() {
             priority: Priority::Medium,
             role: Default::default(),
             accession_number: None,
+            issuer: None,
             amendment: false,
             via: None,
         };

@@ -21,7 +21,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 use kakehashi_config::{format_bytes, DEFAULT_CONTROL_SOCKET};
-use kakehashi_control::{call, QueueEntry, Request, Response, ResultEntry, StatusReport};
+use kakehashi_control::{
+    call, QueueEntry, Request, Response, ResultEntry, StatusReport, StudyInfo,
+};
 
 /// Operate a Kakehashi box: see what waits, what failed, and act on it.
 #[derive(Debug, Parser)]
@@ -54,6 +56,9 @@ enum Command {
     /// The store-and-forward queue.
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// The studies received from the hospital (current) and the priors
+    /// fetched for them: instances, bytes, and where the prefetch stands.
+    Studies,
     /// Results (reports, SRs, KOS) from the reading center on their way to
     /// the hospital's PACS, and those held because they match no study this
     /// box relayed. Delivered ones are in the audit trail.
@@ -272,6 +277,7 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
             return Ok(ExitCode::from(code as u8));
         }
         Command::Status => Request::Status,
+        Command::Studies => Request::Studies,
         Command::Results { action } => match action {
             None | Some(ResultsCmd::List) => Request::Results,
             Some(ResultsCmd::Release { ids, all }) => {
@@ -390,6 +396,7 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
         Response::Retried { ids } => println!("Requeued {} instance(s): {}", ids.len(), join(ids)),
         Response::Purged { ids } => println!("Purged {} instance(s): {}", ids.len(), join(ids)),
         Response::Results { entries } => print_results(entries),
+        Response::Studies { entries } => print_studies(entries),
         Response::Released { ids } => println!(
             "Released {} held result(s) for delivery to the PACS: {}",
             ids.len(),
@@ -664,6 +671,32 @@ fn print_results(entries: &[ResultEntry]) {
         println!("{:>6}  study {}", "", e.study_instance_uid);
         if let Some(r) = &e.reason {
             println!("{:>6}  └ {r}", "");
+        }
+    }
+}
+
+fn print_studies(entries: &[StudyInfo]) {
+    if entries.is_empty() {
+        println!("No studies yet.");
+        return;
+    }
+    println!(
+        "{:<8} {:>9} {:>10} {:>8}  {:<12} {:<11} study",
+        "role", "instances", "size", "last", "patient", "prefetch"
+    );
+    for e in entries {
+        println!(
+            "{:<8} {:>9} {:>10} {:>8}  {:<12} {:<11} {}",
+            e.role,
+            e.instances,
+            format_bytes(e.bytes),
+            when(e.last_received_ms),
+            e.patient_id,
+            e.prefetch.as_deref().unwrap_or("-"),
+            e.study_instance_uid
+        );
+        if let Some(d) = &e.detail {
+            println!("{:>8} └ {d}", "");
         }
     }
 }

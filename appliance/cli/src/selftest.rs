@@ -94,6 +94,44 @@ async fn echo_to(
     Ok(t.elapsed())
 }
 
+/// A Study Root C-FIND for a Patient ID no hospital uses: proves the PACS
+/// takes queries from the box (what `[priors]` needs) without reading any
+/// patient's data.
+async fn find_on_pacs(p: &kakehashi_config::Destination) -> Result<Duration, String> {
+    use kakehashi_dicom::query::{tag, Identifier, STUDY_ROOT_FIND};
+    let opts = ScuOptions {
+        calling_ae: p.calling_ae_title.to_string(),
+        called_ae: p.ae_title.to_string(),
+        max_pdu: p.max_pdu,
+        connect_timeout: p.connect_timeout,
+        response_timeout: p.response_timeout,
+    };
+    let t = Instant::now();
+    let contexts = [(
+        STUDY_ROOT_FIND.to_string(),
+        uids::IMPLICIT_VR_LE.to_string(),
+    )];
+    let mut scu = Scu::connect(&p.address, &opts, &contexts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let pc = scu
+        .context_for(STUDY_ROOT_FIND, uids::IMPLICIT_VR_LE)
+        .ok_or("the PACS refused Study Root Query/Retrieve – FIND")?;
+    let query = Identifier::new()
+        .with(tag::QUERY_RETRIEVE_LEVEL, "STUDY")
+        .with(tag::PATIENT_ID, "KAKEHASHI-SELFTEST-NO-SUCH-PATIENT")
+        .with(tag::STUDY_INSTANCE_UID, "");
+    let (status, _) = scu
+        .find(pc, STUDY_ROOT_FIND, &query)
+        .await
+        .map_err(|e| e.to_string())?;
+    scu.release().await;
+    if status != 0 {
+        return Err(format!("C-FIND status 0x{status:04X}"));
+    }
+    Ok(t.elapsed())
+}
+
 /// Runs every check; the report as text or JSON, and whether all passed.
 pub fn report(config_path: &Path, socket: Option<&Path>, json: bool) -> (String, bool) {
     let mut checks = Vec::new();
@@ -319,6 +357,23 @@ fn with_config(config: &Config, socket: Option<&Path>) -> Vec<Check> {
             Err(e) => checks.push(fail(
                 format!("C-ECHO to the hospital PACS ({}@{}): {e}", p.ae_title, p.address),
                 format!("the PACS must know this box as calling AE {} (results are stored into it); check pacs.address and pacs.ae_title", p.calling_ae_title),
+            )),
+        }
+    }
+    if let (Some(p), Some(_)) = (&config.pacs, &config.priors) {
+        let me = format!(
+            "{} at port {}",
+            config.dicom.ae_title,
+            config.dicom.listen.port()
+        );
+        match runtime.block_on(find_on_pacs(p)) {
+            Ok(t) => checks.push(pass(format!(
+                "C-FIND on the hospital PACS ({}@{}) for priors: {} ms (it must also know this box as move destination {me}; a C-MOVE cannot be tried without moving a study)",
+                p.ae_title, p.address, t.as_millis()
+            ))),
+            Err(e) => checks.push(fail(
+                format!("C-FIND on the hospital PACS ({}@{}) for priors: {e}", p.ae_title, p.address),
+                format!("the PACS must accept Study Root queries and moves from calling AE {}, and know this box as move destination {me}", p.calling_ae_title),
             )),
         }
     }

@@ -86,6 +86,19 @@ pub struct Config {
     pub pacs: Option<Destination>,
     /// Where the reading center sends results (`[results]`).
     pub results: Option<ResultsConfig>,
+    /// Prefetching prior studies from `[pacs]` (`[priors]`).
+    pub priors: Option<PriorsConfig>,
+}
+
+/// Which prior studies go to the reading center with a new study.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriorsConfig {
+    /// The N most recent prior studies of the same patient.
+    pub max_studies: usize,
+    /// Older studies (by Study Date) are not fetched.
+    pub max_age: Duration,
+    /// A new study is complete after this long without a new instance.
+    pub stable_after: Duration,
 }
 
 /// Name of the destination that carries results to `[pacs]` (in `status`,

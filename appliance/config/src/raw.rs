@@ -5,9 +5,9 @@ use serde::Deserialize;
 use crate::units::{parse_bytes, parse_duration};
 use crate::{
     AeTitle, AuditConfig, Config, ConfigError, ControlConfig, Destination, DicomConfig, IpNet,
-    KeyBackend, LogConfig, LogFormat, NetworkConfig, Port, ResultsConfig, RetryPolicy, Source,
-    SpoolConfig, TpmConfig, TunnelConfig, TunnelPeer, DEFAULT_CONTROL_SOCKET, PACS_DESTINATION,
-    RESULT_SOP_CLASSES,
+    KeyBackend, LogConfig, LogFormat, NetworkConfig, Port, PriorsConfig, ResultsConfig,
+    RetryPolicy, Source, SpoolConfig, TpmConfig, TunnelConfig, TunnelPeer, DEFAULT_CONTROL_SOCKET,
+    PACS_DESTINATION, RESULT_SOP_CLASSES,
 };
 use base64::Engine as _;
 use std::net::SocketAddr;
@@ -37,6 +37,16 @@ pub(crate) struct RawConfig {
     tpm: Option<RawTpm>,
     pacs: Option<RawPacs>,
     results: Option<RawResults>,
+    priors: Option<RawPriors>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPriors {
+    max_studies: Option<i64>,
+    max_age: Option<String>,
+    stable_after: Option<String>,
+    retrieve: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -411,6 +421,59 @@ fn destination(
         address: r.address,
         via_tunnel,
     })
+}
+
+impl RawPriors {
+    fn validate(self, have_pacs: bool) -> Result<PriorsConfig, ConfigError> {
+        if !have_pacs {
+            return Err(ConfigError::invalid(
+                "priors",
+                "(no [pacs])",
+                "a [pacs] section too: priors are fetched from the hospital's PACS",
+            ));
+        }
+        let max_studies = self.max_studies.unwrap_or(2);
+        if !(1..=20).contains(&max_studies) {
+            return Err(ConfigError::invalid(
+                "priors.max_studies",
+                max_studies.to_string(),
+                "a number of studies from 1 to 20",
+            ));
+        }
+        match self.retrieve.as_deref() {
+            None | Some("move") => {}
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "priors.retrieve",
+                    other,
+                    "\"move\" (C-MOVE to the box's own AE; C-GET is not supported yet)",
+                ))
+            }
+        }
+        let max_age = duration(
+            "priors.max_age",
+            self.max_age.as_deref(),
+            Duration::from_secs_f64(5.0 * 365.25 * 86_400.0),
+        )?;
+        let stable_after = duration(
+            "priors.stable_after",
+            self.stable_after.as_deref(),
+            Duration::from_secs(120),
+        )?;
+        for (key, d) in [
+            ("priors.stable_after", stable_after),
+            ("priors.max_age", max_age),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::invalid(key, "0", "a duration above zero"));
+            }
+        }
+        Ok(PriorsConfig {
+            max_studies: max_studies as usize,
+            max_age,
+            stable_after,
+        })
+    }
 }
 
 impl RawResults {
@@ -809,6 +872,10 @@ impl RawConfig {
             .results
             .map(|r| r.validate(&dicom, pacs.is_some()))
             .transpose()?;
+        let priors = self
+            .priors
+            .map(|p| p.validate(pacs.is_some()))
+            .transpose()?;
 
         let s = self.spool;
         if s.dir.trim().is_empty() || !s.dir.starts_with('/') {
@@ -969,6 +1036,7 @@ impl RawConfig {
             tpm,
             pacs,
             results,
+            priors,
         })
     }
 }

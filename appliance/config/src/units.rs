@@ -55,7 +55,10 @@ pub fn parse_duration(value: &str) -> Option<Duration> {
         "s" => num,
         "m" | "min" => num * 60.0,
         "h" => num * 3600.0,
-        "d" => num * 86400.0,
+        "d" | "day" | "days" => num * 86400.0,
+        "w" | "week" | "weeks" => num * 7.0 * 86400.0,
+        // A year of 365.25 days: for ages of studies, not for timers.
+        "y" | "year" | "years" => num * 365.25 * 86400.0,
         _ => return None,
     };
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))

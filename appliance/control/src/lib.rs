@@ -45,6 +45,9 @@ pub enum Request {
         after: u64,
         limit: usize,
     },
+    /// The studies the box received from the hospital, and the priors it
+    /// fetched for them.
+    Studies,
     /// Results from the reading center still in the spool (on their way to
     /// the PACS, or held).
     Results,
@@ -82,6 +85,9 @@ pub enum Response {
     },
     Results {
         entries: Vec<ResultEntry>,
+    },
+    Studies {
+        entries: Vec<StudyInfo>,
     },
     Released {
         ids: Vec<u64>,
@@ -208,6 +214,25 @@ pub struct QueueEntry {
     /// Flagged stuck (still retried).
     #[serde(default)]
     pub stuck: bool,
+}
+
+/// A study as `kakehashi studies` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyInfo {
+    pub study_instance_uid: String,
+    /// `current` (sent by the hospital) or `prior` (fetched for one).
+    pub role: String,
+    pub patient_id: String,
+    /// Instances received (for a prior: retrieved) and their bytes.
+    pub instances: u64,
+    pub bytes: u64,
+    pub first_received_ms: u64,
+    pub last_received_ms: u64,
+    /// pending | retrieving | done | failed (current studies with `[priors]`).
+    pub prefetch: Option<String>,
+    /// The priors chosen for it.
+    pub priors: Vec<String>,
+    pub detail: Option<String>,
 }
 
 /// A result from the reading center, as `kakehashi results` shows it.

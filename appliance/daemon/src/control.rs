@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kakehashi_control::{
-    QueueEntry, Request, Response, ResultEntry, SpoolStatus, StatusReport, TunnelStatus,
+    QueueEntry, Request, Response, ResultEntry, SpoolStatus, StatusReport, StudyInfo, TunnelStatus,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -306,6 +306,39 @@ fn answer(shared: &Shared, req: Request) -> Response {
                 Err(e) => err(e),
             }
         }
+        Request::Studies => match shared.spool.studies() {
+            Ok(list) => Response::Studies {
+                entries: list
+                    .into_iter()
+                    .map(|(uid, e)| StudyInfo {
+                        patient_id: e
+                            .patient
+                            .as_deref()
+                            .and_then(|p| shared.spool.open_study_value(&uid, p))
+                            .unwrap_or_else(|| "-".into()),
+                        study_instance_uid: uid,
+                        role: e.role.as_str().to_string(),
+                        instances: e.instances,
+                        bytes: e.bytes,
+                        first_received_ms: e.first_received_ms,
+                        last_received_ms: e.last_received_ms,
+                        prefetch: e.prefetch.as_ref().map(|p| {
+                            serde_json::to_value(p.state)
+                                .ok()
+                                .and_then(|v| v.as_str().map(String::from))
+                                .unwrap_or_default()
+                        }),
+                        priors: e
+                            .prefetch
+                            .as_ref()
+                            .map(|p| p.priors.clone())
+                            .unwrap_or_default(),
+                        detail: e.prefetch.and_then(|p| p.detail),
+                    })
+                    .collect(),
+            },
+            Err(e) => err(e),
+        },
         Request::Results => {
             let mut entries = Vec::new();
             let scanned = shared.spool.for_each_record(|rec| {

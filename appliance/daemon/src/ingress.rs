@@ -357,7 +357,7 @@ fn gone(message: impl Into<String>) -> SessionError {
 
 enum Chunk {
     Data(bytes::Bytes),
-    Finish(InstanceMeta),
+    Finish(Box<InstanceMeta>),
 }
 
 /// An instance on its way to disk.
@@ -490,6 +490,22 @@ impl Session<'_> {
             );
         };
         let request = &r.request;
+        // A C-STORE caused by our own C-MOVE of a prior study.
+        let prior_of = match (&request.move_originator, &self.shared.config.pacs) {
+            (Some(orig), Some(p))
+                if self.role == Role::Current
+                    && self.shared.config.priors.is_some()
+                    && p.calling_ae_title.as_str() == orig =>
+            {
+                Some(request.move_originator_id.unwrap_or(0))
+            }
+            _ => None,
+        };
+        let role = if prior_of.is_some() {
+            Role::Prior
+        } else {
+            self.role
+        };
         let meta = InstanceMeta {
             sop_class_uid: request.context.abstract_syntax.clone(),
             sop_instance_uid: request.sop_instance.clone(),
@@ -498,17 +514,24 @@ impl Session<'_> {
             patient_id: keys.patient_id.unwrap_or_default(),
             source_ae: self.calling.clone(),
             source_ip: self.peer.ip().to_string(),
-            priority: if self.high_priority {
+            priority: if prior_of.is_some() {
+                // Priors go after every current study.
+                Priority::Low
+            } else if self.high_priority {
                 Priority::High
             } else {
                 Priority::from_dimse(request.priority)
             },
-            role: self.role,
+            role,
             accession_number: keys.accession_number,
+            issuer: keys.issuer_of_patient_id,
             amendment: self.role == Role::Result && keys.has_predecessors,
-            via: self.via(),
+            via: match prior_of {
+                Some(id) => Some(format!("retrieved by our C-MOVE (message ID {id})")),
+                None => self.via(),
+            },
         };
-        let _ = r.tx.send(Chunk::Finish(meta)).await;
+        let _ = r.tx.send(Chunk::Finish(Box::new(meta))).await;
         drop(r.tx);
         let uid = &request.sop_instance;
         match r.writer.await {
@@ -618,7 +641,7 @@ fn write_instance(
                     }
                 }
             }
-            Chunk::Finish(meta) => return incoming?.commit(meta, now_ms()),
+            Chunk::Finish(meta) => return incoming?.commit(*meta, now_ms()),
         }
     }
     Err(SpoolError::Io {

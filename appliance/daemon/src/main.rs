@@ -20,10 +20,15 @@
 //! Modules: `ingress` (the SCP), `forwarder` and `schedule` (what to send,
 //! when; the pause/backoff gate), `control` (the operator socket), `notify`
 //! (sd_notify, watchdog liveness), `rejections` (rate-limited audit of
-//! rejected associations), `keys`, `logging`.
+//! rejected associations), `keys`, `logging`, `prefetch` (with `[priors]`:
+//! C-FIND/C-MOVE of a new study's priors on the hospital's PACS).
 //!
-//! Not here: prefetch of priors, reports, urgent findings, metrics (later
-//! issues); one association per destination at a time.
+//! With `[results]` a second ingress listener takes the reading center's
+//! reports for the hospital's PACS.
+//!
+//! Not here: on-demand queries from the center, signature checks, HL7,
+//! urgent findings, metrics (later issues); one association per destination
+//! at a time.
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +38,7 @@ mod ingress;
 mod keys;
 mod logging;
 mod notify;
+mod prefetch;
 mod rejections;
 mod schedule;
 
@@ -231,6 +237,7 @@ async fn run(
     let routing = kakehashi_spool::Routing {
         current: config.destinations.iter().map(|d| d.name.clone()).collect(),
         results: config.pacs.iter().map(|p| p.name.clone()).collect(),
+        prefetch: config.priors.is_some(),
     };
     let limits = Limits {
         max_size: config.spool.max_size,
@@ -389,6 +396,9 @@ async fn run(
         ));
     }
     tasks.spawn(checkpointer(Arc::clone(&shared), token.clone()));
+    if shared.config.priors.is_some() {
+        tasks.spawn(prefetch::run(Arc::clone(&shared), token.clone()));
+    }
     if let (Some(t), Some(h)) = (&shared.tunnel, health) {
         let beat = shared
             .liveness

@@ -6,6 +6,10 @@ pub const C_STORE_RQ: u16 = 0x0001;
 pub const C_STORE_RSP: u16 = 0x8001;
 pub const C_ECHO_RQ: u16 = 0x0030;
 pub const C_ECHO_RSP: u16 = 0x8030;
+pub const C_FIND_RQ: u16 = 0x0020;
+pub const C_FIND_RSP: u16 = 0x8020;
+pub const C_MOVE_RQ: u16 = 0x0021;
+pub const C_MOVE_RSP: u16 = 0x8021;
 
 pub const NO_DATASET: u16 = 0x0101;
 
@@ -18,6 +22,11 @@ const DATASET_TYPE: u32 = 0x0000_0800;
 const STATUS: u32 = 0x0000_0900;
 const ERROR_COMMENT: u32 = 0x0000_0902;
 const AFFECTED_SOP_INSTANCE: u32 = 0x0000_1000;
+const MOVE_DESTINATION: u32 = 0x0000_0600;
+const REMAINING: u32 = 0x0000_1020;
+const COMPLETED: u32 = 0x0000_1021;
+const FAILED: u32 = 0x0000_1022;
+const WARNING: u32 = 0x0000_1023;
 const MOVE_ORIGINATOR_AE: u32 = 0x0000_1030;
 const MOVE_ORIGINATOR_ID: u32 = 0x0000_1031;
 
@@ -120,6 +129,15 @@ impl Command {
     pub fn move_originator_id(&self) -> Option<u16> {
         self.us(MOVE_ORIGINATOR_ID)
     }
+    /// Sub-operation counts of a C-MOVE/C-GET response (absent: 0).
+    pub fn sub_operations(&self) -> crate::query::SubOperations {
+        crate::query::SubOperations {
+            remaining: self.us(REMAINING).unwrap_or(0),
+            completed: self.us(COMPLETED).unwrap_or(0),
+            failed: self.us(FAILED).unwrap_or(0),
+            warning: self.us(WARNING).unwrap_or(0),
+        }
+    }
 }
 
 /// Builds a command set in implicit VR LE, group length first.
@@ -216,6 +234,32 @@ pub fn c_store_rq(message_id: u16, sop_class: &str, sop_instance: &str, priority
         .us(DATASET_TYPE, 0x0000)
         .uid(AFFECTED_SOP_INSTANCE, sop_instance)
         .finish()
+}
+
+pub fn c_find_rq(message_id: u16, sop_class: &str, priority: u16) -> Vec<u8> {
+    Builder::default()
+        .uid(AFFECTED_SOP_CLASS, sop_class)
+        .us(COMMAND_FIELD, C_FIND_RQ)
+        .us(MESSAGE_ID, message_id)
+        .us(PRIORITY, priority)
+        .us(DATASET_TYPE, 0x0000)
+        .finish()
+}
+
+pub fn c_move_rq(message_id: u16, sop_class: &str, priority: u16, destination: &str) -> Vec<u8> {
+    Builder::default()
+        .uid(AFFECTED_SOP_CLASS, sop_class)
+        .us(COMMAND_FIELD, C_MOVE_RQ)
+        .us(MESSAGE_ID, message_id)
+        .text(MOVE_DESTINATION, destination)
+        .us(PRIORITY, priority)
+        .us(DATASET_TYPE, 0x0000)
+        .finish()
+}
+
+/// Pending statuses of C-FIND/C-MOVE (more responses follow).
+pub fn is_pending(status: u16) -> bool {
+    status == 0xFF00 || status == 0xFF01
 }
 
 /// What a C-STORE-RSP status means for delivery (PS3.4 B.2.3 / PS3.7 C).

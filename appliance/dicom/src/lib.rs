@@ -13,9 +13,11 @@
 //! - [`dimse`]: command sets (C-ECHO, C-STORE) in implicit VR little endian
 //! - [`scan`]: study and patient IDs from the first bytes of a dataset
 //! - [`part10`]: the file meta header that makes a spooled payload a Part 10 file
-//! - [`scu`]: the storage SCU the forwarder uses
+//! - [`scu`]: the SCU: C-STORE for the forwarder, C-ECHO for the self-test,
+//!   C-FIND and C-MOVE for prefetching priors from the hospital's PACS
+//! - [`query`]: query/retrieve identifiers (implicit VR LE, text values)
 //!
-//! Not here: C-FIND/C-MOVE (prefetch is a later issue), TLS. An asynchronous
+//! Not here: C-GET, TLS, answering C-FIND/C-MOVE. An asynchronous
 //! operations window is answered with 1/1: one outstanding operation per
 //! association, in both directions.
 
@@ -24,6 +26,7 @@
 pub mod dimse;
 pub mod negotiate;
 pub mod part10;
+pub mod query;
 pub mod scan;
 pub mod scp;
 pub mod scu;

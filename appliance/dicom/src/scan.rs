@@ -17,6 +17,7 @@ pub const SCAN_LIMIT: usize = 64 * 1024;
 
 const ACCESSION_NUMBER: u32 = 0x0008_0050;
 const PATIENT_ID: u32 = 0x0010_0020;
+const ISSUER_OF_PATIENT_ID: u32 = 0x0010_0021;
 const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
 /// Present (with an item) in an SR or encapsulated document that amends an
 /// earlier one.
@@ -30,6 +31,7 @@ pub struct RoutingKeys {
     pub patient_id: Option<String>,
     pub study_instance_uid: Option<String>,
     pub accession_number: Option<String>,
+    pub issuer_of_patient_id: Option<String>,
     /// A Predecessor Documents Sequence with at least one item was seen.
     pub has_predecessors: bool,
 }
@@ -162,7 +164,14 @@ impl Scanner<'_> {
                     let Some(end) = start.checked_add(len as usize) else {
                         break;
                     };
-                    if [PATIENT_ID, STUDY_INSTANCE_UID, ACCESSION_NUMBER].contains(&h.tag) {
+                    if [
+                        PATIENT_ID,
+                        STUDY_INSTANCE_UID,
+                        ACCESSION_NUMBER,
+                        ISSUER_OF_PATIENT_ID,
+                    ]
+                    .contains(&h.tag)
+                    {
                         let Some(value) = self.buf.get(start..end) else {
                             break;
                         };
@@ -173,6 +182,10 @@ impl Scanner<'_> {
                         match h.tag {
                             PATIENT_ID => self.found.patient_id = Some(text),
                             STUDY_INSTANCE_UID => self.found.study_instance_uid = Some(text),
+                            ISSUER_OF_PATIENT_ID => {
+                                self.found.issuer_of_patient_id =
+                                    Some(text).filter(|t| !t.is_empty())
+                            }
                             _ => self.found.accession_number = Some(text),
                         }
                     }

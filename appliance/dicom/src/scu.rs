@@ -1,5 +1,7 @@
-//! The storage SCU the forwarder drives: one association, one operation at
-//! a time, datasets streamed from any `AsyncRead` in PDU-sized fragments.
+//! The SCU: one association, one operation at a time. C-STORE (the
+//! forwarder: datasets streamed from any `AsyncRead` in PDU-sized
+//! fragments), C-ECHO (the self-test), C-FIND and C-MOVE (prefetching priors
+//! from the hospital's PACS).
 //!
 //! Every network step has a timeout, so a peer that stops reading or
 //! answering cannot hang the caller: each write of a PDU (a fragment is at
@@ -84,6 +86,8 @@ pub struct Scu {
     next_id: u16,
     response_timeout: Duration,
     frame: Vec<u8>,
+    message_reader: MessageReader,
+    messages: std::collections::VecDeque<(Command, Option<Vec<u8>>)>,
 }
 
 impl Scu {
@@ -200,6 +204,8 @@ impl Scu {
             next_id: 1,
             response_timeout: opts.response_timeout,
             frame: Vec::new(),
+            message_reader: MessageReader::default(),
+            messages: Default::default(),
         })
     }
 
@@ -314,30 +320,174 @@ impl Scu {
         })
     }
 
+    /// The next PDU, within `response_timeout`.
+    async fn read_pdu(&mut self, what: &'static str) -> Result<Pdu, ScuError> {
+        timeout(
+            self.response_timeout,
+            wire::read_pdu(&mut self.stream, &mut self.buf, self.our_max_pdu),
+        )
+        .await
+        .map_err(|_| ScuError::Timeout {
+            peer: self.peer.clone(),
+            what,
+            after: self.response_timeout,
+        })?
+        .map_err(|source| ScuError::Wire {
+            peer: self.peer.clone(),
+            source,
+        })
+    }
+
     async fn read_command(&mut self, what: &'static str) -> Result<Command, ScuError> {
         let mut reader = ResponseReader::default();
         loop {
-            let pdu = timeout(
-                self.response_timeout,
-                wire::read_pdu(&mut self.stream, &mut self.buf, self.our_max_pdu),
-            )
-            .await
-            .map_err(|_| ScuError::Timeout {
-                peer: self.peer.clone(),
-                what,
-                after: self.response_timeout,
-            })?
-            .map_err(|source| ScuError::Wire {
-                peer: self.peer.clone(),
-                source,
-            })?;
+            let pdu = self.read_pdu(what).await?;
             if let Some(command) = reader.push(pdu, &self.peer, what)? {
                 return Ok(command);
             }
         }
     }
 
-    /// Orderly release; errors are irrelevant at this point and ignored.
+    /// C-FIND on context `pc_id` (a query model of `sop_class`): every
+    /// pending answer's identifier, and the final status.
+    pub async fn find(
+        &mut self,
+        pc_id: u8,
+        sop_class: &str,
+        identifier: &crate::query::Identifier,
+    ) -> Result<(u16, Vec<crate::query::Identifier>), ScuError> {
+        let id = self.next_message_id();
+        self.send_request(
+            pc_id,
+            &dimse::c_find_rq(id, sop_class, 0),
+            &identifier.encode(),
+            "sending a C-FIND-RQ",
+        )
+        .await?;
+        let mut answers = Vec::new();
+        loop {
+            let (rsp, data) = self.read_message("waiting for C-FIND-RSP").await?;
+            self.check_response(&rsp, id, dimse::C_FIND_RSP, "C-FIND")?;
+            let status = rsp.status().unwrap_or(0xFFFF);
+            if !dimse::is_pending(status) {
+                return Ok((status, answers));
+            }
+            if let Some(d) = data {
+                answers.push(crate::query::Identifier::decode(&d).ok_or_else(|| {
+                    ScuError::Protocol {
+                        peer: self.peer.clone(),
+                        detail: "a C-FIND answer is not a readable dataset".into(),
+                    }
+                })?);
+            }
+        }
+    }
+
+    /// C-MOVE on context `pc_id` to AE `destination`; returns the final
+    /// status and sub-operation counts, and the C-MOVE-RQ's message ID (the
+    /// Move Originator Message ID of the C-STOREs it causes) is given to
+    /// `started` before anything is sent. Waits up to `response_timeout`
+    /// between responses (a PACS sends a pending response per instance).
+    pub async fn retrieve(
+        &mut self,
+        pc_id: u8,
+        sop_class: &str,
+        destination: &str,
+        identifier: &crate::query::Identifier,
+        started: impl FnOnce(u16),
+    ) -> Result<(u16, crate::query::SubOperations), ScuError> {
+        let id = self.next_message_id();
+        started(id);
+        self.send_request(
+            pc_id,
+            &dimse::c_move_rq(id, sop_class, 0, destination),
+            &identifier.encode(),
+            "sending a C-MOVE-RQ",
+        )
+        .await?;
+        loop {
+            let (rsp, _failed_list) = self.read_message("waiting for C-MOVE-RSP").await?;
+            self.check_response(&rsp, id, dimse::C_MOVE_RSP, "C-MOVE")?;
+            let status = rsp.status().unwrap_or(0xFFFF);
+            if !dimse::is_pending(status) {
+                return Ok((status, rsp.sub_operations()));
+            }
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        pc_id: u8,
+        command: &[u8],
+        dataset: &[u8],
+        what: &'static str,
+    ) -> Result<(), ScuError> {
+        let after = self.response_timeout;
+        within(
+            &self.peer,
+            what,
+            after,
+            wire::send_command(&mut self.stream, pc_id, command),
+        )
+        .await?;
+        // Identifiers are small, but a peer may announce a small maximum PDU.
+        let max = match self.peer_max_pdu {
+            0 => 1 << 20,
+            n => (n.min(1 << 20) as usize).saturating_sub(6).max(2) & !1,
+        };
+        let chunks: Vec<&[u8]> = if dataset.is_empty() {
+            vec![&[][..]]
+        } else {
+            dataset.chunks(max).collect()
+        };
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            self.frame.resize(PDATA_OVERHEAD + chunk.len(), 0);
+            self.frame[PDATA_OVERHEAD..].copy_from_slice(chunk);
+            wire::frame_pdata(&mut self.frame, pc_id, false, i == last);
+            let write = async {
+                self.stream
+                    .write_all(&self.frame)
+                    .await
+                    .map_err(WireError::Io)
+            };
+            within(&self.peer, what, after, write).await?;
+        }
+        Ok(())
+    }
+
+    fn check_response(
+        &self,
+        rsp: &Command,
+        id: u16,
+        field: u16,
+        what: &str,
+    ) -> Result<(), ScuError> {
+        if rsp.responded_to() != Some(id) || rsp.command_field().ok() != Some(field) {
+            return Err(ScuError::Protocol {
+                peer: self.peer.clone(),
+                detail: format!("unexpected response to {what} {id}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// One whole DIMSE message: its command, and its dataset if the
+    /// command says one follows.
+    async fn read_message(
+        &mut self,
+        what: &'static str,
+    ) -> Result<(Command, Option<Vec<u8>>), ScuError> {
+        loop {
+            if let Some(m) = self.messages.pop_front() {
+                return Ok(m);
+            }
+            let pdu = self.read_pdu(what).await?;
+            let done = self.message_reader.push(pdu, &self.peer, what)?;
+            self.messages.extend(done);
+        }
+    }
+
     /// Orderly release, at most 5 s for each step (the connection is
     /// dropped anyway); errors are irrelevant at this point and ignored.
     pub async fn release(mut self) {
@@ -472,6 +622,20 @@ pub fn negotiated(
     }
 }
 
+/// The error for a PDU other than P-DATA while a response is awaited.
+fn not_p_data(pdu: Pdu, peer: &str, what: &'static str) -> ScuError {
+    match pdu {
+        Pdu::AbortRQ { source } => ScuError::Aborted {
+            peer: peer.to_string(),
+            reason: abort_reason(&source),
+        },
+        other => ScuError::Protocol {
+            peer: peer.to_string(),
+            detail: format!("unexpected {} while {what}", other.short_description()),
+        },
+    }
+}
+
 /// Gathers a response command set from the PDUs that carry it: a pure
 /// state machine (the fuzz target feeds it arbitrary PDUs).
 #[derive(Debug, Default)]
@@ -511,14 +675,80 @@ impl ResponseReader {
                 }
                 Ok(None)
             }
-            Pdu::AbortRQ { source } => Err(ScuError::Aborted {
-                peer: peer.to_string(),
-                reason: abort_reason(&source),
-            }),
-            other => Err(protocol(format!(
-                "unexpected {} while {what}",
-                other.short_description()
-            ))),
+            other => Err(not_p_data(other, peer, what)),
+        }
+    }
+}
+
+/// Gathers whole messages (a command, and the dataset that follows when the
+/// command announces one) from P-DATA: a pure state machine.
+#[derive(Debug, Default)]
+pub struct MessageReader {
+    command: Vec<u8>,
+    /// A complete command waiting for its dataset.
+    waiting: Option<Command>,
+    data: Vec<u8>,
+}
+
+/// A whole DIMSE message: its command and, when the command announces one,
+/// its dataset.
+pub type Message = (Command, Option<Vec<u8>>);
+
+/// Identifiers and failed-instance lists are small; more is not a PACS.
+const MAX_RESPONSE_DATASET: usize = 4 << 20;
+
+impl MessageReader {
+    pub fn push(
+        &mut self,
+        pdu: Pdu,
+        peer: &str,
+        what: &'static str,
+    ) -> Result<Vec<Message>, ScuError> {
+        let protocol = |detail: String| ScuError::Protocol {
+            peer: peer.to_string(),
+            detail,
+        };
+        let mut done = Vec::new();
+        match pdu {
+            Pdu::PData { data } => {
+                for v in data {
+                    match (v.value_type, self.waiting.is_some()) {
+                        (PDataValueType::Command, false) => {
+                            self.command.extend_from_slice(&v.data);
+                            if self.command.len() > crate::scp::MAX_COMMAND {
+                                return Err(protocol("response command set too large".into()));
+                            }
+                            if v.is_last {
+                                let c = Command::parse(&std::mem::take(&mut self.command))
+                                    .map_err(|e| protocol(e.to_string()))?;
+                                if c.has_dataset() {
+                                    self.waiting = Some(c);
+                                } else {
+                                    done.push((c, None));
+                                }
+                            }
+                        }
+                        (PDataValueType::Data, true) => {
+                            self.data.extend_from_slice(&v.data);
+                            if self.data.len() > MAX_RESPONSE_DATASET {
+                                return Err(protocol("response dataset too large".into()));
+                            }
+                            if v.is_last {
+                                let c = self.waiting.take().expect("checked above");
+                                done.push((c, Some(std::mem::take(&mut self.data))));
+                            }
+                        }
+                        (PDataValueType::Data, false) => {
+                            return Err(protocol("dataset without a command".into()))
+                        }
+                        (PDataValueType::Command, true) => {
+                            return Err(protocol("command where a dataset was announced".into()))
+                        }
+                    }
+                }
+                Ok(done)
+            }
+            other => Err(not_p_data(other, peer, what)),
         }
     }
 }

@@ -12,7 +12,9 @@
 //!
 //! Layout of `spool.dir`:
 //! - `index.redb` — instance records, SOP Instance UID map, audit trail, format marker,
-//!   and the studies received from the hospital (results are matched against them)
+//!   the studies received or prefetched (results are matched against them;
+//!   a new study's prefetch state lives there) and the list of studies whose
+//!   prefetch is not finished
 //! - `data/<id>.dcm` — payload files: Part 10 files (file meta header + the
 //!   dataset as received), sealed when the spool has a key ([`seal`]); a file
 //!   without a record was never acknowledged and is removed at start-up
@@ -23,10 +25,15 @@
 //! blocking tasks. It does not schedule (see the daemon's forwarder) and
 //! does not parse DICOM (see `kakehashi-dicom`).
 //!
-//! Roles: every instance is the hospital's (`current`) or a result from the
-//! reading center (`result`); [`Routing`] gives each role its destinations.
-//! A result that matches no study in the studies table is *held* (never
-//! sent) until the operator releases it.
+//! Roles: every instance is the hospital's (`current`), a prior the box
+//! retrieved from the hospital's PACS for one (`prior`: same destinations,
+//! low lane), or a result from the reading center (`result`); [`Routing`]
+//! gives each role its destinations. A result that matches no study in the
+//! studies table is *held* (never sent) until the operator releases it. The
+//! first instance of a new `current` study (with [`Routing::prefetch`])
+//! opens its prefetch in the same commit; [`Spool::set_prefetch`] records
+//! each step of it, and enters the chosen priors as `prior` studies in that
+//! same transaction, so they are never chosen again.
 //!
 //! Space: `spool.max_size` counts payloads and the index; below
 //! `spool.min_free` on the filesystem, and on ENOSPC anywhere (payload or
@@ -53,8 +60,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use sha2::{Digest, Sha256};
 
 pub use record::{
-    AuditEvent, AuditRecord, DecodeError, InstanceMeta, InstanceRecord, Priority, Role, Route,
-    RouteState, StudyEntry,
+    AuditEvent, AuditRecord, DecodeError, InstanceMeta, InstanceRecord, Prefetch, PrefetchState,
+    Priority, Role, Route, RouteState, StudyEntry,
 };
 pub use redb::Durability;
 
@@ -65,6 +72,9 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// Study Instance UID → [`StudyEntry`] of the studies received from the
 /// hospital (results are matched against it).
 const STUDIES: TableDefinition<&str, &[u8]> = TableDefinition::new("studies");
+/// Study Instance UIDs whose prefetch is pending or retrieving, so the
+/// prefetch loop never scans the whole (growing) studies table.
+const PREFETCHING: TableDefinition<&str, ()> = TableDefinition::new("prefetching");
 
 /// Magic and version of the spool as a whole (`meta["format"]`).
 pub const FORMAT_MAGIC: &[u8; 4] = b"KKHS";
@@ -115,6 +125,8 @@ pub enum SpoolError {
     InUse { dir: PathBuf },
     #[error("no instance {0} in the spool")]
     NotFound(u64),
+    #[error("no study {0} in the spool's studies table")]
+    NoStudy(String),
     #[error("spool index {path} could not be reopened after an I/O error; retrying with the next operation")]
     IndexUnavailable { path: PathBuf },
 }
@@ -200,12 +212,14 @@ pub struct Routing {
     pub current: Vec<String>,
     /// Results from the reading center (the hospital's PACS).
     pub results: Vec<String>,
+    /// New hospital studies get their priors prefetched (`[priors]`).
+    pub prefetch: bool,
 }
 
 impl Routing {
     pub fn for_role(&self, role: Role) -> &[String] {
         match role {
-            Role::Current => &self.current,
+            Role::Current | Role::Prior => &self.current,
             Role::Result => &self.results,
         }
     }
@@ -221,6 +235,7 @@ impl From<Vec<String>> for Routing {
         Routing {
             current,
             results: Vec::new(),
+            prefetch: false,
         }
     }
 }
@@ -1216,16 +1231,135 @@ impl Spool {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(idx("open studies")(e)),
         };
-        table
-            .get(uid)
-            .map_err(idx("read study"))?
-            .map(|v| {
-                record::decode(v.value()).map_err(|source| SpoolError::Record {
-                    key: format!("studies/{uid}"),
-                    source,
-                })
-            })
-            .transpose()
+        get_study(&table, uid)
+    }
+
+    /// Every study in the studies table, in Study Instance UID order.
+    pub fn studies(&self) -> Result<Vec<(String, StudyEntry)>, SpoolError> {
+        let txn = self.read_txn()?;
+        let table = match txn.open_table(STUDIES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(idx("open studies")(e)),
+        };
+        let mut out = Vec::new();
+        for item in table.iter().map_err(idx("scan studies"))? {
+            let (k, v) = item.map_err(idx("scan studies"))?;
+            let uid = k.value().to_string();
+            let entry = record::decode(v.value()).map_err(|source| SpoolError::Record {
+                key: format!("studies/{uid}"),
+                source,
+            })?;
+            out.push((uid, entry));
+        }
+        Ok(out)
+    }
+
+    /// Current studies whose prefetch is due: pending and stable (nothing
+    /// received for `stable_after_ms`) or retrieving (a crash interrupted
+    /// it), and past their next attempt. Reads only the studies listed in
+    /// the `prefetching` table, not the whole studies table.
+    pub fn prefetch_due(
+        &self,
+        now_ms: u64,
+        stable_after_ms: u64,
+    ) -> Result<Vec<(String, StudyEntry)>, SpoolError> {
+        let txn = self.read_txn()?;
+        let (pending, studies) = match (txn.open_table(PREFETCHING), txn.open_table(STUDIES)) {
+            (Ok(p), Ok(s)) => (p, s),
+            (Err(redb::TableError::TableDoesNotExist(_)), _)
+            | (_, Err(redb::TableError::TableDoesNotExist(_))) => return Ok(Vec::new()),
+            (Err(e), _) | (_, Err(e)) => return Err(idx("open prefetching")(e)),
+        };
+        let mut out = Vec::new();
+        for item in pending.iter().map_err(idx("scan prefetching"))? {
+            let (k, _) = item.map_err(idx("scan prefetching"))?;
+            let uid = k.value().to_string();
+            let Some(e) = get_study(&studies, &uid)? else {
+                continue;
+            };
+            let due = e.prefetch.as_ref().is_some_and(|p| {
+                let stable = e.last_received_ms.saturating_add(stable_after_ms) <= now_ms;
+                match p.state {
+                    PrefetchState::Pending => stable && p.next_attempt_ms <= now_ms,
+                    PrefetchState::Retrieving => p.next_attempt_ms <= now_ms,
+                    PrefetchState::Done | PrefetchState::Failed => false,
+                }
+            });
+            if due {
+                out.push((uid, e));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens a value sealed in the studies table (Patient ID, issuer).
+    pub fn open_study_value(&self, uid: &str, value: &str) -> Option<String> {
+        match (&self.key, value.strip_prefix(SEALED_PREFIX)) {
+            (Some(k), Some(sealed)) => k.open_value(uid.as_bytes(), sealed),
+            (None, None) => Some(value.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Records a prefetch step of study `uid` durably, with its audit record.
+    /// With `priors`, those studies enter the studies table as `prior` in
+    /// the same transaction, so no later prefetch (of this patient's next
+    /// study) fetches them again.
+    pub fn set_prefetch(
+        &self,
+        uid: &str,
+        prefetch: Prefetch,
+        priors: &[String],
+        audit_detail: &str,
+        now_ms: u64,
+    ) -> Result<(), SpoolError> {
+        let txn = self.begin_write(Durability::Immediate)?;
+        {
+            let mut studies = txn.open_table(STUDIES).map_err(idx("open studies"))?;
+            let mut audit = txn.open_table(AUDIT).map_err(idx("open audit"))?;
+            let Some(mut entry) = get_study(&studies, uid)? else {
+                return Err(SpoolError::NoStudy(uid.to_string()));
+            };
+            let mut pending = txn
+                .open_table(PREFETCHING)
+                .map_err(idx("open prefetching"))?;
+            match prefetch.state {
+                PrefetchState::Pending | PrefetchState::Retrieving => {
+                    pending.insert(uid, ()).map_err(idx("write prefetching"))?
+                }
+                PrefetchState::Done | PrefetchState::Failed => {
+                    pending.remove(uid).map_err(idx("write prefetching"))?
+                }
+            };
+            entry.prefetch = Some(prefetch);
+            studies
+                .insert(uid, record::encode(&entry).as_slice())
+                .map_err(idx("write study"))?;
+            for p in priors {
+                if studies
+                    .get(p.as_str())
+                    .map_err(idx("read study"))?
+                    .is_some()
+                {
+                    continue;
+                }
+                let prior = StudyEntry {
+                    patient: entry.patient.clone(),
+                    issuer: entry.issuer.clone(),
+                    ..StudyEntry::new(Role::Prior, now_ms)
+                };
+                studies
+                    .insert(p.as_str(), record::encode(&prior).as_slice())
+                    .map_err(idx("write study"))?;
+            }
+            let mut rec =
+                AuditRecord::new(now_ms, AuditEvent::Prefetch, "kakehashid", audit_detail);
+            rec.study_instance_uid = Some(uid.to_string());
+            append_audit(&mut audit, rec)?;
+        }
+        txn.commit("commit prefetch")?.unlink()?;
+        Ok(())
     }
 
     fn blind_accession(&self, accession: &str) -> String {
@@ -1616,32 +1750,58 @@ fn new_route(destination: &str) -> Route {
     }
 }
 
+/// The studies-table entry of `uid`, decoded.
+fn get_study(
+    studies: &impl ReadableTable<&'static str, &'static [u8]>,
+    uid: &str,
+) -> Result<Option<StudyEntry>, SpoolError> {
+    studies
+        .get(uid)
+        .map_err(idx("read study"))?
+        .map(|v| record::decode::<StudyEntry>(v.value()))
+        .transpose()
+        .map_err(|source| SpoolError::Record {
+            key: format!("studies/{uid}"),
+            source,
+        })
+}
+
 /// Counts an accepted instance of a hospital study in the studies table.
+/// True when it is a new study whose priors are to be prefetched.
 fn note_study(
     studies: &mut redb::Table<&str, &[u8]>,
     rec: &InstanceRecord,
     accession: Option<String>,
+    (patient, issuer): (Option<String>, Option<String>),
+    prefetch: bool,
     now_ms: u64,
-) -> Result<(), SpoolError> {
+) -> Result<bool, SpoolError> {
     let uid = rec.meta.study_instance_uid.as_str();
     if uid.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
-    let mut entry = match studies.get(uid).map_err(idx("read study"))? {
-        Some(v) => {
-            record::decode::<StudyEntry>(v.value()).map_err(|source| SpoolError::Record {
-                key: format!("studies/{uid}"),
-                source,
-            })?
-        }
+    let existing = get_study(studies, uid)?;
+    let new_prefetch = prefetch && existing.is_none();
+    let mut entry = match existing {
+        Some(e) => e,
         None => StudyEntry {
-            first_received_ms: now_ms,
-            last_received_ms: now_ms,
-            instances: 0,
-            bytes: 0,
-            accessions: Vec::new(),
+            // Once per study: resending it does not fetch its priors again.
+            prefetch: prefetch.then(|| Prefetch {
+                state: PrefetchState::Pending,
+                attempts: 0,
+                next_attempt_ms: 0,
+                priors: Vec::new(),
+                detail: None,
+            }),
+            ..StudyEntry::new(rec.meta.role, now_ms)
         },
     };
+    if entry.patient.is_none() {
+        entry.patient = patient;
+    }
+    if entry.issuer.is_none() {
+        entry.issuer = issuer;
+    }
     entry.last_received_ms = now_ms;
     entry.instances += 1;
     entry.bytes += rec.dataset_size;
@@ -1651,7 +1811,7 @@ fn note_study(
     studies
         .insert(uid, record::encode(&entry).as_slice())
         .map_err(idx("write study"))?;
-    Ok(())
+    Ok(new_prefetch)
 }
 
 /// `None` when the result belongs to a study the box received from the
@@ -1873,6 +2033,7 @@ impl Incoming {
         let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
 
         let mut meta = meta;
+        let patient = Some(meta.patient_id.trim().to_string()).filter(|p| !p.is_empty());
         let accession = meta
             .accession_number
             .take()
@@ -1901,7 +2062,7 @@ impl Incoming {
             key_id: spool.key.as_ref().map(SpoolKey::id_hex),
             meta,
         };
-        let accepted = spool.commit_received(rec, accession, now_ms)?;
+        let accepted = spool.commit_received(rec, accession, patient, now_ms)?;
         match &accepted {
             Accepted::Queued { record, .. } => {
                 spool.used.fetch_add(record.file_size(), Ordering::SeqCst);
@@ -1930,6 +2091,7 @@ impl Spool {
         &self,
         mut rec: InstanceRecord,
         accession: Option<String>,
+        patient: Option<String>,
         now_ms: u64,
     ) -> Result<Accepted, SpoolError> {
         let actor = format!("{}@{}", rec.meta.source_ae, rec.meta.source_ip);
@@ -2009,7 +2171,26 @@ impl Spool {
                 release = Some((self.payload_path(old.id), old.file_size()));
             }
             match rec.meta.role {
-                Role::Current => note_study(&mut studies, &rec, accession, now_ms)?,
+                Role::Current | Role::Prior => {
+                    let sealed = |v: &str| match &self.key {
+                        Some(k) => format!(
+                            "{SEALED_PREFIX}{}",
+                            k.seal_value(rec.meta.study_instance_uid.as_bytes(), v)
+                        ),
+                        None => v.to_string(),
+                    };
+                    let who = (
+                        patient.as_deref().map(sealed),
+                        rec.meta.issuer.as_deref().map(sealed),
+                    );
+                    let prefetch = self.routing.prefetch && rec.meta.role == Role::Current;
+                    if note_study(&mut studies, &rec, accession, who, prefetch, now_ms)? {
+                        txn.open_table(PREFETCHING)
+                            .map_err(idx("open prefetching"))?
+                            .insert(rec.meta.study_instance_uid.as_str(), ())
+                            .map_err(idx("write prefetching"))?;
+                    }
+                }
                 Role::Result => {
                     if let Some(why) = match_result(&studies, &rec, accession.as_deref())? {
                         for r in &mut rec.routes {
@@ -2037,6 +2218,7 @@ impl Spool {
                         rec.meta.transfer_syntax_uid,
                         match (rec.meta.role, rec.meta.amendment) {
                             (Role::Current, _) => "",
+                            (Role::Prior, _) => ", prior",
                             (Role::Result, false) => ", result",
                             (Role::Result, true) => ", result (amendment)",
                         },

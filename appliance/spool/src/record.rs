@@ -44,6 +44,10 @@ pub enum Role {
     /// Sent by the hospital: goes to `[[destinations]]`.
     #[default]
     Current,
+    /// A prior study the box fetched from the hospital's PACS for a new
+    /// one: goes to `[[destinations]]` too, after current studies (low
+    /// priority), and never causes a prefetch itself.
+    Prior,
     /// A result (report, SR, KOS) sent back by the reading center: goes to
     /// the hospital's PACS, once matched to a study the box relayed.
     Result,
@@ -57,6 +61,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Current => "current",
+            Role::Prior => "prior",
             Role::Result => "result",
         }
     }
@@ -100,6 +105,61 @@ pub struct StudyEntry {
     /// Keyed digests ([`crate::SpoolKey::blind`]) of the Accession Numbers seen.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accessions: Vec<String>,
+    /// `current` (sent by the hospital) or `prior` (fetched for one).
+    #[serde(default, skip_serializing_if = "Role::is_current")]
+    pub role: Role,
+    /// Patient ID and Issuer of Patient ID, sealed like the records' (to
+    /// query the PACS for priors; never a name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Prefetch of this study's priors (current studies, with `[priors]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<Prefetch>,
+}
+
+impl StudyEntry {
+    /// A study first seen at `now_ms`, with nothing counted yet.
+    pub fn new(role: Role, now_ms: u64) -> StudyEntry {
+        StudyEntry {
+            first_received_ms: now_ms,
+            last_received_ms: now_ms,
+            instances: 0,
+            bytes: 0,
+            accessions: Vec::new(),
+            role,
+            patient: None,
+            issuer: None,
+            prefetch: None,
+        }
+    }
+}
+
+/// Where the prefetch of a study's priors stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prefetch {
+    pub state: PrefetchState,
+    pub attempts: u32,
+    pub next_attempt_ms: u64,
+    /// The prior studies chosen (Study Instance UIDs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub priors: Vec<String>,
+    /// What happened, in words (counts, or the last error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrefetchState {
+    /// Waiting for the study to be stable (or for the next attempt).
+    Pending,
+    /// Priors chosen and being retrieved: retried from here after a crash.
+    Retrieving,
+    Done,
+    /// Given up (the PACS refused the query permanently); shown in status.
+    Failed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +194,10 @@ pub struct InstanceMeta {
     /// results by.
     #[serde(skip)]
     pub accession_number: Option<String>,
+    /// Issuer of Patient ID (0010,0021): kept (sealed) in the studies table
+    /// only, to query the PACS for priors.
+    #[serde(skip)]
+    pub issuer: Option<String>,
     /// A result that amends an earlier one (it has a Predecessor Documents
     /// Sequence).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -238,6 +302,8 @@ pub enum AuditEvent {
     Held,
     /// The operator released a held result for delivery.
     Released,
+    /// Priors of a study were chosen, retrieved, or could not be.
+    Prefetch,
 }
 
 impl AuditRecord {

@@ -12,6 +12,7 @@ fn meta(uid: &str) -> InstanceMeta {
         priority: Priority::Medium,
         role: Default::default(),
         accession_number: None,
+        issuer: None,
         amendment: false,
         via: None,
     }
@@ -743,6 +744,7 @@ fn open_with_pacs(dir: &Path) -> Arc<Spool> {
     let routing = Routing {
         current: vec!["center".into()],
         results: vec!["pacs".into()],
+        prefetch: true,
     };
     Spool::open(dir, routing, limits(1 << 20), 1000)
         .expect("open spool")
@@ -841,4 +843,121 @@ fn a_held_result_can_be_purged() {
     );
     assert!(matches!(spool.get(rec.id), Err(SpoolError::NotFound(_))));
     assert_eq!(spool.payload_bytes(), 0);
+}
+
+#[test]
+fn a_new_study_is_prefetched_once_and_its_priors_never_start_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = open_with_pacs(dir.path());
+    let receive_as = |uid: &str, study: &str, role: Role, at: u64| {
+        let mut inc = spool.begin(b"H", uid).expect("begin");
+        inc.write(b"image").expect("write");
+        let m = InstanceMeta {
+            study_instance_uid: study.into(),
+            role,
+            ..meta(uid)
+        };
+        queued(inc.commit(m, at).expect("commit"))
+    };
+    receive_as("1.1", "1.2.3", Role::Current, 2000);
+    receive_as("1.2", "1.2.3", Role::Current, 5000);
+    // Not stable until `stable_after` has passed since the last instance.
+    assert!(spool.prefetch_due(6000, 2000).expect("due").is_empty());
+    let due = spool.prefetch_due(7000, 2000).expect("due");
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].0, "1.2.3");
+    assert_eq!(due[0].1.instances, 2);
+    let patient = due[0]
+        .1
+        .patient
+        .clone()
+        .expect("patient kept for the query");
+    assert_eq!(
+        spool.open_study_value("1.2.3", &patient).as_deref(),
+        Some("P1")
+    );
+
+    // The box chose two priors: both noted as priors in the same step.
+    let chosen = Prefetch {
+        state: PrefetchState::Retrieving,
+        attempts: 1,
+        next_attempt_ms: 60_000,
+        priors: vec!["7.1".into(), "7.2".into()],
+        detail: None,
+    };
+    spool
+        .set_prefetch(
+            "1.2.3",
+            chosen,
+            &["7.1".into(), "7.2".into()],
+            "chose 2",
+            7000,
+        )
+        .expect("set");
+    assert!(
+        spool.prefetch_due(8000, 2000).expect("due").is_empty(),
+        "a retrieval in progress waits for its next attempt"
+    );
+    assert_eq!(spool.prefetch_due(60_000, 2000).expect("due").len(), 1);
+    let prior = spool.study("7.1").expect("read").expect("prior noted");
+    assert_eq!(prior.role, Role::Prior);
+    assert!(prior.prefetch.is_none());
+
+    // Instances of a prior arrive: they go to the center on the low lane
+    // and never start a prefetch of their own.
+    let p = receive_as("7.1.1", "7.1", Role::Prior, 61_000);
+    assert_eq!(p.routes[0].destination, "center");
+    let done = Prefetch {
+        state: PrefetchState::Done,
+        attempts: 1,
+        next_attempt_ms: 0,
+        priors: vec!["7.1".into(), "7.2".into()],
+        detail: Some("2 studies, 1 instance".into()),
+    };
+    spool
+        .set_prefetch("1.2.3", done, &[], "done", 62_000)
+        .expect("set");
+    // The hospital sends the study again: counted, not prefetched again.
+    receive_as("1.3", "1.2.3", Role::Current, 63_000);
+    drop(spool);
+    let spool = open_with_pacs(dir.path());
+    assert!(spool
+        .prefetch_due(u64::MAX / 2, 2000)
+        .expect("due")
+        .is_empty());
+    let studies = spool.studies().expect("studies");
+    assert_eq!(studies.len(), 3);
+    let current = spool.study("1.2.3").expect("read").expect("study");
+    assert_eq!(current.instances, 3);
+    assert_eq!(
+        current.prefetch.expect("prefetch").state,
+        PrefetchState::Done
+    );
+    assert_eq!(
+        spool.study("7.1").expect("read").expect("prior").instances,
+        1
+    );
+    let prefetches = spool
+        .audit_since(0, 100)
+        .expect("audit")
+        .into_iter()
+        .filter(|a| a.event == AuditEvent::Prefetch)
+        .count();
+    assert_eq!(prefetches, 2);
+    assert!(matches!(
+        spool.set_prefetch(
+            "9.9.9",
+            Prefetch {
+                state: PrefetchState::Done,
+                attempts: 0,
+                next_attempt_ms: 0,
+                priors: vec![],
+                detail: None
+            },
+            &[],
+            "x",
+            1
+        ),
+        Err(SpoolError::NoStudy(_))
+    ));
 }

@@ -1,0 +1,363 @@
+//! Prefetching prior studies (`[priors]`): when a new study from the
+//! hospital has been stable for `priors.stable_after`, the box asks the
+//! hospital's PACS (`[pacs]`) for the patient's other studies (C-FIND at
+//! STUDY level by Patient ID and Issuer, never by name; SERIES level when
+//! the PACS does not return Modalities in Study), keeps the
+//! `priors.max_studies` most recent within `priors.max_age` that are not
+//! only reports or presentation states, skips those it already relayed,
+//! and retrieves them with C-MOVE to its own AE. The PACS's C-STOREs
+//! arrive at the ordinary listener, carrying our Move Originator AE, and
+//! are spooled as `prior` (low priority: after current studies).
+//!
+//! Every step is durable in the studies table before the next: the chosen
+//! priors (and their entries, so no later study fetches them again) before
+//! the first C-MOVE; `done` after the last. A crash in between retries the
+//! retrievals (DICOM's duplicate detection keeps the spool from queuing an
+//! instance twice while it is still there).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kakehashi_dicom::query::{tag, Identifier, STUDY_ROOT_FIND, STUDY_ROOT_MOVE};
+use kakehashi_dicom::scu::{Scu, ScuOptions};
+use kakehashi_dicom::uids::IMPLICIT_VR_LE;
+use kakehashi_spool::{Prefetch, PrefetchState, StudyEntry};
+use tokio_util::sync::CancellationToken;
+
+use crate::{now_ms, Shared};
+
+/// Studies made only of these are not priors a radiologist compares with.
+const NOT_IMAGES: [&str; 4] = ["SR", "DOC", "KO", "PR"];
+/// Attempts before a prefetch is given up (shown in `kakehashi studies`).
+const MAX_ATTEMPTS: u32 = 20;
+
+pub async fn run(shared: Arc<Shared>, token: CancellationToken) {
+    let Some(cfg) = shared.config.priors.clone() else {
+        return;
+    };
+    let stable_ms = cfg.stable_after.as_millis() as u64;
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let spool = Arc::clone(&shared.spool);
+        let due = match tokio::task::spawn_blocking(move || spool.prefetch_due(now_ms(), stable_ms))
+            .await
+        {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::error!("cannot read the studies table: {e}");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!("prefetch task failed: {e}");
+                continue;
+            }
+        };
+        for (uid, entry) in due {
+            if token.is_cancelled() {
+                return;
+            }
+            prefetch(&shared, &uid, entry).await;
+        }
+    }
+}
+
+/// One attempt at the priors of study `uid`.
+async fn prefetch(shared: &Shared, uid: &str, entry: StudyEntry) {
+    let Some(mut state) = entry.prefetch.clone() else {
+        return;
+    };
+    let outcome = attempt(shared, uid, &entry, &mut state).await;
+    let now = now_ms();
+    let (detail, chosen) = match outcome {
+        Ok(Step::Chosen(priors)) => {
+            state.state = PrefetchState::Retrieving;
+            state.priors = priors.clone();
+            let d = if priors.is_empty() {
+                state.state = PrefetchState::Done;
+                "no prior study to fetch".to_string()
+            } else {
+                format!(
+                    "{} prior stud{} chosen: {}",
+                    priors.len(),
+                    if priors.len() == 1 { "y" } else { "ies" },
+                    priors.join(", ")
+                )
+            };
+            state.detail = Some(d.clone());
+            (d, priors)
+        }
+        Ok(Step::Retrieved(d)) => {
+            state.state = PrefetchState::Done;
+            state.detail = Some(d.clone());
+            (d, Vec::new())
+        }
+        Err(e) => {
+            state.attempts += 1;
+            let wait = Duration::from_secs(5)
+                .saturating_mul(1 << state.attempts.min(6))
+                .min(Duration::from_secs(300));
+            state.next_attempt_ms = now + wait.as_millis() as u64;
+            if state.attempts >= MAX_ATTEMPTS {
+                state.state = PrefetchState::Failed;
+            }
+            let d = format!(
+                "attempt {}: {e}{}",
+                state.attempts,
+                if state.state == PrefetchState::Failed {
+                    "; given up"
+                } else {
+                    ""
+                }
+            );
+            tracing::warn!(study = uid, "prefetch of priors: {d}");
+            state.detail = Some(d.clone());
+            (d, Vec::new())
+        }
+    };
+    tracing::info!(study = uid, state = ?state.state, "prefetch: {detail}");
+    let spool = Arc::clone(&shared.spool);
+    let uid2 = uid.to_string();
+    let saved = tokio::task::spawn_blocking(move || {
+        spool.set_prefetch(&uid2, state, &chosen, &detail, now)
+    })
+    .await;
+    match saved {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(study = uid, "cannot record the prefetch: {e}"),
+        Err(e) => tracing::error!(study = uid, "prefetch record task failed: {e}"),
+    }
+}
+
+enum Step {
+    /// The priors to retrieve (recorded before the first C-MOVE).
+    Chosen(Vec<String>),
+    /// All retrieved: what the PACS said.
+    Retrieved(String),
+}
+
+async fn attempt(
+    shared: &Shared,
+    uid: &str,
+    entry: &StudyEntry,
+    state: &mut Prefetch,
+) -> Result<Step, String> {
+    let (Some(pacs), Some(cfg)) = (&shared.config.pacs, &shared.config.priors) else {
+        return Err("no [pacs]".into());
+    };
+    let opts = ScuOptions {
+        calling_ae: pacs.calling_ae_title.to_string(),
+        called_ae: pacs.ae_title.to_string(),
+        max_pdu: pacs.max_pdu,
+        connect_timeout: pacs.connect_timeout,
+        response_timeout: pacs.response_timeout,
+    };
+    let contexts = [
+        (STUDY_ROOT_FIND.to_string(), IMPLICIT_VR_LE.to_string()),
+        (STUDY_ROOT_MOVE.to_string(), IMPLICIT_VR_LE.to_string()),
+    ];
+    let mut scu = Scu::connect(&pacs.address, &opts, &contexts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = match state.state {
+        PrefetchState::Retrieving => retrieve(shared, &mut scu, &state.priors)
+            .await
+            .map(Step::Retrieved),
+        _ => choose(shared, &mut scu, uid, entry, cfg)
+            .await
+            .map(Step::Chosen),
+    };
+    scu.release().await;
+    result
+}
+
+async fn choose(
+    shared: &Shared,
+    scu: &mut Scu,
+    uid: &str,
+    entry: &StudyEntry,
+    cfg: &kakehashi_config::PriorsConfig,
+) -> Result<Vec<String>, String> {
+    let find = scu
+        .context_for(STUDY_ROOT_FIND, IMPLICIT_VR_LE)
+        .ok_or("the PACS did not accept Study Root C-FIND")?;
+    let patient = entry
+        .patient
+        .as_deref()
+        .and_then(|p| shared.spool.open_study_value(uid, p));
+    let Some(patient) = patient else {
+        return Ok(Vec::new());
+    };
+    if patient.contains(['*', '?', '\\']) {
+        return Err(format!(
+            "Patient ID {patient:?} holds wildcard characters; not queried"
+        ));
+    }
+    let issuer = entry
+        .issuer
+        .as_deref()
+        .and_then(|i| shared.spool.open_study_value(uid, i));
+    let mut query = Identifier::new()
+        .with(tag::QUERY_RETRIEVE_LEVEL, "STUDY")
+        .with(tag::PATIENT_ID, &patient)
+        .with(tag::STUDY_INSTANCE_UID, "")
+        .with(tag::STUDY_DATE, "")
+        .with(tag::STUDY_TIME, "")
+        .with(tag::MODALITIES_IN_STUDY, "")
+        .with(tag::ACCESSION_NUMBER, "");
+    if let Some(i) = &issuer {
+        query = query.with(tag::ISSUER_OF_PATIENT_ID, i);
+    }
+    let (status, answers) = scu
+        .find(find, STUDY_ROOT_FIND, &query)
+        .await
+        .map_err(|e| e.to_string())?;
+    if status != 0 {
+        return Err(format!("C-FIND answered status 0x{status:04X}"));
+    }
+    let today = today();
+    let max_age_days = (cfg.max_age.as_secs() / 86_400) as i64;
+    let mut candidates = Vec::new();
+    for a in answers {
+        let Some(study) = a.get(tag::STUDY_INSTANCE_UID).map(str::to_string) else {
+            continue;
+        };
+        // Only this patient (a PACS that ignores a key must not widen the query).
+        if study == uid || a.get(tag::PATIENT_ID).is_some_and(|p| p != patient) {
+            continue;
+        }
+        let date = a.get(tag::STUDY_DATE).and_then(days_from_date);
+        if let (Some(d), Some(t)) = (date, today) {
+            if t - d > max_age_days {
+                continue;
+            }
+        }
+        let mut modalities = a.values(tag::MODALITIES_IN_STUDY);
+        if modalities.is_empty() {
+            // dcmqrscp does not return Modalities in Study: ask per series.
+            modalities = series_modalities(scu, find, &study).await?;
+        }
+        if !modalities.is_empty() && modalities.iter().all(|m| NOT_IMAGES.contains(&m.as_str())) {
+            continue;
+        }
+        let when = format!(
+            "{}{}",
+            a.get(tag::STUDY_DATE).unwrap_or(""),
+            a.get(tag::STUDY_TIME).unwrap_or("")
+        );
+        candidates.push((when, study));
+    }
+    candidates.sort_by(|a, b| b.cmp(a));
+    candidates.dedup_by(|a, b| a.1 == b.1);
+    let mut chosen = Vec::new();
+    for (_, study) in candidates.into_iter().take(cfg.max_studies) {
+        // Already relayed (as a current study or as a prior): not again.
+        let spool = Arc::clone(&shared.spool);
+        let s = study.clone();
+        let known = tokio::task::spawn_blocking(move || spool.study(&s))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if known.is_none() {
+            chosen.push(study);
+        }
+    }
+    Ok(chosen)
+}
+
+async fn series_modalities(scu: &mut Scu, find: u8, study: &str) -> Result<Vec<String>, String> {
+    let query = Identifier::new()
+        .with(tag::QUERY_RETRIEVE_LEVEL, "SERIES")
+        .with(tag::STUDY_INSTANCE_UID, study)
+        .with(tag::SERIES_INSTANCE_UID, "")
+        .with(tag::MODALITY, "");
+    let (status, answers) = scu
+        .find(find, STUDY_ROOT_FIND, &query)
+        .await
+        .map_err(|e| e.to_string())?;
+    if status != 0 {
+        return Err(format!(
+            "SERIES-level C-FIND answered status 0x{status:04X}"
+        ));
+    }
+    let mut m: Vec<String> = answers
+        .iter()
+        .filter_map(|a| a.get(tag::MODALITY).map(str::to_string))
+        .collect();
+    m.sort();
+    m.dedup();
+    Ok(m)
+}
+
+async fn retrieve(shared: &Shared, scu: &mut Scu, priors: &[String]) -> Result<String, String> {
+    let mv = scu
+        .context_for(STUDY_ROOT_MOVE, IMPLICIT_VR_LE)
+        .ok_or("the PACS did not accept Study Root C-MOVE")?;
+    let destination = shared.config.dicom.ae_title.to_string();
+    let mut words = Vec::new();
+    for study in priors {
+        let query = Identifier::new()
+            .with(tag::QUERY_RETRIEVE_LEVEL, "STUDY")
+            .with(tag::STUDY_INSTANCE_UID, study);
+        let (status, ops) = scu
+            .retrieve(mv, STUDY_ROOT_MOVE, &destination, &query, |id| {
+                tracing::info!(study = %study, message_id = id, "C-MOVE of a prior study to {destination}");
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        match status {
+            0x0000 | 0xB000 => words.push(format!(
+                "{study}: {} retrieved, {} failed, {} warning",
+                ops.completed, ops.failed, ops.warning
+            )),
+            0xA801 => {
+                return Err(format!(
+                    "the PACS does not know {destination} as a move destination (0xA801): add AE {destination} at this box's address and DICOM port to the PACS"
+                ))
+            }
+            other => return Err(format!("C-MOVE of {study} answered status 0x{other:04X}")),
+        }
+    }
+    Ok(words.join("; "))
+}
+
+/// Days since 1970-01-01 of a DICOM DA (YYYYMMDD).
+fn days_from_date(da: &str) -> Option<i64> {
+    let da = da.trim();
+    if da.len() != 8 || !da.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let y: i64 = da[..4].parse().ok()?;
+    let m: i64 = da[4..6].parse().ok()?;
+    let d: i64 = da[6..].parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
+}
+
+fn today() -> Option<i64> {
+    Some((now_ms() / 86_400_000) as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_count_days() {
+        assert_eq!(days_from_date("19700101"), Some(0));
+        assert_eq!(days_from_date("20000301"), Some(11_017));
+        assert_eq!(days_from_date("2000-03-01"), None);
+        assert_eq!(days_from_date("20001301"), None);
+    }
+}
