@@ -24,3 +24,12 @@ for section in .osrel:"$osrel" .cmdline:"$tmp/cmdline" .initrd:"$initrd" .linux:
     offset=$(align $(( offset + $(stat -Lc %s "$file") )))
 done
 objcopy "${args[@]}" "$stub" "$out"
+# objcopy stamps the PE header with the current time (binutils 2.40 ignores
+# SOURCE_DATE_EPOCH here) and a checksum over it: set the stamp to
+# SOURCE_DATE_EPOCH and the checksum to 0 (UEFI does not check it, and
+# Authenticode leaves it out of the signed hash), so the unsigned UKI is
+# the same bytes on every build.
+pe=$(od -An -tu4 -j 60 -N 4 "$out" | tr -d ' ')
+le32() { printf "$(printf '\\x%02x' $(( $1 & 255 )) $(( $1 >> 8 & 255 )) $(( $1 >> 16 & 255 )) $(( $1 >> 24 & 255 )))"; }
+le32 "${SOURCE_DATE_EPOCH:?}" | dd of="$out" bs=1 seek=$(( pe + 8 )) conv=notrunc status=none
+le32 0 | dd of="$out" bs=1 seek=$(( pe + 88 )) conv=notrunc status=none
