@@ -711,6 +711,84 @@ pub fn echoscu_at(ns: Option<&str>, host: &str, port: u16, calling: &str, called
         .expect("run echoscu")
 }
 
+/// DCMTK's `dcmqrscp` as a second PACS flavour: a query/retrieve SCP over a
+/// storage area filled with `files` (indexed with `dcmqridx`), knowing
+/// `movers` (AE title, host, port) as move destinations. Unlike Orthanc it
+/// does not return Modalities in Study.
+#[derive(Debug)]
+pub struct Dcmqrscp {
+    pub port: u16,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+    _child: Proc,
+}
+
+impl Dcmqrscp {
+    /// Listens on `port` (chosen by the caller, so the box's config can
+    /// name it before the box's own port is known).
+    pub fn start(
+        port: u16,
+        ae_title: &str,
+        files: &[PathBuf],
+        movers: &[(&str, &str, u16)],
+    ) -> Dcmqrscp {
+        let dir = tempfile::Builder::new()
+            .prefix("dcmqrscp-")
+            .tempdir()
+            .expect("tempdir");
+        let db = dir.path().join("db");
+        std::fs::create_dir_all(&db).expect("mkdir");
+        let mut stored = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            let to = db.join(format!("{i}.dcm"));
+            std::fs::copy(f, &to).expect("copy into the storage area");
+            stored.push(to);
+        }
+        if !stored.is_empty() {
+            let out = Command::new("dcmqridx")
+                .arg(&db)
+                .args(&stored)
+                .output()
+                .expect("run dcmqridx (apt-get install dcmtk)");
+            assert!(out.status.success(), "dcmqridx: {out:?}");
+        }
+        let hosts: String = movers
+            .iter()
+            .enumerate()
+            .map(|(i, (aet, host, p))| format!("mover{i} = ({aet}, {host}, {p})\n"))
+            .collect();
+        let config = format!(
+            "NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n\
+             HostTable BEGIN\n{hosts}HostTable END\nVendorTable BEGIN\nVendorTable END\n\
+             AETable BEGIN\n{ae_title} {} RW (200, 1024mb) ANY\nAETable END\n",
+            db.display()
+        );
+        let cfg = dir.path().join("dcmqrscp.cfg");
+        std::fs::write(&cfg, config).expect("write dcmqrscp.cfg");
+        let log = dir.path().join("dcmqrscp.log");
+        let log_file = std::fs::File::create(&log).expect("log");
+        let child = Command::new("dcmqrscp")
+            .args(["-v", "-c"])
+            .arg(&cfg)
+            .env("TCP_NODELAY", "1")
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start dcmqrscp (apt-get install dcmtk)");
+        wait_port(port, "dcmqrscp to listen");
+        Dcmqrscp {
+            port,
+            log,
+            _dir: dir,
+            _child: Proc(child),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 /// Orthanc as a reading center, with its own storage and a loopback REST port.
 #[derive(Debug)]
 pub struct Orthanc {

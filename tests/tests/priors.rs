@@ -3,7 +3,10 @@
 //! C-MOVE) to the reading center, after the current study, once. Reports
 //! only, studies too old, studies beyond `max_studies` and another
 //! patient's studies stay where they are; resending the study fetches
-//! nothing again.
+//! nothing again. With DCMTK's dcmqrscp as the PACS (no Modalities in
+//! Study in its answers) the SERIES-level query tells reports from images.
+//! kill -9 while a prior arrives: everything arrives, and a prior whose
+//! retrieval had finished is not fetched again.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -23,6 +26,18 @@ fn study(
     date: &str,
     count: usize,
 ) -> Vec<PathBuf> {
+    study_sized(dir, tag, modality, patient, date, count, 1024)
+}
+
+fn study_sized(
+    dir: &Path,
+    tag: &str,
+    modality: &'static str,
+    patient: &str,
+    date: &str,
+    count: usize,
+    pixel_bytes: usize,
+) -> Vec<PathBuf> {
     let class = if modality == "SR" {
         testdata::SC_IMAGE
     } else {
@@ -36,7 +51,7 @@ fn study(
         Syntax::ExplicitLe,
         Name::Ascii,
         count,
-        1024,
+        pixel_bytes,
     )
     .expect("test data");
     let out = std::process::Command::new("dcmodify")
@@ -49,6 +64,41 @@ fn study(
         .expect("dcmodify");
     assert!(out.status.success(), "{out:?}");
     files
+}
+
+/// A box relaying to `center`, with the PACS HOSPITALPACS on `pacs_port`
+/// (also a source: it stores the priors) and `[priors]`: 2 studies within
+/// 5 years, a study stable after 2 s.
+fn relay_with_priors(center: &StoreScp, pacs_port: u16) -> Relay {
+    let mut opts = RelayOptions::to(center.port);
+    opts.extra_sources = "[[dicom.sources]]\nae_title = \"HOSPITALPACS\"\n".into();
+    opts.extra_toml = format!(
+        "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{pacs_port}\"\n\n[priors]\nmax_studies = 2\nmax_age = \"5 years\"\nstable_after = \"2s\"\n"
+    );
+    Relay::start(opts)
+}
+
+/// The PACS must know the box as a move destination.
+fn orthanc_knows_the_box(pacs: &Orthanc, relay: &Relay) {
+    pacs.put(
+        "/modalities/kakehashi",
+        &serde_json::json!(["KAKEHASHI", "127.0.0.1", relay.port]),
+    )
+    .expect("Orthanc knows the box");
+}
+
+/// The C-MOVE's final response comes after its last instance: the
+/// prefetch is recorded done a moment after the priors arrived.
+fn wait_prefetch_done(relay: &Relay) {
+    wait_until("the prefetch to be done", Duration::from_secs(30), || {
+        studies(relay)
+            .iter()
+            .any(|s| s.role == "current" && s.prefetch.as_deref() == Some("done"))
+    });
+}
+
+fn uids_of(sets: &[&[PathBuf]]) -> HashSet<String> {
+    sets.iter().flat_map(|s| uids(s)).collect()
 }
 
 fn uids(files: &[PathBuf]) -> HashSet<String> {
@@ -70,19 +120,8 @@ fn a_new_study_brings_the_right_priors_once() {
     let work = tempfile::tempdir().expect("tempdir");
     let pacs = Orthanc::start_as(None, "HOSPITALPACS", serde_json::json!({}));
     let center = StoreScp::start(free_port());
-    let mut opts = RelayOptions::to(center.port);
-    opts.extra_sources = "[[dicom.sources]]\nae_title = \"HOSPITALPACS\"\n".into();
-    opts.extra_toml = format!(
-        "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{}\"\n\n[priors]\nmax_studies = 2\nmax_age = \"5 years\"\nstable_after = \"2s\"\n",
-        pacs.dicom_port
-    );
-    let relay = Relay::start(opts);
-    // The PACS must know the box as a move destination.
-    pacs.put(
-        "/modalities/kakehashi",
-        &serde_json::json!(["KAKEHASHI", "127.0.0.1", relay.port]),
-    )
-    .expect("Orthanc knows the box");
+    let relay = relay_with_priors(&center, pacs.dicom_port);
+    orthanc_knows_the_box(&pacs, &relay);
 
     let d = work.path();
     let current = study(d, "cur", "CT", "PID-A", "20261120", 3);
@@ -105,11 +144,7 @@ fn a_new_study_brings_the_right_priors_once() {
 
     let sent = storescu(relay.port, "MODALITY1", &current);
     assert!(sent.success, "{}", sent.output);
-    let expected: HashSet<String> = uids(&current)
-        .into_iter()
-        .chain(uids(&p1))
-        .chain(uids(&p2))
-        .collect();
+    let expected = uids_of(&[&current, &p1, &p2]);
     wait_until(
         "the study and its two priors at the center",
         Duration::from_secs(90),
@@ -127,19 +162,8 @@ fn a_new_study_brings_the_right_priors_once() {
         assert!(uids(f).is_disjoint(&got), "{f:?} must not move");
     }
     // Byte-identical, and after the current study.
-    for f in current.iter().chain(&p1).chain(&p2) {
-        let uid = sop_instance_of_file(&read(f)).expect("uid");
-        let at_center = center
-            .files()
-            .into_iter()
-            .find(|c| sop_instance_of_file(&read(c)).as_deref() == Some(uid.as_str()))
-            .expect("arrived");
-        assert_eq!(
-            testdata::dataset_of_file(&read(&at_center)),
-            testdata::dataset_of_file(&read(f)),
-            "{} differs",
-            f.display()
-        );
+    for f in [&current, &p1, &p2] {
+        assert_identical_at_center(&center, f);
     }
     let current_uids = uids(&current);
     let last_current = arrived
@@ -156,6 +180,7 @@ fn a_new_study_brings_the_right_priors_once() {
     );
 
     // What the box says.
+    wait_prefetch_done(&relay);
     let list = studies(&relay);
     let cur = list
         .iter()
@@ -188,6 +213,18 @@ fn a_new_study_brings_the_right_priors_once() {
         .any(|a| a.detail.contains("retrieved by our C-MOVE")));
 
     // The hospital sends the study again: it is relayed again, its priors are not.
+    let prefetch_records = |relay: &Relay| {
+        relay
+            .audit()
+            .iter()
+            .filter(|a| a.event == kakehashi_control::AuditEvent::Prefetch)
+            .count()
+    };
+    assert_eq!(
+        prefetch_records(&relay),
+        3,
+        "chosen, first prior retrieved, done"
+    );
     let requests = center.store_requests();
     let again = storescu(relay.port, "MODALITY1", &current);
     assert!(again.success, "{}", again.output);
@@ -195,10 +232,204 @@ fn a_new_study_brings_the_right_priors_once() {
     std::thread::sleep(Duration::from_secs(5));
     relay.wait_drained(Duration::from_secs(30));
     assert_eq!(center.store_requests(), requests + current.len());
-    let prefetches = relay
-        .audit()
+    assert_eq!(prefetch_records(&relay), 3, "no second prefetch");
+}
+
+/// The instances at the center, byte-compared with the files sent.
+fn assert_identical_at_center(center: &StoreScp, files: &[PathBuf]) {
+    for f in files {
+        let uid = sop_instance_of_file(&read(f)).expect("uid");
+        let at_center = center
+            .files()
+            .into_iter()
+            .find(|c| sop_instance_of_file(&read(c)).as_deref() == Some(uid.as_str()))
+            .expect("arrived");
+        assert_eq!(
+            testdata::dataset_of_file(&read(&at_center)),
+            testdata::dataset_of_file(&read(f)),
+            "{} differs",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn with_dcmqrscp_the_series_query_tells_reports_from_images() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let d = work.path();
+    let current = study(d, "cur", "CT", "PID-Q", "20261120", 2);
+    let p1 = study(d, "p1", "CT", "PID-Q", "20250101", 2);
+    // More recent than p1 but reports only: without a SERIES-level query it
+    // would look like an image study (dcmqrscp returns no modalities).
+    let reports = study(d, "p2", "SR", "PID-Q", "20260101", 1);
+    let p3 = study(d, "p3", "MR", "PID-Q", "20240101", 2);
+    let other = study(d, "other", "CT", "PID-R", "20250601", 2);
+    let in_pacs: Vec<PathBuf> = p1
         .iter()
-        .filter(|a| a.event == kakehashi_control::AuditEvent::Prefetch)
-        .count();
-    assert_eq!(prefetches, 2, "chosen, then retrieved: once");
+        .chain(&reports)
+        .chain(&p3)
+        .chain(&other)
+        .cloned()
+        .collect();
+
+    let pacs_port = free_port();
+    let center = StoreScp::start(free_port());
+    let relay = relay_with_priors(&center, pacs_port);
+    let pacs = Dcmqrscp::start(
+        pacs_port,
+        "HOSPITALPACS",
+        &in_pacs,
+        &[("KAKEHASHI", "127.0.0.1", relay.port)],
+    );
+
+    let sent = storescu(relay.port, "MODALITY1", &current);
+    assert!(sent.success, "{}", sent.output);
+    let expected = uids_of(&[&current, &p1, &p3]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while center.files().len() < expected.len() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        center.files().len() >= expected.len(),
+        "the study and its two image priors at the center; box:\n{}\ndcmqrscp:\n{}",
+        relay.log_text(),
+        pacs.log_text()
+    );
+    relay.wait_drained(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(3));
+    let got: HashSet<String> = center.arrival_order().into_iter().collect();
+    assert_eq!(
+        got,
+        expected,
+        "the study, and the two most recent image studies of its patient\n{}",
+        pacs.log_text()
+    );
+    assert!(
+        uids(&reports).is_disjoint(&got),
+        "a reports-only study moved"
+    );
+    assert!(
+        uids(&other).is_disjoint(&got),
+        "another patient's study moved"
+    );
+    assert_identical_at_center(&center, &current);
+    assert_identical_at_center(&center, &p1);
+    assert_identical_at_center(&center, &p3);
+    wait_prefetch_done(&relay);
+    let list = studies(&relay);
+    let cur = list
+        .iter()
+        .find(|s| s.role == "current")
+        .expect("current study");
+    assert_eq!(cur.prefetch.as_deref(), Some("done"), "{cur:?}");
+    let detail = cur.detail.as_deref().unwrap_or_default();
+    assert!(detail.contains("2 retrieved, 0 failed"), "{detail}");
+}
+
+/// How many `received` audit records each SOP Instance UID of `files` has.
+fn receptions(relay: &Relay, files: &[PathBuf]) -> Vec<usize> {
+    let audit = relay.audit();
+    uids(files)
+        .iter()
+        .map(|u| {
+            audit
+                .iter()
+                .filter(|a| {
+                    a.event == kakehashi_control::AuditEvent::Received
+                        && a.sop_instance_uid.as_deref() == Some(u.as_str())
+                })
+                .count()
+        })
+        .collect()
+}
+
+#[test]
+fn a_crash_while_priors_arrive_loses_nothing_and_refetches_only_the_unfinished() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let pacs = Orthanc::start_as(None, "HOSPITALPACS", serde_json::json!({}));
+    let center = StoreScp::start(free_port());
+    let mut relay = relay_with_priors(&center, pacs.dicom_port);
+    orthanc_knows_the_box(&pacs, &relay);
+    let d = work.path();
+    let current = study(d, "cur", "CT", "PID-K", "20261120", 2);
+    // Retrieved first (most recent), and small: done before the crash.
+    let p1 = study(d, "p1", "CT", "PID-K", "20250101", 2);
+    // Retrieved second, and large: the crash comes while it arrives.
+    let p2 = study_sized(d, "p2", "MR", "PID-K", "20240101", 150, 64 << 10);
+    for f in p1.iter().chain(&p2) {
+        pacs.upload(f);
+    }
+    let p2_uid = study_uid(&p2[0]);
+
+    let sent = storescu(relay.port, "MODALITY1", &current);
+    assert!(sent.success, "{}", sent.output);
+    let mut at_kill = 0;
+    wait_until(
+        "the second prior to start arriving",
+        Duration::from_secs(90),
+        || {
+            at_kill = studies(&relay)
+                .iter()
+                .find(|s| s.study_instance_uid == p2_uid)
+                .map_or(0, |s| s.instances);
+            at_kill > 0
+        },
+    );
+    relay.kill9();
+    assert!(
+        (at_kill as usize) < p2.len(),
+        "the crash must come while the prior arrives ({at_kill} of {} already)",
+        p2.len()
+    );
+    relay.restart();
+
+    let expected = uids_of(&[&current, &p1, &p2]);
+    wait_until(
+        "the study and both priors at the center",
+        Duration::from_secs(180),
+        || {
+            // Files still being written have no UID yet.
+            let got: HashSet<String> = center
+                .files()
+                .iter()
+                .filter_map(|f| std::fs::read(f).ok())
+                .filter_map(|b| sop_instance_of_file(&b))
+                .collect();
+            expected.is_subset(&got)
+        },
+    );
+    relay.wait_drained(Duration::from_secs(60));
+    let got: HashSet<String> = center.arrival_order().into_iter().collect();
+    assert_eq!(got, expected, "nothing else moved");
+    assert_identical_at_center(&center, &p1);
+    assert_identical_at_center(&center, &p2[..5]);
+    assert_eq!(
+        receptions(&relay, &p1),
+        vec![1; p1.len()],
+        "a prior whose C-MOVE had finished before the crash was fetched again"
+    );
+    assert!(receptions(&relay, &p2).iter().all(|&n| n >= 1));
+    wait_prefetch_done(&relay);
+    let cur = studies(&relay)
+        .into_iter()
+        .find(|s| s.role == "current")
+        .expect("current study");
+    assert_eq!(cur.prefetch.as_deref(), Some("done"), "{cur:?}");
+    println!(
+        "killed with {at_kill} of {} instances of the second prior spooled; after the restart: {}",
+        p2.len(),
+        cur.detail.unwrap_or_default()
+    );
+}
+
+fn study_uid(file: &Path) -> String {
+    let out = std::process::Command::new("dcmdump")
+        .args(["-q", "+P", "0020,000d"])
+        .arg(file)
+        .output()
+        .expect("dcmdump");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find('[').expect("a value") + 1;
+    let end = text[start..].find(']').expect("a value") + start;
+    text[start..end].to_string()
 }

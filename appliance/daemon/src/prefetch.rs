@@ -11,9 +11,10 @@
 //!
 //! Every step is durable in the studies table before the next: the chosen
 //! priors (and their entries, so no later study fetches them again) before
-//! the first C-MOVE; `done` after the last. A crash in between retries the
-//! retrievals (DICOM's duplicate detection keeps the spool from queuing an
-//! instance twice while it is still there).
+//! the first C-MOVE; each prior as its C-MOVE finishes; `done` after the
+//! last. A crash in between retries only the priors not yet retrieved (and
+//! the spool's duplicate detection keeps an instance still spooled from
+//! being queued twice).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,7 +163,7 @@ async fn attempt(
         .await
         .map_err(|e| e.to_string())?;
     let result = match state.state {
-        PrefetchState::Retrieving => retrieve(shared, &mut scu, &state.priors)
+        PrefetchState::Retrieving => retrieve(shared, &mut scu, uid, state)
             .await
             .map(Step::Retrieved),
         _ => choose(shared, &mut scu, uid, entry, cfg)
@@ -291,34 +292,63 @@ async fn series_modalities(scu: &mut Scu, find: u8, study: &str) -> Result<Vec<S
     Ok(m)
 }
 
-async fn retrieve(shared: &Shared, scu: &mut Scu, priors: &[String]) -> Result<String, String> {
+/// C-MOVEs each chosen prior not yet retrieved; each one that finishes is
+/// recorded at once, so a crash or a failure later retries only the rest.
+async fn retrieve(
+    shared: &Shared,
+    scu: &mut Scu,
+    uid: &str,
+    state: &mut Prefetch,
+) -> Result<String, String> {
     let mv = scu
         .context_for(STUDY_ROOT_MOVE, IMPLICIT_VR_LE)
         .ok_or("the PACS did not accept Study Root C-MOVE")?;
     let destination = shared.config.dicom.ae_title.to_string();
+    let earlier = state.retrieved.len();
     let mut words = Vec::new();
-    for study in priors {
+    let todo: Vec<String> = state
+        .priors
+        .iter()
+        .filter(|p| !state.retrieved.contains(p))
+        .cloned()
+        .collect();
+    for study in todo {
         let query = Identifier::new()
             .with(tag::QUERY_RETRIEVE_LEVEL, "STUDY")
-            .with(tag::STUDY_INSTANCE_UID, study);
+            .with(tag::STUDY_INSTANCE_UID, &study);
         let (status, ops) = scu
             .retrieve(mv, STUDY_ROOT_MOVE, &destination, &query, |id| {
                 tracing::info!(study = %study, message_id = id, "C-MOVE of a prior study to {destination}");
             })
             .await
             .map_err(|e| e.to_string())?;
-        match status {
-            0x0000 | 0xB000 => words.push(format!(
+        let said = match status {
+            0x0000 | 0xB000 => format!(
                 "{study}: {} retrieved, {} failed, {} warning",
                 ops.completed, ops.failed, ops.warning
-            )),
+            ),
             0xA801 => {
                 return Err(format!(
                     "the PACS does not know {destination} as a move destination (0xA801): add AE {destination} at this box's address and DICOM port to the PACS"
                 ))
             }
             other => return Err(format!("C-MOVE of {study} answered status 0x{other:04X}")),
+        };
+        state.retrieved.push(study);
+        if state.retrieved.len() < state.priors.len() {
+            let spool = Arc::clone(&shared.spool);
+            let (uid, progress, detail) = (uid.to_string(), state.clone(), said.clone());
+            tokio::task::spawn_blocking(move || {
+                spool.set_prefetch(&uid, progress, &[], &detail, now_ms())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot record the retrieval: {e}"))?;
         }
+        words.push(said);
+    }
+    if earlier > 0 {
+        words.push(format!("{earlier} retrieved before"));
     }
     Ok(words.join("; "))
 }

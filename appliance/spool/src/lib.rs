@@ -1791,6 +1791,7 @@ fn note_study(
                 attempts: 0,
                 next_attempt_ms: 0,
                 priors: Vec::new(),
+                retrieved: Vec::new(),
                 detail: None,
             }),
             ..StudyEntry::new(rec.meta.role, now_ms)

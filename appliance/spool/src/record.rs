@@ -145,6 +145,10 @@ pub struct Prefetch {
     /// The prior studies chosen (Study Instance UIDs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub priors: Vec<String>,
+    /// Those of `priors` whose C-MOVE has finished: a restart retrieves
+    /// only the others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retrieved: Vec<String>,
     /// What happened, in words (counts, or the last error).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

@@ -883,6 +883,7 @@ fn a_new_study_is_prefetched_once_and_its_priors_never_start_one() {
         attempts: 1,
         next_attempt_ms: 60_000,
         priors: vec!["7.1".into(), "7.2".into()],
+        retrieved: Vec::new(),
         detail: None,
     };
     spool
@@ -912,6 +913,7 @@ fn a_new_study_is_prefetched_once_and_its_priors_never_start_one() {
         attempts: 1,
         next_attempt_ms: 0,
         priors: vec!["7.1".into(), "7.2".into()],
+        retrieved: Vec::new(),
         detail: Some("2 studies, 1 instance".into()),
     };
     spool
@@ -952,6 +954,7 @@ fn a_new_study_is_prefetched_once_and_its_priors_never_start_one() {
                 attempts: 0,
                 next_attempt_ms: 0,
                 priors: vec![],
+                retrieved: Vec::new(),
                 detail: None
             },
             &[],
