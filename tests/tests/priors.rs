@@ -69,8 +69,8 @@ fn study_sized(
 /// A box relaying to `center`, with the PACS HOSPITALPACS on `pacs_port`
 /// (also a source: it stores the priors) and `[priors]`: 2 studies within
 /// 5 years, a study stable after 2 s.
-fn relay_with_priors(center: &StoreScp, pacs_port: u16) -> Relay {
-    let mut opts = RelayOptions::to(center.port);
+fn relay_with_priors(center_port: u16, pacs_port: u16) -> Relay {
+    let mut opts = RelayOptions::to(center_port);
     opts.extra_sources = "[[dicom.sources]]\nae_title = \"HOSPITALPACS\"\n".into();
     opts.extra_toml = format!(
         "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{pacs_port}\"\n\n[priors]\nmax_studies = 2\nmax_age = \"5 years\"\nstable_after = \"2s\"\n"
@@ -120,7 +120,7 @@ fn a_new_study_brings_the_right_priors_once() {
     let work = tempfile::tempdir().expect("tempdir");
     let pacs = Orthanc::start_as(None, "HOSPITALPACS", serde_json::json!({}));
     let center = StoreScp::start(free_port());
-    let relay = relay_with_priors(&center, pacs.dicom_port);
+    let relay = relay_with_priors(center.port, pacs.dicom_port);
     orthanc_knows_the_box(&pacs, &relay);
 
     let d = work.path();
@@ -206,7 +206,9 @@ fn a_new_study_brings_the_right_priors_once() {
         "{report}"
     );
     let shown = relay.cli(&["studies"]);
-    assert!(String::from_utf8_lossy(&shown.stdout).contains("prior"));
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    println!("kakehashi studies:\n{shown}");
+    assert!(shown.contains("prior"), "{shown}");
     let audit = relay.audit();
     assert!(audit
         .iter()
@@ -273,8 +275,9 @@ fn with_dcmqrscp_the_series_query_tells_reports_from_images() {
         .collect();
 
     let pacs_port = free_port();
-    let center = StoreScp::start(free_port());
-    let relay = relay_with_priors(&center, pacs_port);
+    // The center is down at first: the box shows what it holds for it.
+    let center_port = free_port();
+    let relay = relay_with_priors(center_port, pacs_port);
     let pacs = Dcmqrscp::start(
         pacs_port,
         "HOSPITALPACS",
@@ -285,6 +288,23 @@ fn with_dcmqrscp_the_series_query_tells_reports_from_images() {
     let sent = storescu(relay.port, "MODALITY1", &current);
     assert!(sent.success, "{}", sent.output);
     let expected = uids_of(&[&current, &p1, &p3]);
+    wait_prefetch_done(&relay);
+    wait_until("the priors spooled", Duration::from_secs(30), || {
+        studies(&relay)
+            .iter()
+            .filter(|s| s.role == "prior")
+            .map(|s| s.instances)
+            .sum::<u64>()
+            == 4
+    });
+    for s in studies(&relay) {
+        assert_eq!(
+            (s.acknowledged, s.pending),
+            (0, s.instances),
+            "nothing acknowledged while the center is down: {s:?}"
+        );
+    }
+    let center = StoreScp::start(center_port);
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while center.files().len() < expected.len() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
@@ -315,8 +335,14 @@ fn with_dcmqrscp_the_series_query_tells_reports_from_images() {
     assert_identical_at_center(&center, &current);
     assert_identical_at_center(&center, &p1);
     assert_identical_at_center(&center, &p3);
-    wait_prefetch_done(&relay);
     let list = studies(&relay);
+    for s in &list {
+        assert_eq!(
+            (s.acknowledged, s.pending, s.dead_letters),
+            (s.instances, 0, 0),
+            "complete at the center: {s:?}"
+        );
+    }
     let cur = list
         .iter()
         .find(|s| s.role == "current")
@@ -348,7 +374,7 @@ fn a_crash_while_priors_arrive_loses_nothing_and_refetches_only_the_unfinished()
     let work = tempfile::tempdir().expect("tempdir");
     let pacs = Orthanc::start_as(None, "HOSPITALPACS", serde_json::json!({}));
     let center = StoreScp::start(free_port());
-    let mut relay = relay_with_priors(&center, pacs.dicom_port);
+    let mut relay = relay_with_priors(center.port, pacs.dicom_port);
     orthanc_knows_the_box(&pacs, &relay);
     let d = work.path();
     let current = study(d, "cur", "CT", "PID-K", "20261120", 2);

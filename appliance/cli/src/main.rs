@@ -681,14 +681,20 @@ fn print_studies(entries: &[StudyInfo]) {
         return;
     }
     println!(
-        "{:<8} {:>9} {:>10} {:>8}  {:<12} {:<11} study",
-        "role", "instances", "size", "last", "patient", "prefetch"
+        "{:<8} {:>9} {:>7} {:>7} {:>10} {:>8}  {:<12} {:<11} study",
+        "role", "instances", "acked", "pending", "size", "last", "patient", "prefetch"
     );
     for e in entries {
         println!(
-            "{:<8} {:>9} {:>10} {:>8}  {:<12} {:<11} {}",
+            "{:<8} {:>9} {:>7} {:>7} {:>10} {:>8}  {:<12} {:<11} {}",
             e.role,
             e.instances,
+            e.acknowledged,
+            if e.dead_letters > 0 {
+                format!("{}+{}DL", e.pending, e.dead_letters)
+            } else {
+                e.pending.to_string()
+            },
             format_bytes(e.bytes),
             when(e.last_received_ms),
             e.patient_id,

@@ -226,6 +226,16 @@ pub struct StudyInfo {
     /// Instances received (for a prior: retrieved) and their bytes.
     pub instances: u64,
     pub bytes: u64,
+    /// Of those, still waiting for a destination's acknowledgement.
+    #[serde(default)]
+    pub pending: u64,
+    /// Of those, dead-lettered for some destination (the operator decides).
+    #[serde(default)]
+    pub dead_letters: u64,
+    /// Of those, acknowledged by every destination ("complete at the
+    /// center" when it equals `instances`).
+    #[serde(default)]
+    pub acknowledged: u64,
     pub first_received_ms: u64,
     pub last_received_ms: u64,
     /// pending | retrieving | done | failed (current studies with `[priors]`).

@@ -306,38 +306,47 @@ fn answer(shared: &Shared, req: Request) -> Response {
                 Err(e) => err(e),
             }
         }
-        Request::Studies => match shared.spool.studies() {
-            Ok(list) => Response::Studies {
+        Request::Studies => match (shared.spool.studies(), study_progress(&shared.spool)) {
+            (Ok(list), Ok(progress)) => Response::Studies {
                 entries: list
                     .into_iter()
-                    .map(|(uid, e)| StudyInfo {
-                        patient_id: e
-                            .patient
-                            .as_deref()
-                            .and_then(|p| shared.spool.open_study_value(&uid, p))
-                            .unwrap_or_else(|| "-".into()),
-                        study_instance_uid: uid,
-                        role: e.role.as_str().to_string(),
-                        instances: e.instances,
-                        bytes: e.bytes,
-                        first_received_ms: e.first_received_ms,
-                        last_received_ms: e.last_received_ms,
-                        prefetch: e.prefetch.as_ref().map(|p| {
-                            serde_json::to_value(p.state)
-                                .ok()
-                                .and_then(|v| v.as_str().map(String::from))
-                                .unwrap_or_default()
-                        }),
-                        priors: e
-                            .prefetch
-                            .as_ref()
-                            .map(|p| p.priors.clone())
-                            .unwrap_or_default(),
-                        detail: e.prefetch.and_then(|p| p.detail),
+                    .map(|(uid, e)| {
+                        let (pending, dead_letters) =
+                            progress.get(&uid).copied().unwrap_or_default();
+                        StudyInfo {
+                            pending,
+                            dead_letters,
+                            // Delivered records leave the spool; what is left
+                            // of a study is what is not acknowledged yet.
+                            acknowledged: e.instances.saturating_sub(pending + dead_letters),
+                            patient_id: e
+                                .patient
+                                .as_deref()
+                                .and_then(|p| shared.spool.open_study_value(&uid, p))
+                                .unwrap_or_else(|| "-".into()),
+                            study_instance_uid: uid,
+                            role: e.role.as_str().to_string(),
+                            instances: e.instances,
+                            bytes: e.bytes,
+                            first_received_ms: e.first_received_ms,
+                            last_received_ms: e.last_received_ms,
+                            prefetch: e.prefetch.as_ref().map(|p| {
+                                serde_json::to_value(p.state)
+                                    .ok()
+                                    .and_then(|v| v.as_str().map(String::from))
+                                    .unwrap_or_default()
+                            }),
+                            priors: e
+                                .prefetch
+                                .as_ref()
+                                .map(|p| p.priors.clone())
+                                .unwrap_or_default(),
+                            detail: e.prefetch.and_then(|p| p.detail),
+                        }
                     })
                     .collect(),
             },
-            Err(e) => err(e),
+            (Err(e), _) | (_, Err(e)) => err(e),
         },
         Request::Results => {
             let mut entries = Vec::new();
@@ -405,4 +414,28 @@ fn answer(shared: &Shared, req: Request) -> Response {
             }
         }
     }
+}
+
+/// Per study (hospital and prior instances only): how many of its
+/// instances still wait for a destination, and how many are dead-lettered.
+/// One pass over the spool's records: an operator command, not a hot path.
+fn study_progress(
+    spool: &kakehashi_spool::Spool,
+) -> Result<std::collections::HashMap<String, (u64, u64)>, kakehashi_spool::SpoolError> {
+    use kakehashi_spool::{Role, RouteState};
+    let mut by_study: std::collections::HashMap<String, (u64, u64)> = Default::default();
+    spool.for_each_record(|rec| {
+        if rec.meta.role == Role::Result {
+            return;
+        }
+        let slot = by_study
+            .entry(rec.meta.study_instance_uid.clone())
+            .or_default();
+        if rec.routes.iter().any(|r| r.state == RouteState::DeadLetter) {
+            slot.1 += 1;
+        } else if rec.routes.iter().any(|r| !r.state.is_final()) {
+            slot.0 += 1;
+        }
+    })?;
+    Ok(by_study)
 }
