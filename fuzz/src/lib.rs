@@ -82,6 +82,7 @@ pub fn scan(data: &[u8]) {
         _ => "1.2.840.10008.1.2.1.99",
     };
     let _ = scan::routing_keys(ts, rest);
+    let _ = scan::report_facts(ts, rest);
 }
 
 /// Query/retrieve identifiers as a PACS answers a C-FIND (and, later, as

@@ -159,6 +159,7 @@ fn record() {
             issuer: None,
             amendment: false,
             via: None,
+            report: None,
         },
         dataset_size: 1000,
         dataset_offset: 200,

@@ -82,7 +82,7 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-fn wait_port(port: u16, what: &str) {
+pub fn wait_port(port: u16, what: &str) {
     wait_until(what, Duration::from_secs(20), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });

@@ -465,3 +465,78 @@ pub fn varied_set(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     Ok(all)
 }
+
+/// Runs a DCMTK tool; panics with its output if it fails.
+pub fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.output().expect("run DCMTK tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A Basic Text SR (`xml2dsr`) for study `study_uid` of patient
+/// `patient_id`, whose finding (a TEXT item) is `finding`; with `observer`
+/// ("Last^First") it is verified by that physician.
+pub fn sr_report(
+    dir: &Path,
+    name: &str,
+    study_uid: &str,
+    patient_id: &str,
+    finding: &str,
+    observer: Option<&str>,
+) -> PathBuf {
+    let verification = match observer {
+        Some(o) => {
+            let (last, first) = o.split_once('^').unwrap_or((o, ""));
+            format!(
+                "<verification flag=\"VERIFIED\"><observer><datetime>2026-11-23T12:00:00</datetime><name><first>{first}</first><last>{last}</last></name><organization>Reading Center</organization></observer></verification>"
+            )
+        }
+        None => "<verification flag=\"UNVERIFIED\"/>".to_string(),
+    };
+    // A different series and instance per report name.
+    let n: u32 = name.bytes().map(u32::from).sum();
+    let xml = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<report type="Basic Text SR">
+<sopclass uid="1.2.840.10008.5.1.4.1.1.88.11">BasicTextSRStorage</sopclass>
+<charset>ISO_IR 192</charset>
+<modality>SR</modality>
+<device><manufacturer>Reading Center</manufacturer><model>test</model></device>
+<patient><id>{patient_id}</id><name><last>山田</last><first>太郎</first></name></patient>
+<study uid="{study_uid}"></study>
+<series uid="{study_uid}.77{n}"><number>77</number></series>
+<instance uid="{study_uid}.77{n}.1"><number>1</number></instance>
+<document>
+<completion flag="COMPLETE"/>
+{verification}
+<content>
+<date>20261123</date><time>120000</time>
+<container flag="SEPARATE">
+<concept><value>11528-7</value><scheme><designator>LN</designator></scheme><meaning>Radiology Report</meaning></concept>
+<text><relationship>CONTAINS</relationship>
+<concept><value>121071</value><scheme><designator>DCM</designator></scheme><meaning>Finding</meaning></concept>
+<value>{finding}</value></text>
+</container>
+</content>
+</document>
+</report>
+"#
+    );
+    let path = dir.join(format!("{name}.xml"));
+    std::fs::write(&path, xml).expect("write xml");
+    let out = dir.join(format!("{name}.dcm"));
+    run_ok(std::process::Command::new("xml2dsr").arg(&path).arg(&out));
+    out
+}
+
+/// Study Instance UID of a Part 10 file in explicit VR little endian.
+pub fn study_uid_of_file(file: &[u8]) -> String {
+    let ds = dataset_of_file(file).expect("Part 10");
+    kakehashi_dicom::scan::routing_keys("1.2.840.10008.1.2.1", ds)
+        .study_instance_uid
+        .expect("study uid")
+}

@@ -385,7 +385,7 @@ fn a_crash_while_priors_arrive_loses_nothing_and_refetches_only_the_unfinished()
     for f in p1.iter().chain(&p2) {
         pacs.upload(f);
     }
-    let p2_uid = study_uid(&p2[0]);
+    let p2_uid = testdata::study_uid_of_file(&read(&p2[0]));
 
     let sent = storescu(relay.port, "MODALITY1", &current);
     assert!(sent.success, "{}", sent.output);
@@ -446,16 +446,4 @@ fn a_crash_while_priors_arrive_loses_nothing_and_refetches_only_the_unfinished()
         p2.len(),
         cur.detail.unwrap_or_default()
     );
-}
-
-fn study_uid(file: &Path) -> String {
-    let out = std::process::Command::new("dcmdump")
-        .args(["-q", "+P", "0020,000d"])
-        .arg(file)
-        .output()
-        .expect("dcmdump");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find('[').expect("a value") + 1;
-    let end = text[start..].find(']').expect("a value") + start;
-    text[start..end].to_string()
 }

@@ -10,21 +10,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kakehashi_control::{Request, Response, RouteState};
-use kakehashi_systest::testdata::{ct_study, dataset_of_file};
+use kakehashi_systest::testdata::{
+    ct_study, dataset_of_file, run_ok, sr_report, study_uid_of_file,
+};
 use kakehashi_systest::*;
 
 /// The smallest PDF `pdf2dcm` takes (it checks the header).
 const PDF: &[u8] = b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 200 200]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n";
-
-fn run_ok(cmd: &mut std::process::Command) {
-    let out = cmd.output().expect("run DCMTK tool");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// An encapsulated PDF report; with `study`, for that study (patient and
 /// study taken from the file), else for a new study of its own.
@@ -39,42 +31,6 @@ fn pdf_report(dir: &Path, name: &str, study: Option<&Path>) -> PathBuf {
         None => cmd.args(["+pn", "Nobody^Known", "+pi", "PID-NOBODY"]),
     };
     run_ok(cmd.arg(&pdf).arg(&out));
-    out
-}
-
-/// A Basic Text SR for study `study_uid` of patient `patient_id`.
-fn sr_report(dir: &Path, study_uid: &str, patient_id: &str) -> PathBuf {
-    let xml = format!(
-        r#"<?xml version="1.0" encoding="UTF-8"?>
-<report type="Basic Text SR">
-<sopclass uid="1.2.840.10008.5.1.4.1.1.88.11">BasicTextSRStorage</sopclass>
-<charset>ISO_IR 192</charset>
-<modality>SR</modality>
-<device><manufacturer>Reading Center</manufacturer><model>test</model></device>
-<patient><id>{patient_id}</id><name><last>山田</last><first>太郎</first></name></patient>
-<study uid="{study_uid}"></study>
-<series uid="{study_uid}.77"><number>77</number></series>
-<instance uid="{study_uid}.77.1"><number>1</number></instance>
-<document>
-<completion flag="COMPLETE"/>
-<verification flag="UNVERIFIED"/>
-<content>
-<date>20261123</date><time>120000</time>
-<container flag="SEPARATE">
-<concept><value>11528-7</value><scheme><designator>LN</designator></scheme><meaning>Radiology Report</meaning></concept>
-<text><relationship>CONTAINS</relationship>
-<concept><value>121071</value><scheme><designator>DCM</designator></scheme><meaning>Finding</meaning></concept>
-<value>No acute findings. 異常なし。</value></text>
-</container>
-</content>
-</document>
-</report>
-"#
-    );
-    let path = dir.join("report.xml");
-    std::fs::write(&path, xml).expect("write xml");
-    let out = dir.join("sr.dcm");
-    run_ok(std::process::Command::new("xml2dsr").arg(&path).arg(&out));
     out
 }
 
@@ -121,12 +77,19 @@ fn reports_reach_the_pacs_byte_identical_and_unknown_ones_are_held() {
         center.files().len() == 3
     });
     let study_bytes = read(&study[0]);
-    let study_uid = testdata_study_uid(&study_bytes);
+    let study_uid = study_uid_of_file(&study_bytes);
 
     // The center's reports: a PDF and an SR for the study, a PDF for a
     // study the box never saw.
     let pdf = pdf_report(work.path(), "report", Some(&study[0]));
-    let sr = sr_report(work.path(), &study_uid, "PID-results");
+    let sr = sr_report(
+        work.path(),
+        "sr",
+        &study_uid,
+        "PID-results",
+        "No acute findings. 異常なし。",
+        None,
+    );
     let stray = pdf_report(work.path(), "stray", None);
     let back = storescu_to(
         results_port,
@@ -237,12 +200,4 @@ fn reports_reach_the_pacs_byte_identical_and_unknown_ones_are_held() {
     assert_eq!(pacs.instance_ids().len(), 3);
     let log = relay.log_text();
     assert!(log.contains("\"STRANGER\" is not in results.from"), "{log}");
-}
-
-/// Study Instance UID of a test file (in the UID map kakehashid keeps).
-fn testdata_study_uid(file: &[u8]) -> String {
-    let ds = dataset_of_file(file).expect("Part 10");
-    kakehashi_dicom::scan::routing_keys("1.2.840.10008.1.2.1", ds)
-        .study_instance_uid
-        .expect("study uid")
 }

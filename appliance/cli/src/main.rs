@@ -22,7 +22,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand};
 use kakehashi_config::{format_bytes, DEFAULT_CONTROL_SOCKET};
 use kakehashi_control::{
-    call, QueueEntry, Request, Response, ResultEntry, StatusReport, StudyInfo,
+    call, QueueEntry, Request, Response, ResultEntry, StatusReport, StudyInfo, UrgentInfo,
+    UrgentState,
 };
 
 /// Operate a Kakehashi box: see what waits, what failed, and act on it.
@@ -66,6 +67,13 @@ enum Command {
     Results {
         #[command(subcommand)]
         action: Option<ResultsCmd>,
+    },
+    /// Urgent findings (results the center sent with priority HIGH), who was
+    /// told and when; acknowledge one to stop its notices.
+    #[command(subcommand_required = false, args_conflicts_with_subcommands = true)]
+    Urgent {
+        #[command(subcommand)]
+        action: Option<UrgentCmd>,
     },
     /// The audit trail: associations, receptions, deliveries, dead letters, operator actions.
     Audit {
@@ -152,6 +160,20 @@ enum ResultsCmd {
         /// Do not ask.
         #[arg(long, short)]
         yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UrgentCmd {
+    /// List them (the default): open ones are not acknowledged yet.
+    List,
+    /// The finding reached someone who acts on it: stop the notices.
+    Ack {
+        /// The id shown by `kakehashi urgent` (and in the e-mail).
+        id: u64,
+        /// Who took note, e.g. "Dr Sato, by phone" (recorded in the audit trail).
+        #[arg(long)]
+        by: Option<String>,
     },
 }
 
@@ -278,6 +300,13 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
         }
         Command::Status => Request::Status,
         Command::Studies => Request::Studies,
+        Command::Urgent { action } => match action {
+            None | Some(UrgentCmd::List) => Request::Urgent,
+            Some(UrgentCmd::Ack { id, by }) => Request::UrgentAck {
+                id: *id,
+                by: by.clone(),
+            },
+        },
         Command::Results { action } => match action {
             None | Some(ResultsCmd::List) => Request::Results,
             Some(ResultsCmd::Release { ids, all }) => {
@@ -397,6 +426,7 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
         Response::Purged { ids } => println!("Purged {} instance(s): {}", ids.len(), join(ids)),
         Response::Results { entries } => print_results(entries),
         Response::Studies { entries } => print_studies(entries),
+        Response::Urgent { entries } => print_urgent(entries),
         Response::Released { ids } => println!(
             "Released {} held result(s) for delivery to the PACS: {}",
             ids.len(),
@@ -502,6 +532,9 @@ fn print_status(s: &StatusReport) {
         format_bytes(s.spool.index_bytes),
         format_bytes(s.spool.free_bytes)
     );
+    if let Some(n) = s.urgent_open.filter(|n| *n > 0) {
+        println!("URGENT: {n} finding(s) not acknowledged — kakehashi urgent");
+    }
     if let Some(k) = &s.tpm {
         println!();
         match &k.problem {
@@ -671,6 +704,58 @@ fn print_results(entries: &[ResultEntry]) {
         println!("{:>6}  study {}", "", e.study_instance_uid);
         if let Some(r) = &e.reason {
             println!("{:>6}  └ {r}", "");
+        }
+    }
+}
+
+fn print_urgent(entries: &[UrgentInfo]) {
+    if entries.is_empty() {
+        println!("No urgent findings.");
+        return;
+    }
+    for e in entries {
+        let state = match e.state {
+            UrgentState::Acknowledged => format!(
+                "acknowledged {} by {}",
+                e.acknowledged_ms.map(when).unwrap_or_default(),
+                e.acknowledged_by.as_deref().unwrap_or("-")
+            ),
+            s => format!("{} — NOT ACKNOWLEDGED", word(s).to_uppercase()),
+        };
+        println!(
+            "urgent {}  {state}  (result {}{})",
+            e.id,
+            e.result_id,
+            if e.held { ", HELD" } else { "" }
+        );
+        println!("  patient {}  study {}", e.patient_id, e.study_instance_uid);
+        println!("  finding: {}", e.finding);
+        println!(
+            "  reported {} by {}; received {} from {}",
+            e.made.as_deref().unwrap_or("-"),
+            e.physician.as_deref().unwrap_or("-"),
+            when(e.received_ms),
+            e.from
+        );
+        for (i, n) in e.notices.iter().enumerate() {
+            println!(
+                "  notice {}: {} by {} to {}",
+                i + 1,
+                when(n.time_ms),
+                n.method,
+                n.recipients.join(", ")
+            );
+        }
+        if let Some(err) = &e.last_error {
+            println!("  last notice FAILED: {err}");
+        }
+        if e.state != UrgentState::Acknowledged {
+            let next = e.next_ms.saturating_sub(now_ms()) / 1000;
+            println!(
+                "  next notice in {}; acknowledge: kakehashi urgent ack {}",
+                age(next),
+                e.id
+            );
         }
     }
 }

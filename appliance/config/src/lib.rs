@@ -88,6 +88,31 @@ pub struct Config {
     pub results: Option<ResultsConfig>,
     /// Prefetching prior studies from `[pacs]` (`[priors]`).
     pub priors: Option<PriorsConfig>,
+    /// Escalating urgent results (`[urgent]`).
+    pub urgent: Option<UrgentConfig>,
+}
+
+/// Urgent results (sent by the center with C-STORE priority HIGH): who is
+/// told, how, and when to tell again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrgentConfig {
+    /// Not acknowledged after this long: notify again, and the escalation
+    /// list too; then again after each further period.
+    pub ack_within: Duration,
+    pub email: EmailConfig,
+}
+
+/// E-mail through the hospital's SMTP relay (plain SMTP on the LAN).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmailConfig {
+    /// `host:port` of the relay.
+    pub relay: String,
+    pub from: String,
+    /// The referring department's list.
+    pub to: Vec<String>,
+    /// Added from the first reminder on.
+    pub escalate_to: Vec<String>,
+    pub timeout: Duration,
 }
 
 /// Which prior studies go to the reading center with a new study.

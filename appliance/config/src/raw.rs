@@ -4,10 +4,10 @@ use serde::Deserialize;
 
 use crate::units::{parse_bytes, parse_duration};
 use crate::{
-    AeTitle, AuditConfig, Config, ConfigError, ControlConfig, Destination, DicomConfig, IpNet,
-    KeyBackend, LogConfig, LogFormat, NetworkConfig, Port, PriorsConfig, ResultsConfig,
-    RetryPolicy, Source, SpoolConfig, TpmConfig, TunnelConfig, TunnelPeer, DEFAULT_CONTROL_SOCKET,
-    PACS_DESTINATION, RESULT_SOP_CLASSES,
+    AeTitle, AuditConfig, Config, ConfigError, ControlConfig, Destination, DicomConfig,
+    EmailConfig, IpNet, KeyBackend, LogConfig, LogFormat, NetworkConfig, Port, PriorsConfig,
+    ResultsConfig, RetryPolicy, Source, SpoolConfig, TpmConfig, TunnelConfig, TunnelPeer,
+    UrgentConfig, DEFAULT_CONTROL_SOCKET, PACS_DESTINATION, RESULT_SOP_CLASSES,
 };
 use base64::Engine as _;
 use std::net::SocketAddr;
@@ -38,6 +38,26 @@ pub(crate) struct RawConfig {
     pacs: Option<RawPacs>,
     results: Option<RawResults>,
     priors: Option<RawPriors>,
+    urgent: Option<RawUrgent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUrgent {
+    ack_within: Option<String>,
+    email: Option<RawEmail>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmail {
+    relay: String,
+    from: String,
+    #[serde(default)]
+    to: Vec<String>,
+    #[serde(default)]
+    escalate_to: Vec<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -476,6 +496,94 @@ impl RawPriors {
     }
 }
 
+impl RawUrgent {
+    fn validate(self, have_results: bool) -> Result<UrgentConfig, ConfigError> {
+        if !have_results {
+            return Err(ConfigError::invalid(
+                "urgent",
+                "(no [results])",
+                "a [results] section too: urgent findings come with the center's results",
+            ));
+        }
+        let ack_within = duration(
+            "urgent.ack_within",
+            self.ack_within.as_deref(),
+            Duration::from_secs(15 * 60),
+        )?;
+        if ack_within < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "urgent.ack_within",
+                self.ack_within.unwrap_or_default(),
+                "a duration of at least 1s, e.g. \"15m\"",
+            ));
+        }
+        let Some(e) = self.email else {
+            return Err(ConfigError::invalid(
+                "urgent.email",
+                "(missing)",
+                "an [urgent.email] section: relay, from, to (the channel the box notifies through)",
+            ));
+        };
+        if !host_port_ok(&e.relay) || e.relay.contains(char::is_whitespace) {
+            return Err(ConfigError::invalid(
+                "urgent.email.relay",
+                &e.relay,
+                "the hospital's SMTP relay as host:port, e.g. \"192.168.10.5:25\"",
+            ));
+        }
+        mailbox("urgent.email.from", &e.from)?;
+        if e.to.is_empty() {
+            return Err(ConfigError::invalid(
+                "urgent.email.to",
+                "[]",
+                "at least one address, e.g. [\"radiology-referrers@hospital.example\"]",
+            ));
+        }
+        for (key, list) in [
+            ("urgent.email.to", &e.to),
+            ("urgent.email.escalate_to", &e.escalate_to),
+        ] {
+            for (i, a) in list.iter().enumerate() {
+                mailbox(&format!("{key}[{i}]"), a)?;
+            }
+        }
+        let timeout = duration(
+            "urgent.email.timeout",
+            e.timeout.as_deref(),
+            Duration::from_secs(30),
+        )?;
+        Ok(UrgentConfig {
+            ack_within,
+            email: EmailConfig {
+                relay: e.relay,
+                from: e.from,
+                to: e.to,
+                escalate_to: e.escalate_to,
+                timeout,
+            },
+        })
+    }
+}
+
+/// A plain mailbox address (local@domain) that is safe in an SMTP command
+/// and a header: no spaces, angle brackets, commas or control characters.
+fn mailbox(key: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = v.split_once('@').is_some_and(|(local, domain)| {
+        !local.is_empty() && !domain.is_empty() && !domain.contains('@')
+    }) && v
+        .chars()
+        .all(|c| c.is_ascii_graphic() && !matches!(c, '<' | '>' | ',' | '"' | '(' | ')' | ';'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            v,
+            "an e-mail address such as \"radiology@hospital.example\"",
+        ))
+    }
+}
+
 impl RawResults {
     fn validate(self, dicom: &DicomConfig, have_pacs: bool) -> Result<ResultsConfig, ConfigError> {
         if !have_pacs {
@@ -876,6 +984,10 @@ impl RawConfig {
             .priors
             .map(|p| p.validate(pacs.is_some()))
             .transpose()?;
+        let urgent = self
+            .urgent
+            .map(|u| u.validate(results.is_some()))
+            .transpose()?;
 
         let s = self.spool;
         if s.dir.trim().is_empty() || !s.dir.starts_with('/') {
@@ -1037,6 +1149,7 @@ impl RawConfig {
             pacs,
             results,
             priors,
+            urgent,
         })
     }
 }

@@ -353,3 +353,66 @@ fn results_errors_name_the_key() {
     let pacs_addr = RESULTS_EXAMPLE.replace("127.0.0.1:4242", "pacs");
     assert!(err(&pacs_addr).contains("`pacs.address`"));
 }
+
+const URGENT: &str = r#"
+[urgent]
+ack_within = "10m"
+
+[urgent.email]
+relay = "127.0.0.1:2525"
+from = "kakehashi@hospital.example"
+to = ["referrers@hospital.example"]
+escalate_to = ["head@hospital.example"]
+"#;
+
+#[test]
+fn urgent_findings_are_mailed_and_escalated() {
+    let c = Config::parse(&format!("{RESULTS_EXAMPLE}{URGENT}")).expect("urgent loads");
+    let u = c.urgent.expect("[urgent]");
+    assert_eq!(u.ack_within, Duration::from_secs(600));
+    assert_eq!(u.email.relay, "127.0.0.1:2525");
+    assert_eq!(u.email.to, vec!["referrers@hospital.example".to_string()]);
+    assert_eq!(
+        u.email.escalate_to,
+        vec!["head@hospital.example".to_string()]
+    );
+    assert_eq!(u.email.timeout, Duration::from_secs(30));
+    let default = URGENT.replace("ack_within = \"10m\"\n", "");
+    let c = Config::parse(&format!("{RESULTS_EXAMPLE}{default}")).expect("default");
+    assert_eq!(
+        c.urgent.expect("urgent").ack_within,
+        Duration::from_secs(900)
+    );
+
+    let with = |from: &str, to: &str| format!("{RESULTS_EXAMPLE}{}", URGENT.replace(from, to));
+    assert!(err(&with("127.0.0.1:2525", "mailhost")).contains("`urgent.email.relay`"));
+    assert!(
+        err(&with("\"kakehashi@hospital.example\"", "\"kakehashi\""))
+            .contains("`urgent.email.from`")
+    );
+    assert!(err(&with(
+        "[\"referrers@hospital.example\"]",
+        "[\"a@b\", \"x>@evil\\r\\nRCPT TO:<y@z\"]"
+    ))
+    .contains("`urgent.email.to[1]`"));
+    assert!(
+        err(&with("to = [\"referrers@hospital.example\"]", "to = []"))
+            .contains("`urgent.email.to`")
+    );
+    assert!(
+        err(&with("ack_within = \"10m\"", "ack_within = \"0s\"")).contains("`urgent.ack_within`")
+    );
+    assert!(err(&with("[urgent.email]", "[urgent.mail]")).contains("mail"));
+    let no_results = format!(
+        "{}{URGENT}",
+        RESULTS_EXAMPLE.replace(
+            "[results]\nlisten = \"127.0.0.1:11114\"\nae_title = \"KAKEHASHI\"\nfrom = [\"READCENTER\"]\n",
+            ""
+        )
+    );
+    assert!(
+        err(&no_results).contains("`urgent`"),
+        "{}",
+        err(&no_results)
+    );
+}

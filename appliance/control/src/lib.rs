@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use kakehashi_spool::{AuditEvent, AuditRecord, Priority, RouteState};
+pub use kakehashi_spool::{AuditEvent, AuditRecord, Notice, Priority, RouteState, UrgentState};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "kebab-case")]
@@ -59,6 +59,15 @@ pub enum Request {
     ResultsPurge {
         ids: Vec<u64>,
     },
+    /// Urgent findings and their notices.
+    Urgent,
+    /// Someone took note of urgent finding `id`: notices stop.
+    UrgentAck {
+        id: u64,
+        /// Who, in the operator's words (e.g. "Dr Sato, by phone").
+        #[serde(default)]
+        by: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +101,9 @@ pub enum Response {
     Released {
         ids: Vec<u64>,
     },
+    Urgent {
+        entries: Vec<UrgentInfo>,
+    },
     Error {
         message: String,
     },
@@ -110,6 +122,38 @@ pub struct StatusReport {
     pub tunnel: Option<TunnelStatus>,
     #[serde(default)]
     pub tpm: Option<TpmStatus>,
+    /// Urgent findings nobody acknowledged yet (with `[urgent]`).
+    #[serde(default)]
+    pub urgent_open: Option<u64>,
+}
+
+/// An urgent finding as `kakehashi urgent` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UrgentInfo {
+    /// Its number: `kakehashi urgent ack ID`.
+    pub id: u64,
+    /// The result's id in `kakehashi results` (to release it when held).
+    pub result_id: u64,
+    /// Held with its result: nobody is told until the result is released.
+    pub held: bool,
+    pub state: UrgentState,
+    pub patient_id: String,
+    /// Title and first text of the report.
+    pub finding: String,
+    /// When the report was made, as it says.
+    pub made: Option<String>,
+    pub physician: Option<String>,
+    pub study_instance_uid: String,
+    pub sop_instance_uid: String,
+    /// The calling AE title and address it came from.
+    pub from: String,
+    pub received_ms: u64,
+    pub notices: Vec<Notice>,
+    /// When the next notice goes out (if not acknowledged).
+    pub next_ms: u64,
+    pub last_error: Option<String>,
+    pub acknowledged_ms: Option<u64>,
+    pub acknowledged_by: Option<String>,
 }
 
 /// The box's key store as kakehashid found it at start.

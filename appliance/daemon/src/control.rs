@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use kakehashi_control::{
     QueueEntry, Request, Response, ResultEntry, SpoolStatus, StatusReport, StudyInfo, TunnelStatus,
+    UrgentInfo,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -190,6 +191,13 @@ fn answer(shared: &Shared, req: Request) -> Response {
                         problem: h.problem.clone(),
                     }
                 }),
+                urgent_open: shared.config.urgent.as_ref().and_then(|_| {
+                    shared.spool.urgent().ok().map(|u| {
+                        u.iter()
+                            .filter(|e| e.state != kakehashi_spool::UrgentState::Acknowledged)
+                            .count() as u64
+                    })
+                }),
                 tpm: shared.tpm.clone().map(|mut t| {
                     if t.problem.is_some() {
                         // Everything queued was sealed with the key that is gone.
@@ -348,6 +356,49 @@ fn answer(shared: &Shared, req: Request) -> Response {
             },
             (Err(e), _) | (_, Err(e)) => err(e),
         },
+        Request::Urgent => match shared.spool.urgent() {
+            Ok(list) => Response::Urgent {
+                entries: list.iter().map(|e| urgent_info(&shared.spool, e)).collect(),
+            },
+            Err(e) => err(e),
+        },
+        Request::UrgentAck { id, by } => {
+            let who = by
+                .map(|b| {
+                    b.chars()
+                        .filter(|c| !c.is_control())
+                        .take(200)
+                        .collect::<String>()
+                })
+                .filter(|b| !b.trim().is_empty());
+            let actor = match &who {
+                Some(w) => format!("operator ({w})"),
+                None => "operator".to_string(),
+            };
+            match shared.spool.update_urgent(id, &actor, crate::now_ms(), |e| {
+                if e.state == kakehashi_spool::UrgentState::Acknowledged {
+                    return Err(format!("urgent finding {id} was already acknowledged"));
+                }
+                e.state = kakehashi_spool::UrgentState::Acknowledged;
+                e.acknowledged_ms = Some(crate::now_ms());
+                e.acknowledged_by = Some(actor.clone());
+                Ok(format!(
+                    "urgent finding {id} acknowledged by {actor} after {} notice(s); no more notices",
+                    e.notices.len()
+                ))
+            }) {
+                Ok(e) => {
+                    tracing::info!(id, by = %actor, "urgent finding acknowledged");
+                    Response::Urgent {
+                        entries: vec![urgent_info(&shared.spool, &e)],
+                    }
+                }
+                Err(kakehashi_spool::SpoolError::NotFound(_)) => Response::Error {
+                    message: format!("no urgent finding {id} (see `kakehashi urgent`)"),
+                },
+                Err(e) => err(e),
+            }
+        }
         Request::Results => {
             let mut entries = Vec::new();
             let scanned = shared.spool.for_each_record(|rec| {
@@ -438,4 +489,40 @@ fn study_progress(
         }
     })?;
     Ok(by_study)
+}
+
+fn urgent_info(spool: &kakehashi_spool::Spool, e: &kakehashi_spool::UrgentEntry) -> UrgentInfo {
+    let d = spool.urgent_details(e);
+    let facts = d.as_ref().map(|d| &d.facts);
+    let finding = match (
+        facts.and_then(|f| f.title.as_deref()),
+        facts.and_then(|f| f.text.as_deref()),
+    ) {
+        (Some(t), Some(x)) => format!("{t}: {x}"),
+        (Some(t), None) => t.to_string(),
+        (None, Some(x)) => x.to_string(),
+        (None, None) => "-".to_string(),
+    };
+    UrgentInfo {
+        id: e.id,
+        result_id: e.result_id,
+        held: e.held,
+        state: e.state,
+        patient_id: d
+            .as_ref()
+            .map(|d| d.patient_id.clone())
+            .unwrap_or_else(|| "(sealed with another key)".into()),
+        finding,
+        made: facts.and_then(|f| f.made.clone()),
+        physician: facts.and_then(|f| f.physician.clone()),
+        study_instance_uid: e.study_instance_uid.clone(),
+        sop_instance_uid: e.sop_instance_uid.clone(),
+        from: e.from.clone(),
+        received_ms: e.received_ms,
+        notices: e.notices.clone(),
+        next_ms: e.next_ms,
+        last_error: e.last_error.clone(),
+        acknowledged_ms: e.acknowledged_ms,
+        acknowledged_by: e.acknowledged_by.clone(),
+    }
 }

@@ -459,8 +459,8 @@ impl Session<'_> {
                         let _ = r.tx.send(Chunk::Data(data)).await;
                     }
                 }
-                Action::StoreEnd { keys } => {
-                    let (code, comment) = self.commit(keys).await;
+                Action::StoreEnd { keys, report } => {
+                    let (code, comment) = self.commit(keys, report).await;
                     queue.extend(self.scp.stored(code, comment.as_deref()));
                 }
                 Action::Refused {
@@ -482,7 +482,11 @@ impl Session<'_> {
     }
 
     /// Finishes the instance being received; the status to answer with.
-    async fn commit(&mut self, keys: kakehashi_dicom::scan::RoutingKeys) -> (u16, Option<String>) {
+    async fn commit(
+        &mut self,
+        keys: kakehashi_dicom::scan::RoutingKeys,
+        report: Option<Box<kakehashi_dicom::scan::ReportFacts>>,
+    ) -> (u16, Option<String>) {
         let Some(r) = self.receiving.take() else {
             return (
                 status::PROCESSING_FAILURE,
@@ -530,6 +534,17 @@ impl Session<'_> {
                 Some(id) => Some(format!("retrieved by our C-MOVE (message ID {id})")),
                 None => self.via(),
             },
+            report: report
+                .filter(|_| role == Role::Result)
+                .map(|f| kakehashi_spool::ReportFacts {
+                    title: f.title,
+                    text: f.text,
+                    made: match (f.content_date, f.content_time) {
+                        (Some(d), Some(t)) => Some(format!("{d} {t}")),
+                        (d, t) => d.or(t),
+                    },
+                    physician: f.observer,
+                }),
         };
         let _ = r.tx.send(Chunk::Finish(Box::new(meta))).await;
         drop(r.tx);

@@ -21,14 +21,16 @@
 //! when; the pause/backoff gate), `control` (the operator socket), `notify`
 //! (sd_notify, watchdog liveness), `rejections` (rate-limited audit of
 //! rejected associations), `keys`, `logging`, `prefetch` (with `[priors]`:
-//! C-FIND/C-MOVE of a new study's priors on the hospital's PACS).
+//! C-FIND/C-MOVE of a new study's priors on the hospital's PACS), `urgent`.
 //!
 //! With `[results]` a second ingress listener takes the reading center's
 //! reports for the hospital's PACS.
 //!
+//! With `[urgent]`, `urgent` mails urgent findings (results sent with
+//! priority HIGH) until they are acknowledged.
+//!
 //! Not here: on-demand queries from the center, signature checks, HL7,
-//! urgent findings, metrics (later issues); one association per destination
-//! at a time.
+//! metrics (later issues); one association per destination at a time.
 
 #![forbid(unsafe_code)]
 
@@ -41,6 +43,7 @@ mod notify;
 mod prefetch;
 mod rejections;
 mod schedule;
+mod urgent;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -238,6 +241,7 @@ async fn run(
         current: config.destinations.iter().map(|d| d.name.clone()).collect(),
         results: config.pacs.iter().map(|p| p.name.clone()).collect(),
         prefetch: config.priors.is_some(),
+        urgent: config.urgent.is_some(),
     };
     let limits = Limits {
         max_size: config.spool.max_size,
@@ -398,6 +402,9 @@ async fn run(
     tasks.spawn(checkpointer(Arc::clone(&shared), token.clone()));
     if shared.config.priors.is_some() {
         tasks.spawn(prefetch::run(Arc::clone(&shared), token.clone()));
+    }
+    if shared.config.urgent.is_some() {
+        tasks.spawn(urgent::run(Arc::clone(&shared), token.clone()));
     }
     if let (Some(t), Some(h)) = (&shared.tunnel, health) {
         let beat = shared

@@ -11,7 +11,8 @@
 //! - [`negotiate`]: A-ASSOCIATE-RQ → AC or RJ, a pure function
 //! - [`scp`]: the rest of an association as the SCP: PDVs in, actions out
 //! - [`dimse`]: command sets (C-ECHO, C-STORE) in implicit VR little endian
-//! - [`scan`]: study and patient IDs from the first bytes of a dataset
+//! - [`scan`]: study and patient IDs from the first bytes of a dataset, and
+//!   a report's title, finding, time and physician (urgent notices)
 //! - [`part10`]: the file meta header that makes a spooled payload a Part 10 file
 //! - [`scu`]: the SCU: C-STORE for the forwarder, C-ECHO for the self-test,
 //!   C-FIND and C-MOVE for prefetching priors from the hospital's PACS

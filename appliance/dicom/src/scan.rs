@@ -7,6 +7,10 @@
 //! waits. The scanner looks at a bounded prefix ([`SCAN_LIMIT`]), walks
 //! top-level elements in tag order, skips sequences, and stops after
 //! (0040,A360). It never fails: a value it cannot find is `None`.
+//!
+//! [`report_facts`] reads more of a report (an SR or encapsulated
+//! document from the reading center): its title, first text, time and
+//! observer, descending into its sequences, for urgent-finding notices.
 
 use std::io::Read;
 
@@ -91,6 +95,8 @@ struct Header {
     tag: u32,
     len: Option<u32>,
     size: usize,
+    /// The VR, in explicit syntaxes.
+    vr: Option<[u8; 2]>,
 }
 
 impl Scanner<'_> {
@@ -115,20 +121,22 @@ impl Scanner<'_> {
 
     fn header(&self, pos: usize) -> Option<Header> {
         let tag = (u32::from(self.u16_at(pos)?) << 16) | u32::from(self.u16_at(pos + 2)?);
-        let (raw, size) = if (tag >> 16) == 0xFFFE || !self.syntax.explicit {
-            (self.u32_at(pos + 4)?, 8)
+        let (raw, size, vr) = if (tag >> 16) == 0xFFFE || !self.syntax.explicit {
+            (self.u32_at(pos + 4)?, 8, None)
         } else {
             let vr = self.buf.get(pos + 4..pos + 6)?;
+            let two = Some([vr[0], vr[1]]);
             match vr {
                 b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN"
-                | b"UR" | b"UT" | b"UV" => (self.u32_at(pos + 8)?, 12),
-                _ => (u32::from(self.u16_at(pos + 6)?), 8),
+                | b"UR" | b"UT" | b"UV" => (self.u32_at(pos + 8)?, 12, two),
+                _ => (u32::from(self.u16_at(pos + 6)?), 8, two),
             }
         };
         Some(Header {
             tag,
             len: (raw != u32::MAX).then_some(raw),
             size,
+            vr,
         })
     }
 
@@ -206,6 +214,165 @@ impl Scanner<'_> {
             }
         }
         self.found
+    }
+}
+
+/// What a report says about itself: enough to tell a referring doctor of
+/// an urgent finding (PS3.3 SR Document General / Encapsulated Document).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReportFacts {
+    /// Document Title (0042,0010), or the Code Meaning of the SR's
+    /// Concept Name Code Sequence (0040,A043).
+    pub title: Option<String>,
+    /// The first Text Value (0040,A160) of the SR's content.
+    pub text: Option<String>,
+    /// Content Date and Time (0008,0023/0033): when the report was made.
+    pub content_date: Option<String>,
+    pub content_time: Option<String>,
+    /// Verifying Observer Name (0040,A075), else the first Person Name
+    /// (0040,A123) in the content (the author).
+    pub observer: Option<String>,
+}
+
+const CONTENT_DATE: u32 = 0x0008_0023;
+const CONTENT_TIME: u32 = 0x0008_0033;
+const CODE_MEANING: u32 = 0x0008_0104;
+const DOCUMENT_TITLE: u32 = 0x0042_0010;
+const CONCEPT_NAME_CODE_SEQUENCE: u32 = 0x0040_A043;
+const VERIFYING_OBSERVER_NAME: u32 = 0x0040_A075;
+const PERSON_NAME: u32 = 0x0040_A123;
+const TEXT_VALUE: u32 = 0x0040_A160;
+/// Sequences a report nests its facts in; in implicit VR nothing else says
+/// a defined-length value is a sequence.
+const REPORT_SEQUENCES: [u32; 5] = [
+    CONCEPT_NAME_CODE_SEQUENCE,
+    0x0040_A073, // Verifying Observer Sequence
+    0x0040_A078, // Author Observer Sequence
+    0x0040_A730, // Content Sequence
+    0x0040_A504, // Content Template Sequence
+];
+/// Longest text kept from a report (a finding, not the whole report).
+const MAX_FACT: usize = 1000;
+
+/// Reads [`ReportFacts`] from the first bytes of an SR or encapsulated
+/// document. Never fails; walks nested sequences to a bounded depth.
+pub fn report_facts(transfer_syntax: &str, prefix: &[u8]) -> ReportFacts {
+    let syntax = Syntax {
+        explicit: transfer_syntax != IMPLICIT_VR_LE,
+        big: transfer_syntax == EXPLICIT_VR_BE,
+    };
+    let mut inflated = Vec::new();
+    let buf = if transfer_syntax == DEFLATED_EXPLICIT_VR_LE {
+        let _ = flate2::read::DeflateDecoder::new(prefix)
+            .take(SCAN_LIMIT as u64)
+            .read_to_end(&mut inflated);
+        &inflated[..]
+    } else {
+        prefix
+    };
+    let scanner = Scanner {
+        buf,
+        syntax,
+        found: RoutingKeys::default(),
+    };
+    let mut facts = ReportFacts::default();
+    let mut person = None;
+    scanner.facts(0, buf.len(), None, 0, 0, &mut facts, &mut person);
+    if facts.observer.is_none() {
+        facts.observer = person;
+    }
+    facts
+}
+
+impl Scanner<'_> {
+    /// Visits the elements from `pos` to `end` (or to the delimiter
+    /// `delimiter`), inside sequence `parent` (0 at the top level); returns
+    /// where it stopped.
+    #[allow(clippy::too_many_arguments)]
+    fn facts(
+        &self,
+        mut pos: usize,
+        end: usize,
+        delimiter: Option<u32>,
+        parent: u32,
+        depth: u8,
+        facts: &mut ReportFacts,
+        person: &mut Option<String>,
+    ) -> Option<usize> {
+        if depth > 16 {
+            return None;
+        }
+        while pos < end {
+            let h = self.header(pos)?;
+            pos += h.size;
+            if Some(h.tag) == delimiter {
+                return Some(pos);
+            }
+            let is_sequence = h.vr == Some(*b"SQ")
+                || (h.vr.is_none() && REPORT_SEQUENCES.contains(&h.tag))
+                || (h.len.is_none() && h.tag != ITEM);
+            if h.tag == ITEM {
+                // An item of the sequence we are in.
+                pos = match h.len {
+                    Some(len) => {
+                        let item_end = pos.checked_add(len as usize)?.min(end);
+                        self.facts(pos, item_end, None, parent, depth + 1, facts, person)?;
+                        item_end
+                    }
+                    None => {
+                        self.facts(pos, end, Some(ITEM_END), parent, depth + 1, facts, person)?
+                    }
+                };
+                continue;
+            }
+            if is_sequence {
+                pos = match h.len {
+                    Some(len) => {
+                        let seq_end = pos.checked_add(len as usize)?.min(end);
+                        self.facts(pos, seq_end, None, h.tag, depth + 1, facts, person)?;
+                        seq_end
+                    }
+                    None => self.facts(
+                        pos,
+                        end,
+                        Some(SEQUENCE_END),
+                        h.tag,
+                        depth + 1,
+                        facts,
+                        person,
+                    )?,
+                };
+                continue;
+            }
+            let len = h.len? as usize;
+            let value_end = pos.checked_add(len)?;
+            let value = self.buf.get(pos..value_end)?;
+            let text = || {
+                let t: String = String::from_utf8_lossy(value)
+                    .trim_end_matches(['\0', ' '])
+                    .trim_start()
+                    .chars()
+                    .take(MAX_FACT)
+                    .collect();
+                Some(t).filter(|t| !t.is_empty())
+            };
+            match (h.tag, parent) {
+                (DOCUMENT_TITLE, 0) => facts.title = text(),
+                (CODE_MEANING, CONCEPT_NAME_CODE_SEQUENCE)
+                    if depth == 2 && facts.title.is_none() =>
+                {
+                    facts.title = text()
+                }
+                (CONTENT_DATE, 0) => facts.content_date = text(),
+                (CONTENT_TIME, 0) => facts.content_time = text(),
+                (VERIFYING_OBSERVER_NAME, _) if facts.observer.is_none() => facts.observer = text(),
+                (PERSON_NAME, _) if person.is_none() => *person = text(),
+                (TEXT_VALUE, _) if facts.text.is_none() => facts.text = text(),
+                _ => {}
+            }
+            pos = value_end;
+        }
+        Some(pos)
     }
 }
 
@@ -320,6 +487,56 @@ mod tests {
         for cut in 0..ds.len() {
             let k = routing_keys("1.2.840.10008.1.2.1", &ds[..cut]);
             assert_ne!(k.patient_id.as_deref(), Some("DECOY"), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn report_facts_come_from_the_sr_tree() {
+        let code = |meaning: &[u8]| {
+            let mut v = el_explicit(0x0008, 0x0100, b"SH", b"18748-4 ");
+            v.extend(el_explicit(0x0008, 0x0104, b"LO", meaning));
+            v
+        };
+        let mut ds = el_explicit(0x0008, 0x0023, b"DA", b"20261123");
+        ds.extend(el_explicit(0x0008, 0x0033, b"TM", b"101500"));
+        ds.extend(el_explicit(0x0010, 0x0020, b"LO", b"PID-001 "));
+        ds.extend(undefined_sequence_explicit(
+            0x0040,
+            0xA043,
+            &code(b"Diagnostic Imaging Report "),
+        ));
+        ds.extend(undefined_sequence_explicit(
+            0x0040,
+            0xA073,
+            &el_explicit(0x0040, 0xA075, b"PN", b"Sato^Hanako "),
+        ));
+        // Content: a TEXT item with its own concept name (not the title).
+        let mut item = undefined_sequence_explicit(0x0040, 0xA043, &code(b"Finding "));
+        // UT has a 4-byte length.
+        let text = b"Tension pneumothorax, left. ";
+        item.extend([0x40, 0x00, 0x60, 0xA1]);
+        item.extend(b"UT\0\0");
+        item.extend((text.len() as u32).to_le_bytes());
+        item.extend(text);
+        ds.extend(undefined_sequence_explicit(0x0040, 0xA730, &item));
+        let f = report_facts("1.2.840.10008.1.2.1", &ds);
+        assert_eq!(f.title.as_deref(), Some("Diagnostic Imaging Report"));
+        assert_eq!(f.text.as_deref(), Some("Tension pneumothorax, left."));
+        assert_eq!(f.observer.as_deref(), Some("Sato^Hanako"));
+        assert_eq!(
+            (f.content_date.as_deref(), f.content_time.as_deref()),
+            (Some("20261123"), Some("101500"))
+        );
+        // Routing keys still ignore what is nested.
+        assert_eq!(
+            routing_keys("1.2.840.10008.1.2.1", &ds)
+                .patient_id
+                .as_deref(),
+            Some("PID-001")
+        );
+        for cut in 0..ds.len() {
+            let _ = report_facts("1.2.840.10008.1.2.1", &ds[..cut]);
+            let _ = report_facts(IMPLICIT_VR_LE, &ds[..cut]);
         }
     }
 }

@@ -49,7 +49,11 @@ pub enum Action {
     StoreData(Bytes),
     /// The dataset is complete: commit it and report with [`Scp::stored`];
     /// `keys` were read from its first bytes.
-    StoreEnd { keys: scan::RoutingKeys },
+    StoreEnd {
+        keys: scan::RoutingKeys,
+        /// For SRs and encapsulated documents: what the report says of itself.
+        report: Option<Box<scan::ReportFacts>>,
+    },
     /// An instance refused without reaching the spool (log and audit it);
     /// its response follows as a [`Action::Command`].
     Refused {
@@ -278,7 +282,16 @@ impl Scp {
         let mut actions = vec![Action::StoreData(pdv.data)];
         if pdv.last {
             let keys = scan::routing_keys(&request.context.transfer_syntax, &prefix);
-            actions.push(Action::StoreEnd { keys });
+            let class = request.context.abstract_syntax.as_str();
+            let report = (class.starts_with("1.2.840.10008.5.1.4.1.1.88.")
+                || class.starts_with("1.2.840.10008.5.1.4.1.1.104."))
+            .then(|| {
+                Box::new(scan::report_facts(
+                    &request.context.transfer_syntax,
+                    &prefix,
+                ))
+            });
+            actions.push(Action::StoreEnd { keys, report });
             self.state = State::Committing { request };
         } else {
             self.state = State::Receiving { request, prefix };

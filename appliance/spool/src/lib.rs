@@ -60,8 +60,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use sha2::{Digest, Sha256};
 
 pub use record::{
-    AuditEvent, AuditRecord, DecodeError, InstanceMeta, InstanceRecord, Prefetch, PrefetchState,
-    Priority, Role, Route, RouteState, StudyEntry,
+    AuditEvent, AuditRecord, DecodeError, InstanceMeta, InstanceRecord, Notice, Prefetch,
+    PrefetchState, Priority, ReportFacts, Role, Route, RouteState, StudyEntry, UrgentDetails,
+    UrgentEntry, UrgentState,
 };
 pub use redb::Durability;
 
@@ -75,6 +76,8 @@ const STUDIES: TableDefinition<&str, &[u8]> = TableDefinition::new("studies");
 /// Study Instance UIDs whose prefetch is pending or retrieving, so the
 /// prefetch loop never scans the whole (growing) studies table.
 const PREFETCHING: TableDefinition<&str, ()> = TableDefinition::new("prefetching");
+/// Urgent number → [`UrgentEntry`]: urgent results and their notices.
+const URGENT: TableDefinition<u64, &[u8]> = TableDefinition::new("urgent");
 
 /// Magic and version of the spool as a whole (`meta["format"]`).
 pub const FORMAT_MAGIC: &[u8; 4] = b"KKHS";
@@ -127,6 +130,9 @@ pub enum SpoolError {
     NotFound(u64),
     #[error("no study {0} in the spool's studies table")]
     NoStudy(String),
+    /// An operator change that does not apply (e.g. already acknowledged).
+    #[error("{0}")]
+    Refused(String),
     #[error("spool index {path} could not be reopened after an I/O error; retrying with the next operation")]
     IndexUnavailable { path: PathBuf },
 }
@@ -214,6 +220,8 @@ pub struct Routing {
     pub results: Vec<String>,
     /// New hospital studies get their priors prefetched (`[priors]`).
     pub prefetch: bool,
+    /// Results sent with priority HIGH are urgent findings (`[urgent]`).
+    pub urgent: bool,
 }
 
 impl Routing {
@@ -236,6 +244,7 @@ impl From<Vec<String>> for Routing {
             current,
             results: Vec::new(),
             prefetch: false,
+            urgent: false,
         }
     }
 }
@@ -1295,11 +1304,96 @@ impl Spool {
 
     /// Opens a value sealed in the studies table (Patient ID, issuer).
     pub fn open_study_value(&self, uid: &str, value: &str) -> Option<String> {
+        self.open_text(uid, value)
+    }
+
+    /// `value` sealed with the spool key (associated data `aad`), or as it
+    /// is on a development spool without a key.
+    fn seal_text(&self, aad: &str, value: &str) -> String {
+        match &self.key {
+            Some(k) => format!("{SEALED_PREFIX}{}", k.seal_value(aad.as_bytes(), value)),
+            None => value.to_string(),
+        }
+    }
+
+    /// Opens what [`Self::seal_text`] made; `None` when it does not open
+    /// (another key, tampering).
+    pub fn open_text(&self, aad: &str, value: &str) -> Option<String> {
         match (&self.key, value.strip_prefix(SEALED_PREFIX)) {
-            (Some(k), Some(sealed)) => k.open_value(uid.as_bytes(), sealed),
+            (Some(k), Some(sealed)) => k.open_value(aad.as_bytes(), sealed),
             (None, None) => Some(value.to_string()),
             _ => None,
         }
+    }
+
+    /// The details of an urgent entry, opened.
+    pub fn urgent_details(&self, e: &UrgentEntry) -> Option<UrgentDetails> {
+        serde_json::from_str(&self.open_text(&e.sop_instance_uid, &e.details)?).ok()
+    }
+
+    /// Every urgent entry, oldest first.
+    pub fn urgent(&self) -> Result<Vec<UrgentEntry>, SpoolError> {
+        let txn = self.read_txn()?;
+        let table = match txn.open_table(URGENT) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(idx("open urgent")(e)),
+        };
+        let mut out = Vec::new();
+        for item in table.iter().map_err(idx("scan urgent"))? {
+            let (k, v) = item.map_err(idx("scan urgent"))?;
+            out.push(
+                record::decode(v.value()).map_err(|source| SpoolError::Record {
+                    key: format!("urgent/{}", k.value()),
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Urgent entries not acknowledged whose next notice is due.
+    pub fn urgent_due(&self, now_ms: u64) -> Result<Vec<UrgentEntry>, SpoolError> {
+        Ok(self
+            .urgent()?
+            .into_iter()
+            .filter(|e| e.state != UrgentState::Acknowledged && !e.held && e.next_ms <= now_ms)
+            .collect())
+    }
+
+    /// Changes urgent entry `id` with `change` and records `detail` in the
+    /// audit trail (by `actor`), durably, in one transaction. The change
+    /// sees the entry as stored and may refuse with an error message.
+    pub fn update_urgent(
+        &self,
+        id: u64,
+        actor: &str,
+        now_ms: u64,
+        change: impl FnOnce(&mut UrgentEntry) -> Result<String, String>,
+    ) -> Result<UrgentEntry, SpoolError> {
+        let txn = self.begin_write(Durability::Immediate)?;
+        let entry = {
+            let mut table = txn.open_table(URGENT).map_err(idx("open urgent"))?;
+            let mut audit = txn.open_table(AUDIT).map_err(idx("open audit"))?;
+            let mut entry: UrgentEntry = match table.get(id).map_err(idx("read urgent"))? {
+                Some(v) => record::decode(v.value()).map_err(|source| SpoolError::Record {
+                    key: format!("urgent/{id}"),
+                    source,
+                })?,
+                None => return Err(SpoolError::NotFound(id)),
+            };
+            let detail = change(&mut entry).map_err(SpoolError::Refused)?;
+            table
+                .insert(id, record::encode(&entry).as_slice())
+                .map_err(idx("write urgent"))?;
+            let mut rec = AuditRecord::new(now_ms, AuditEvent::Urgent, actor, detail);
+            rec.sop_instance_uid = Some(entry.sop_instance_uid.clone());
+            rec.study_instance_uid = Some(entry.study_instance_uid.clone());
+            append_audit(&mut audit, rec)?;
+            entry
+        };
+        txn.commit("commit urgent")?.unlink()?;
+        Ok(entry)
     }
 
     /// Records a prefetch step of study `uid` durably, with its audit record.
@@ -1445,6 +1539,8 @@ impl Spool {
                     recs.push(decode_record(k.value(), v.value())?);
                 }
             }
+            // Held urgent results released (true) or purged (false).
+            let mut urgent_changes: Vec<(u64, bool)> = Vec::new();
             for mut rec in recs {
                 let mut hit = false;
                 let mut kept = Vec::new();
@@ -1470,6 +1566,9 @@ impl Spool {
                     let was_dead = route.state == RouteState::DeadLetter;
                     let was_held = route.state == RouteState::Held;
                     let keep = change(&mut route);
+                    if was_held && rec.meta.role == Role::Result {
+                        urgent_changes.push((rec.id, keep));
+                    }
                     let is_held = keep && route.state == RouteState::Held;
                     held_changes.push((
                         route.destination.clone(),
@@ -1497,6 +1596,45 @@ impl Spool {
                     table
                         .insert(rec.id, record::encode(&rec).as_slice())
                         .map_err(idx("write instance"))?;
+                }
+            }
+            if !urgent_changes.is_empty() {
+                let mut urgent = txn.open_table(URGENT).map_err(idx("open urgent"))?;
+                let mut held_entries = Vec::new();
+                for item in urgent.iter().map_err(idx("scan urgent"))? {
+                    let (k, v) = item.map_err(idx("scan urgent"))?;
+                    let e: UrgentEntry =
+                        record::decode(v.value()).map_err(|source| SpoolError::Record {
+                            key: format!("urgent/{}", k.value()),
+                            source,
+                        })?;
+                    if e.held {
+                        held_entries.push(e);
+                    }
+                }
+                for (result, released) in urgent_changes {
+                    let Some(mut entry) =
+                        held_entries.iter().find(|e| e.result_id == result).cloned()
+                    else {
+                        continue;
+                    };
+                    let id = entry.id;
+                    let detail = if released {
+                        entry.held = false;
+                        entry.next_ms = 0;
+                        entry.last_error = None;
+                        urgent
+                            .insert(id, record::encode(&entry).as_slice())
+                            .map_err(idx("write urgent"))?;
+                        format!("held urgent finding {id} (result {result}) released: its finding is notified now")
+                    } else {
+                        urgent.remove(id).map_err(idx("remove urgent"))?;
+                        format!("held urgent finding {id} (result {result}) purged: nobody is notified of it")
+                    };
+                    let mut rec = AuditRecord::new(now_ms, AuditEvent::Urgent, "operator", detail);
+                    rec.sop_instance_uid = Some(entry.sop_instance_uid);
+                    rec.study_instance_uid = Some(entry.study_instance_uid);
+                    append_audit(&mut audit, rec)?;
                 }
             }
         }
@@ -2098,6 +2236,7 @@ impl Spool {
         let actor = format!("{}@{}", rec.meta.source_ae, rec.meta.source_ip);
         let txn = self.begin_write(Durability::Immediate)?;
         let mut held = None;
+        let mut urgent = None;
         let mut held_changes: Vec<(String, i64)> = Vec::new();
         let mut superseded = None;
         let mut release = None;
@@ -2200,6 +2339,46 @@ impl Spool {
                         }
                         held = Some(why);
                     }
+                    if self.routing.urgent && rec.meta.priority == Priority::High {
+                        let details = UrgentDetails {
+                            patient_id: patient.clone().unwrap_or_default(),
+                            facts: rec.meta.report.clone().unwrap_or_default(),
+                        };
+                        let mut table = txn.open_table(URGENT).map_err(idx("open urgent"))?;
+                        let id = table
+                            .last()
+                            .map_err(idx("read urgent"))?
+                            .map_or(1, |(k, _)| k.value() + 1);
+                        let entry = UrgentEntry {
+                            id,
+                            result_id: rec.id,
+                            sop_instance_uid: rec.meta.sop_instance_uid.clone(),
+                            study_instance_uid: rec.meta.study_instance_uid.clone(),
+                            received_ms: now_ms,
+                            from: actor.clone(),
+                            details: self.seal_text(
+                                &rec.meta.sop_instance_uid,
+                                &serde_json::to_string(&details).unwrap_or_default(),
+                            ),
+                            state: UrgentState::New,
+                            notices: Vec::new(),
+                            attempts: 0,
+                            next_ms: 0,
+                            // A result for no study this box relayed may be
+                            // another hospital's patient: nobody is told
+                            // until the operator releases it.
+                            held: held.is_some(),
+                            last_error: held.as_ref().map(|_| {
+                                format!("held: it matches no study this box relayed; no notice until the operator releases it (kakehashi results release {})", rec.id)
+                            }),
+                            acknowledged_ms: None,
+                            acknowledged_by: None,
+                        };
+                        table
+                            .insert(id, record::encode(&entry).as_slice())
+                            .map_err(idx("write urgent"))?;
+                        urgent = Some(id);
+                    }
                 }
             }
             table
@@ -2232,6 +2411,22 @@ impl Spool {
                 )
                 .instance(&rec.meta),
             )?;
+            if let Some(urgent) = urgent {
+                append_audit(
+                    &mut audit,
+                    AuditRecord::new(
+                        now_ms,
+                        AuditEvent::Urgent,
+                        "kakehashid",
+                        if held.is_some() {
+                            format!("urgent finding {urgent} (result {}, C-STORE priority HIGH) held: no notice until it is released", rec.id)
+                        } else {
+                            format!("urgent finding {urgent} (result {}, C-STORE priority HIGH): to be notified", rec.id)
+                        },
+                    )
+                    .instance(&rec.meta),
+                )?;
+            }
             if let Some(why) = &held {
                 append_audit(
                     &mut audit,

@@ -210,6 +210,104 @@ pub struct InstanceMeta {
     /// result: "through the tunnel from WireGuard peer …").
     #[serde(skip)]
     pub via: Option<String>,
+    /// What a result says of itself (read by the ingress from SRs and
+    /// encapsulated documents): kept, sealed, with an urgent notice only.
+    #[serde(skip)]
+    pub report: Option<ReportFacts>,
+}
+
+/// What a report says of itself, as text (the spool does not parse DICOM;
+/// the ingress reads these with `kakehashi_dicom::scan::report_facts`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportFacts {
+    /// Document title, or the SR's concept name.
+    pub title: Option<String>,
+    /// The SR's first text: the finding.
+    pub text: Option<String>,
+    /// When the report was made (Content Date and Time).
+    pub made: Option<String>,
+    /// The reporting physician (verifying observer or author).
+    pub physician: Option<String>,
+}
+
+/// The patient-identifying part of an urgent notice; stored sealed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UrgentDetails {
+    pub patient_id: String,
+    #[serde(flatten)]
+    pub facts: ReportFacts,
+}
+
+/// An urgent result and the communication of its finding (table
+/// `urgent`): the six facts of a critical-result communication are the
+/// finding and time found and reporting physician (in `details`), the
+/// recipients, time delivered and method (in `notices`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UrgentEntry {
+    /// Its own number, never reused (`kakehashi urgent ack ID`).
+    pub id: u64,
+    /// The result's spool id (spool ids start again from 1 once a spool has
+    /// emptied, so this is not a key).
+    pub result_id: u64,
+    pub sop_instance_uid: String,
+    pub study_instance_uid: String,
+    pub received_ms: u64,
+    /// The calling AE title and address the result came from.
+    pub from: String,
+    /// [`UrgentDetails`] as JSON, sealed with the spool key (aad: the SOP
+    /// Instance UID) when the spool has one.
+    pub details: String,
+    pub state: UrgentState,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notices: Vec<Notice>,
+    /// The result is held (it matches no study this box relayed): no
+    /// notice until the operator releases it; purging it drops this entry.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+    /// Failed attempts since the last notice went out.
+    pub attempts: u32,
+    /// When to notify (again): now for a new one; after `urgent.ack_within`
+    /// once notified; after a backoff when the relay failed.
+    pub next_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UrgentState {
+    /// Nobody told yet.
+    New,
+    /// Told; waiting for an acknowledgement.
+    Notified,
+    /// Not acknowledged in time: told again, the escalation list too.
+    Escalated,
+    Acknowledged,
+}
+
+impl UrgentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UrgentState::New => "new",
+            UrgentState::Notified => "notified",
+            UrgentState::Escalated => "escalated",
+            UrgentState::Acknowledged => "acknowledged",
+        }
+    }
+}
+
+/// One notice that went out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    /// When the channel accepted it.
+    pub time_ms: u64,
+    /// `e-mail`.
+    pub method: String,
+    pub recipients: Vec<String>,
 }
 
 /// One spooled instance and its routes.
@@ -308,6 +406,9 @@ pub enum AuditEvent {
     Released,
     /// Priors of a study were chosen, retrieved, or could not be.
     Prefetch,
+    /// An urgent result: received, notified, escalated, a notice that
+    /// failed, acknowledged.
+    Urgent,
 }
 
 impl AuditRecord {

@@ -15,6 +15,7 @@ fn meta(uid: &str) -> InstanceMeta {
         issuer: None,
         amendment: false,
         via: None,
+        report: None,
     }
 }
 
@@ -745,6 +746,7 @@ fn open_with_pacs(dir: &Path) -> Arc<Spool> {
         current: vec!["center".into()],
         results: vec!["pacs".into()],
         prefetch: true,
+        urgent: true,
     };
     Spool::open(dir, routing, limits(1 << 20), 1000)
         .expect("open spool")
@@ -963,4 +965,87 @@ fn a_new_study_is_prefetched_once_and_its_priors_never_start_one() {
         ),
         Err(SpoolError::NoStudy(_))
     ));
+}
+
+#[test]
+fn urgent_findings_keep_their_own_numbers_and_wait_while_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = open_with_pacs(dir.path());
+    let mut inc = spool.begin(b"H", "1.1").expect("begin");
+    inc.write(b"image").expect("write");
+    queued(inc.commit(meta("1.1"), 1000).expect("commit"));
+    let urgent_result = |spool: &Arc<Spool>, uid: &str, study: &str| {
+        let mut inc = spool.begin(b"H", uid).expect("begin");
+        inc.write(b"report").expect("write");
+        let m = InstanceMeta {
+            priority: Priority::High,
+            report: Some(ReportFacts {
+                title: Some("Radiology Report".into()),
+                text: Some("Tension pneumothorax".into()),
+                made: None,
+                physician: Some("Sato^Hanako".into()),
+            }),
+            ..result_meta(uid, study, None)
+        };
+        queued(inc.commit(m, 2000).expect("commit"))
+    };
+    let first = urgent_result(&spool, "9.1", "1.2.3");
+    let listed = spool.urgent().expect("urgent");
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].id, listed[0].result_id), (1, first.id));
+    let details = spool.urgent_details(&listed[0]).expect("opens");
+    assert_eq!(details.patient_id, "P1");
+    assert_eq!(details.facts.text.as_deref(), Some("Tension pneumothorax"));
+    assert_eq!(spool.urgent_due(2000).expect("due").len(), 1);
+    spool
+        .update_urgent(1, "operator", 3000, |e| {
+            e.state = UrgentState::Acknowledged;
+            Ok("acknowledged".into())
+        })
+        .expect("ack");
+    assert!(spool.urgent_due(u64::MAX).expect("due").is_empty());
+    assert!(matches!(
+        spool.update_urgent(7, "operator", 3000, |_| Ok(String::new())),
+        Err(SpoolError::NotFound(7))
+    ));
+
+    // Everything delivered: the spool empties, and spool ids start again.
+    for id in [1, first.id] {
+        for dest in ["center", "pacs"] {
+            let _ = spool.update_route(
+                id,
+                dest,
+                RouteUpdate {
+                    durability: Durability::Immediate,
+                    audit: None,
+                    now_ms: 4000,
+                    keep_payload: false,
+                },
+                |r| r.state = RouteState::Delivered,
+            );
+        }
+    }
+    assert!(spool.records().expect("records").is_empty());
+    drop(spool);
+    let spool = open_with_pacs(dir.path());
+    // An image, then a held urgent result (no such study): not due until
+    // released. Its spool id is the first urgent result's again.
+    let mut inc = spool.begin(b"H", "1.5").expect("begin");
+    inc.write(b"image").expect("write");
+    queued(inc.commit(meta("1.5"), 4500).expect("commit"));
+    let second = urgent_result(&spool, "9.2", "8.8.8");
+    assert_eq!(second.id, first.id, "spool ids start again from 1");
+    let listed = spool.urgent().expect("urgent");
+    assert_eq!(
+        listed.len(),
+        2,
+        "the first finding's record was overwritten"
+    );
+    assert_eq!(listed[0].state, UrgentState::Acknowledged);
+    assert_eq!((listed[1].id, listed[1].held), (2, true));
+    assert!(spool.urgent_due(u64::MAX).expect("due").is_empty());
+    spool.release_held(&[second.id], 5000).expect("release");
+    let due = spool.urgent_due(5000).expect("due");
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].id, 2);
 }

@@ -1,0 +1,275 @@
+//! Urgent findings: the reading center sends an SR with C-STORE priority
+//! HIGH (pynetdicom, as a center would). The box tells the referring
+//! department by e-mail through a real SMTP server (aiosmtpd, Debian's
+//! python3-aiosmtpd) — after the relay was down and kakehashid was killed
+//! meanwhile — with the patient, the finding, the reporting physician and
+//! how to acknowledge; without an acknowledgement it tells them again and
+//! the escalation list too; `kakehashi urgent ack` stops it. Every step is
+//! in the audit trail. A routine report mails nobody, and an urgent report
+//! for a study the box never relayed mails nobody until it is released.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use kakehashi_control::{AuditEvent, Request, Response, UrgentInfo, UrgentState};
+use kakehashi_systest::testdata::{ct_study, sr_report, study_uid_of_file};
+use kakehashi_systest::*;
+
+/// aiosmtpd storing every message it accepts in a Maildir.
+struct Smtp {
+    maildir: PathBuf,
+    _proc: Proc,
+}
+
+impl Smtp {
+    fn start(port: u16, maildir: &Path) -> Smtp {
+        let proc = Command::new("/usr/bin/python3")
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(maildir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start aiosmtpd (apt-get install python3-aiosmtpd)");
+        wait_port(port, "aiosmtpd to listen");
+        Smtp {
+            maildir: maildir.to_path_buf(),
+            _proc: Proc(proc),
+        }
+    }
+
+    /// Every message received, oldest first.
+    fn messages(&self) -> Vec<String> {
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> =
+            std::fs::read_dir(self.maildir.join("new"))
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| {
+                            let t = e.metadata().and_then(|m| m.modified()).expect("mtime");
+                            (t, e.path())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+        files.sort();
+        files
+            .into_iter()
+            .map(|(_, p)| std::fs::read_to_string(p).expect("read mail"))
+            .collect()
+    }
+}
+
+fn urgent(relay: &Relay) -> Vec<UrgentInfo> {
+    match relay.request(&Request::Urgent) {
+        Response::Urgent { entries } => entries,
+        other => panic!("urgent: {other:?}"),
+    }
+}
+
+fn urgent_audit(relay: &Relay) -> Vec<String> {
+    relay
+        .audit()
+        .into_iter()
+        .filter(|a| a.event == AuditEvent::Urgent)
+        .map(|a| format!("{}: {}", a.actor, a.detail))
+        .collect()
+}
+
+/// The center stores `files` to the box's results port with `priority`.
+fn center_sends(results_port: u16, files: &[PathBuf], priority: &str) {
+    let report = pynetdicom::store(
+        results_port,
+        files,
+        &["--aet", "READCENTER", "--priority", priority],
+    );
+    let statuses: Vec<u64> = report["results"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|x| x["status"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(statuses, vec![0; files.len()], "{report}");
+}
+
+#[test]
+fn an_urgent_finding_is_mailed_repeated_escalated_until_acknowledged() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let maildir = work.path().join("maildir");
+    let smtp_port = free_port();
+    let pacs = Orthanc::start_as(None, "HOSPITALPACS", serde_json::json!({}));
+    let center = StoreScp::start(free_port());
+    let results_port = free_port();
+    let mut opts = RelayOptions::to(center.port);
+    opts.extra_toml = format!(
+        "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{}\"\n\n\
+         [results]\nlisten = \"127.0.0.1:{results_port}\"\nfrom = [\"READCENTER\"]\n\n\
+         [urgent]\nack_within = \"4s\"\n\n\
+         [urgent.email]\nrelay = \"127.0.0.1:{smtp_port}\"\nfrom = \"kakehashi@hospital.test\"\n\
+         to = [\"referrers@hospital.test\"]\nescalate_to = [\"head@hospital.test\"]\ntimeout = \"5s\"\n",
+        pacs.dicom_port
+    );
+    let mut relay = Relay::start(opts);
+
+    let study = ct_study(&work.path().join("study"), "urgent", 2, 1024);
+    let sent = storescu(relay.port, "MODALITY1", &study);
+    assert!(sent.success, "{}", sent.output);
+    wait_until("the study at the center", Duration::from_secs(60), || {
+        center.files().len() == 2
+    });
+    let study_uid = study_uid_of_file(&read(&study[0]));
+
+    // A routine report: delivered, nobody mailed.
+    let routine = sr_report(
+        work.path(),
+        "routine",
+        &study_uid,
+        "PID-URG",
+        "No acute findings.",
+        Some("Sato^Hanako"),
+    );
+    center_sends(results_port, &[routine], "medium");
+
+    // The SMTP relay is down when the urgent report comes.
+    let finding = "Tension pneumothorax, left. Immediate decompression advised.";
+    let sr = sr_report(
+        work.path(),
+        "urgent",
+        &study_uid,
+        "PID-URG",
+        finding,
+        Some("Sato^Hanako"),
+    );
+    center_sends(results_port, std::slice::from_ref(&sr), "high");
+    wait_until(
+        "the failed notice in the audit trail",
+        Duration::from_secs(30),
+        || urgent_audit(&relay).iter().any(|a| a.contains("failed")),
+    );
+    let listed = urgent(&relay);
+    assert_eq!(listed.len(), 1, "only the urgent report: {listed:?}");
+    let id = listed[0].id;
+    assert_eq!(listed[0].state, UrgentState::New);
+    assert!(listed[0].last_error.is_some(), "{listed:?}");
+    let shown = relay.cli(&["status"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("URGENT: 1 finding(s) not acknowledged"),
+        "{shown}"
+    );
+
+    // kill -9: the urgent finding is durable, and still owed a notice.
+    relay.kill9();
+    relay.restart();
+    let smtp = Smtp::start(smtp_port, &maildir);
+    wait_until("the first e-mail", Duration::from_secs(60), || {
+        !smtp.messages().is_empty()
+    });
+    let first = smtp.messages()[0].clone();
+    println!("first notice:\n{first}");
+    for needle in [
+        "Subject: URGENT finding for patient PID-URG: Radiology Report",
+        finding,
+        "Sato^Hanako",
+        "20261123 120000",
+        &study_uid,
+        "X-RcptTo: referrers@hospital.test",
+        &format!("kakehashi urgent ack {id}"),
+    ] {
+        assert!(first.contains(needle), "{needle:?} not in\n{first}");
+    }
+    assert!(
+        !first.contains("head@hospital.test"),
+        "escalated at once:\n{first}"
+    );
+
+    // Nobody acknowledges: told again, the escalation list too.
+    wait_until("the reminder", Duration::from_secs(30), || {
+        smtp.messages().len() >= 2
+    });
+    let second = smtp.messages()[1].clone();
+    assert!(second.contains("REMINDER 2, not acknowledged"), "{second}");
+    assert!(
+        second.contains("head@hospital.test") && second.contains("referrers@hospital.test"),
+        "{second}"
+    );
+    let now = urgent(&relay);
+    assert_eq!(now[0].state, UrgentState::Escalated, "{now:?}");
+    assert!(now[0].notices.len() >= 2);
+
+    // Acknowledged on the box: no more notices.
+    let ack = relay.cli(&[
+        "urgent",
+        "ack",
+        &id.to_string(),
+        "--by",
+        "Dr Tanaka, by phone",
+    ]);
+    assert!(ack.status.success(), "{ack:?}");
+    let after_ack = smtp.messages().len();
+    let again = relay.cli(&["urgent", "ack", &id.to_string()]);
+    assert!(!again.status.success(), "acknowledged twice: {again:?}");
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(
+        smtp.messages().len(),
+        after_ack,
+        "mailed after the acknowledgement"
+    );
+    let done = urgent(&relay);
+    assert_eq!(done[0].state, UrgentState::Acknowledged);
+    assert_eq!(
+        done[0].acknowledged_by.as_deref(),
+        Some("operator (Dr Tanaka, by phone)")
+    );
+
+    // The report itself reached the PACS, byte-identical.
+    wait_until("both reports in the PACS", Duration::from_secs(30), || {
+        pacs.instance_ids().len() == 2
+    });
+
+    // An urgent report for a study this box never relayed: held, nobody
+    // told (it may be another hospital's patient) until it is released.
+    let stray = sr_report(
+        work.path(),
+        "stray",
+        "2.25.999000111",
+        "PID-ELSEWHERE",
+        "Urgent finding of someone else.",
+        None,
+    );
+    center_sends(results_port, &[stray], "high");
+    let mails = smtp.messages().len();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(smtp.messages().len(), mails, "a held result was mailed");
+    let held = urgent(&relay)
+        .into_iter()
+        .find(|u| u.id != id)
+        .expect("the held urgent result");
+    assert!(held.held, "{held:?}");
+    let release = relay.cli(&["results", "release", &held.result_id.to_string()]);
+    assert!(release.status.success(), "{release:?}");
+    wait_until(
+        "the released finding mailed",
+        Duration::from_secs(30),
+        || smtp.messages().len() > mails,
+    );
+    assert!(smtp.messages()[mails].contains("PID-ELSEWHERE"));
+
+    let trail = urgent_audit(&relay);
+    println!("urgent audit trail:\n{}", trail.join("\n"));
+    for needle in [
+        "to be notified",
+        "failed",
+        "notice 1 of urgent finding",
+        "escalated",
+        "acknowledged by operator (Dr Tanaka, by phone)",
+        "held: no notice until it is released",
+        "released: its finding is notified now",
+        "(result ",
+    ] {
+        assert!(
+            trail.iter().any(|a| a.contains(needle)),
+            "{needle:?} not in the audit trail:\n{}",
+            trail.join("\n")
+        );
+    }
+}
