@@ -8,7 +8,8 @@
 # check the order of the spool's flushes; python3-venv for pynetdicom (a
 # second DICOM implementation, from PyPI: Debian 12 does not package it),
 # installed pinned into target/py; python3-aiosmtpd as the hospital's SMTP
-# relay that urgent findings are mailed through.
+# relay that urgent findings are mailed through, python3-hl7 (its MLLP
+# server) as the RIS that receives them as HL7 ORU^R01.
 # The appliance image (make image, and the tests that boot it): mmdebstrap
 # builds the root from Debian packages; erofs-utils, cryptsetup-bin
 # (veritysetup), sbsigntool, efitools, systemd-boot-efi, binutils (objcopy:
@@ -19,7 +20,7 @@ set -euo pipefail
 
 packages=(dcmtk orthanc curl ca-certificates iproute2 iputils-ping wireguard-go wireguard-tools iperf3
           swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl strace
-          python3 python3-venv python3-aiosmtpd
+          python3 python3-venv python3-aiosmtpd python3-hl7
           mmdebstrap arch-test erofs-utils cryptsetup-bin sbsigntool efitools systemd-boot-efi
           binutils dosfstools mtools fdisk e2fsprogs qemu-system-x86 ovmf nmap)
 missing=()

@@ -7,6 +7,8 @@
 //! the escalation list too; `kakehashi urgent ack` stops it. Every step is
 //! in the audit trail. A routine report mails nobody, and an urgent report
 //! for a study the box never relayed mails nobody until it is released.
+//! With HL7 too, an ORU^R01 reaches a real MLLP receiver (the `hl7`
+//! package); the RIS's ACK AA acknowledges the finding, an AE does not.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,6 +17,46 @@ use std::time::Duration;
 use kakehashi_control::{AuditEvent, Request, Response, UrgentInfo, UrgentState};
 use kakehashi_systest::testdata::{ct_study, sr_report, study_uid_of_file};
 use kakehashi_systest::*;
+
+/// The RIS's HL7 interface (`tests/py/mllp_receiver.py` on the `hl7`
+/// package's MLLP server), answering every message with ACK `ack`.
+struct Ris {
+    dir: PathBuf,
+    _proc: Proc,
+}
+
+impl Ris {
+    fn start(port: u16, dir: &Path, ack: &str) -> Ris {
+        let proc = Command::new("/usr/bin/python3")
+            .arg(workspace_root().join("tests/py/mllp_receiver.py"))
+            .args(["--port", &port.to_string(), "--ack", ack, "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the MLLP receiver (apt-get install python3-hl7)");
+        wait_port(port, "the MLLP receiver to listen");
+        Ris {
+            dir: dir.to_path_buf(),
+            _proc: Proc(proc),
+        }
+    }
+
+    fn messages(&self) -> Vec<String> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "hl7"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+            .iter()
+            .map(|p| std::fs::read_to_string(p).expect("read HL7"))
+            .collect()
+    }
+}
 
 /// aiosmtpd storing every message it accepts in a Maildir.
 struct Smtp {
@@ -77,6 +119,28 @@ fn urgent_audit(relay: &Relay) -> Vec<String> {
         .collect()
 }
 
+/// A box relaying to `center`, delivering results to `pacs`, taking them on
+/// `results_port`, with `[urgent]` (4 s to acknowledge) mailing through
+/// `smtp_port`; `more` follows the `[urgent.email]` section.
+fn urgent_box(
+    center: &StoreScp,
+    pacs: &Orthanc,
+    results_port: u16,
+    smtp_port: u16,
+    more: &str,
+) -> Relay {
+    let mut opts = RelayOptions::to(center.port);
+    opts.extra_toml = format!(
+        "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{}\"\n\n\
+         [results]\nlisten = \"127.0.0.1:{results_port}\"\nfrom = [\"READCENTER\"]\n\n\
+         [urgent]\nack_within = \"4s\"\n\n\
+         [urgent.email]\nrelay = \"127.0.0.1:{smtp_port}\"\nfrom = \"kakehashi@hospital.test\"\n\
+         to = [\"referrers@hospital.test\"]\nescalate_to = [\"head@hospital.test\"]\n{more}",
+        pacs.dicom_port
+    );
+    Relay::start(opts)
+}
+
 /// The center stores `files` to the box's results port with `priority`.
 fn center_sends(results_port: u16, files: &[PathBuf], priority: &str) {
     let report = pynetdicom::store(
@@ -99,16 +163,13 @@ fn an_urgent_finding_is_mailed_repeated_escalated_until_acknowledged() {
     let pacs = Orthanc::start_as(None, "HOSPITALPACS", serde_json::json!({}));
     let center = StoreScp::start(free_port());
     let results_port = free_port();
-    let mut opts = RelayOptions::to(center.port);
-    opts.extra_toml = format!(
-        "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{}\"\n\n\
-         [results]\nlisten = \"127.0.0.1:{results_port}\"\nfrom = [\"READCENTER\"]\n\n\
-         [urgent]\nack_within = \"4s\"\n\n\
-         [urgent.email]\nrelay = \"127.0.0.1:{smtp_port}\"\nfrom = \"kakehashi@hospital.test\"\n\
-         to = [\"referrers@hospital.test\"]\nescalate_to = [\"head@hospital.test\"]\ntimeout = \"5s\"\n",
-        pacs.dicom_port
+    let mut relay = urgent_box(
+        &center,
+        &pacs,
+        results_port,
+        smtp_port,
+        "timeout = \"5s\"\n",
     );
-    let mut relay = Relay::start(opts);
 
     let study = ct_study(&work.path().join("study"), "urgent", 2, 1024);
     let sent = storescu(relay.port, "MODALITY1", &study);
@@ -272,4 +333,88 @@ fn an_urgent_finding_is_mailed_repeated_escalated_until_acknowledged() {
             trail.join("\n")
         );
     }
+}
+
+#[test]
+fn an_hl7_ack_from_the_ris_acknowledges_an_urgent_finding_and_an_error_does_not() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (smtp_port, ris_port) = (free_port(), free_port());
+    let smtp = Smtp::start(smtp_port, &work.path().join("maildir"));
+    let ris_dir = work.path().join("ris");
+    // The RIS refuses at first (AE).
+    let ris = Ris::start(ris_port, &ris_dir, "AE");
+    let pacs = Orthanc::start_as(None, "HOSPITALPACS", serde_json::json!({}));
+    let center = StoreScp::start(free_port());
+    let results_port = free_port();
+    let relay = urgent_box(
+        &center,
+        &pacs,
+        results_port,
+        smtp_port,
+        &format!(
+            "\n[urgent.hl7]\nris = \"127.0.0.1:{ris_port}\"\nreceiving_facility = \"GENERAL\"\n"
+        ),
+    );
+    let study = ct_study(&work.path().join("study"), "hl7", 1, 1024);
+    let sent = storescu(relay.port, "MODALITY1", &study);
+    assert!(sent.success, "{}", sent.output);
+    let study_uid = study_uid_of_file(&read(&study[0]));
+    let finding = "Free air under the diaphragm | perforation?";
+    let sr = sr_report(
+        work.path(),
+        "urgent",
+        &study_uid,
+        "PID-HL7",
+        finding,
+        Some("Sato^Hanako"),
+    );
+    center_sends(results_port, &[sr], "high");
+
+    wait_until("the ORU^R01 at the RIS", Duration::from_secs(30), || {
+        !ris.messages().is_empty()
+    });
+    let oru = ris.messages()[0].clone();
+    println!("ORU^R01 as the RIS received it:\n{oru}");
+    for needle in [
+        "|ORU^R01^ORU_R01|",
+        "|RIS|GENERAL|",
+        "PID|1||PID-HL7",
+        // the finding, its | escaped; abnormal flag AA; the physician
+        "||Free air under the diaphragm \\F\\ perforation?|||AA|||F|||||^Sato^Hanako",
+        &study_uid,
+    ] {
+        assert!(oru.contains(needle), "{needle:?} not in\n{oru}");
+    }
+    // AE: not acknowledged; the e-mail went out, reminders follow.
+    wait_until(
+        "the reminder after the RIS's AE",
+        Duration::from_secs(30),
+        || smtp.messages().len() >= 2 && ris.messages().len() >= 2,
+    );
+    let u = urgent(&relay);
+    assert_ne!(u[0].state, UrgentState::Acknowledged, "{u:?}");
+    assert!(
+        urgent_audit(&relay)
+            .iter()
+            .any(|a| a.contains("the RIS answered AE")),
+        "{:?}",
+        urgent_audit(&relay)
+    );
+
+    // The RIS accepts: its ACK acknowledges the finding.
+    drop(ris);
+    let ris = Ris::start(ris_port, &ris_dir, "AA");
+    wait_until("acknowledged by the RIS", Duration::from_secs(30), || {
+        urgent(&relay)[0].state == UrgentState::Acknowledged
+    });
+    let u = urgent(&relay);
+    let by = u[0].acknowledged_by.clone().unwrap_or_default();
+    assert!(by.starts_with("RIS (HL7 ACK AA to KKH"), "{by}");
+    let (mails, orus) = (smtp.messages().len(), ris.messages().len());
+    std::thread::sleep(Duration::from_secs(9));
+    assert_eq!(
+        (smtp.messages().len(), ris.messages().len()),
+        (mails, orus),
+        "notified after the RIS acknowledged"
+    );
 }

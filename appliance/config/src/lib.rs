@@ -99,7 +99,23 @@ pub struct UrgentConfig {
     /// Not acknowledged after this long: notify again, and the escalation
     /// list too; then again after each further period.
     pub ack_within: Duration,
-    pub email: EmailConfig,
+    /// At least one channel: e-mail, HL7 or both.
+    pub email: Option<EmailConfig>,
+    pub hl7: Option<Hl7Config>,
+}
+
+/// HL7 v2 ORU^R01 over MLLP to the hospital's RIS; its ACK (AA)
+/// acknowledges the finding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hl7Config {
+    /// `host:port` of the RIS's MLLP listener.
+    pub ris: String,
+    pub sending_application: String,
+    pub sending_facility: String,
+    pub receiving_application: String,
+    pub receiving_facility: String,
+    /// For one message and its ACK.
+    pub timeout: Duration,
 }
 
 /// E-mail through the hospital's SMTP relay (plain SMTP on the LAN).

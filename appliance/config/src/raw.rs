@@ -5,9 +5,9 @@ use serde::Deserialize;
 use crate::units::{parse_bytes, parse_duration};
 use crate::{
     AeTitle, AuditConfig, Config, ConfigError, ControlConfig, Destination, DicomConfig,
-    EmailConfig, IpNet, KeyBackend, LogConfig, LogFormat, NetworkConfig, Port, PriorsConfig,
-    ResultsConfig, RetryPolicy, Source, SpoolConfig, TpmConfig, TunnelConfig, TunnelPeer,
-    UrgentConfig, DEFAULT_CONTROL_SOCKET, PACS_DESTINATION, RESULT_SOP_CLASSES,
+    EmailConfig, Hl7Config, IpNet, KeyBackend, LogConfig, LogFormat, NetworkConfig, Port,
+    PriorsConfig, ResultsConfig, RetryPolicy, Source, SpoolConfig, TpmConfig, TunnelConfig,
+    TunnelPeer, UrgentConfig, DEFAULT_CONTROL_SOCKET, PACS_DESTINATION, RESULT_SOP_CLASSES,
 };
 use base64::Engine as _;
 use std::net::SocketAddr;
@@ -46,6 +46,18 @@ pub(crate) struct RawConfig {
 struct RawUrgent {
     ack_within: Option<String>,
     email: Option<RawEmail>,
+    hl7: Option<RawHl7>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHl7 {
+    ris: String,
+    sending_application: Option<String>,
+    sending_facility: Option<String>,
+    receiving_application: Option<String>,
+    receiving_facility: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -517,13 +529,26 @@ impl RawUrgent {
                 "a duration of at least 1s, e.g. \"15m\"",
             ));
         }
-        let Some(e) = self.email else {
+        if self.email.is_none() && self.hl7.is_none() {
             return Err(ConfigError::invalid(
-                "urgent.email",
-                "(missing)",
-                "an [urgent.email] section: relay, from, to (the channel the box notifies through)",
+                "urgent",
+                "(no channel)",
+                "[urgent.email] (relay, from, to) or [urgent.hl7] (ris), or both: how the box tells people",
             ));
-        };
+        }
+        let email = self.email.map(RawEmail::validate).transpose()?;
+        let hl7 = self.hl7.map(RawHl7::validate).transpose()?;
+        Ok(UrgentConfig {
+            ack_within,
+            email,
+            hl7,
+        })
+    }
+}
+
+impl RawEmail {
+    fn validate(self) -> Result<EmailConfig, ConfigError> {
+        let e = self;
         if !host_port_ok(&e.relay) || e.relay.contains(char::is_whitespace) {
             return Err(ConfigError::invalid(
                 "urgent.email.relay",
@@ -552,15 +577,59 @@ impl RawUrgent {
             e.timeout.as_deref(),
             Duration::from_secs(30),
         )?;
-        Ok(UrgentConfig {
-            ack_within,
-            email: EmailConfig {
-                relay: e.relay,
-                from: e.from,
-                to: e.to,
-                escalate_to: e.escalate_to,
-                timeout,
-            },
+        Ok(EmailConfig {
+            relay: e.relay,
+            from: e.from,
+            to: e.to,
+            escalate_to: e.escalate_to,
+            timeout,
+        })
+    }
+}
+
+impl RawHl7 {
+    fn validate(self) -> Result<Hl7Config, ConfigError> {
+        if !host_port_ok(&self.ris) || self.ris.contains(char::is_whitespace) {
+            return Err(ConfigError::invalid(
+                "urgent.hl7.ris",
+                &self.ris,
+                "the RIS's HL7 MLLP listener as host:port, e.g. \"192.168.10.6:2575\"",
+            ));
+        }
+        let name = |key: &str, v: Option<String>, default: &str| -> Result<String, ConfigError> {
+            let v = v.unwrap_or_else(|| default.to_string());
+            if v.is_empty()
+                || v.len() > 180
+                || !v.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+                || v.contains(['|', '^', '~', '\\', '&'])
+            {
+                return Err(ConfigError::invalid(
+                    format!("urgent.hl7.{key}"),
+                    v,
+                    "printable ASCII without HL7 delimiters (| ^ ~ \\ &)",
+                ));
+            }
+            Ok(v)
+        };
+        Ok(Hl7Config {
+            sending_application: name(
+                "sending_application",
+                self.sending_application,
+                "KAKEHASHI",
+            )?,
+            sending_facility: name("sending_facility", self.sending_facility, "KAKEHASHI")?,
+            receiving_application: name(
+                "receiving_application",
+                self.receiving_application,
+                "RIS",
+            )?,
+            receiving_facility: name("receiving_facility", self.receiving_facility, "HOSPITAL")?,
+            timeout: duration(
+                "urgent.hl7.timeout",
+                self.timeout.as_deref(),
+                Duration::from_secs(30),
+            )?,
+            ris: self.ris,
         })
     }
 }

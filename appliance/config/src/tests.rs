@@ -370,13 +370,12 @@ fn urgent_findings_are_mailed_and_escalated() {
     let c = Config::parse(&format!("{RESULTS_EXAMPLE}{URGENT}")).expect("urgent loads");
     let u = c.urgent.expect("[urgent]");
     assert_eq!(u.ack_within, Duration::from_secs(600));
-    assert_eq!(u.email.relay, "127.0.0.1:2525");
-    assert_eq!(u.email.to, vec!["referrers@hospital.example".to_string()]);
-    assert_eq!(
-        u.email.escalate_to,
-        vec!["head@hospital.example".to_string()]
-    );
-    assert_eq!(u.email.timeout, Duration::from_secs(30));
+    assert!(u.hl7.is_none());
+    let email = u.email.expect("[urgent.email]");
+    assert_eq!(email.relay, "127.0.0.1:2525");
+    assert_eq!(email.to, vec!["referrers@hospital.example".to_string()]);
+    assert_eq!(email.escalate_to, vec!["head@hospital.example".to_string()]);
+    assert_eq!(email.timeout, Duration::from_secs(30));
     let default = URGENT.replace("ack_within = \"10m\"\n", "");
     let c = Config::parse(&format!("{RESULTS_EXAMPLE}{default}")).expect("default");
     assert_eq!(
@@ -414,5 +413,26 @@ fn urgent_findings_are_mailed_and_escalated() {
         err(&no_results).contains("`urgent`"),
         "{}",
         err(&no_results)
+    );
+
+    // HL7 instead of (or with) e-mail.
+    let hl7 = "[urgent]\n[urgent.hl7]\nris = \"127.0.0.1:2575\"\n";
+    let c = Config::parse(&format!("{RESULTS_EXAMPLE}{hl7}")).expect("hl7 only");
+    let h = c.urgent.expect("urgent").hl7.expect("hl7");
+    assert_eq!(
+        (
+            h.ris.as_str(),
+            h.sending_application.as_str(),
+            h.receiving_application.as_str()
+        ),
+        ("127.0.0.1:2575", "KAKEHASHI", "RIS")
+    );
+    let bad_name = format!("{RESULTS_EXAMPLE}{hl7}receiving_facility = \"A|B\"\n");
+    assert!(err(&bad_name).contains("`urgent.hl7.receiving_facility`"));
+    let no_channel = format!("{RESULTS_EXAMPLE}[urgent]\nack_within = \"5m\"\n");
+    assert!(
+        err(&no_channel).contains("`urgent`"),
+        "{}",
+        err(&no_channel)
     );
 }

@@ -27,7 +27,8 @@
 //! reports for the hospital's PACS.
 //!
 //! With `[urgent]`, `urgent` mails urgent findings (results sent with
-//! priority HIGH) until they are acknowledged.
+//! priority HIGH) and sends them to the RIS as HL7 until they are
+//! acknowledged.
 //!
 //! Not here: on-demand queries from the center, signature checks, HL7,
 //! metrics (later issues); one association per destination at a time.

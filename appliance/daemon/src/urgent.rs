@@ -9,9 +9,13 @@
 //! - `notified` or `escalated`, not acknowledged in time: again, to `to`
 //!   and `escalate_to` → `escalated`, and again after each further period.
 //!
-//! A relay that fails is retried with backoff (10 s doubling to 5 min); each
-//! notice and each failure is an audit record (`urgent`), so nothing is
-//! silent. `kakehashi urgent ack ID` acknowledges (the control socket).
+//! With `[urgent.hl7]` each notice is also an HL7 ORU^R01 over MLLP to the
+//! RIS; its ACK AA acknowledges the finding (the RIS took it over).
+//!
+//! A channel that fails is retried with backoff (10 s doubling to 5 min)
+//! when no channel got through; each notice and each failure is an audit
+//! record (`urgent`), so nothing is silent. `kakehashi urgent ack ID`
+//! acknowledges (the control socket).
 //!
 //! The e-mail carries the six facts of a critical-result communication:
 //! the finding, when it was found (the report's content time), the
@@ -59,88 +63,318 @@ pub async fn run(shared: Arc<Shared>, token: CancellationToken) {
     }
 }
 
+/// What one channel did with one notice.
+enum Outcome {
+    /// Delivered to these recipients; the words for the audit trail.
+    Sent {
+        method: &'static str,
+        recipients: Vec<String>,
+        said: String,
+        /// The receiver took responsibility for the finding (the RIS's
+        /// HL7 ACK with AA): no more notices.
+        acknowledges: Option<String>,
+    },
+    Failed(String),
+}
+
 async fn notify(shared: &Shared, cfg: &kakehashi_config::UrgentConfig, entry: UrgentEntry) {
     let details = shared.spool.urgent_details(&entry);
     let reminder = entry.state != UrgentState::New;
-    let mut recipients = cfg.email.to.clone();
-    if reminder {
-        recipients.extend(cfg.email.escalate_to.iter().cloned());
+    let notice = entry.notices.len() + 1;
+    let mut outcomes = Vec::new();
+    if let Some(email) = &cfg.email {
+        let mut recipients = email.to.clone();
+        if reminder {
+            recipients.extend(email.escalate_to.iter().cloned());
+        }
+        let message = compose(
+            email,
+            &entry,
+            details.as_ref(),
+            &recipients,
+            notice,
+            cfg.ack_within,
+        );
+        outcomes.push(match send(email, &recipients, &message).await {
+            Ok(reply) => Outcome::Sent {
+                method: "e-mail",
+                said: format!(
+                    "by e-mail to {}: accepted by the relay ({reply})",
+                    recipients.join(", ")
+                ),
+                recipients,
+                acknowledges: None,
+            },
+            Err(e) => Outcome::Failed(format!("e-mail: {e}")),
+        });
     }
-    let message = compose(
-        &cfg.email,
-        &entry,
-        details.as_ref(),
-        &recipients,
-        entry.notices.len() + 1,
-        cfg.ack_within,
-    );
-    let sent = send(&cfg.email, &recipients, &message).await;
+    if let Some(hl7) = &cfg.hl7 {
+        let control = format!("KKH{}N{}A{}", entry.id, notice, entry.attempts);
+        let message = oru_r01(hl7, &entry, details.as_ref(), &control);
+        outcomes.push(match send_hl7(hl7, &message, &control).await {
+            Ok(ack) => Outcome::Sent {
+                method: "HL7 ORU^R01",
+                recipients: vec![format!("{} at {}", hl7.receiving_application, hl7.ris)],
+                said: format!(
+                    "by HL7 ORU^R01 {control} to {} at {}: ACK {ack}",
+                    hl7.receiving_application, hl7.ris
+                ),
+                acknowledges: Some(format!(
+                    "{} (HL7 ACK AA to {control})",
+                    hl7.receiving_application
+                )),
+            },
+            Err(e) => Outcome::Failed(format!("HL7 to {}: {e}", hl7.ris)),
+        });
+    }
     let now = now_ms();
     let ack_within = cfg.ack_within.as_millis() as u64;
-    let escalates = !cfg.email.escalate_to.is_empty();
+    let escalates = cfg
+        .email
+        .as_ref()
+        .is_some_and(|e| !e.escalate_to.is_empty());
     let spool = Arc::clone(&shared.spool);
     let id = entry.id;
     let outcome = tokio::task::spawn_blocking(move || {
         spool.update_urgent(id, "kakehashid", now, |e| {
             if e.state == UrgentState::Acknowledged {
-                // Acknowledged while the mail went out: nothing to change.
+                // Acknowledged while the notice went out: nothing to change.
                 return Err("acknowledged meanwhile".into());
             }
-            match sent {
-                Ok(reply) => {
-                    let n = e.notices.len() + 1;
-                    e.notices.push(Notice {
-                        time_ms: now,
-                        method: "e-mail".into(),
-                        recipients: recipients.clone(),
-                    });
-                    e.state = match e.state {
-                        UrgentState::New => UrgentState::Notified,
-                        _ if escalates => UrgentState::Escalated,
-                        s => s,
-                    };
-                    e.attempts = 0;
-                    e.last_error = None;
-                    e.next_ms = now + ack_within;
-                    Ok(format!(
-                        "notice {n} of urgent finding {id} by e-mail to {}: accepted by the relay ({reply}); {}",
-                        recipients.join(", "),
-                        if n == 1 {
-                            "waiting for an acknowledgement".to_string()
-                        } else {
-                            format!("not acknowledged after {} notice(s): escalated", n - 1)
-                        }
-                    ))
-                }
-                Err(why) => {
-                    e.attempts += 1;
-                    let wait = Duration::from_secs(5)
-                        .saturating_mul(1 << e.attempts.min(6))
-                        .min(Duration::from_secs(300));
-                    e.next_ms = now + wait.as_millis() as u64;
-                    e.last_error = Some(why.clone());
-                    Ok(format!(
-                        "notice of urgent finding {id} by e-mail failed (attempt {}): {why}; again in {} s",
-                        e.attempts,
-                        wait.as_secs()
-                    ))
+            let mut said = Vec::new();
+            let mut failed = Vec::new();
+            let mut acknowledged = None;
+            for o in outcomes {
+                match o {
+                    Outcome::Sent {
+                        method,
+                        recipients,
+                        said: words,
+                        acknowledges,
+                    } => {
+                        e.notices.push(Notice {
+                            time_ms: now,
+                            method: method.into(),
+                            recipients,
+                        });
+                        said.push(words);
+                        acknowledged = acknowledged.or(acknowledges);
+                    }
+                    Outcome::Failed(why) => failed.push(why),
                 }
             }
+            e.last_error = (!failed.is_empty()).then(|| failed.join("; "));
+            if said.is_empty() {
+                e.attempts += 1;
+                let wait = Duration::from_secs(5)
+                    .saturating_mul(1 << e.attempts.min(6))
+                    .min(Duration::from_secs(300));
+                e.next_ms = now + wait.as_millis() as u64;
+                return Ok(format!(
+                    "notice {notice} of urgent finding {id} failed (attempt {}): {}; again in {} s",
+                    e.attempts,
+                    failed.join("; "),
+                    wait.as_secs()
+                ));
+            }
+            e.attempts = 0;
+            e.next_ms = now + ack_within;
+            e.state = match (acknowledged.is_some(), e.state) {
+                (true, _) => UrgentState::Acknowledged,
+                (false, UrgentState::New) => UrgentState::Notified,
+                (false, _) if escalates => UrgentState::Escalated,
+                (false, s) => s,
+            };
+            let mut words = format!("notice {notice} of urgent finding {id} {}", said.join("; "));
+            if !failed.is_empty() {
+                words.push_str(&format!("; FAILED: {}", failed.join("; ")));
+            }
+            match acknowledged {
+                Some(by) => {
+                    e.acknowledged_ms = Some(now);
+                    e.acknowledged_by = Some(by.clone());
+                    words.push_str(&format!("; acknowledged by {by}"));
+                }
+                None if notice == 1 => words.push_str("; waiting for an acknowledgement"),
+                None => words.push_str(&format!(
+                    "; not acknowledged after {} notice(s): escalated",
+                    notice - 1
+                )),
+            }
+            Ok(words)
         })
     })
     .await;
     match outcome {
         Ok(Ok(e)) => match &e.last_error {
-            None => tracing::warn!(
+            None => tracing::warn!(id, state = e.state.as_str(), "urgent finding notified"),
+            Some(why) => tracing::error!(
                 id,
                 state = e.state.as_str(),
-                "urgent finding notified by e-mail"
+                "urgent finding: a notice FAILED: {why}"
             ),
-            Some(why) => tracing::error!(id, "urgent finding NOT notified: {why}"),
         },
         Ok(Err(kakehashi_spool::SpoolError::Refused(_))) => {}
         Ok(Err(e)) => tracing::error!(id, "cannot record the urgent notice: {e}"),
         Err(e) => tracing::error!(id, "urgent record task failed: {e}"),
+    }
+}
+
+/// HL7 v2.5.1 text: the delimiters escaped, one line.
+fn hl7_text(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\E\\"),
+            '|' => out.push_str("\\F\\"),
+            '^' => out.push_str("\\S\\"),
+            '&' => out.push_str("\\T\\"),
+            '~' => out.push_str("\\R\\"),
+            '\r' | '\n' => out.push(' '),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// An ORU^R01 carrying the finding: PID (the patient), OBR (the study),
+/// OBX (the finding, abnormal flag AA: critically abnormal; the reporting
+/// physician as responsible observer).
+fn oru_r01(
+    hl7: &kakehashi_config::Hl7Config,
+    e: &UrgentEntry,
+    details: Option<&UrgentDetails>,
+    control: &str,
+) -> String {
+    let facts = details.map(|d| &d.facts);
+    let t = hl7_text;
+    let title = t(facts
+        .and_then(|f| f.title.as_deref())
+        .unwrap_or("Urgent finding"));
+    let text = t(facts
+        .and_then(|f| f.text.as_deref())
+        .unwrap_or("(see the report)"));
+    // A DICOM person name (Family^Given^…) as an XCN: ^Family^Given^….
+    let physician = facts
+        .and_then(|f| f.physician.as_deref())
+        .map(|p| {
+            let parts: Vec<String> = p.split('^').take(4).map(t).collect();
+            format!("^{}", parts.join("^"))
+        })
+        .unwrap_or_default();
+    let made: String = facts
+        .and_then(|f| f.made.as_deref())
+        .unwrap_or("")
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    let patient = t(details.map_or("", |d| d.patient_id.as_str()));
+    [
+        format!(
+            "MSH|^~\\&|{}|{}|{}|{}|{}||ORU^R01^ORU_R01|{control}|P|2.5.1||||||UNICODE UTF-8",
+            hl7.sending_application,
+            hl7.sending_facility,
+            hl7.receiving_application,
+            hl7.receiving_facility,
+            hl7_timestamp(now_ms())
+        ),
+        format!("PID|1||{patient}"),
+        format!(
+            "OBR|1||{}^KAKEHASHI|^{title}|||{made}",
+            t(&e.study_instance_uid)
+        ),
+        format!("OBX|1|TX|^{title}||{text}|||AA|||F|||||{physician}"),
+    ]
+    .join("\r")
+}
+
+/// `YYYYMMDDHHMMSS` (UTC).
+fn hl7_timestamp(ms: u64) -> String {
+    let d = rfc5322_date(ms); // "Mon, 23 Nov 2026 10:15:00 +0000"
+    let parts: Vec<&str> = d.split(' ').collect();
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| *m == parts[2])
+    .unwrap_or(0)
+        + 1;
+    format!(
+        "{}{month:02}{}{}",
+        parts[3],
+        parts[1],
+        parts[4].replace(':', "")
+    )
+}
+
+/// One ORU over MLLP and its ACK; the ACK's code when it is AA.
+async fn send_hl7(
+    hl7: &kakehashi_config::Hl7Config,
+    message: &str,
+    control: &str,
+) -> Result<String, String> {
+    tokio::time::timeout(hl7.timeout, async {
+        let mut stream = TcpStream::connect(&hl7.ris)
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let mut frame = Vec::with_capacity(message.len() + 3);
+        frame.push(0x0B);
+        frame.extend_from_slice(message.as_bytes());
+        frame.extend_from_slice(&[0x1C, 0x0D]);
+        stream
+            .write_all(&frame)
+            .await
+            .map_err(|e| format!("sending: {e}"))?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tokio::io::AsyncReadExt::read(&mut stream, &mut buf)
+                .await
+                .map_err(|e| format!("waiting for the ACK: {e}"))?;
+            if n == 0 {
+                return Err("closed the connection without an ACK".to_string());
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(2).any(|w| w == [0x1C, 0x0D]) {
+                break;
+            }
+            if answer.len() > 65_536 {
+                return Err("answered more than an ACK".to_string());
+            }
+        }
+        ack_code(&answer, control)
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no ACK within {} s", hl7.timeout.as_secs())))
+}
+
+/// MSA-1 of an MLLP-framed ACK that answers `control`: `Ok` for AA/CA,
+/// an error naming the code (and MSA-3's text) otherwise.
+fn ack_code(framed: &[u8], control: &str) -> Result<String, String> {
+    let text = String::from_utf8_lossy(framed);
+    let msa = text
+        .trim_matches(|c| c == '\u{0b}' || c == '\u{1c}' || c == '\r' || c == '\n')
+        .split(['\r', '\n'])
+        .find(|seg| seg.starts_with("MSA|"))
+        .ok_or("an answer without an MSA segment")?;
+    let fields: Vec<&str> = msa.split('|').collect();
+    let code = fields.get(1).copied().unwrap_or("");
+    let answers = fields.get(2).copied().unwrap_or("");
+    if answers != control {
+        return Err(format!("an ACK for message {answers:?}, not {control:?}"));
+    }
+    match code {
+        "AA" | "CA" => Ok(code.to_string()),
+        other => Err(format!(
+            "the RIS answered {other}{}",
+            fields
+                .get(3)
+                .filter(|t| !t.is_empty())
+                .map(|t| format!(": {t}"))
+                .unwrap_or_default()
+        )),
     }
 }
 
@@ -404,5 +638,28 @@ mod tests {
     #[test]
     fn headers_stay_one_ascii_line() {
         assert_eq!(header_text("山田\r\nBcc: x@y"), "????Bcc: x@y");
+    }
+
+    #[test]
+    fn hl7_acks_and_escapes() {
+        assert_eq!(
+            ack_code(
+                b"\x0bMSH|^~\\&|RIS|H|K|B|1||ACK|9|P|2.5.1\rMSA|AA|KKH1N1A0\r\x1c\r",
+                "KKH1N1A0"
+            ),
+            Ok("AA".to_string())
+        );
+        let refused = ack_code(b"\x0bMSA|AE|KKH1N1A0|unknown patient\r\x1c\r", "KKH1N1A0");
+        assert_eq!(
+            refused,
+            Err("the RIS answered AE: unknown patient".to_string())
+        );
+        assert!(ack_code(b"\x0bMSA|AA|OTHER\r\x1c\r", "KKH1N1A0").is_err());
+        assert!(ack_code(b"garbage", "KKH1N1A0").is_err());
+        assert_eq!(
+            hl7_text("a|b^c&d~e\\f\r\ng"),
+            "a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f  g"
+        );
+        assert_eq!(hl7_timestamp(1_795_421_747_000), "20261123081547");
     }
 }
