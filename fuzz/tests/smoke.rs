@@ -160,6 +160,7 @@ fn record() {
             amendment: false,
             via: None,
             report: None,
+            urgent: None,
         },
         dataset_size: 1000,
         dataset_offset: 200,

@@ -479,7 +479,8 @@ pub fn run_ok(cmd: &mut std::process::Command) {
 
 /// A Basic Text SR (`xml2dsr`) for study `study_uid` of patient
 /// `patient_id`, whose finding (a TEXT item) is `finding`; with `observer`
-/// ("Last^First") it is verified by that physician.
+/// ("Last^First") it is verified by that physician; with `code` (scheme,
+/// value, meaning) it also holds that coded finding (a CODE item).
 pub fn sr_report(
     dir: &Path,
     name: &str,
@@ -487,7 +488,17 @@ pub fn sr_report(
     patient_id: &str,
     finding: &str,
     observer: Option<&str>,
+    code: Option<(&str, &str, &str)>,
 ) -> PathBuf {
+    let code = code
+        .map(|(scheme, value, meaning)| {
+            format!(
+                "<code><relationship>CONTAINS</relationship>\
+                 <concept><value>121071</value><scheme><designator>DCM</designator></scheme><meaning>Finding</meaning></concept>\
+                 <value>{value}</value><scheme><designator>{scheme}</designator></scheme><meaning>{meaning}</meaning></code>"
+            )
+        })
+        .unwrap_or_default();
     let verification = match observer {
         Some(o) => {
             let (last, first) = o.split_once('^').unwrap_or((o, ""));
@@ -520,6 +531,7 @@ pub fn sr_report(
 <text><relationship>CONTAINS</relationship>
 <concept><value>121071</value><scheme><designator>DCM</designator></scheme><meaning>Finding</meaning></concept>
 <value>{finding}</value></text>
+{code}
 </container>
 </content>
 </document>

@@ -633,6 +633,7 @@ fn an_index_that_fills_its_disk_is_out_of_space_and_heals_without_a_restart() {
             amendment: false,
             via: None,
             report: None,
+            urgent: None,
         };
         let mut inc = spool.begin(b"HEADER", &uid)?;
         inc.write(&[n as u8; 2048])?;

@@ -89,6 +89,7 @@ fn reports_reach_the_pacs_byte_identical_and_unknown_ones_are_held() {
         "PID-results",
         "No acute findings. 異常なし。",
         None,
+        None,
     );
     let stray = pdf_report(work.path(), "stray", None);
     let back = storescu_to(

@@ -120,7 +120,8 @@ fn urgent_audit(relay: &Relay) -> Vec<String> {
 }
 
 /// A box relaying to `center`, delivering results to `pacs`, taking them on
-/// `results_port`, with `[urgent]` (4 s to acknowledge) mailing through
+/// `results_port`, with `[urgent]` (4 s to acknowledge; the code
+/// SCT:36118008, pneumothorax, is urgent at any priority) mailing through
 /// `smtp_port`; `more` follows the `[urgent.email]` section.
 fn urgent_box(
     center: &StoreScp,
@@ -133,7 +134,7 @@ fn urgent_box(
     opts.extra_toml = format!(
         "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{}\"\n\n\
          [results]\nlisten = \"127.0.0.1:{results_port}\"\nfrom = [\"READCENTER\"]\n\n\
-         [urgent]\nack_within = \"4s\"\n\n\
+         [urgent]\nack_within = \"4s\"\ncodes = [\"SCT:36118008\"]\n\n\
          [urgent.email]\nrelay = \"127.0.0.1:{smtp_port}\"\nfrom = \"kakehashi@hospital.test\"\n\
          to = [\"referrers@hospital.test\"]\nescalate_to = [\"head@hospital.test\"]\n{more}",
         pacs.dicom_port
@@ -187,6 +188,7 @@ fn an_urgent_finding_is_mailed_repeated_escalated_until_acknowledged() {
         "PID-URG",
         "No acute findings.",
         Some("Sato^Hanako"),
+        None,
     );
     center_sends(results_port, &[routine], "medium");
 
@@ -199,6 +201,7 @@ fn an_urgent_finding_is_mailed_repeated_escalated_until_acknowledged() {
         "PID-URG",
         finding,
         Some("Sato^Hanako"),
+        None,
     );
     center_sends(results_port, std::slice::from_ref(&sr), "high");
     wait_until(
@@ -287,6 +290,34 @@ fn an_urgent_finding_is_mailed_repeated_escalated_until_acknowledged() {
         pacs.instance_ids().len() == 2
     });
 
+    // A routine-priority report whose SR codes a configured urgent finding.
+    let coded = sr_report(
+        work.path(),
+        "coded",
+        &study_uid,
+        "PID-URG",
+        "See coded finding.",
+        None,
+        Some(("SCT", "36118008", "Pneumothorax")),
+    );
+    let mails = smtp.messages().len();
+    center_sends(results_port, &[coded], "medium");
+    wait_until("the coded finding mailed", Duration::from_secs(30), || {
+        smtp.messages().len() > mails
+    });
+    let mail = smtp.messages()[mails].clone();
+    assert!(
+        mail.contains("Urgent because:       code SCT:36118008 in the report"),
+        "{mail}"
+    );
+    let coded_id = urgent(&relay)
+        .iter()
+        .find(|u| u.reason.contains("SCT:36118008"))
+        .expect("listed")
+        .id;
+    let ack = relay.cli(&["urgent", "ack", &coded_id.to_string()]);
+    assert!(ack.status.success(), "{ack:?}");
+
     // An urgent report for a study this box never relayed: held, nobody
     // told (it may be another hospital's patient) until it is released.
     let stray = sr_report(
@@ -296,6 +327,7 @@ fn an_urgent_finding_is_mailed_repeated_escalated_until_acknowledged() {
         "PID-ELSEWHERE",
         "Urgent finding of someone else.",
         None,
+        None,
     );
     center_sends(results_port, &[stray], "high");
     let mails = smtp.messages().len();
@@ -303,7 +335,7 @@ fn an_urgent_finding_is_mailed_repeated_escalated_until_acknowledged() {
     assert_eq!(smtp.messages().len(), mails, "a held result was mailed");
     let held = urgent(&relay)
         .into_iter()
-        .find(|u| u.id != id)
+        .find(|u| u.held)
         .expect("the held urgent result");
     assert!(held.held, "{held:?}");
     let release = relay.cli(&["results", "release", &held.result_id.to_string()]);
@@ -367,6 +399,7 @@ fn an_hl7_ack_from_the_ris_acknowledges_an_urgent_finding_and_an_error_does_not(
         "PID-HL7",
         finding,
         Some("Sato^Hanako"),
+        None,
     );
     center_sends(results_port, &[sr], "high");
 

@@ -730,6 +730,7 @@ fn print_urgent(entries: &[UrgentInfo]) {
         );
         println!("  patient {}  study {}", e.patient_id, e.study_instance_uid);
         println!("  finding: {}", e.finding);
+        println!("  urgent because: {}", e.reason);
         println!(
             "  reported {} by {}; received {} from {}",
             e.made.as_deref().unwrap_or("-"),

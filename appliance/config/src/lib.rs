@@ -99,6 +99,9 @@ pub struct UrgentConfig {
     /// Not acknowledged after this long: notify again, and the escalation
     /// list too; then again after each further period.
     pub ack_within: Duration,
+    /// A result is also urgent when its SR holds one of these coded
+    /// values (`SCHEME:VALUE`, e.g. `SCT:36118008`), whatever its priority.
+    pub codes: Vec<String>,
     /// At least one channel: e-mail, HL7 or both.
     pub email: Option<EmailConfig>,
     pub hl7: Option<Hl7Config>,

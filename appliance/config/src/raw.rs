@@ -45,6 +45,8 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawUrgent {
     ack_within: Option<String>,
+    #[serde(default)]
+    codes: Vec<String>,
     email: Option<RawEmail>,
     hl7: Option<RawHl7>,
 }
@@ -536,10 +538,23 @@ impl RawUrgent {
                 "[urgent.email] (relay, from, to) or [urgent.hl7] (ris), or both: how the box tells people",
             ));
         }
+        for (i, c) in self.codes.iter().enumerate() {
+            let ok = c.split_once(':').is_some_and(|(scheme, value)| {
+                !scheme.is_empty() && !value.is_empty() && c.chars().all(|ch| ch.is_ascii_graphic())
+            });
+            if !ok {
+                return Err(ConfigError::invalid(
+                    format!("urgent.codes[{i}]"),
+                    c,
+                    "a coded finding as SCHEME:VALUE, e.g. \"SCT:36118008\" (Coding Scheme Designator and Code Value as in the SR)",
+                ));
+            }
+        }
         let email = self.email.map(RawEmail::validate).transpose()?;
         let hl7 = self.hl7.map(RawHl7::validate).transpose()?;
         Ok(UrgentConfig {
             ack_within,
+            codes: self.codes,
             email,
             hl7,
         })

@@ -429,6 +429,16 @@ fn urgent_findings_are_mailed_and_escalated() {
     );
     let bad_name = format!("{RESULTS_EXAMPLE}{hl7}receiving_facility = \"A|B\"\n");
     assert!(err(&bad_name).contains("`urgent.hl7.receiving_facility`"));
+    let coded = format!("{RESULTS_EXAMPLE}[urgent]\ncodes = [\"SCT:36118008\"]\n[urgent.hl7]\nris = \"127.0.0.1:2575\"\n");
+    assert_eq!(
+        Config::parse(&coded)
+            .expect("codes")
+            .urgent
+            .expect("urgent")
+            .codes,
+        vec!["SCT:36118008".to_string()]
+    );
+    assert!(err(&coded.replace("SCT:36118008", "36118008")).contains("`urgent.codes[0]`"));
     let no_channel = format!("{RESULTS_EXAMPLE}[urgent]\nack_within = \"5m\"\n");
     assert!(
         err(&no_channel).contains("`urgent`"),

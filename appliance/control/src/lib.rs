@@ -137,6 +137,9 @@ pub struct UrgentInfo {
     /// Held with its result: nobody is told until the result is released.
     pub held: bool,
     pub state: UrgentState,
+    /// Why it is urgent (priority HIGH, or a configured code).
+    #[serde(default)]
+    pub reason: String,
     pub patient_id: String,
     /// Title and first text of the report.
     pub finding: String,

@@ -508,6 +508,7 @@ fn urgent_info(spool: &kakehashi_spool::Spool, e: &kakehashi_spool::UrgentEntry)
         result_id: e.result_id,
         held: e.held,
         state: e.state,
+        reason: e.reason.clone(),
         patient_id: d
             .as_ref()
             .map(|d| d.patient_id.clone())

@@ -537,6 +537,7 @@ impl Session<'_> {
             report: report
                 .filter(|_| role == Role::Result)
                 .map(|f| kakehashi_spool::ReportFacts {
+                    codes: f.codes,
                     title: f.title,
                     text: f.text,
                     made: match (f.content_date, f.content_time) {
@@ -545,7 +546,24 @@ impl Session<'_> {
                     },
                     physician: f.observer,
                 }),
+            urgent: None,
         };
+        let mut meta = meta;
+        if let (Role::Result, Some(u)) = (role, &self.shared.config.urgent) {
+            let coded = meta
+                .report
+                .as_ref()
+                .and_then(|f| f.codes.iter().find(|c| u.codes.contains(c)).cloned());
+            meta.urgent = match (meta.priority, coded) {
+                (Priority::High, _) => Some("C-STORE priority HIGH".to_string()),
+                (_, Some(code)) => {
+                    // An urgent finding goes first to the PACS as well.
+                    meta.priority = Priority::High;
+                    Some(format!("code {code} in the report"))
+                }
+                _ => None,
+            };
+        }
         let _ = r.tx.send(Chunk::Finish(Box::new(meta))).await;
         drop(r.tx);
         let uid = &request.sop_instance;

@@ -412,6 +412,7 @@ fn compose(
          \n\
          Finding:              {title}\n\
          {text}\n\
+         Urgent because:       {reason}\n\
          \n\
          Patient ID:           {patient}\n\
          Study Instance UID:   {study}\n\
@@ -424,6 +425,7 @@ fn compose(
          Acknowledge on the box {host}: kakehashi urgent ack {id}\n\
          Until then this notice is repeated every {every} s, to the escalation list too.\n",
         study = e.study_instance_uid,
+        reason = e.reason,
         from = e.from,
         received = rfc5322_date(e.received_ms),
         reminder = if notice > 1 {

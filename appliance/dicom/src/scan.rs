@@ -232,6 +232,17 @@ pub struct ReportFacts {
     /// Verifying Observer Name (0040,A075), else the first Person Name
     /// (0040,A123) in the content (the author).
     pub observer: Option<String>,
+    /// The coded values of the SR's CODE items (Concept Code Sequence
+    /// (0040,A168)), as `SCHEME:VALUE` (e.g. `SCT:36118008`), at most 64.
+    pub codes: Vec<String>,
+}
+
+/// What the walk keeps between elements.
+#[derive(Default)]
+struct Scratch {
+    person: Option<String>,
+    code_value: Option<String>,
+    code_scheme: Option<String>,
 }
 
 const CONTENT_DATE: u32 = 0x0008_0023;
@@ -242,10 +253,14 @@ const CONCEPT_NAME_CODE_SEQUENCE: u32 = 0x0040_A043;
 const VERIFYING_OBSERVER_NAME: u32 = 0x0040_A075;
 const PERSON_NAME: u32 = 0x0040_A123;
 const TEXT_VALUE: u32 = 0x0040_A160;
+const CODE_VALUE: u32 = 0x0008_0100;
+const CODING_SCHEME_DESIGNATOR: u32 = 0x0008_0102;
+const CONCEPT_CODE_SEQUENCE: u32 = 0x0040_A168;
 /// Sequences a report nests its facts in; in implicit VR nothing else says
 /// a defined-length value is a sequence.
-const REPORT_SEQUENCES: [u32; 5] = [
+const REPORT_SEQUENCES: [u32; 6] = [
     CONCEPT_NAME_CODE_SEQUENCE,
+    CONCEPT_CODE_SEQUENCE,
     0x0040_A073, // Verifying Observer Sequence
     0x0040_A078, // Author Observer Sequence
     0x0040_A730, // Content Sequence
@@ -276,10 +291,10 @@ pub fn report_facts(transfer_syntax: &str, prefix: &[u8]) -> ReportFacts {
         found: RoutingKeys::default(),
     };
     let mut facts = ReportFacts::default();
-    let mut person = None;
-    scanner.facts(0, buf.len(), None, 0, 0, &mut facts, &mut person);
+    let mut scratch = Scratch::default();
+    scanner.facts(0, buf.len(), None, 0, 0, &mut facts, &mut scratch);
     if facts.observer.is_none() {
-        facts.observer = person;
+        facts.observer = scratch.person;
     }
     facts
 }
@@ -297,7 +312,7 @@ impl Scanner<'_> {
         parent: u32,
         depth: u8,
         facts: &mut ReportFacts,
-        person: &mut Option<String>,
+        scratch: &mut Scratch,
     ) -> Option<usize> {
         if depth > 16 {
             return None;
@@ -313,23 +328,32 @@ impl Scanner<'_> {
                 || (h.len.is_none() && h.tag != ITEM);
             if h.tag == ITEM {
                 // An item of the sequence we are in.
+                scratch.code_value = None;
+                scratch.code_scheme = None;
                 pos = match h.len {
                     Some(len) => {
                         let item_end = pos.checked_add(len as usize)?.min(end);
-                        self.facts(pos, item_end, None, parent, depth + 1, facts, person)?;
+                        self.facts(pos, item_end, None, parent, depth + 1, facts, scratch)?;
                         item_end
                     }
                     None => {
-                        self.facts(pos, end, Some(ITEM_END), parent, depth + 1, facts, person)?
+                        self.facts(pos, end, Some(ITEM_END), parent, depth + 1, facts, scratch)?
                     }
                 };
+                if parent == CONCEPT_CODE_SEQUENCE && facts.codes.len() < 64 {
+                    if let (Some(s), Some(v)) =
+                        (scratch.code_scheme.take(), scratch.code_value.take())
+                    {
+                        facts.codes.push(format!("{s}:{v}"));
+                    }
+                }
                 continue;
             }
             if is_sequence {
                 pos = match h.len {
                     Some(len) => {
                         let seq_end = pos.checked_add(len as usize)?.min(end);
-                        self.facts(pos, seq_end, None, h.tag, depth + 1, facts, person)?;
+                        self.facts(pos, seq_end, None, h.tag, depth + 1, facts, scratch)?;
                         seq_end
                     }
                     None => self.facts(
@@ -339,7 +363,7 @@ impl Scanner<'_> {
                         h.tag,
                         depth + 1,
                         facts,
-                        person,
+                        scratch,
                     )?,
                 };
                 continue;
@@ -366,7 +390,9 @@ impl Scanner<'_> {
                 (CONTENT_DATE, 0) => facts.content_date = text(),
                 (CONTENT_TIME, 0) => facts.content_time = text(),
                 (VERIFYING_OBSERVER_NAME, _) if facts.observer.is_none() => facts.observer = text(),
-                (PERSON_NAME, _) if person.is_none() => *person = text(),
+                (PERSON_NAME, _) if scratch.person.is_none() => scratch.person = text(),
+                (CODE_VALUE, CONCEPT_CODE_SEQUENCE) => scratch.code_value = text(),
+                (CODING_SCHEME_DESIGNATOR, CONCEPT_CODE_SEQUENCE) => scratch.code_scheme = text(),
                 (TEXT_VALUE, _) if facts.text.is_none() => facts.text = text(),
                 _ => {}
             }
@@ -518,8 +544,14 @@ mod tests {
         item.extend(b"UT\0\0");
         item.extend((text.len() as u32).to_le_bytes());
         item.extend(text);
+        // A CODE item: its value in the Concept Code Sequence.
+        let mut coded = el_explicit(0x0008, 0x0100, b"SH", b"36118008");
+        coded.extend(el_explicit(0x0008, 0x0102, b"SH", b"SCT "));
+        coded.extend(el_explicit(0x0008, 0x0104, b"LO", b"Pneumothorax"));
+        item.extend(undefined_sequence_explicit(0x0040, 0xA168, &coded));
         ds.extend(undefined_sequence_explicit(0x0040, 0xA730, &item));
         let f = report_facts("1.2.840.10008.1.2.1", &ds);
+        assert_eq!(f.codes, vec!["SCT:36118008".to_string()]);
         assert_eq!(f.title.as_deref(), Some("Diagnostic Imaging Report"));
         assert_eq!(f.text.as_deref(), Some("Tension pneumothorax, left."));
         assert_eq!(f.observer.as_deref(), Some("Sato^Hanako"));

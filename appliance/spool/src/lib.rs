@@ -2339,7 +2339,7 @@ impl Spool {
                         }
                         held = Some(why);
                     }
-                    if self.routing.urgent && rec.meta.priority == Priority::High {
+                    if let Some(reason) = rec.meta.urgent.clone().filter(|_| self.routing.urgent) {
                         let details = UrgentDetails {
                             patient_id: patient.clone().unwrap_or_default(),
                             facts: rec.meta.report.clone().unwrap_or_default(),
@@ -2360,6 +2360,7 @@ impl Spool {
                                 &rec.meta.sop_instance_uid,
                                 &serde_json::to_string(&details).unwrap_or_default(),
                             ),
+                            reason,
                             state: UrgentState::New,
                             notices: Vec::new(),
                             attempts: 0,
@@ -2419,9 +2420,9 @@ impl Spool {
                         AuditEvent::Urgent,
                         "kakehashid",
                         if held.is_some() {
-                            format!("urgent finding {urgent} (result {}, C-STORE priority HIGH) held: no notice until it is released", rec.id)
+                            format!("urgent finding {urgent} (result {}, {}) held: no notice until it is released", rec.id, rec.meta.urgent.as_deref().unwrap_or(""))
                         } else {
-                            format!("urgent finding {urgent} (result {}, C-STORE priority HIGH): to be notified", rec.id)
+                            format!("urgent finding {urgent} (result {}, {}): to be notified", rec.id, rec.meta.urgent.as_deref().unwrap_or(""))
                         },
                     )
                     .instance(&rec.meta),

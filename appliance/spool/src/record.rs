@@ -214,6 +214,10 @@ pub struct InstanceMeta {
     /// encapsulated documents): kept, sealed, with an urgent notice only.
     #[serde(skip)]
     pub report: Option<ReportFacts>,
+    /// Why this result is an urgent finding (set by the ingress with
+    /// `[urgent]`: priority HIGH, or a configured code in the report).
+    #[serde(skip)]
+    pub urgent: Option<String>,
 }
 
 /// What a report says of itself, as text (the spool does not parse DICOM;
@@ -228,6 +232,9 @@ pub struct ReportFacts {
     pub made: Option<String>,
     /// The reporting physician (verifying observer or author).
     pub physician: Option<String>,
+    /// Coded findings (`SCHEME:VALUE`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codes: Vec<String>,
 }
 
 /// The patient-identifying part of an urgent notice; stored sealed.
@@ -257,6 +264,9 @@ pub struct UrgentEntry {
     /// [`UrgentDetails`] as JSON, sealed with the spool key (aad: the SOP
     /// Instance UID) when the spool has one.
     pub details: String,
+    /// Why it is urgent ("C-STORE priority HIGH", "code SCT:… in the report").
+    #[serde(default)]
+    pub reason: String,
     pub state: UrgentState,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notices: Vec<Notice>,

@@ -16,6 +16,7 @@ fn meta(uid: &str) -> InstanceMeta {
         amendment: false,
         via: None,
         report: None,
+        urgent: None,
     }
 }
 
@@ -984,7 +985,9 @@ fn urgent_findings_keep_their_own_numbers_and_wait_while_held() {
                 text: Some("Tension pneumothorax".into()),
                 made: None,
                 physician: Some("Sato^Hanako".into()),
+                codes: Vec::new(),
             }),
+            urgent: Some("C-STORE priority HIGH".into()),
             ..result_meta(uid, study, None)
         };
         queued(inc.commit(m, 2000).expect("commit"))
