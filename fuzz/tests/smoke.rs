@@ -161,6 +161,8 @@ fn record() {
             via: None,
             report: None,
             urgent: None,
+            modality: None,
+            body_part: None,
         },
         dataset_size: 1000,
         dataset_offset: 200,

@@ -634,6 +634,8 @@ fn an_index_that_fills_its_disk_is_out_of_space_and_heals_without_a_restart() {
             via: None,
             report: None,
             urgent: None,
+            modality: None,
+            body_part: None,
         };
         let mut inc = spool.begin(b"HEADER", &uid)?;
         inc.write(&[n as u8; 2048])?;

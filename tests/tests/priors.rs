@@ -6,7 +6,8 @@
 //! nothing again. With DCMTK's dcmqrscp as the PACS (no Modalities in
 //! Study in its answers) the SERIES-level query tells reports from images.
 //! kill -9 while a prior arrives: everything arrives, and a prior whose
-//! retrieval had finished is not fetched again.
+//! retrieval had finished is not fetched again. The rules `same_modality`
+//! and `same_body_part` skip more recent studies of other kinds.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -70,10 +71,15 @@ fn study_sized(
 /// (also a source: it stores the priors) and `[priors]`: 2 studies within
 /// 5 years, a study stable after 2 s.
 fn relay_with_priors(center_port: u16, pacs_port: u16) -> Relay {
+    relay_with_rules(center_port, pacs_port, "")
+}
+
+/// The same, with more `[priors]` keys (`rules`, TOML lines).
+fn relay_with_rules(center_port: u16, pacs_port: u16, rules: &str) -> Relay {
     let mut opts = RelayOptions::to(center_port);
     opts.extra_sources = "[[dicom.sources]]\nae_title = \"HOSPITALPACS\"\n".into();
     opts.extra_toml = format!(
-        "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{pacs_port}\"\n\n[priors]\nmax_studies = 2\nmax_age = \"5 years\"\nstable_after = \"2s\"\n"
+        "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{pacs_port}\"\n\n[priors]\nmax_studies = 2\nmax_age = \"5 years\"\nstable_after = \"2s\"\n{rules}"
     );
     Relay::start(opts)
 }
@@ -445,5 +451,63 @@ fn a_crash_while_priors_arrive_loses_nothing_and_refetches_only_the_unfinished()
         "killed with {at_kill} of {} instances of the second prior spooled; after the restart: {}",
         p2.len(),
         cur.detail.unwrap_or_default()
+    );
+}
+
+/// Sets Body Part Examined (0018,0015) in `files`.
+fn body_part(files: &[PathBuf], part: &str) {
+    let out = std::process::Command::new("dcmodify")
+        .args(["-nb", "-i"])
+        .arg(format!("(0018,0015)={part}"))
+        .args(files)
+        .output()
+        .expect("dcmodify");
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn the_rules_keep_priors_of_the_same_modality_and_body_part() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let pacs = Orthanc::start_as(None, "HOSPITALPACS", serde_json::json!({}));
+    let center = StoreScp::start(free_port());
+    let relay = relay_with_rules(
+        center.port,
+        pacs.dicom_port,
+        "same_modality = true\nsame_body_part = true\n",
+    );
+    orthanc_knows_the_box(&pacs, &relay);
+    let d = work.path();
+    let current = study(d, "cur", "CT", "PID-R", "20261120", 2);
+    body_part(&current, "CHEST");
+    let mr = study(d, "mr", "MR", "PID-R", "20260101", 1); // most recent, other modality
+    body_part(&mr, "CHEST");
+    let ct_chest = study(d, "c1", "CT", "PID-R", "20250101", 1);
+    body_part(&ct_chest, "CHEST");
+    let ct_head = study(d, "h1", "CT", "PID-R", "20240101", 1); // other body part
+    body_part(&ct_head, "HEAD");
+    let ct_chest_old = study(d, "c2", "CT", "PID-R", "20230101", 1);
+    body_part(&ct_chest_old, "CHEST");
+    for f in mr
+        .iter()
+        .chain(&ct_chest)
+        .chain(&ct_head)
+        .chain(&ct_chest_old)
+    {
+        pacs.upload(f);
+    }
+    let sent = storescu(relay.port, "MODALITY1", &current);
+    assert!(sent.success, "{}", sent.output);
+    let expected = uids_of(&[&current, &ct_chest, &ct_chest_old]);
+    wait_until(
+        "the study and its two priors",
+        Duration::from_secs(90),
+        || center.files().len() >= expected.len(),
+    );
+    wait_prefetch_done(&relay);
+    relay.wait_drained(Duration::from_secs(30));
+    let got: HashSet<String> = center.arrival_order().into_iter().collect();
+    assert_eq!(
+        got, expected,
+        "the two most recent CT studies of the chest, not the MR or the head CT"
     );
 }

@@ -143,6 +143,10 @@ pub struct PriorsConfig {
     pub max_age: Duration,
     /// A new study is complete after this long without a new instance.
     pub stable_after: Duration,
+    /// Only priors with a modality of the new study's.
+    pub same_modality: bool,
+    /// Only priors with a body part of the new study's (when both say).
+    pub same_body_part: bool,
 }
 
 /// Name of the destination that carries results to `[pacs]` (in `status`,

@@ -77,6 +77,10 @@ struct RawEmail {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPriors {
+    #[serde(default)]
+    same_modality: bool,
+    #[serde(default)]
+    same_body_part: bool,
     max_studies: Option<i64>,
     max_age: Option<String>,
     stable_after: Option<String>,
@@ -506,6 +510,8 @@ impl RawPriors {
             max_studies: max_studies as usize,
             max_age,
             stable_after,
+            same_modality: self.same_modality,
+            same_body_part: self.same_body_part,
         })
     }
 }

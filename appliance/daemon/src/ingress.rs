@@ -547,6 +547,8 @@ impl Session<'_> {
                     physician: f.observer,
                 }),
             urgent: None,
+            modality: keys.modality,
+            body_part: keys.body_part,
         };
         let mut meta = meta;
         if let (Role::Result, Some(u)) = (role, &self.shared.config.urgent) {

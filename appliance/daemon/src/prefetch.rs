@@ -2,9 +2,10 @@
 //! hospital has been stable for `priors.stable_after`, the box asks the
 //! hospital's PACS (`[pacs]`) for the patient's other studies (C-FIND at
 //! STUDY level by Patient ID and Issuer, never by name; SERIES level when
-//! the PACS does not return Modalities in Study), keeps the
-//! `priors.max_studies` most recent within `priors.max_age` that are not
-//! only reports or presentation states, skips those it already relayed,
+//! the PACS does not return Modalities in Study, or for body parts), keeps
+//! the `priors.max_studies` most recent within `priors.max_age` that are
+//! not only reports or presentation states (and, by config, share a
+//! modality or body part with the new study), skips those it already relayed,
 //! and retrieves them with C-MOVE to its own AE. The PACS's C-STOREs
 //! arrive at the ordinary listener, carrying our Move Originator AE, and
 //! are spooled as `prior` (low priority: after current studies).
@@ -236,11 +237,28 @@ async fn choose(
             }
         }
         let mut modalities = a.values(tag::MODALITIES_IN_STUDY);
-        if modalities.is_empty() {
-            // dcmqrscp does not return Modalities in Study: ask per series.
-            modalities = series_modalities(scu, find, &study).await?;
+        let mut body_parts = Vec::new();
+        if modalities.is_empty() || cfg.same_body_part {
+            // dcmqrscp does not return Modalities in Study, and body parts
+            // are a series attribute: ask per series.
+            let series = series_of(scu, find, &study).await?;
+            if modalities.is_empty() {
+                modalities = series.0;
+            }
+            body_parts = series.1;
         }
         if !modalities.is_empty() && modalities.iter().all(|m| NOT_IMAGES.contains(&m.as_str())) {
+            continue;
+        }
+        // The rules: a study of another modality or body part is no
+        // comparison (unknown on either side: kept).
+        let disjoint = |ours: &[String], theirs: &[String]| {
+            !ours.is_empty() && !theirs.is_empty() && !ours.iter().any(|o| theirs.contains(o))
+        };
+        if cfg.same_modality && disjoint(&entry.modalities, &modalities) {
+            continue;
+        }
+        if cfg.same_body_part && disjoint(&entry.body_parts, &body_parts) {
             continue;
         }
         let when = format!(
@@ -268,12 +286,18 @@ async fn choose(
     Ok(chosen)
 }
 
-async fn series_modalities(scu: &mut Scu, find: u8, study: &str) -> Result<Vec<String>, String> {
+/// The modalities and body parts of a study's series.
+async fn series_of(
+    scu: &mut Scu,
+    find: u8,
+    study: &str,
+) -> Result<(Vec<String>, Vec<String>), String> {
     let query = Identifier::new()
         .with(tag::QUERY_RETRIEVE_LEVEL, "SERIES")
         .with(tag::STUDY_INSTANCE_UID, study)
         .with(tag::SERIES_INSTANCE_UID, "")
-        .with(tag::MODALITY, "");
+        .with(tag::MODALITY, "")
+        .with(tag::BODY_PART_EXAMINED, "");
     let (status, answers) = scu
         .find(find, STUDY_ROOT_FIND, &query)
         .await
@@ -283,13 +307,16 @@ async fn series_modalities(scu: &mut Scu, find: u8, study: &str) -> Result<Vec<S
             "SERIES-level C-FIND answered status 0x{status:04X}"
         ));
     }
-    let mut m: Vec<String> = answers
-        .iter()
-        .filter_map(|a| a.get(tag::MODALITY).map(str::to_string))
-        .collect();
-    m.sort();
-    m.dedup();
-    Ok(m)
+    let values = |t: u32| {
+        let mut v: Vec<String> = answers
+            .iter()
+            .filter_map(|a| a.get(t).filter(|x| !x.is_empty()).map(str::to_string))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    Ok((values(tag::MODALITY), values(tag::BODY_PART_EXAMINED)))
 }
 
 /// C-MOVEs each chosen prior not yet retrieved; each one that finishes is

@@ -20,6 +20,8 @@ use crate::uids::{DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE, IMPLICIT_VR_LE};
 pub const SCAN_LIMIT: usize = 64 * 1024;
 
 const ACCESSION_NUMBER: u32 = 0x0008_0050;
+const MODALITY: u32 = 0x0008_0060;
+const BODY_PART_EXAMINED: u32 = 0x0018_0015;
 const PATIENT_ID: u32 = 0x0010_0020;
 const ISSUER_OF_PATIENT_ID: u32 = 0x0010_0021;
 const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
@@ -38,6 +40,10 @@ pub struct RoutingKeys {
     pub issuer_of_patient_id: Option<String>,
     /// A Predecessor Documents Sequence with at least one item was seen.
     pub has_predecessors: bool,
+    /// Modality (0008,0060) and Body Part Examined (0018,0015): for the
+    /// priors rules (same modality, same body part).
+    pub modality: Option<String>,
+    pub body_part: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -177,6 +183,8 @@ impl Scanner<'_> {
                         STUDY_INSTANCE_UID,
                         ACCESSION_NUMBER,
                         ISSUER_OF_PATIENT_ID,
+                        MODALITY,
+                        BODY_PART_EXAMINED,
                     ]
                     .contains(&h.tag)
                     {
@@ -193,6 +201,10 @@ impl Scanner<'_> {
                             ISSUER_OF_PATIENT_ID => {
                                 self.found.issuer_of_patient_id =
                                     Some(text).filter(|t| !t.is_empty())
+                            }
+                            MODALITY => self.found.modality = Some(text).filter(|t| !t.is_empty()),
+                            BODY_PART_EXAMINED => {
+                                self.found.body_part = Some(text).filter(|t| !t.is_empty())
                             }
                             _ => self.found.accession_number = Some(text),
                         }
@@ -441,6 +453,7 @@ mod tests {
             &el_explicit(0x0010, 0x0020, b"LO", b"DECOY "),
         ));
         ds.extend(el_explicit(0x0008, 0x0050, b"SH", b"ACC-1 "));
+        ds.extend(el_explicit(0x0008, 0x0060, b"CS", b"CT"));
         ds.extend(el_explicit(0x0010, 0x0010, b"PN", "山田^太郎 ".as_bytes()));
         ds.extend(el_explicit(0x0010, 0x0020, b"LO", b"PID-001 "));
         ds.extend(el_explicit(0x0020, 0x000D, b"UI", b"1.2.3.4\0"));
@@ -454,6 +467,8 @@ mod tests {
         assert_eq!(k.patient_id.as_deref(), Some("PID-001"));
         assert_eq!(k.study_instance_uid.as_deref(), Some("1.2.3.4"));
         assert_eq!(k.accession_number.as_deref(), Some("ACC-1"));
+        assert_eq!(k.modality.as_deref(), Some("CT"));
+        assert_eq!(k.body_part, None);
         assert!(!k.has_predecessors);
     }
 

@@ -1947,6 +1947,17 @@ fn note_study(
     if let Some(a) = accession.filter(|a| !entry.accessions.contains(a)) {
         entry.accessions.push(a);
     }
+    for (seen, list) in [
+        (&rec.meta.modality, &mut entry.modalities),
+        (&rec.meta.body_part, &mut entry.body_parts),
+    ] {
+        if let Some(v) = seen
+            .as_ref()
+            .filter(|v| !list.contains(v) && list.len() < 8)
+        {
+            list.push(v.clone());
+        }
+    }
     studies
         .insert(uid, record::encode(&entry).as_slice())
         .map_err(idx("write study"))?;

@@ -114,6 +114,11 @@ pub struct StudyEntry {
     pub patient: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer: Option<String>,
+    /// Modalities and body parts seen in its instances (at most 8 each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modalities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub body_parts: Vec<String>,
     /// Prefetch of this study's priors (current studies, with `[priors]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<Prefetch>,
@@ -131,6 +136,8 @@ impl StudyEntry {
             role,
             patient: None,
             issuer: None,
+            modalities: Vec::new(),
+            body_parts: Vec::new(),
             prefetch: None,
         }
     }
@@ -218,6 +225,12 @@ pub struct InstanceMeta {
     /// `[urgent]`: priority HIGH, or a configured code in the report).
     #[serde(skip)]
     pub urgent: Option<String>,
+    /// Modality and Body Part Examined: kept per study in the studies
+    /// table only (the priors rules compare them).
+    #[serde(skip)]
+    pub modality: Option<String>,
+    #[serde(skip)]
+    pub body_part: Option<String>,
 }
 
 /// What a report says of itself, as text (the spool does not parse DICOM;

@@ -17,6 +17,8 @@ fn meta(uid: &str) -> InstanceMeta {
         via: None,
         report: None,
         urgent: None,
+        modality: None,
+        body_part: None,
     }
 }
 
