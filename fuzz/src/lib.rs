@@ -83,6 +83,12 @@ pub fn scan(data: &[u8]) {
     };
     let _ = scan::routing_keys(ts, rest);
     let _ = scan::report_facts(ts, rest);
+    // A result's signatures are parsed from the whole dataset: never a panic.
+    let _ = kakehashi_dicom::signature::verify(
+        ts,
+        rest,
+        &kakehashi_dicom::signature::TrustedSigners::default(),
+    );
 }
 
 /// Query/retrieve identifiers as a PACS answers a C-FIND (and, later, as

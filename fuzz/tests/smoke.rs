@@ -104,7 +104,16 @@ fn scan() {
     ds.extend(b"\x10\x00\x20\x00LO\x04\x00P001\x20\x00\x0d\x00UI\x06\x001.2.3\x00");
     let mut implicit = vec![0u8];
     implicit.extend(b"\x10\x00\x20\x00\x04\x00\x00\x00P001\x20\x00\x0d\x00\xff\xff\xff\xff");
-    run(f::scan, &[ds, implicit]);
+    // A report signed by dcmsign (the signature module's fixture).
+    let file = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../appliance/dicom/tests/data/rsa-sha256.dcm"
+    ))
+    .expect("fixture");
+    let meta_len = u32::from_le_bytes([file[140], file[141], file[142], file[143]]) as usize;
+    let mut signed = vec![1u8];
+    signed.extend(&file[144 + meta_len..]);
+    run(f::scan, &[ds, implicit, signed]);
 }
 
 #[test]
@@ -155,14 +164,8 @@ fn record() {
             source_ip: "127.0.0.1".into(),
             priority: Priority::High,
             role: Default::default(),
-            accession_number: None,
-            issuer: None,
             amendment: false,
-            via: None,
-            report: None,
-            urgent: None,
-            modality: None,
-            body_part: None,
+            arrival: Default::default(),
         },
         dataset_size: 1000,
         dataset_offset: 200,

@@ -628,14 +628,8 @@ fn an_index_that_fills_its_disk_is_out_of_space_and_heals_without_a_restart() {
             source_ip: "127.0.0.1".into(),
             priority: Priority::Medium,
             role: Default::default(),
-            accession_number: None,
-            issuer: None,
             amendment: false,
-            via: None,
-            report: None,
-            urgent: None,
-            modality: None,
-            body_part: None,
+            arrival: Default::default(),
         };
         let mut inc = spool.begin(b"HEADER", &uid)?;
         inc.write(&[n as u8; 2048])?;

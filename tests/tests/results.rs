@@ -202,3 +202,192 @@ fn reports_reach_the_pacs_byte_identical_and_unknown_ones_are_held() {
     let log = relay.log_text();
     assert!(log.contains("\"STRANGER\" is not in results.from"), "{log}");
 }
+
+/// A certificate and key made with OpenSSL for `cn` in `dir`: (key, cert).
+fn signer(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join(format!("{name}.key"));
+    let cert = dir.join(format!("{name}.pem"));
+    run_ok(
+        std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .arg("-subj")
+            .arg(format!("/CN={cn}/O=Reading Center"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    (key, cert)
+}
+
+/// `input` signed with DCMTK `dcmsign` (SHA-256 MAC) into `out`.
+fn dcmsign(key: &Path, cert: &Path, input: &Path, out: &Path) {
+    run_ok(
+        std::process::Command::new("dcmsign")
+            .arg("--sign")
+            .arg(key)
+            .arg(cert)
+            .arg("+m2")
+            .arg(input)
+            .arg(out),
+    );
+}
+
+#[test]
+fn signed_reports_are_verified_and_altered_or_foreign_ones_held() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path();
+    let pacs = Orthanc::start_as(None, "HOSPITALPACS", serde_json::json!({}));
+    let center = StoreScp::start(free_port());
+    let results_port = free_port();
+    let (center_key, center_cert) = signer(dir, "center", "Dr Reader");
+    let (other_key, other_cert) = signer(dir, "other", "Not The Center");
+    // The certificates' notBefore is this second: sign in the next one.
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut opts = RelayOptions::to(center.port);
+    opts.extra_toml = format!(
+        "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{}\"\n\n[results]\nlisten = \"127.0.0.1:{results_port}\"\nfrom = [\"READCENTER\"]\ntrusted_signers = [\"{}\"]\n",
+        pacs.dicom_port,
+        center_cert.display()
+    );
+    let relay = Relay::start(opts);
+
+    let study = ct_study(&dir.join("study"), "signed", 2, 2048);
+    assert!(storescu(relay.port, "MODALITY1", &study).success);
+    wait_until("the study at the center", Duration::from_secs(60), || {
+        center.files().len() == 2
+    });
+    let study_uid = study_uid_of_file(&read(&study[0]));
+    let report = |name: &str, finding: &str| {
+        sr_report(
+            dir,
+            name,
+            &study_uid,
+            "PID-signed",
+            finding,
+            Some("Sato^Hanako"),
+            None,
+        )
+    };
+    // Signed by the center: delivered. The same report signed, then one
+    // letter of its finding changed: held. Signed by a key the box does not
+    // trust: held.
+    let signed = dir.join("signed.dcm");
+    dcmsign(
+        &center_key,
+        &center_cert,
+        &report("a", "No acute findings."),
+        &signed,
+    );
+    let tampered = dir.join("tampered.dcm");
+    let mut bytes = read(&signed);
+    let at = bytes
+        .windows(8)
+        .position(|w| w == b"findings")
+        .expect("the finding in the file");
+    bytes[at + 7] = b'z';
+    std::fs::write(&tampered, &bytes).expect("write");
+    let tampered_uid = sop_instance_of_file(&bytes).expect("uid");
+    let foreign = dir.join("foreign.dcm");
+    dcmsign(&other_key, &other_cert, &report("b", "Fracture."), &foreign);
+    let foreign_uid = sop_instance_of_file(&read(&foreign)).expect("uid");
+    // DCMTK itself agrees which signatures hold.
+    let verify = |f: &Path| {
+        let out = std::process::Command::new("dcmsign")
+            .arg("--verify")
+            .arg(f)
+            .output()
+            .expect("dcmsign");
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout)
+    };
+    assert!(
+        verify(&signed).contains("signature is OK"),
+        "{}",
+        verify(&signed)
+    );
+    assert!(
+        verify(&tampered).contains("signature is invalid"),
+        "{}",
+        verify(&tampered)
+    );
+
+    let back = storescu_to(
+        results_port,
+        "READCENTER",
+        "KAKEHASHI",
+        &[signed.clone(), tampered.clone(), foreign.clone()],
+    );
+    assert_eq!(back.acked.len(), 3, "{}", back.output);
+
+    wait_until(
+        "the signed report in the PACS",
+        Duration::from_secs(60),
+        || !pacs.instance_ids().is_empty(),
+    );
+    let signed_bytes = read(&signed);
+    let signed_uid = sop_instance_of_file(&signed_bytes).expect("uid");
+    let stored = pacs_datasets(&pacs);
+    assert_eq!(
+        stored.get(&signed_uid).map(Vec::as_slice),
+        dataset_of_file(&signed_bytes),
+        "the signed report is not byte-identical in the PACS"
+    );
+    // What the PACS holds still verifies with DCMTK.
+    let from_pacs = dir.join("from-pacs.dcm");
+    let id = pacs
+        .instance_ids()
+        .into_iter()
+        .next()
+        .expect("one instance");
+    std::fs::write(&from_pacs, pacs.instance_file(&id)).expect("write");
+    assert!(
+        verify(&from_pacs).contains("signature is OK"),
+        "{}",
+        verify(&from_pacs)
+    );
+
+    let listed = results(&relay);
+    let reason = |uid: &str| {
+        listed
+            .iter()
+            .find(|e| e.sop_instance_uid == uid)
+            .filter(|e| e.state == RouteState::Held)
+            .and_then(|e| e.reason.clone())
+            .unwrap_or_else(|| panic!("{uid} is not held: {listed:?}"))
+    };
+    let why = reason(&tampered_uid);
+    assert!(
+        why.contains("signature fails")
+            && why.contains("does not verify")
+            && why.contains("CN=Dr Reader"),
+        "{why}"
+    );
+    let why = reason(&foreign_uid);
+    assert!(why.contains("not one of results.trusted_signers"), "{why}");
+    let shown = String::from_utf8_lossy(&relay.cli(&["results"]).stdout).to_string();
+    assert!(
+        shown.contains(&tampered_uid) && shown.contains("does not verify"),
+        "{shown}"
+    );
+
+    // The audit says who signed what was delivered.
+    let audit = relay.audit();
+    let received = audit
+        .iter()
+        .find(|a| {
+            a.event == kakehashi_control::AuditEvent::Received
+                && a.sop_instance_uid.as_deref() == Some(signed_uid.as_str())
+        })
+        .expect("received record");
+    assert!(
+        received.detail.contains("DICOM signature verified")
+            && received.detail.contains("CN=Dr Reader"),
+        "{}",
+        received.detail
+    );
+    // Held ones stay out of the PACS.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(pacs.instance_ids().len(), 1);
+}

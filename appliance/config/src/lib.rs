@@ -178,6 +178,13 @@ pub struct ResultsConfig {
     /// Storage SOP classes accepted: [`RESULT_SOP_CLASSES`] and
     /// `results.extra_sop_classes`.
     pub sop_classes: Vec<String>,
+    /// `results.trusted_signers`: each file (path, contents as read when the
+    /// config was loaded) holds certificates a signed result's signer must
+    /// be, or be issued by. Empty: any signature that verifies is accepted
+    /// (it proves the report unchanged, not who signed it).
+    pub trusted_signers: Vec<(PathBuf, Vec<u8>)>,
+    /// `results.require_signature`: an unsigned result is held.
+    pub require_signature: bool,
 }
 
 /// The key store (`[tpm]`).

@@ -109,6 +109,10 @@ struct RawResults {
     from: Vec<String>,
     #[serde(default)]
     extra_sop_classes: Vec<String>,
+    #[serde(default)]
+    trusted_signers: Vec<String>,
+    #[serde(default)]
+    require_signature: bool,
 }
 
 #[derive(Deserialize)]
@@ -730,11 +734,34 @@ impl RawResults {
                 sop_classes.push(u.clone());
             }
         }
+        let mut trusted_signers = Vec::new();
+        for (i, p) in self.trusted_signers.iter().enumerate() {
+            let key = format!("results.trusted_signers[{i}]");
+            if !p.starts_with('/') {
+                return Err(ConfigError::invalid(
+                    key,
+                    p,
+                    "an absolute path to a PEM file of certificates (the signers, or the CA that issues their certificates)",
+                ));
+            }
+            match std::fs::read(p) {
+                Ok(pem) => trusted_signers.push((PathBuf::from(p), pem)),
+                Err(e) => {
+                    return Err(ConfigError::invalid(
+                        key,
+                        p,
+                        format!("a readable PEM file of certificates ({e})"),
+                    ))
+                }
+            }
+        }
         Ok(ResultsConfig {
             listen,
             ae_title,
             from,
             sop_classes,
+            trusted_signers,
+            require_signature: self.require_signature,
         })
     }
 }

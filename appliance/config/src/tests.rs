@@ -346,6 +346,24 @@ fn results_errors_name_the_key() {
         .expect("results")
         .sop_classes
         .contains(&"1.2.840.10008.5.1.4.1.1.11.1".to_string()));
+    let missing = RESULTS_EXAMPLE.replace(
+        "from = [\"READCENTER\"]",
+        "from = [\"READCENTER\"]\ntrusted_signers = [\"/nonexistent/center.pem\"]",
+    );
+    let e = err(&missing);
+    assert!(
+        e.contains("`results.trusted_signers[0]`") && e.contains("/nonexistent/center.pem"),
+        "{e}"
+    );
+    let relative = RESULTS_EXAMPLE.replace(
+        "from = [\"READCENTER\"]",
+        "from = [\"READCENTER\"]\ntrusted_signers = [\"center.pem\"]",
+    );
+    assert!(
+        err(&relative).contains("absolute path"),
+        "{}",
+        err(&relative)
+    );
     let unknown = RESULTS_EXAMPLE.replace("from = [", "senders = [");
     assert!(err(&unknown).contains("senders"));
     let reserved = RESULTS_EXAMPLE.replace("name = \"reading-center\"", "name = \"pacs\"");

@@ -365,7 +365,15 @@ struct Receiving {
     request: StoreRequest,
     tx: mpsc::Sender<Chunk>,
     writer: tokio::task::JoinHandle<Result<Accepted, SpoolError>>,
+    /// A result's whole dataset, to verify its signatures (None beyond
+    /// [`MAX_VERIFIED_RESULT`]).
+    whole: Option<Vec<u8>>,
 }
+
+/// Largest result whose digital signatures the box verifies (reports are
+/// kilobytes; an encapsulated PDF a few megabytes). A larger signed result
+/// is held, saying so.
+const MAX_VERIFIED_RESULT: usize = 64 << 20;
 
 /// Drives one association's [`Scp`] state machine: reads PDUs, carries out
 /// its actions (socket writes, the spool writer), feeds back store outcomes.
@@ -450,10 +458,18 @@ impl Session<'_> {
                         request,
                         tx,
                         writer,
+                        whole: (self.role == Role::Result).then(Vec::new),
                     });
                 }
                 Action::StoreData(data) => {
-                    if let Some(r) = &self.receiving {
+                    if let Some(r) = &mut self.receiving {
+                        if let Some(w) = &mut r.whole {
+                            if w.len() + data.len() <= MAX_VERIFIED_RESULT {
+                                w.extend_from_slice(&data);
+                            } else {
+                                r.whole = None;
+                            }
+                        }
                         // A closed channel means the writer already failed;
                         // its error comes out at the end.
                         let _ = r.tx.send(Chunk::Data(data)).await;
@@ -487,7 +503,7 @@ impl Session<'_> {
         keys: kakehashi_dicom::scan::RoutingKeys,
         report: Option<Box<kakehashi_dicom::scan::ReportFacts>>,
     ) -> (u16, Option<String>) {
-        let Some(r) = self.receiving.take() else {
+        let Some(mut r) = self.receiving.take() else {
             return (
                 status::PROCESSING_FAILURE,
                 Some("Kakehashi: internal error (no instance in transfer)".into()),
@@ -527,36 +543,40 @@ impl Session<'_> {
                 Priority::from_dimse(request.priority)
             },
             role,
-            accession_number: keys.accession_number,
-            issuer: keys.issuer_of_patient_id,
             amendment: self.role == Role::Result && keys.has_predecessors,
-            via: match prior_of {
-                Some(id) => Some(format!("retrieved by our C-MOVE (message ID {id})")),
-                None => self.via(),
-            },
-            report: report
-                .filter(|_| role == Role::Result)
-                .map(|f| kakehashi_spool::ReportFacts {
-                    codes: f.codes,
-                    title: f.title,
-                    text: f.text,
-                    made: match (f.content_date, f.content_time) {
-                        (Some(d), Some(t)) => Some(format!("{d} {t}")),
-                        (d, t) => d.or(t),
-                    },
-                    physician: f.observer,
+            arrival: kakehashi_spool::Arrival {
+                accession_number: keys.accession_number,
+                issuer: keys.issuer_of_patient_id,
+                via: match prior_of {
+                    Some(id) => Some(format!("retrieved by our C-MOVE (message ID {id})")),
+                    None => self.via(),
+                },
+                report: report.filter(|_| role == Role::Result).map(|f| {
+                    kakehashi_spool::ReportFacts {
+                        codes: f.codes,
+                        title: f.title,
+                        text: f.text,
+                        made: match (f.content_date, f.content_time) {
+                            (Some(d), Some(t)) => Some(format!("{d} {t}")),
+                            (d, t) => d.or(t),
+                        },
+                        physician: f.observer,
+                    }
                 }),
-            urgent: None,
-            modality: keys.modality,
-            body_part: keys.body_part,
+                urgent: None,
+                modality: keys.modality,
+                body_part: keys.body_part,
+                hold: None,
+            },
         };
         let mut meta = meta;
         if let (Role::Result, Some(u)) = (role, &self.shared.config.urgent) {
             let coded = meta
+                .arrival
                 .report
                 .as_ref()
                 .and_then(|f| f.codes.iter().find(|c| u.codes.contains(c)).cloned());
-            meta.urgent = match (meta.priority, coded) {
+            meta.arrival.urgent = match (meta.priority, coded) {
                 (Priority::High, _) => Some("C-STORE priority HIGH".to_string()),
                 (_, Some(code)) => {
                     // An urgent finding goes first to the PACS as well.
@@ -565,6 +585,16 @@ impl Session<'_> {
                 }
                 _ => None,
             };
+        }
+        if role == Role::Result {
+            let (hold, signed) = self.check_signatures(r.whole.take(), &r.request).await;
+            meta.arrival.hold = hold;
+            if let Some(signed) = signed {
+                meta.arrival.via = Some(format!(
+                    "{}, {signed}",
+                    meta.arrival.via.as_deref().unwrap_or("origin unknown")
+                ));
+            }
         }
         let _ = r.tx.send(Chunk::Finish(Box::new(meta))).await;
         drop(r.tx);
@@ -622,6 +652,67 @@ impl Session<'_> {
                     Some("Kakehashi: internal error".into()),
                 )
             }
+        }
+    }
+
+    /// A result's DICOM digital signatures (PS3.15): why to hold it, or
+    /// what verified (for its `received` audit record).
+    async fn check_signatures(
+        &self,
+        whole: Option<Vec<u8>>,
+        request: &StoreRequest,
+    ) -> (Option<String>, Option<String>) {
+        let Some(whole) = whole else {
+            return (
+                Some(format!(
+                    "larger than {} MiB: its digital signatures (if any) are not verified by this box",
+                    MAX_VERIFIED_RESULT >> 20
+                )),
+                None,
+            );
+        };
+        let ts = request.context.transfer_syntax.clone();
+        let signers = self.shared.signers.clone();
+        let verdict = tokio::task::spawn_blocking(move || {
+            kakehashi_dicom::signature::verify(&ts, &whole, &signers)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(kakehashi_dicom::signature::SignatureError(format!(
+                "verification failed internally: {e}"
+            )))
+        });
+        let require = self
+            .shared
+            .config
+            .results
+            .as_ref()
+            .is_some_and(|c| c.require_signature);
+        match verdict {
+            Ok(signed) if signed.is_empty() && require => (
+                Some("not signed, and results.require_signature is set".to_string()),
+                None,
+            ),
+            Ok(signed) if signed.is_empty() => (None, None),
+            Ok(signed) => (
+                None,
+                Some(
+                    signed
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "DICOM signature verified ({}, signer {}, signed {})",
+                                s.algorithm, s.signer, s.datetime
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+            ),
+            Err(e) => (
+                Some(format!("its DICOM digital signature fails: {e}")),
+                None,
+            ),
         }
     }
 

@@ -99,6 +99,8 @@ pub struct Shared {
     pub tpm: Option<kakehashi_control::TpmStatus>,
     /// Rejected associations, counted for the audit trail.
     pub rejections: std::sync::Mutex<rejections::Rejections>,
+    /// `results.trusted_signers`, parsed.
+    pub signers: kakehashi_dicom::signature::TrustedSigners,
 }
 
 impl Shared {
@@ -111,6 +113,32 @@ impl Shared {
     pub fn keys_problem(&self) -> Option<&str> {
         self.tpm.as_ref().and_then(|t| t.problem.as_deref())
     }
+}
+
+/// `results.trusted_signers`, parsed; the error names the key and file.
+fn trusted_signers(config: &Config) -> Result<kakehashi_dicom::signature::TrustedSigners, String> {
+    let mut ders = Vec::new();
+    for (i, (path, pem)) in config
+        .results
+        .iter()
+        .flat_map(|r| r.trusted_signers.iter())
+        .enumerate()
+    {
+        let certs = kakehashi_dicom::signature::TrustedSigners::parse(pem).map_err(|e| {
+            format!(
+                "invalid results.trusted_signers[{i}] = {:?}: {e}",
+                path.display()
+            )
+        })?;
+        if certs.is_empty() {
+            return Err(format!(
+                "invalid results.trusted_signers[{i}] = {:?}: no certificate in it",
+                path.display()
+            ));
+        }
+        ders.extend(certs);
+    }
+    Ok(kakehashi_dicom::signature::TrustedSigners::new(&ders))
 }
 
 fn main() -> ExitCode {
@@ -139,6 +167,14 @@ fn main() -> ExitCode {
         .transpose()
     {
         Ok(k) => k,
+        Err(e) => {
+            eprintln!("kakehashid: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // Certificates of the center's signers, parsed before anything starts.
+    let signers = match trusted_signers(&config) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("kakehashid: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -223,13 +259,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config, key, keys))
+    runtime.block_on(run(config, key, keys, signers))
 }
 
 async fn run(
     config: Config,
     key: Option<kakehashi_tunnel::PrivateKey>,
     keys: Option<keys::Keys>,
+    signers: kakehashi_dicom::signature::TrustedSigners,
 ) -> ExitCode {
     let (tpm_status, key, spool_key) = match keys {
         Some(k) => (Some(k.status), key.or(k.wireguard), k.spool),
@@ -331,6 +368,7 @@ async fn run(
         None => (None, None, None),
     };
     let shared = Arc::new(Shared {
+        signers,
         config,
         spool,
         started: Instant::now(),

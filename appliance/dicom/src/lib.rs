@@ -17,6 +17,7 @@
 //! - [`scu`]: the SCU: C-STORE for the forwarder, C-ECHO for the self-test,
 //!   C-FIND and C-MOVE for prefetching priors from the hospital's PACS
 //! - [`query`]: query/retrieve identifiers (implicit VR LE, text values)
+//! - [`signature`]: verifies a result's DICOM digital signatures (PS3.15)
 //!
 //! Not here: C-GET, TLS, answering C-FIND/C-MOVE. An asynchronous
 //! operations window is answered with 1/1: one outstanding operation per
@@ -31,6 +32,7 @@ pub mod query;
 pub mod scan;
 pub mod scp;
 pub mod scu;
+pub mod signature;
 pub mod uids;
 pub mod wire;
 

@@ -60,7 +60,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use sha2::{Digest, Sha256};
 
 pub use record::{
-    AuditEvent, AuditRecord, DecodeError, InstanceMeta, InstanceRecord, Notice, Prefetch,
+    Arrival, AuditEvent, AuditRecord, DecodeError, InstanceMeta, InstanceRecord, Notice, Prefetch,
     PrefetchState, Priority, ReportFacts, Role, Route, RouteState, StudyEntry, UrgentDetails,
     UrgentEntry, UrgentState,
 };
@@ -1948,8 +1948,8 @@ fn note_study(
         entry.accessions.push(a);
     }
     for (seen, list) in [
-        (&rec.meta.modality, &mut entry.modalities),
-        (&rec.meta.body_part, &mut entry.body_parts),
+        (&rec.meta.arrival.modality, &mut entry.modalities),
+        (&rec.meta.arrival.body_part, &mut entry.body_parts),
     ] {
         if let Some(v) = seen
             .as_ref()
@@ -2185,6 +2185,7 @@ impl Incoming {
         let mut meta = meta;
         let patient = Some(meta.patient_id.trim().to_string()).filter(|p| !p.is_empty());
         let accession = meta
+            .arrival
             .accession_number
             .take()
             .filter(|a| !a.trim().is_empty())
@@ -2332,7 +2333,7 @@ impl Spool {
                     };
                     let who = (
                         patient.as_deref().map(sealed),
-                        rec.meta.issuer.as_deref().map(sealed),
+                        rec.meta.arrival.issuer.as_deref().map(sealed),
                     );
                     let prefetch = self.routing.prefetch && rec.meta.role == Role::Current;
                     if note_study(&mut studies, &rec, accession, who, prefetch, now_ms)? {
@@ -2343,17 +2344,30 @@ impl Spool {
                     }
                 }
                 Role::Result => {
-                    if let Some(why) = match_result(&studies, &rec, accession.as_deref())? {
+                    let why = match rec.meta.arrival.hold.as_ref() {
+                        Some(h) => Some(format!(
+                            "{h}; held (`kakehashi results release {}` delivers it anyway, `kakehashi results purge {}` drops it)",
+                            rec.id, rec.id
+                        )),
+                        None => match_result(&studies, &rec, accession.as_deref())?,
+                    };
+                    if let Some(why) = why {
                         for r in &mut rec.routes {
                             r.state = RouteState::Held;
                             r.last_error = Some(why.clone());
                         }
                         held = Some(why);
                     }
-                    if let Some(reason) = rec.meta.urgent.clone().filter(|_| self.routing.urgent) {
+                    if let Some(reason) = rec
+                        .meta
+                        .arrival
+                        .urgent
+                        .clone()
+                        .filter(|_| self.routing.urgent)
+                    {
                         let details = UrgentDetails {
                             patient_id: patient.clone().unwrap_or_default(),
-                            facts: rec.meta.report.clone().unwrap_or_default(),
+                            facts: rec.meta.arrival.report.clone().unwrap_or_default(),
                         };
                         let mut table = txn.open_table(URGENT).map_err(idx("open urgent"))?;
                         let id = table
@@ -2380,8 +2394,8 @@ impl Spool {
                             // another hospital's patient: nobody is told
                             // until the operator releases it.
                             held: held.is_some(),
-                            last_error: held.as_ref().map(|_| {
-                                format!("held: it matches no study this box relayed; no notice until the operator releases it (kakehashi results release {})", rec.id)
+                            last_error: held.as_ref().map(|why| {
+                                format!("the result is held ({why}); no notice until the operator releases it (kakehashi results release {})", rec.id)
                             }),
                             acknowledged_ms: None,
                             acknowledged_by: None,
@@ -2415,6 +2429,7 @@ impl Spool {
                             (Role::Result, true) => ", result (amendment)",
                         },
                         rec.meta
+                            .arrival
                             .via
                             .as_deref()
                             .map(|v| format!(", {v}"))
@@ -2431,9 +2446,9 @@ impl Spool {
                         AuditEvent::Urgent,
                         "kakehashid",
                         if held.is_some() {
-                            format!("urgent finding {urgent} (result {}, {}) held: no notice until it is released", rec.id, rec.meta.urgent.as_deref().unwrap_or(""))
+                            format!("urgent finding {urgent} (result {}, {}) held: no notice until it is released", rec.id, rec.meta.arrival.urgent.as_deref().unwrap_or(""))
                         } else {
-                            format!("urgent finding {urgent} (result {}, {}): to be notified", rec.id, rec.meta.urgent.as_deref().unwrap_or(""))
+                            format!("urgent finding {urgent} (result {}, {}): to be notified", rec.id, rec.meta.arrival.urgent.as_deref().unwrap_or(""))
                         },
                     )
                     .instance(&rec.meta),

@@ -200,37 +200,42 @@ pub struct InstanceMeta {
     pub priority: Priority,
     #[serde(default, skip_serializing_if = "Role::is_current")]
     pub role: Role,
-    /// Accession Number (0008,0050), when the dataset has one. Not kept in
-    /// the record: the studies table keeps a keyed digest of it, to match
-    /// results by.
-    #[serde(skip)]
-    pub accession_number: Option<String>,
-    /// Issuer of Patient ID (0010,0021): kept (sealed) in the studies table
-    /// only, to query the PACS for priors.
-    #[serde(skip)]
-    pub issuer: Option<String>,
     /// A result that amends an earlier one (it has a Predecessor Documents
     /// Sequence).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub amendment: bool,
-    /// How it reached the box, for the `received` audit record only (a
-    /// result: "through the tunnel from WireGuard peer …").
+    /// What the ingress learned on arrival that the record does not keep.
     #[serde(skip)]
+    pub arrival: Arrival,
+}
+
+/// What the ingress learned of an instance as it arrived: used once, when
+/// the spool accepts it (studies table, urgent table, audit), and never
+/// stored in the instance's record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Arrival {
+    /// Accession Number (0008,0050): the studies table keeps a keyed digest
+    /// of it, to match results by.
+    pub accession_number: Option<String>,
+    /// Issuer of Patient ID (0010,0021): kept (sealed) in the studies table,
+    /// to query the PACS for priors.
+    pub issuer: Option<String>,
+    /// How it reached the box, for the `received` audit record (a result:
+    /// "through the tunnel from WireGuard peer …, DICOM signature verified").
     pub via: Option<String>,
     /// What a result says of itself (read by the ingress from SRs and
     /// encapsulated documents): kept, sealed, with an urgent notice only.
-    #[serde(skip)]
     pub report: Option<ReportFacts>,
     /// Why this result is an urgent finding (set by the ingress with
     /// `[urgent]`: priority HIGH, or a configured code in the report).
-    #[serde(skip)]
     pub urgent: Option<String>,
     /// Modality and Body Part Examined: kept per study in the studies
-    /// table only (the priors rules compare them).
-    #[serde(skip)]
+    /// table (the priors rules compare them).
     pub modality: Option<String>,
-    #[serde(skip)]
     pub body_part: Option<String>,
+    /// Why the ingress holds this result (its digital signature fails, or
+    /// it is unsigned where signatures are required).
+    pub hold: Option<String>,
 }
 
 /// What a report says of itself, as text (the spool does not parse DICOM;

@@ -11,14 +11,8 @@ fn meta(uid: &str) -> InstanceMeta {
         source_ip: "127.0.0.1".into(),
         priority: Priority::Medium,
         role: Default::default(),
-        accession_number: None,
-        issuer: None,
         amendment: false,
-        via: None,
-        report: None,
-        urgent: None,
-        modality: None,
-        body_part: None,
+        arrival: Default::default(),
     }
 }
 
@@ -739,7 +733,10 @@ fn result_meta(uid: &str, study: &str, accession: Option<&str>) -> InstanceMeta 
         study_instance_uid: study.into(),
         source_ae: "READCENTER".into(),
         role: Role::Result,
-        accession_number: accession.map(str::to_string),
+        arrival: Arrival {
+            accession_number: accession.map(str::to_string),
+            ..Default::default()
+        },
         ..meta(uid)
     }
 }
@@ -764,7 +761,7 @@ fn results_go_to_the_pacs_only_when_they_match_a_relayed_study() {
     let mut inc = spool.begin(b"H", "1.1").expect("begin");
     inc.write(b"image").expect("write");
     let mut m = meta("1.1");
-    m.accession_number = Some("ACC-7".into());
+    m.arrival.accession_number = Some("ACC-7".into());
     let study = queued(inc.commit(m, 2000).expect("commit"));
     assert_eq!(study.routes.len(), 1);
     assert_eq!(study.routes[0].destination, "center");
@@ -982,14 +979,17 @@ fn urgent_findings_keep_their_own_numbers_and_wait_while_held() {
         inc.write(b"report").expect("write");
         let m = InstanceMeta {
             priority: Priority::High,
-            report: Some(ReportFacts {
-                title: Some("Radiology Report".into()),
-                text: Some("Tension pneumothorax".into()),
-                made: None,
-                physician: Some("Sato^Hanako".into()),
-                codes: Vec::new(),
-            }),
-            urgent: Some("C-STORE priority HIGH".into()),
+            arrival: Arrival {
+                report: Some(ReportFacts {
+                    title: Some("Radiology Report".into()),
+                    text: Some("Tension pneumothorax".into()),
+                    made: None,
+                    physician: Some("Sato^Hanako".into()),
+                    codes: Vec::new(),
+                }),
+                urgent: Some("C-STORE priority HIGH".into()),
+                ..Default::default()
+            },
             ..result_meta(uid, study, None)
         };
         queued(inc.commit(m, 2000).expect("commit"))
