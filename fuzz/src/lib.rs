@@ -33,6 +33,7 @@ pub fn pdu(data: &[u8]) {
         max_pdu: 65536,
         sources_key: "dicom.sources",
         storage_classes: None,
+        query_retrieve: data.first().is_some_and(|b| b & 1 == 1),
     };
     for _ in 0..16 {
         match ready(wire::read_pdu(&mut input, &mut buf, 65536)) {
@@ -148,6 +149,11 @@ pub fn association(data: &[u8]) {
             abstract_syntax: "1.2.840.10008.1.1".into(),
             transfer_syntax: "1.2.840.10008.1.2".into(),
         },
+        AcceptedContext {
+            id: 7,
+            abstract_syntax: kakehashi_dicom::query::STUDY_ROOT_FIND.into(),
+            transfer_syntax: "1.2.840.10008.1.2".into(),
+        },
     ];
     let ids: Vec<u8> = contexts.iter().map(|c| c.id).collect();
     let mut scp = Scp::new(contexts);
@@ -189,6 +195,16 @@ pub fn association(data: &[u8]) {
                         *committing = Some(storing.take().expect("end without begin"));
                     }
                     Action::Refused { .. } => {}
+                    Action::Query(q) => {
+                        assert!(
+                            ids.contains(&q.context.id),
+                            "a query on an unaccepted context"
+                        );
+                        assert!(
+                            storing.is_none() && committing.is_none(),
+                            "a query during a store"
+                        );
+                    }
                     Action::Release | Action::Abort(_) => closed = true,
                 }
             }
@@ -200,10 +216,19 @@ pub fn association(data: &[u8]) {
         input = rest;
         let actions = match op % 8 {
             0 => scp.on_release(),
-            1 => scp.stored(u16::from(op) << 8, None),
+            1 => {
+                scp.answered();
+                scp.stored(u16::from(op) << 8, None)
+            }
             2 | 3 => {
                 let pc = [1, 3, 5, 7][usize::from(op >> 4) % 4];
-                let rq = if op & 1 == 0 {
+                let rq = if op & 0x40 != 0 {
+                    kakehashi_dicom::dimse::c_find_rq(
+                        u16::from(op),
+                        kakehashi_dicom::query::STUDY_ROOT_FIND,
+                        0,
+                    )
+                } else if op & 1 == 0 {
                     kakehashi_dicom::dimse::c_store_rq(u16::from(op), CT, "1.2.3.4", 0)
                 } else {
                     kakehashi_dicom::dimse::c_echo_rq(u16::from(op))

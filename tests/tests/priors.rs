@@ -511,3 +511,214 @@ fn the_rules_keep_priors_of_the_same_modality_and_body_part() {
         "the two most recent CT studies of the chest, not the MR or the head CT"
     );
 }
+
+/// Runs a DCMTK query/retrieve tool against the box's results port as the
+/// center (AE READCENTER); (exit success, stdout + stderr).
+fn as_center(tool: &str, port: u16, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(tool)
+        .env("TCP_NODELAY", "1")
+        .args(["-S", "-aet", "READCENTER", "-aec", "KAKEHASHI", "-v"])
+        .args(args)
+        .args(["127.0.0.1", &port.to_string()])
+        .output()
+        .expect(tool);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// findscu ran a query that the box answered with Success.
+fn ok_find(out: &str) -> bool {
+    out.contains("Received Final Find Response (Success)")
+}
+
+#[test]
+fn the_center_asks_for_more_only_about_patients_the_box_relayed() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let d = work.path();
+    let pacs = Orthanc::start_as(None, "HOSPITALPACS", serde_json::json!({}));
+    let center = StoreScp::start(free_port());
+    let results_port = free_port();
+    // No [priors]: nothing moves unless the center asks.
+    let mut opts = RelayOptions::to(center.port);
+    opts.extra_sources = "[[dicom.sources]]\nae_title = \"HOSPITALPACS\"\n".into();
+    opts.extra_toml = format!(
+        "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{}\"\n\n[results]\nlisten = \"127.0.0.1:{results_port}\"\nfrom = [\"READCENTER\"]\n",
+        pacs.dicom_port
+    );
+    let relay = Relay::start(opts);
+    orthanc_knows_the_box(&pacs, &relay);
+
+    let current = study(d, "cur", "CT", "PID-A", "20261120", 2);
+    let older = study(d, "older", "CT", "PID-A", "20200101", 3);
+    let other = study(d, "other", "CT", "PID-B", "20250601", 2);
+    for f in older.iter().chain(&other) {
+        pacs.upload(f);
+    }
+    assert!(storescu(relay.port, "MODALITY1", &current).success);
+    wait_until("the study at the center", Duration::from_secs(60), || {
+        center.files().len() == 2
+    });
+    let older_study = testdata::study_uid_of_file(&read(&older[0]));
+    let other_study = testdata::study_uid_of_file(&read(&other[0]));
+
+    // C-FIND by patient: the relayed patient's studies in the PACS are
+    // answered, another patient's are not, a wildcard is refused.
+    let (ok, out) = as_center(
+        "findscu",
+        results_port,
+        &[
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "PatientID=PID-A",
+            "-k",
+            "StudyInstanceUID",
+            "-k",
+            "StudyDate",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&older_study) && out.contains("20200101"),
+        "{out}"
+    );
+    let (_, out) = as_center(
+        "findscu",
+        results_port,
+        &[
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "PatientID=PID-B",
+            "-k",
+            "StudyInstanceUID",
+        ],
+    );
+    assert!(
+        ok_find(&out) && !out.contains(&other_study),
+        "another patient's study was answered: {out}"
+    );
+    let (_, out) = as_center(
+        "findscu",
+        results_port,
+        &[
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "PatientID=PID*",
+            "-k",
+            "StudyInstanceUID",
+        ],
+    );
+    assert!(
+        !out.contains(&other_study) && !out.contains(&older_study),
+        "{out}"
+    );
+    assert!(out.contains("UnableToProcess"), "{out}");
+    // By Study Instance UID alone: answered only for a relayed patient.
+    let (_, out) = as_center(
+        "findscu",
+        results_port,
+        &[
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            &format!("StudyInstanceUID={other_study}"),
+            "-k",
+            "PatientID",
+        ],
+    );
+    assert!(ok_find(&out) && !out.contains("PID-B"), "{out}");
+
+    // C-MOVE of the older study to the center: through the spool, byte-
+    // identical; the other patient's study is refused and never moves.
+    let (ok, out) = as_center(
+        "movescu",
+        results_port,
+        &[
+            "-aem",
+            "READCENTER",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            &format!("StudyInstanceUID={older_study}"),
+        ],
+    );
+    assert!(ok, "{out}");
+    wait_until(
+        "the older study at the center",
+        Duration::from_secs(60),
+        || center.files().len() == 5,
+    );
+    assert_identical_at_center(&center, &older);
+    let (_, out) = as_center(
+        "movescu",
+        results_port,
+        &[
+            "-aem",
+            "READCENTER",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            &format!("StudyInstanceUID={other_study}"),
+        ],
+    );
+    assert!(out.contains("Failed: UnableToProcess"), "{out}");
+    let (_, out) = as_center(
+        "movescu",
+        results_port,
+        &[
+            "-aem",
+            "ELSEWHERE",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            &format!("StudyInstanceUID={older_study}"),
+        ],
+    );
+    assert!(out.contains("Refused: MoveDestinationUnknown"), "{out}");
+    std::thread::sleep(Duration::from_secs(2));
+    let got: HashSet<String> = center.arrival_order().into_iter().collect();
+    assert!(
+        uids(&other).is_disjoint(&got),
+        "another patient's study moved"
+    );
+    assert_eq!(got.len(), 5);
+
+    // What was asked, answered and refused is in the audit trail, and the
+    // moved study is shown as a prior.
+    let audit: Vec<_> = relay
+        .audit()
+        .into_iter()
+        .filter(|a| a.event == kakehashi_control::AuditEvent::Query)
+        .collect();
+    assert_eq!(audit.len(), 7, "{audit:#?}");
+    assert!(audit.iter().all(|a| a.actor.starts_with("READCENTER@")));
+    assert!(
+        audit.iter().any(|a| a.detail.contains("withheld")),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.detail.contains("3 instance(s) into the spool")),
+        "{audit:#?}"
+    );
+    assert!(
+        audit.iter().any(|a| a.detail.contains("refused")
+            && a.detail.contains(&other_study)
+            && a.detail.contains("never relayed")),
+        "{audit:#?}"
+    );
+    assert!(
+        audit.iter().all(|a| !a.detail.contains("PID-")),
+        "patient IDs in the audit: {audit:#?}"
+    );
+    let list = studies(&relay);
+    assert!(
+        list.iter().any(|s| s.role == "prior" && s.instances == 3),
+        "{list:?}"
+    );
+}

@@ -185,6 +185,9 @@ pub struct ResultsConfig {
     pub trusted_signers: Vec<(PathBuf, Vec<u8>)>,
     /// `results.require_signature`: an unsigned result is held.
     pub require_signature: bool,
+    /// `results.queries` (default true): the center may C-FIND and C-MOVE
+    /// here; the box asks `[pacs]` itself, only for patients it relayed.
+    pub queries: bool,
 }
 
 /// The key store (`[tpm]`).

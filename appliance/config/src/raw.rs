@@ -113,6 +113,7 @@ struct RawResults {
     trusted_signers: Vec<String>,
     #[serde(default)]
     require_signature: bool,
+    queries: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -762,6 +763,7 @@ impl RawResults {
             sop_classes,
             trusted_signers,
             require_signature: self.require_signature,
+            queries: self.queries.unwrap_or(true),
         })
     }
 }

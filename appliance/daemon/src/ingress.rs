@@ -86,6 +86,7 @@ impl Kind {
                 max_pdu: config.dicom.max_pdu,
                 sources_key: "results.from",
                 storage_classes: Some(r.sop_classes.clone()),
+                query_retrieve: r.queries,
             },
             _ => Policy {
                 ae_title: config.dicom.ae_title.to_string(),
@@ -103,6 +104,7 @@ impl Kind {
                 max_pdu: config.dicom.max_pdu,
                 sources_key: "dicom.sources",
                 storage_classes: None,
+                query_retrieve: false,
             },
         }
     }
@@ -300,6 +302,7 @@ async fn association(
         peer,
         calling,
         scp: Scp::new(accepted.contexts),
+        peer_max_pdu: accepted.peer_max_pdu,
         receiving: None,
         stored: 0,
         high_priority,
@@ -382,6 +385,8 @@ struct Session<'a> {
     peer: SocketAddr,
     calling: String,
     scp: Scp,
+    /// Largest PDU the peer takes (for C-FIND answers).
+    peer_max_pdu: u32,
     receiving: Option<Receiving>,
     stored: u64,
     /// The source is configured `priority = "high"`.
@@ -487,6 +492,18 @@ impl Session<'_> {
                     tracing::warn!(peer = %self.peer, calling_ae = %self.calling, %sop_instance, status = format!("0x{status:04X}"), "instance refused: {comment}");
                     self.refusal_audit(&sop_instance, status, &comment).await;
                 }
+                Action::Query(q) => {
+                    let who = crate::ondemand::Asker {
+                        shared: self.shared,
+                        calling: &self.calling,
+                        peer: self.peer,
+                        peer_max_pdu: self.peer_max_pdu,
+                    };
+                    crate::ondemand::answer(&who, stream, q)
+                        .await
+                        .map_err(|e| gone(e.to_string()))?;
+                    self.scp.answered();
+                }
                 Action::Release => {
                     let _ = wire::write_pdu(stream, &Pdu::ReleaseRP).await;
                     return Ok(true);
@@ -510,11 +527,18 @@ impl Session<'_> {
             );
         };
         let request = &r.request;
-        // A C-STORE caused by our own C-MOVE of a prior study.
+        // A C-STORE caused by our own C-MOVE: a prior study, or one the
+        // center asked for (`ondemand`).
         let prior_of = match (&request.move_originator, &self.shared.config.pacs) {
             (Some(orig), Some(p))
                 if self.role == Role::Current
-                    && self.shared.config.priors.is_some()
+                    && (self.shared.config.priors.is_some()
+                        || self
+                            .shared
+                            .config
+                            .results
+                            .as_ref()
+                            .is_some_and(|r| r.queries))
                     && p.calling_ae_title.as_str() == orig =>
             {
                 Some(request.move_originator_id.unwrap_or(0))

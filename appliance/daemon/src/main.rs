@@ -41,6 +41,7 @@ mod ingress;
 mod keys;
 mod logging;
 mod notify;
+mod ondemand;
 mod prefetch;
 mod rejections;
 mod schedule;

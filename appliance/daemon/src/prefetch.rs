@@ -149,6 +149,24 @@ async fn attempt(
     let (Some(pacs), Some(cfg)) = (&shared.config.pacs, &shared.config.priors) else {
         return Err("no [pacs]".into());
     };
+    let mut scu = connect_pacs(pacs).await.map_err(|e| e.to_string())?;
+    let result = match state.state {
+        PrefetchState::Retrieving => retrieve(shared, &mut scu, uid, state)
+            .await
+            .map(Step::Retrieved),
+        _ => choose(shared, &mut scu, uid, entry, cfg)
+            .await
+            .map(Step::Chosen),
+    };
+    scu.release().await;
+    result
+}
+
+/// An association with the hospital's PACS for Study Root C-FIND and
+/// C-MOVE (priors, and the center's own requests).
+pub async fn connect_pacs(
+    pacs: &kakehashi_config::Destination,
+) -> Result<Scu, kakehashi_dicom::scu::ScuError> {
     let opts = ScuOptions {
         calling_ae: pacs.calling_ae_title.to_string(),
         called_ae: pacs.ae_title.to_string(),
@@ -160,19 +178,7 @@ async fn attempt(
         (STUDY_ROOT_FIND.to_string(), IMPLICIT_VR_LE.to_string()),
         (STUDY_ROOT_MOVE.to_string(), IMPLICIT_VR_LE.to_string()),
     ];
-    let mut scu = Scu::connect(&pacs.address, &opts, &contexts)
-        .await
-        .map_err(|e| e.to_string())?;
-    let result = match state.state {
-        PrefetchState::Retrieving => retrieve(shared, &mut scu, uid, state)
-            .await
-            .map(Step::Retrieved),
-        _ => choose(shared, &mut scu, uid, entry, cfg)
-            .await
-            .map(Step::Chosen),
-    };
-    scu.release().await;
-    result
+    Scu::connect(&pacs.address, &opts, &contexts).await
 }
 
 async fn choose(

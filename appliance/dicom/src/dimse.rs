@@ -10,6 +10,7 @@ pub const C_FIND_RQ: u16 = 0x0020;
 pub const C_FIND_RSP: u16 = 0x8020;
 pub const C_MOVE_RQ: u16 = 0x0021;
 pub const C_MOVE_RSP: u16 = 0x8021;
+pub const C_CANCEL_RQ: u16 = 0x0FFF;
 
 pub const NO_DATASET: u16 = 0x0101;
 
@@ -122,6 +123,10 @@ impl Command {
     }
     pub fn affected_sop_instance(&self) -> Option<String> {
         self.text(AFFECTED_SOP_INSTANCE)
+    }
+    /// Move Destination (0000,0600) of a C-MOVE-RQ.
+    pub fn move_destination(&self) -> Option<String> {
+        self.text(MOVE_DESTINATION).filter(|t| !t.is_empty())
     }
     pub fn move_originator(&self) -> Option<String> {
         self.text(MOVE_ORIGINATOR_AE).filter(|t| !t.is_empty())
@@ -254,6 +259,57 @@ pub fn c_move_rq(message_id: u16, sop_class: &str, priority: u16, destination: &
         .text(MOVE_DESTINATION, destination)
         .us(PRIORITY, priority)
         .us(DATASET_TYPE, 0x0000)
+        .finish()
+}
+
+/// A C-FIND-RSP: pending ones carry an identifier (`with_dataset`).
+pub fn c_find_rsp(
+    responded_to: u16,
+    sop_class: &str,
+    status: u16,
+    with_dataset: bool,
+    comment: Option<&str>,
+) -> Vec<u8> {
+    let b = Builder::default()
+        .uid(AFFECTED_SOP_CLASS, sop_class)
+        .us(COMMAND_FIELD, C_FIND_RSP)
+        .us(RESPONDED_TO, responded_to)
+        .us(DATASET_TYPE, if with_dataset { 0x0000 } else { NO_DATASET })
+        .us(STATUS, status);
+    match comment {
+        Some(c) => b.text(ERROR_COMMENT, c),
+        None => b,
+    }
+    .finish()
+}
+
+/// A C-MOVE-RSP with its sub-operation counts (remaining only while
+/// pending).
+pub fn c_move_rsp(
+    responded_to: u16,
+    sop_class: &str,
+    status: u16,
+    ops: crate::query::SubOperations,
+    comment: Option<&str>,
+) -> Vec<u8> {
+    let b = Builder::default()
+        .uid(AFFECTED_SOP_CLASS, sop_class)
+        .us(COMMAND_FIELD, C_MOVE_RSP)
+        .us(RESPONDED_TO, responded_to)
+        .us(DATASET_TYPE, NO_DATASET)
+        .us(STATUS, status);
+    let b = match comment {
+        Some(c) => b.text(ERROR_COMMENT, c),
+        None => b,
+    };
+    let b = if is_pending(status) {
+        b.us(REMAINING, ops.remaining)
+    } else {
+        b
+    };
+    b.us(COMPLETED, ops.completed)
+        .us(FAILED, ops.failed)
+        .us(WARNING, ops.warning)
         .finish()
 }
 

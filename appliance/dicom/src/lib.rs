@@ -10,6 +10,7 @@
 //! - [`wire`]: read/write one PDU on an async stream, with a size limit
 //! - [`negotiate`]: A-ASSOCIATE-RQ → AC or RJ, a pure function
 //! - [`scp`]: the rest of an association as the SCP: PDVs in, actions out
+//!   (C-STORE, C-ECHO; C-FIND/C-MOVE identifiers handed to the driver)
 //! - [`dimse`]: command sets (C-ECHO, C-STORE) in implicit VR little endian
 //! - [`scan`]: study and patient IDs from the first bytes of a dataset, and
 //!   a report's title, finding, time and physician (urgent notices)
@@ -19,7 +20,7 @@
 //! - [`query`]: query/retrieve identifiers (implicit VR LE, text values)
 //! - [`signature`]: verifies a result's DICOM digital signatures (PS3.15)
 //!
-//! Not here: C-GET, TLS, answering C-FIND/C-MOVE. An asynchronous
+//! Not here: C-GET, TLS. An asynchronous
 //! operations window is answered with 1/1: one outstanding operation per
 //! association, in both directions.
 

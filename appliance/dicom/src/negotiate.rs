@@ -28,6 +28,9 @@ pub struct Policy {
     pub sources_key: &'static str,
     /// `None`: every storage SOP class; otherwise only these.
     pub storage_classes: Option<Vec<String>>,
+    /// Also accept Study Root C-FIND and C-MOVE (the results port, where the
+    /// center asks the box for more of a patient's studies).
+    pub query_retrieve: bool,
 }
 
 /// A calling AE title allowed to send, optionally only from some addresses.
@@ -172,7 +175,10 @@ pub fn negotiate(
             .map(|t| trim_uid(t))
             .filter(|t| is_valid_uid(t))
             .collect();
-        let outcome = if abstract_syntax == VERIFICATION {
+        let query = policy.query_retrieve
+            && (abstract_syntax == crate::query::STUDY_ROOT_FIND
+                || abstract_syntax == crate::query::STUDY_ROOT_MOVE);
+        let outcome = if abstract_syntax == VERIFICATION || query {
             offered
                 .iter()
                 .find(|t| **t == IMPLICIT_VR_LE)
@@ -286,6 +292,7 @@ mod tests {
             max_pdu: 65536,
             sources_key: "dicom.sources",
             storage_classes: None,
+            query_retrieve: false,
         }
     }
 

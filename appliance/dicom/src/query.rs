@@ -26,10 +26,15 @@ pub mod tag {
     pub const BODY_PART_EXAMINED: u32 = 0x0018_0015;
     pub const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
     pub const SERIES_INSTANCE_UID: u32 = 0x0020_000E;
+    pub const SOP_INSTANCE_UID: u32 = 0x0008_0018;
     pub const NUMBER_OF_STUDY_RELATED_INSTANCES: u32 = 0x0020_1208;
 }
 
-const UI_TAGS: [u32; 2] = [tag::STUDY_INSTANCE_UID, tag::SERIES_INSTANCE_UID];
+const UI_TAGS: [u32; 3] = [
+    tag::STUDY_INSTANCE_UID,
+    tag::SERIES_INSTANCE_UID,
+    tag::SOP_INSTANCE_UID,
+];
 
 /// A flat identifier: tag → text value (empty: "return this key").
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -113,6 +118,36 @@ impl Identifier {
         }
         Some(Identifier { values })
     }
+}
+
+/// `raw` (an implicit VR LE identifier) with an empty `tag` inserted in tag
+/// order at the top level if it has none, so the peer returns it; every
+/// other byte unchanged. `None` when `raw` is not a dataset.
+pub fn with_return_key(raw: &[u8], tag: u32) -> Option<Vec<u8>> {
+    let mut pos = 0;
+    while pos < raw.len() {
+        let (t, len) = header(raw, pos)?;
+        if t == tag {
+            return Some(raw.to_vec());
+        }
+        if t > tag {
+            break;
+        }
+        pos = match len {
+            Some(len) => (pos + 8).checked_add(len as usize)?,
+            None => skip_undefined(raw, pos + 8, 0)?,
+        };
+        if pos > raw.len() {
+            return None;
+        }
+    }
+    let mut out = Vec::with_capacity(raw.len() + 8);
+    out.extend_from_slice(&raw[..pos]);
+    out.extend_from_slice(&((tag >> 16) as u16).to_le_bytes());
+    out.extend_from_slice(&(tag as u16).to_le_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&raw[pos..]);
+    Some(out)
 }
 
 const ITEM: u32 = 0xFFFE_E000;
@@ -206,6 +241,28 @@ mod tests {
         assert_eq!(id.get(tag::STUDY_INSTANCE_UID), Some("9.9"));
         for cut in 0..bytes.len() {
             let _ = Identifier::decode(&bytes[..cut]);
+            let _ = with_return_key(&bytes[..cut], tag::PATIENT_ID);
         }
+    }
+
+    #[test]
+    fn a_return_key_is_inserted_in_order_and_nothing_else_changes() {
+        let raw = Identifier::new()
+            .with(tag::QUERY_RETRIEVE_LEVEL, "STUDY")
+            .with(tag::STUDY_INSTANCE_UID, "1.2.3")
+            .encode();
+        let with = with_return_key(&raw, tag::PATIENT_ID).expect("a dataset");
+        let want = Identifier::new()
+            .with(tag::QUERY_RETRIEVE_LEVEL, "STUDY")
+            .with(tag::PATIENT_ID, "")
+            .with(tag::STUDY_INSTANCE_UID, "1.2.3")
+            .encode();
+        assert_eq!(with, want);
+        // Present already (even empty): unchanged.
+        assert_eq!(with_return_key(&want, tag::PATIENT_ID), Some(want.clone()));
+        // At the end.
+        let last = with_return_key(&raw, 0x0040_0000).expect("a dataset");
+        assert_eq!(&last[..raw.len()], &raw[..]);
+        assert_eq!(with_return_key(&raw[..5], tag::PATIENT_ID), None);
     }
 }

@@ -38,6 +38,19 @@ pub struct StoreRequest {
     pub move_originator_id: Option<u16>,
 }
 
+/// A C-FIND or C-MOVE from the peer (on a port that accepts them), with
+/// its identifier as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryRequest {
+    pub message_id: u16,
+    pub context: AcceptedContext,
+    pub priority: u16,
+    /// `None` for a C-FIND; the Move Destination AE title for a C-MOVE.
+    pub move_destination: Option<String>,
+    /// The identifier dataset, in the context's transfer syntax.
+    pub identifier: Vec<u8>,
+}
+
 /// What the driver must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -61,6 +74,9 @@ pub enum Action {
         status: u16,
         comment: String,
     },
+    /// Answer this query or retrieval (responses on its context), then
+    /// call [`Scp::answered`].
+    Query(QueryRequest),
     /// Answer the A-RELEASE-RQ with A-RELEASE-RP and close.
     Release,
     /// A protocol error: send A-ABORT and close.
@@ -92,6 +108,12 @@ enum State {
     Committing {
         request: StoreRequest,
     },
+    /// A C-FIND/C-MOVE identifier arriving.
+    Identifier {
+        request: QueryRequest,
+    },
+    /// Waiting for [`Scp::answered`].
+    Answering,
     /// Released or aborted: nothing more.
     Closed,
 }
@@ -132,6 +154,28 @@ impl Scp {
         match std::mem::replace(&mut self.state, State::Closed) {
             State::Closed => vec![Action::Abort("data after the association ended".into())],
             State::Committing { .. } => self.fail("data before the previous C-STORE was answered"),
+            State::Answering => self.fail("data before the previous query was answered"),
+            State::Identifier { mut request } => {
+                if pdv.command || pdv.pc_id != request.context.id {
+                    return self.fail(format!(
+                        "{} on presentation context {} during the identifier of a request on context {}",
+                        if pdv.command { "command" } else { "data" },
+                        pdv.pc_id,
+                        request.context.id
+                    ));
+                }
+                request.identifier.extend_from_slice(&pdv.data);
+                if request.identifier.len() > MAX_COMMAND {
+                    return self.fail(format!("identifier larger than {MAX_COMMAND} bytes"));
+                }
+                if pdv.last {
+                    self.state = State::Answering;
+                    vec![Action::Query(request)]
+                } else {
+                    self.state = State::Identifier { request };
+                    Vec::new()
+                }
+            }
             State::Idle if !pdv.command => self.fail("dataset fragment without a command"),
             State::Idle => self.command_fragment(pdv.pc_id, Vec::new(), pdv),
             State::Command { pc, bytes } if pdv.command && pdv.pc_id == pc => {
@@ -260,9 +304,56 @@ impl Scp {
                 };
                 vec![Action::StoreBegin(request)]
             }
+            dimse::C_FIND_RQ | dimse::C_MOVE_RQ => {
+                let wanted = if field == dimse::C_FIND_RQ {
+                    crate::query::STUDY_ROOT_FIND
+                } else {
+                    crate::query::STUDY_ROOT_MOVE
+                };
+                if pc.abstract_syntax != wanted {
+                    return self.fail(format!(
+                        "{} on presentation context {pc_id}, which is for {}",
+                        if field == dimse::C_FIND_RQ {
+                            "C-FIND"
+                        } else {
+                            "C-MOVE"
+                        },
+                        pc.abstract_syntax
+                    ));
+                }
+                if !cmd.has_dataset() {
+                    return self.fail("C-FIND/C-MOVE request without an identifier");
+                }
+                self.state = State::Identifier {
+                    request: QueryRequest {
+                        message_id,
+                        context: pc,
+                        priority: cmd.priority(),
+                        move_destination: if field == dimse::C_MOVE_RQ {
+                            Some(cmd.move_destination().unwrap_or_default())
+                        } else {
+                            None
+                        },
+                        identifier: Vec::new(),
+                    },
+                };
+                Vec::new()
+            }
+            // A cancel for a request already answered: nothing to do.
+            dimse::C_CANCEL_RQ => {
+                self.state = State::Idle;
+                Vec::new()
+            }
             other => self.fail(format!(
                 "unsupported DIMSE command 0x{other:04X} (this port accepts C-ECHO and C-STORE)"
             )),
+        }
+    }
+
+    /// The driver has sent the last response to the current query.
+    pub fn answered(&mut self) {
+        if matches!(self.state, State::Answering) {
+            self.state = State::Idle;
         }
     }
 
@@ -355,6 +446,11 @@ mod tests {
                 abstract_syntax: crate::uids::VERIFICATION.into(),
                 transfer_syntax: IMPLICIT.into(),
             },
+            AcceptedContext {
+                id: 7,
+                abstract_syntax: crate::query::STUDY_ROOT_FIND.into(),
+                transfer_syntax: IMPLICIT.into(),
+            },
         ])
     }
 
@@ -443,5 +539,50 @@ mod tests {
         let mut s = scp();
         s.on_pdv(pdv(1, true, true, &dimse::c_store_rq(1, CT, "1.2.3", 0)));
         assert!(matches!(s.on_release().as_slice(), [Action::Abort(_)]));
+    }
+
+    #[test]
+    fn a_query_is_handed_over_whole_and_nothing_is_read_until_it_is_answered() {
+        let mut s = scp();
+        let find = dimse::c_find_rq(4, crate::query::STUDY_ROOT_FIND, 0);
+        // A C-FIND on a storage context is a protocol error.
+        let mut wrong = scp();
+        assert!(matches!(
+            wrong.on_pdv(pdv(1, true, true, &find)).as_slice(),
+            [Action::Abort(_)]
+        ));
+        assert!(s.on_pdv(pdv(7, true, true, &find)).is_empty());
+        assert!(s.on_pdv(pdv(7, false, false, b"abcd")).is_empty());
+        let a = s.on_pdv(pdv(7, false, true, b"ef"));
+        let [Action::Query(q)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        assert_eq!(
+            (q.message_id, q.context.id, q.move_destination.clone()),
+            (4, 7, None)
+        );
+        assert_eq!(q.identifier, b"abcdef");
+        // Answering: another command now is a protocol error.
+        let mut busy = std::mem::replace(&mut s, scp());
+        let echo = dimse::c_echo_rq(5);
+        assert!(matches!(
+            busy.on_pdv(pdv(5, true, true, &echo)).as_slice(),
+            [Action::Abort(_)]
+        ));
+        // Answered: the association goes on; a late C-CANCEL is ignored.
+        let mut s = scp();
+        s.on_pdv(pdv(7, true, true, &find));
+        s.on_pdv(pdv(7, false, true, b"ab"));
+        s.answered();
+        assert!(s.is_idle());
+        let mut cancel = dimse::c_echo_rq(4);
+        // (0000,0100) Command Field of the echo, patched to C-CANCEL-RQ.
+        let at = cancel
+            .windows(2)
+            .position(|w| w == [0x30, 0x00])
+            .expect("field");
+        cancel[at..at + 2].copy_from_slice(&dimse::C_CANCEL_RQ.to_le_bytes());
+        assert!(s.on_pdv(pdv(7, true, true, &cancel)).is_empty());
+        assert_eq!(response_pc(&s.on_pdv(pdv(5, true, true, &echo))), Some(5));
     }
 }

@@ -356,11 +356,34 @@ impl Scu {
         sop_class: &str,
         identifier: &crate::query::Identifier,
     ) -> Result<(u16, Vec<crate::query::Identifier>), ScuError> {
+        let (status, raw) = self
+            .find_raw(pc_id, sop_class, &identifier.encode())
+            .await?;
+        let answers = raw
+            .iter()
+            .map(|d| {
+                crate::query::Identifier::decode(d).ok_or_else(|| ScuError::Protocol {
+                    peer: self.peer.clone(),
+                    detail: "a C-FIND answer is not a readable dataset".into(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((status, answers))
+    }
+
+    /// C-FIND with an identifier as bytes; the answers as the peer sent
+    /// them (to pass them on unchanged), and the final status.
+    pub async fn find_raw(
+        &mut self,
+        pc_id: u8,
+        sop_class: &str,
+        identifier: &[u8],
+    ) -> Result<(u16, Vec<Vec<u8>>), ScuError> {
         let id = self.next_message_id();
         self.send_request(
             pc_id,
             &dimse::c_find_rq(id, sop_class, 0),
-            &identifier.encode(),
+            identifier,
             "sending a C-FIND-RQ",
         )
         .await?;
@@ -372,14 +395,7 @@ impl Scu {
             if !dimse::is_pending(status) {
                 return Ok((status, answers));
             }
-            if let Some(d) = data {
-                answers.push(crate::query::Identifier::decode(&d).ok_or_else(|| {
-                    ScuError::Protocol {
-                        peer: self.peer.clone(),
-                        detail: "a C-FIND answer is not a readable dataset".into(),
-                    }
-                })?);
-            }
+            answers.extend(data);
         }
     }
 
@@ -430,29 +446,13 @@ impl Scu {
             wire::send_command(&mut self.stream, pc_id, command),
         )
         .await?;
-        // Identifiers are small, but a peer may announce a small maximum PDU.
-        let max = match self.peer_max_pdu {
-            0 => 1 << 20,
-            n => (n.min(1 << 20) as usize).saturating_sub(6).max(2) & !1,
-        };
-        let chunks: Vec<&[u8]> = if dataset.is_empty() {
-            vec![&[][..]]
-        } else {
-            dataset.chunks(max).collect()
-        };
-        let last = chunks.len() - 1;
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            self.frame.resize(PDATA_OVERHEAD + chunk.len(), 0);
-            self.frame[PDATA_OVERHEAD..].copy_from_slice(chunk);
-            wire::frame_pdata(&mut self.frame, pc_id, false, i == last);
-            let write = async {
-                self.stream
-                    .write_all(&self.frame)
-                    .await
-                    .map_err(WireError::Io)
-            };
-            within(&self.peer, what, after, write).await?;
-        }
+        within(
+            &self.peer,
+            what,
+            after,
+            wire::send_dataset(&mut self.stream, pc_id, dataset, self.peer_max_pdu),
+        )
+        .await?;
         Ok(())
     }
 

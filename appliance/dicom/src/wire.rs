@@ -254,6 +254,33 @@ pub async fn send_command<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Sends a dataset on `pc_id` in P-DATA PDUs no larger than the peer
+/// accepts (`peer_max_pdu`, 0 = no limit; at most 1 MiB each).
+pub async fn send_dataset<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    pc_id: u8,
+    bytes: &[u8],
+    peer_max_pdu: u32,
+) -> Result<(), WireError> {
+    let max = match peer_max_pdu {
+        0 => 1 << 20,
+        n => ((n.min(1 << 20) as usize).saturating_sub(6)).max(2) & !1,
+    };
+    let chunks: Vec<&[u8]> = if bytes.is_empty() {
+        vec![&[][..]]
+    } else {
+        bytes.chunks(max).collect()
+    };
+    let last = chunks.len() - 1;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let mut frame = vec![0u8; PDATA_OVERHEAD + chunk.len()];
+        frame[PDATA_OVERHEAD..].copy_from_slice(chunk);
+        frame_pdata(&mut frame, pc_id, false, i == last);
+        writer.write_all(&frame).await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

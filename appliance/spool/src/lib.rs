@@ -1302,6 +1302,38 @@ impl Spool {
         Ok(out)
     }
 
+    /// Whether the hospital sent this box a study of the patient (a current
+    /// study in the studies table with this Patient ID, and the same Issuer
+    /// of Patient ID where both have one): the center's own queries are
+    /// answered only for such patients. Reads the whole studies table.
+    pub fn relayed_patient(
+        &self,
+        patient_id: &str,
+        issuer: Option<&str>,
+    ) -> Result<bool, SpoolError> {
+        let patient_id = patient_id.trim();
+        if patient_id.is_empty() {
+            return Ok(false);
+        }
+        for (uid, e) in self.studies()? {
+            if e.role != Role::Current {
+                continue;
+            }
+            let opened = |v: &Option<String>| v.as_deref().and_then(|v| self.open_text(&uid, v));
+            if opened(&e.patient).as_deref().map(str::trim) != Some(patient_id) {
+                continue;
+            }
+            match (
+                issuer.map(str::trim).filter(|i| !i.is_empty()),
+                opened(&e.issuer),
+            ) {
+                (Some(asked), Some(known)) if asked != known.trim() => continue,
+                _ => return Ok(true),
+            }
+        }
+        Ok(false)
+    }
+
     /// Opens a value sealed in the studies table (Patient ID, issuer).
     pub fn open_study_value(&self, uid: &str, value: &str) -> Option<String> {
         self.open_text(uid, value)

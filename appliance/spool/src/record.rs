@@ -437,6 +437,9 @@ pub enum AuditEvent {
     /// An urgent result: received, notified, escalated, a notice that
     /// failed, acknowledged.
     Urgent,
+    /// The reading center asked the box to find or retrieve studies in the
+    /// hospital's PACS: what was asked, answered, withheld or refused.
+    Query,
 }
 
 impl AuditRecord {
