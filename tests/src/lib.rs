@@ -809,11 +809,21 @@ impl Orthanc {
     /// loopback), knowing the DICOM peers in `modalities`
     /// (`{"name": [AE, host, port]}`).
     pub fn start_as(ns: Option<&str>, aet: &str, modalities: serde_json::Value) -> Orthanc {
+        Orthanc::start_on(ns, aet, free_port(), modalities)
+    }
+
+    /// Like [`Orthanc::start_as`], with DICOM on `dicom_port`.
+    pub fn start_on(
+        ns: Option<&str>,
+        aet: &str,
+        dicom_port: u16,
+        modalities: serde_json::Value,
+    ) -> Orthanc {
         let dir = tempfile::Builder::new()
             .prefix("orthanc-")
             .tempdir()
             .expect("tempdir");
-        let (dicom_port, http_port) = (free_port(), free_port());
+        let http_port = free_port();
         let cfg = serde_json::json!({
             "Name": aet,
             "DicomModalities": modalities,
@@ -960,4 +970,58 @@ fn meta_element(bytes: &[u8], wanted: u16) -> Option<String> {
         pos += hdr + len;
     }
     None
+}
+
+/// aiosmtpd storing every message it accepts in a Maildir.
+#[derive(Debug)]
+pub struct Smtp {
+    pub maildir: PathBuf,
+    _proc: Proc,
+}
+
+impl Smtp {
+    pub fn start(port: u16, maildir: &Path) -> Smtp {
+        Smtp::start_at(None, "127.0.0.1", port, maildir)
+    }
+
+    /// In namespace `ns`, listening on `host`:`port`.
+    pub fn start_at(ns: Option<&str>, host: &str, port: u16, maildir: &Path) -> Smtp {
+        let proc = netns::ns_command(ns, "/usr/bin/python3")
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("{host}:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(maildir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start aiosmtpd (apt-get install python3-aiosmtpd)");
+        match ns {
+            Some(ns) => netns::wait_port_in(ns, &format!("{host}:{port}"), "aiosmtpd to listen"),
+            None => wait_port(port, "aiosmtpd to listen"),
+        }
+        Smtp {
+            maildir: maildir.to_path_buf(),
+            _proc: Proc(proc),
+        }
+    }
+
+    /// Every message received, oldest first.
+    pub fn messages(&self) -> Vec<String> {
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> =
+            std::fs::read_dir(self.maildir.join("new"))
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| {
+                            let t = e.metadata().and_then(|m| m.modified()).expect("mtime");
+                            (t, e.path())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+        files.sort();
+        files
+            .into_iter()
+            .map(|(_, p)| std::fs::read_to_string(p).expect("read mail"))
+            .collect()
+    }
 }

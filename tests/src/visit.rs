@@ -14,6 +14,10 @@ pub const CENTER_DICOM_PORT: u16 = 11113;
 pub const PACS_PORT: u16 = 11104;
 /// The hospital PACS's AE title (allowed to send, from the hospital's address).
 pub const PACS_AE: &str = "HOSPITALPACS";
+/// The hospital's SMTP relay (urgent findings), on the hospital's address.
+pub const SMTP_PORT: u16 = 2525;
+/// Where the box takes the center's results, on its tunnel address.
+pub const RESULTS_PORT: u16 = 11114;
 
 #[derive(Debug)]
 pub struct Visit {
@@ -49,6 +53,20 @@ impl Visit {
     /// Namespaces, swtpm and a site file for them (the hospital's PACS at
     /// [`PACS_PORT`], the center's DICOM node at [`CENTER_DICOM_PORT`]).
     pub fn new() -> Visit {
+        Visit::with_site_sections("")
+    }
+
+    /// The clinical round trip too: reports back to the hospital's PACS,
+    /// urgent findings (SNOMED 36118008, pneumothorax) mailed through the
+    /// hospital's relay at [`SMTP_PORT`].
+    pub fn with_round_trip() -> Visit {
+        Visit::with_site_sections(&format!(
+            "\n[results]\n\n[urgent]\nack_within = \"10 min\"\ncodes = [\"SCT:36118008\"]\n\n[urgent.email]\nrelay = \"{HOSPITAL_IP}:{SMTP_PORT}\"\nfrom = \"kakehashi@hospital.test\"\nto = [\"radiology-referrers@hospital.test\"]\nescalate_to = [\"head-of-radiology@hospital.test\"]\n"
+        ))
+    }
+
+    /// Site file sections `extra` (TOML) after the usual ones.
+    fn with_site_sections(extra: &str) -> Visit {
         let site = Site::new();
         let swtpm = Swtpm::start(Some(site.boxns.name()));
         let dir = tempfile::tempdir().expect("tempdir");
@@ -84,7 +102,7 @@ key_dir = "{keys}"
 [spool]
 dir = "{spool}"
 max_size = "1 GiB"
-"#,
+{extra}"#,
             iface = site.box_interface,
             socket = socket.display(),
             center = site.center_public,

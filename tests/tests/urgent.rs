@@ -58,51 +58,6 @@ impl Ris {
     }
 }
 
-/// aiosmtpd storing every message it accepts in a Maildir.
-struct Smtp {
-    maildir: PathBuf,
-    _proc: Proc,
-}
-
-impl Smtp {
-    fn start(port: u16, maildir: &Path) -> Smtp {
-        let proc = Command::new("/usr/bin/python3")
-            .args(["-m", "aiosmtpd", "-n", "-l"])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(["-c", "aiosmtpd.handlers.Mailbox"])
-            .arg(maildir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start aiosmtpd (apt-get install python3-aiosmtpd)");
-        wait_port(port, "aiosmtpd to listen");
-        Smtp {
-            maildir: maildir.to_path_buf(),
-            _proc: Proc(proc),
-        }
-    }
-
-    /// Every message received, oldest first.
-    fn messages(&self) -> Vec<String> {
-        let mut files: Vec<(std::time::SystemTime, PathBuf)> =
-            std::fs::read_dir(self.maildir.join("new"))
-                .map(|d| {
-                    d.filter_map(|e| e.ok())
-                        .map(|e| {
-                            let t = e.metadata().and_then(|m| m.modified()).expect("mtime");
-                            (t, e.path())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-        files.sort();
-        files
-            .into_iter()
-            .map(|(_, p)| std::fs::read_to_string(p).expect("read mail"))
-            .collect()
-    }
-}
-
 fn urgent(relay: &Relay) -> Vec<UrgentInfo> {
     match relay.request(&Request::Urgent) {
         Response::Urgent { entries } => entries,

@@ -6,7 +6,8 @@
 //! The firewall: input dropped unless it is loopback, a reply to what the
 //! box opened, the DICOM port on the LAN from the configured sources'
 //! addresses (echo requests too, for the hospital's IT), WireGuard's port on
-//! the WAN, and DHCP replies where DHCP is used; nothing is forwarded; out on
+//! the WAN, the results port on the tunnel from the center's networks (with
+//! `[results]`), and DHCP replies where DHCP is used; nothing is forwarded; out on
 //! the WAN only WireGuard (to the endpoint's port, and its address when it
 //! is literal), DNS and NTP; on the LAN and into the tunnel, anything the
 //! box opens. Without a config everything but loopback is dropped.
@@ -150,6 +151,21 @@ pub fn nftables(config: Option<&Config>) -> String {
             ));
         }
         output.push(format!("oifname \"{}\" accept", t.interface));
+        // The center's results (and its queries) come in through the tunnel
+        // only, from the peer's networks, to the results port.
+        if let Some(res) = &c.results {
+            for (family, v4) in [("ip", true), ("ip6", false)] {
+                let n = nets(t.peer.allowed_ips.iter().copied(), v4);
+                if !n.is_empty() {
+                    input.push(format!(
+                        "iifname \"{}\" {family} saddr {{ {} }} tcp dport {} accept",
+                        t.interface,
+                        n.join(", "),
+                        res.listen.port()
+                    ));
+                }
+            }
+        }
         let (host, port) = t.peer.endpoint.rsplit_once(':').unwrap_or(("", "51820"));
         match host.trim_matches(['[', ']']).parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => output.push(format!(
@@ -192,11 +208,12 @@ pub fn nftables(config: Option<&Config>) -> String {
 }
 
 fn source_nets(c: &Config, v4: bool) -> Vec<String> {
-    let mut out: Vec<String> = c
-        .dicom
-        .sources
-        .iter()
-        .filter_map(|s| s.address)
+    nets(c.dicom.sources.iter().filter_map(|s| s.address), v4)
+}
+
+/// The IPv4 (or IPv6) networks among `all`, as nftables writes them, sorted.
+fn nets(all: impl Iterator<Item = IpNet>, v4: bool) -> Vec<String> {
+    let mut out: Vec<String> = all
         .filter(|a| a.addr().is_ipv4() == v4)
         .map(|a| base(&a))
         .collect();
@@ -234,6 +251,12 @@ address = ["10.8.0.2/24"]
 public_key = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
 endpoint = "wg.center.example:51820"
 allowed_ips = ["10.8.0.0/24", "10.9.0.0/16"]
+[pacs]
+ae_title = "PACS"
+address = "192.0.2.10:104"
+[results]
+listen = "10.8.0.2:11114"
+from = ["READCENTER"]
 [network]
 [network.lan]
 interface = "enp0s3"
@@ -275,6 +298,12 @@ address = "dhcp"
         assert!(
             !r.contains("iifname \"enp0s4\" tcp"),
             "no TCP in from the WAN\n{r}"
+        );
+        assert!(
+            r.contains(
+                "iifname \"kk0\" ip saddr { 10.8.0.0/24, 10.9.0.0/16 } tcp dport 11114 accept"
+            ),
+            "results through the tunnel only\n{r}"
         );
         let closed = nftables(None);
         assert!(

@@ -23,6 +23,13 @@ pub struct Site {
     spool: SiteSpool,
     /// The appliance image's ports; copied into the config as it is.
     network: Option<SiteNetwork>,
+    /// The clinical round trip, copied into the config as written (keys as
+    /// in kakehashi.toml), with `[pacs]` made from the first `[[pacs]]`:
+    /// reports back (`[results]`: `listen` defaults to the tunnel address,
+    /// port 11114, `from` to the center's AE title), priors, urgent findings.
+    results: Option<toml::Table>,
+    priors: Option<toml::Table>,
+    urgent: Option<toml::Table>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,7 +138,18 @@ impl Site {
 
     /// Parses site file text (strict: an unknown key is an error naming it).
     pub fn parse(text: &str) -> Result<Site, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let site: Site = toml::from_str(text).map_err(|e| e.to_string())?;
+        if (site.results.is_some() || site.priors.is_some()) && site.pacs.is_empty() {
+            return Err(
+                "[results] and [priors] need a [[pacs]] entry with a port: the hospital's PACS the box queries and delivers reports to".into(),
+            );
+        }
+        if site.urgent.is_some() && site.results.is_none() {
+            return Err(
+                "[urgent] needs [results]: urgent findings are results from the center".into(),
+            );
+        }
+        Ok(site)
     }
 
     /// The box's tunnel address without its prefix (`10.8.0.2`).
@@ -193,6 +211,34 @@ impl Site {
             q(&c.wg_endpoint),
             list(&c.allowed_ips)
         );
+        if let (Some(p), true) = (
+            self.pacs.first(),
+            self.results.is_some() || self.priors.is_some(),
+        ) {
+            t += &format!(
+                "\n[pacs]\nae_title = {}\naddress = {}\n",
+                q(&p.ae_title),
+                q(&format!("{}:{}", p.address, p.port.unwrap_or(104)))
+            );
+        }
+        let mut round_trip = toml::Table::new();
+        if let Some(r) = &self.results {
+            let mut r = r.clone();
+            r.entry("listen")
+                .or_insert_with(|| format!("{}:11114", self.tunnel_ip()).into());
+            r.entry("from")
+                .or_insert_with(|| toml::Value::Array(vec![c.ae_title.clone().into()]));
+            round_trip.insert("results".into(), r.into());
+        }
+        for (name, table) in [("priors", &self.priors), ("urgent", &self.urgent)] {
+            if let Some(v) = table {
+                round_trip.insert(name.into(), v.clone().into());
+            }
+        }
+        if !round_trip.is_empty() {
+            t += "\n";
+            t += &toml::to_string(&round_trip).unwrap_or_default();
+        }
         if let Some(n) = &self.network {
             t += "\n[network]\n";
             if !n.dns.is_empty() {
@@ -264,6 +310,42 @@ mod tests {
                 tcti: "device:/dev/tpmrm0".into()
             }
         );
+    }
+
+    #[test]
+    fn the_round_trip_sections_reach_the_config() {
+        let base = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../provisioning/site.toml"),
+        )
+        .expect("example");
+        let text = format!(
+            "{base}\n[results]\n\n[priors]\nmax_studies = 3\n\n[urgent]\ncodes = [\"SCT:36118008\"]\n[urgent.email]\nrelay = \"192.168.10.25:25\"\nfrom = \"kakehashi@hospital.example\"\nto = [\"er@hospital.example\"]\n"
+        );
+        let site = Site::parse(&text).expect("parses");
+        let config_text = site.config_text(Path::new("site.toml"));
+        let config = Config::parse(&config_text).unwrap_or_else(|e| panic!("{e}\n{config_text}"));
+        let pacs = config.pacs.expect("[pacs] from [[pacs]]");
+        assert_eq!(pacs.ae_title.as_str(), "HOSPITAL_PACS");
+        assert_eq!(pacs.address, "192.168.10.20:104");
+        let r = config.results.expect("[results]");
+        assert_eq!(r.listen.to_string(), "10.8.0.2:11114");
+        assert_eq!(r.from[0].as_str(), "READCENTER");
+        assert_eq!(config.priors.expect("[priors]").max_studies, 3);
+        assert!(config.urgent.is_some());
+        // A typo inside a copied section is the config's error, naming it.
+        let typo = text.replace("max_studies", "max_studys");
+        let bad = Site::parse(&typo)
+            .expect("parses")
+            .config_text(Path::new("site.toml"));
+        let e = Config::parse(&bad).expect_err("typo").to_string();
+        assert!(e.contains("max_studys"), "{e}");
+        let no_pacs = text.replace(
+            "[[pacs]]\nae_title = \"HOSPITAL_PACS\"\naddress = \"192.168.10.20\"\nport = 104\n",
+            "",
+        );
+        assert!(Site::parse(&no_pacs)
+            .expect_err("no pacs")
+            .contains("[[pacs]]"));
     }
 
     #[test]

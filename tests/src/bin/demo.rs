@@ -2,15 +2,19 @@
 //! hospital → box → WireGuard tunnel → reading center — in network
 //! namespaces, with real peers.
 //!
-//! Three namespaces stand for the hospital (DCMTK storescu; a storescp as
-//! its PACS answering C-ECHO), the box (kakehashid with its in-process
-//! boringtun tunnel, and swtpm as its TPM) and the reading center
+//! Three namespaces stand for the hospital (DCMTK storescu; Orthanc as its
+//! PACS; aiosmtpd as its mail relay), the box (kakehashid with its
+//! in-process boringtun tunnel, and swtpm as its TPM) and the reading center
 //! (wireguard-go + `wg` as the hub, DCMTK storescp on its tunnel address).
 //! `kakehashi provision` makes the identity and sealed keys in the TPM and
 //! writes the config; the center enrolls the printed WireGuard key. The
 //! center's WireGuard starts down: the box acknowledges everything, holds it
 //! sealed (destination paused), and delivers it once the center is up.
-//! Then `kakehashi selftest`, what arrived (byte-identical?) and the audit
+//! Then `kakehashi selftest` and what arrived (byte-identical?). The
+//! round trip closes: the center's radiologist sends back an SR (signed
+//! with DCMTK's dcmsign) that codes a pneumothorax; it reaches the
+//! hospital's Orthanc byte-identical, the referring department gets an
+//! e-mail, and `kakehashi urgent ack` records who took it. Last, the audit
 //! trail. Namespaces, processes and temp files are removed on exit.
 
 use std::collections::HashMap;
@@ -18,7 +22,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use kakehashi_systest::netns::*;
-use kakehashi_systest::testdata::{dataset_of_file, varied_set};
+use kakehashi_systest::testdata::{dataset_of_file, run_ok, sr_report, varied_set};
 use kakehashi_systest::visit::*;
 use kakehashi_systest::*;
 
@@ -51,7 +55,7 @@ fn main() {
     );
 
     section("2. Three network namespaces: hospital, box (with swtpm as its TPM), reading center");
-    let mut v = Visit::new();
+    let mut v = Visit::with_round_trip();
     println!(
         "hospital {} ({HOSPITAL_IP}) --LAN-- box {} ({BOX_LAN_IP} | {BOX_WAN_IP}) --WAN-- center {} ({CENTER_WAN_IP} = {CENTER_NAME})",
         v.site.hospital.name(),
@@ -59,14 +63,21 @@ fn main() {
         v.site.center.name()
     );
     println!("tunnel: box {BOX_TUNNEL_IP} (boringtun in kakehashid) <=> center {CENTER_TUNNEL_IP} (wireguard-go)");
-    let _pacs = StoreScp::start_as(
-        PACS_PORT,
-        data.path(),
+    let pacs = Orthanc::start_on(
         Some(v.site.hospital.name()),
         PACS_AE,
+        PACS_PORT,
+        serde_json::json!({}),
+    );
+    let smtp = Smtp::start_at(
+        Some(v.site.hospital.name()),
+        HOSPITAL_IP,
+        SMTP_PORT,
+        &data.path().join("maildir"),
     );
     let center = StoreScp::start_ns(CENTER_DICOM_PORT, data.path(), Some(v.site.center.name()));
-    println!("hospital PACS: {PACS_AE} at {HOSPITAL_IP}:{PACS_PORT}; reading center: READCENTER at {CENTER_TUNNEL_IP}:{CENTER_DICOM_PORT}");
+    println!("hospital PACS: Orthanc, {PACS_AE} at {HOSPITAL_IP}:{PACS_PORT}; mail relay: aiosmtpd at {HOSPITAL_IP}:{SMTP_PORT}");
+    println!("reading center: READCENTER at {CENTER_TUNNEL_IP}:{CENTER_DICOM_PORT}; it sends reports to the box at {BOX_TUNNEL_IP}:{RESULTS_PORT}");
     println!("the box's TPM: swtpm at {}", v.swtpm.tcti());
 
     section("3. The field engineer: kakehashi provision --site site.toml");
@@ -208,11 +219,139 @@ fn main() {
         identical
     );
 
-    section("10. Audit trail (last 8 records)");
+    section("10. The radiologist reports: an SR, signed with dcmsign, coding a pneumothorax");
+    let first = read(&files[0]);
+    let keys = kakehashi_dicom::scan::routing_keys(
+        &transfer_syntax_of_file(&first).unwrap_or_default(),
+        dataset_of_file(&first).unwrap_or_default(),
+    );
+    let study_uid = keys.study_instance_uid.unwrap_or_default();
+    let reports = data.path().join("center");
+    std::fs::create_dir_all(&reports).expect("dir");
+    let sr = sr_report(
+        &reports,
+        "report",
+        &study_uid,
+        &keys.patient_id.unwrap_or_default(),
+        "Right-sided tension pneumothorax. Immediate decompression advised.",
+        Some("Sato^Hanako"),
+        Some(("SCT", "36118008", "Pneumothorax")),
+    );
+    let (key, cert) = (reports.join("signer.key"), reports.join("signer.pem"));
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
+            ])
+            .args(["-subj", "/CN=Dr Hanako Sato/O=Reading Center"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    // The signature must come after the certificate's first second.
+    std::thread::sleep(Duration::from_millis(1100));
+    let signed = reports.join("report-signed.dcm");
+    run_ok(
+        Command::new("dcmsign")
+            .arg("--sign")
+            .arg(&key)
+            .arg(&cert)
+            .arg("+m2")
+            .arg(&sr)
+            .arg(&signed),
+    );
+    println!("report for study {study_uid}: \"Right-sided tension pneumothorax\" (SCT 36118008), signed by CN=Dr Hanako Sato");
+    let back = storescu_at(
+        Some(v.site.center.name()),
+        BOX_TUNNEL_IP,
+        RESULTS_PORT,
+        "READCENTER",
+        "KAKEHASHI",
+        std::slice::from_ref(&signed),
+    );
+    println!(
+        "storescu, center -> box {BOX_TUNNEL_IP}:{RESULTS_PORT} (through the tunnel): {} acknowledged",
+        back.acked.len()
+    );
+
+    section("11. The report in the hospital's PACS (Orthanc)");
+    wait_until("the report in Orthanc", Duration::from_secs(60), || {
+        !pacs.instance_ids().is_empty()
+    });
+    let id = pacs.instance_ids().into_iter().next().unwrap_or_default();
+    let stored = pacs.instance_file(&id);
+    let original = read(&signed);
+    println!(
+        "Orthanc holds it: study {study_uid}, byte-identical to what the center sent: {}",
+        if dataset_of_file(&stored) == dataset_of_file(&original) {
+            "yes"
+        } else {
+            "NO"
+        }
+    );
+    let in_pacs = reports.join("from-orthanc.dcm");
+    std::fs::write(&in_pacs, &stored).expect("write");
+    let verified = Command::new("dcmsign")
+        .arg("--verify")
+        .arg(&in_pacs)
+        .output()
+        .expect("dcmsign");
+    let said = String::from_utf8_lossy(&verified.stderr).to_string()
+        + &String::from_utf8_lossy(&verified.stdout);
+    println!(
+        "dcmsign --verify on Orthanc's copy: {}",
+        if said.contains("signature is OK") {
+            "the signature is OK (the certificate is the center's own, self-signed)"
+        } else {
+            "FAILED"
+        }
+    );
+    println!("\n$ kakehashi status");
+    show(relay.cli(&["status"]));
+
+    section("12. The urgent finding: e-mail to the referring department, then acknowledged");
+    wait_until("the urgent e-mail", Duration::from_secs(60), || {
+        !smtp.messages().is_empty()
+    });
+    let mail = smtp.messages().into_iter().next().unwrap_or_default();
+    let (head, body) = mail.split_once("\n\n").unwrap_or((&mail, ""));
+    for l in head.lines().filter(|l| {
+        ["From:", "To:", "Subject:"]
+            .iter()
+            .any(|h| l.starts_with(h))
+    }) {
+        println!("  {l}");
+    }
+    println!();
+    for l in body.lines().take(16) {
+        println!("  {l}");
+    }
+    println!("\n$ kakehashi urgent");
+    show(relay.cli(&["urgent"]));
+    let first_urgent = match relay.request(&kakehashi_control::Request::Urgent) {
+        kakehashi_control::Response::Urgent { entries } => entries.first().map(|e| e.id),
+        _ => None,
+    };
+    if let Some(u) = first_urgent {
+        let u = u.to_string();
+        println!("\n$ kakehashi urgent ack {u} --by \"Dr Tanaka, emergency department\"");
+        show(relay.cli(&[
+            "urgent",
+            "ack",
+            &u,
+            "--by",
+            "Dr Tanaka, emergency department",
+        ]));
+        println!("\n$ kakehashi urgent");
+        show(relay.cli(&["urgent"]));
+    }
+
+    section("13. Audit trail (last 12 records)");
     let audit = relay.cli(&["audit", "--limit", "1000"]);
     let text = String::from_utf8_lossy(&audit.stdout).to_string();
     let lines: Vec<&str> = text.lines().collect();
-    for l in &lines[lines.len().saturating_sub(8)..] {
+    for l in &lines[lines.len().saturating_sub(12)..] {
         println!("{l}");
     }
     println!(
@@ -220,5 +359,7 @@ fn main() {
     );
     drop(relay);
     drop(center);
+    drop(pacs);
+    drop(smtp);
     drop(v);
 }
