@@ -406,3 +406,90 @@ fn an_hl7_ack_from_the_ris_acknowledges_an_urgent_finding_and_an_error_does_not(
         "notified after the RIS acknowledged"
     );
 }
+
+#[test]
+fn a_routine_report_reaches_the_ris_as_an_oru_until_it_is_acknowledged() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let ris_port = free_port();
+    let ris_dir = work.path().join("ris");
+    // The RIS refuses at first (AE): the report is told again until AA.
+    let ris = Ris::start(ris_port, &ris_dir, "AE");
+    let pacs = Orthanc::start_as(None, "HOSPITALPACS", serde_json::json!({}));
+    let center = StoreScp::start(free_port());
+    let results_port = free_port();
+    // No [urgent]: only [results.hl7].
+    let mut opts = RelayOptions::to(center.port);
+    opts.extra_toml = format!(
+        "[pacs]\nae_title = \"HOSPITALPACS\"\naddress = \"127.0.0.1:{}\"\n\n\
+         [results]\nlisten = \"127.0.0.1:{results_port}\"\nfrom = [\"READCENTER\"]\n\n\
+         [results.hl7]\nris = \"127.0.0.1:{ris_port}\"\n",
+        pacs.dicom_port
+    );
+    let relay = Relay::start(opts);
+    let study = ct_study(&work.path().join("study"), "routine", 1, 1024);
+    assert!(storescu(relay.port, "MODALITY1", &study).success);
+    let study_uid = study_uid_of_file(&read(&study[0]));
+    let sr = sr_report(
+        work.path(),
+        "routine",
+        &study_uid,
+        "PID-ROUTINE",
+        "No acute findings. Mild degenerative change.",
+        Some("Sato^Hanako"),
+        None,
+    );
+    center_sends(results_port, &[sr], "medium");
+
+    wait_until("the ORU^R01 at the RIS", Duration::from_secs(30), || {
+        !ris.messages().is_empty()
+    });
+    let oru = ris.messages()[0].clone();
+    let segments: Vec<&str> = oru.split(['\r', '\n']).collect();
+    assert!(segments[0].contains("|ORU^R01^ORU_R01|KKR"), "{oru}");
+    assert!(
+        segments.iter().any(|s| s.starts_with("PID|1||PID-ROUTINE")),
+        "{oru}"
+    );
+    let obx = segments
+        .iter()
+        .find(|s| s.starts_with("OBX|"))
+        .unwrap_or_else(|| panic!("no OBX: {oru}"));
+    let fields: Vec<&str> = obx.split('|').collect();
+    assert_eq!(
+        fields[5], "No acute findings. Mild degenerative change.",
+        "{obx}"
+    );
+    assert_eq!(fields[8], "N", "a routine report is flagged normal: {obx}");
+    let report_audit = || -> Vec<String> {
+        relay
+            .audit()
+            .into_iter()
+            .filter(|a| a.event == AuditEvent::Report)
+            .map(|a| a.detail)
+            .collect()
+    };
+    wait_until("the AE recorded", Duration::from_secs(10), || {
+        report_audit()
+            .iter()
+            .any(|d| d.contains("failed (attempt 1)"))
+    });
+
+    // The RIS accepts now: the retry is acknowledged, then nothing more.
+    drop(ris);
+    let ris = Ris::start(ris_port, &ris_dir, "AA");
+    wait_until(
+        "the report acknowledged by the RIS",
+        Duration::from_secs(40),
+        || report_audit().iter().any(|d| d.contains("ACK AA")),
+    );
+    let sent = ris.messages().len();
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(ris.messages().len(), sent, "told again after the ACK AA");
+    // Not an urgent finding: nothing in `kakehashi urgent`, no urgent records.
+    assert!(urgent(&relay).is_empty());
+    assert!(urgent_audit(&relay).is_empty());
+    // The report itself reached the PACS.
+    wait_until("the report in the PACS", Duration::from_secs(30), || {
+        pacs.instance_ids().len() == 1
+    });
+}

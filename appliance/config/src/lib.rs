@@ -188,6 +188,9 @@ pub struct ResultsConfig {
     /// `results.queries` (default true): the center may C-FIND and C-MOVE
     /// here; the box asks `[pacs]` itself, only for patients it relayed.
     pub queries: bool,
+    /// `[results.hl7]`: every routine result is also an HL7 ORU^R01
+    /// (abnormal flag N) to the RIS, repeated until its ACK AA.
+    pub hl7: Option<Hl7Config>,
 }
 
 /// The key store (`[tpm]`).

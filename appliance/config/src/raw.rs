@@ -114,6 +114,7 @@ struct RawResults {
     #[serde(default)]
     require_signature: bool,
     queries: Option<bool>,
+    hl7: Option<RawHl7>,
 }
 
 #[derive(Deserialize)]
@@ -562,7 +563,7 @@ impl RawUrgent {
             }
         }
         let email = self.email.map(RawEmail::validate).transpose()?;
-        let hl7 = self.hl7.map(RawHl7::validate).transpose()?;
+        let hl7 = self.hl7.map(|h| h.validate("urgent.hl7")).transpose()?;
         Ok(UrgentConfig {
             ack_within,
             codes: self.codes,
@@ -614,10 +615,11 @@ impl RawEmail {
 }
 
 impl RawHl7 {
-    fn validate(self) -> Result<Hl7Config, ConfigError> {
+    /// `section`: where it was written (`urgent.hl7`, `results.hl7`).
+    fn validate(self, section: &str) -> Result<Hl7Config, ConfigError> {
         if !host_port_ok(&self.ris) || self.ris.contains(char::is_whitespace) {
             return Err(ConfigError::invalid(
-                "urgent.hl7.ris",
+                format!("{section}.ris"),
                 &self.ris,
                 "the RIS's HL7 MLLP listener as host:port, e.g. \"192.168.10.6:2575\"",
             ));
@@ -630,7 +632,7 @@ impl RawHl7 {
                 || v.contains(['|', '^', '~', '\\', '&'])
             {
                 return Err(ConfigError::invalid(
-                    format!("urgent.hl7.{key}"),
+                    format!("{section}.{key}"),
                     v,
                     "printable ASCII without HL7 delimiters (| ^ ~ \\ &)",
                 ));
@@ -651,7 +653,7 @@ impl RawHl7 {
             )?,
             receiving_facility: name("receiving_facility", self.receiving_facility, "HOSPITAL")?,
             timeout: duration(
-                "urgent.hl7.timeout",
+                &format!("{section}.timeout"),
                 self.timeout.as_deref(),
                 Duration::from_secs(30),
             )?,
@@ -764,6 +766,7 @@ impl RawResults {
             trusted_signers,
             require_signature: self.require_signature,
             queries: self.queries.unwrap_or(true),
+            hl7: self.hl7.map(|h| h.validate("results.hl7")).transpose()?,
         })
     }
 }

@@ -364,6 +364,11 @@ fn results_errors_name_the_key() {
         "{}",
         err(&relative)
     );
+    let hl7 = RESULTS_EXAMPLE.replace(
+        "from = [\"READCENTER\"]",
+        "from = [\"READCENTER\"]\n[results.hl7]\nris = \"ris 2575\"",
+    );
+    assert!(err(&hl7).contains("`results.hl7.ris`"), "{}", err(&hl7));
     let unknown = RESULTS_EXAMPLE.replace("from = [", "senders = [");
     assert!(err(&unknown).contains("senders"));
     let reserved = RESULTS_EXAMPLE.replace("name = \"reading-center\"", "name = \"pacs\"");

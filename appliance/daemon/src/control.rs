@@ -194,7 +194,9 @@ fn answer(shared: &Shared, req: Request) -> Response {
                 urgent_open: shared.config.urgent.as_ref().and_then(|_| {
                     shared.spool.urgent().ok().map(|u| {
                         u.iter()
-                            .filter(|e| e.state != kakehashi_spool::UrgentState::Acknowledged)
+                            .filter(|e| {
+                                !e.routine && e.state != kakehashi_spool::UrgentState::Acknowledged
+                            })
                             .count() as u64
                     })
                 }),
@@ -358,7 +360,11 @@ fn answer(shared: &Shared, req: Request) -> Response {
         },
         Request::Urgent => match shared.spool.urgent() {
             Ok(list) => Response::Urgent {
-                entries: list.iter().map(|e| urgent_info(&shared.spool, e)).collect(),
+                entries: list
+                    .iter()
+                    .filter(|e| !e.routine)
+                    .map(|e| urgent_info(&shared.spool, e))
+                    .collect(),
             },
             Err(e) => err(e),
         },

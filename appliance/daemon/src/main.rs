@@ -281,6 +281,7 @@ async fn run(
         results: config.pacs.iter().map(|p| p.name.clone()).collect(),
         prefetch: config.priors.is_some(),
         urgent: config.urgent.is_some(),
+        report_notices: config.results.as_ref().is_some_and(|r| r.hl7.is_some()),
     };
     let limits = Limits {
         max_size: config.spool.max_size,
@@ -443,7 +444,13 @@ async fn run(
     if shared.config.priors.is_some() {
         tasks.spawn(prefetch::run(Arc::clone(&shared), token.clone()));
     }
-    if shared.config.urgent.is_some() {
+    if shared.config.urgent.is_some()
+        || shared
+            .config
+            .results
+            .as_ref()
+            .is_some_and(|r| r.hl7.is_some())
+    {
         tasks.spawn(urgent::run(Arc::clone(&shared), token.clone()));
     }
     if let (Some(t), Some(h)) = (&shared.tunnel, health) {

@@ -12,6 +12,10 @@
 //! With `[urgent.hl7]` each notice is also an HL7 ORU^R01 over MLLP to the
 //! RIS; its ACK AA acknowledges the finding (the RIS took it over).
 //!
+//! With `[results.hl7]` every routine result (entry marked `routine`) is
+//! also told to the RIS: one ORU^R01 with abnormal flag N, repeated with
+//! backoff until its ACK AA; no e-mail, no escalation (audit `report`).
+//!
 //! A channel that fails is retried with backoff (10 s doubling to 5 min)
 //! when no channel got through; each notice and each failure is an audit
 //! record (`urgent`), so nothing is silent. `kakehashi urgent ack ID`
@@ -34,9 +38,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{now_ms, Shared};
 
 pub async fn run(shared: Arc<Shared>, token: CancellationToken) {
-    let Some(cfg) = shared.config.urgent.clone() else {
-        return;
-    };
+    let urgent = shared.config.urgent.clone();
+    let routine = shared.config.results.as_ref().and_then(|r| r.hl7.clone());
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
@@ -58,7 +61,12 @@ pub async fn run(shared: Arc<Shared>, token: CancellationToken) {
             if token.is_cancelled() {
                 return;
             }
-            notify(&shared, &cfg, entry).await;
+            match (&entry.routine, &urgent, &routine) {
+                (false, Some(cfg), _) => notify(&shared, cfg, entry).await,
+                (true, _, Some(hl7)) => report(&shared, hl7, entry).await,
+                // Written while the config had a section it has no more.
+                _ => {}
+            }
         }
     }
 }
@@ -110,7 +118,7 @@ async fn notify(shared: &Shared, cfg: &kakehashi_config::UrgentConfig, entry: Ur
     }
     if let Some(hl7) = &cfg.hl7 {
         let control = format!("KKH{}N{}A{}", entry.id, notice, entry.attempts);
-        let message = oru_r01(hl7, &entry, details.as_ref(), &control);
+        let message = oru_r01(hl7, &entry, details.as_ref(), &control, "AA");
         outcomes.push(match send_hl7(hl7, &message, &control).await {
             Ok(ack) => Outcome::Sent {
                 method: "HL7 ORU^R01",
@@ -166,9 +174,7 @@ async fn notify(shared: &Shared, cfg: &kakehashi_config::UrgentConfig, entry: Ur
             e.last_error = (!failed.is_empty()).then(|| failed.join("; "));
             if said.is_empty() {
                 e.attempts += 1;
-                let wait = Duration::from_secs(5)
-                    .saturating_mul(1 << e.attempts.min(6))
-                    .min(Duration::from_secs(300));
+                let wait = backoff(e.attempts);
                 e.next_ms = now + wait.as_millis() as u64;
                 return Ok(format!(
                     "notice {notice} of urgent finding {id} failed (attempt {}): {}; again in {} s",
@@ -220,6 +226,65 @@ async fn notify(shared: &Shared, cfg: &kakehashi_config::UrgentConfig, entry: Ur
     }
 }
 
+/// A routine report to the RIS (`[results.hl7]`): one ORU^R01 with
+/// abnormal flag N; its ACK AA closes the entry, anything else is retried
+/// with backoff (10 s doubling to 5 min), each step audited (`report`).
+async fn report(shared: &Shared, hl7: &kakehashi_config::Hl7Config, entry: UrgentEntry) {
+    let details = shared.spool.urgent_details(&entry);
+    let control = format!("KKR{}A{}", entry.id, entry.attempts);
+    let message = oru_r01(hl7, &entry, details.as_ref(), &control, "N");
+    let sent = send_hl7(hl7, &message, &control).await;
+    let now = now_ms();
+    let spool = Arc::clone(&shared.spool);
+    let id = entry.id;
+    let ris = format!("{} at {}", hl7.receiving_application, hl7.ris);
+    let outcome = tokio::task::spawn_blocking(move || {
+        spool.update_urgent(id, "kakehashid", now, |e| match sent {
+            Ok(ack) => {
+                e.notices.push(Notice {
+                    time_ms: now,
+                    method: "HL7 ORU^R01".into(),
+                    recipients: vec![ris.clone()],
+                });
+                e.state = UrgentState::Acknowledged;
+                e.acknowledged_ms = Some(now);
+                e.acknowledged_by = Some(format!("{ris} (HL7 ACK AA to {control})"));
+                e.last_error = None;
+                Ok(format!(
+                    "report notice {id}: HL7 ORU^R01 {control} to {ris}: ACK {ack}"
+                ))
+            }
+            Err(why) => {
+                e.attempts += 1;
+                let wait = backoff(e.attempts);
+                e.next_ms = now + wait.as_millis() as u64;
+                e.last_error = Some(why.clone());
+                Ok(format!(
+                    "report notice {id}: HL7 to {ris} failed (attempt {}): {why}; again in {} s",
+                    e.attempts,
+                    wait.as_secs()
+                ))
+            }
+        })
+    })
+    .await;
+    match outcome {
+        Ok(Ok(e)) => match &e.last_error {
+            None => tracing::info!(id, "report told to the RIS"),
+            Some(why) => tracing::warn!(id, "report to the RIS failed: {why}"),
+        },
+        Ok(Err(e)) => tracing::error!(id, "cannot record the report notice: {e}"),
+        Err(e) => tracing::error!(id, "report record task failed: {e}"),
+    }
+}
+
+/// After `attempts` failures in a row: 10 s doubling to 5 min.
+fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(5)
+        .saturating_mul(1 << attempts.min(6))
+        .min(Duration::from_secs(300))
+}
+
 /// HL7 v2.5.1 text: the delimiters escaped, one line.
 fn hl7_text(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
@@ -238,20 +303,26 @@ fn hl7_text(v: &str) -> String {
     out
 }
 
-/// An ORU^R01 carrying the finding: PID (the patient), OBR (the study),
-/// OBX (the finding, abnormal flag AA: critically abnormal; the reporting
-/// physician as responsible observer).
+/// An ORU^R01 carrying the report: PID (the patient), OBR (the study),
+/// OBX (the finding, with abnormal flag `flag`: AA, critically abnormal,
+/// for an urgent finding, N for a routine report; the reporting physician
+/// as responsible observer).
 fn oru_r01(
     hl7: &kakehashi_config::Hl7Config,
     e: &UrgentEntry,
     details: Option<&UrgentDetails>,
     control: &str,
+    flag: &str,
 ) -> String {
     let facts = details.map(|d| &d.facts);
     let t = hl7_text;
     let title = t(facts
         .and_then(|f| f.title.as_deref())
-        .unwrap_or("Urgent finding"));
+        .unwrap_or(if flag == "AA" {
+            "Urgent finding"
+        } else {
+            "Report"
+        }));
     let text = t(facts
         .and_then(|f| f.text.as_deref())
         .unwrap_or("(see the report)"));
@@ -284,7 +355,7 @@ fn oru_r01(
             "OBR|1||{}^KAKEHASHI|^{title}|||{made}",
             t(&e.study_instance_uid)
         ),
-        format!("OBX|1|TX|^{title}||{text}|||AA|||F|||||{physician}"),
+        format!("OBX|1|TX|^{title}||{text}|||{flag}|||F|||||{physician}"),
     ]
     .join("\r")
 }

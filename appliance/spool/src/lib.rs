@@ -222,6 +222,8 @@ pub struct Routing {
     pub prefetch: bool,
     /// Results sent with priority HIGH are urgent findings (`[urgent]`).
     pub urgent: bool,
+    /// Every other result is told to the RIS too (`[results.hl7]`).
+    pub report_notices: bool,
 }
 
 impl Routing {
@@ -245,6 +247,7 @@ impl From<Vec<String>> for Routing {
             results: Vec::new(),
             prefetch: false,
             urgent: false,
+            report_notices: false,
         }
     }
 }
@@ -1418,7 +1421,12 @@ impl Spool {
             table
                 .insert(id, record::encode(&entry).as_slice())
                 .map_err(idx("write urgent"))?;
-            let mut rec = AuditRecord::new(now_ms, AuditEvent::Urgent, actor, detail);
+            let event = if entry.routine {
+                AuditEvent::Report
+            } else {
+                AuditEvent::Urgent
+            };
+            let mut rec = AuditRecord::new(now_ms, event, actor, detail);
             rec.sop_instance_uid = Some(entry.sop_instance_uid.clone());
             rec.study_instance_uid = Some(entry.study_instance_uid.clone());
             append_audit(&mut audit, rec)?;
@@ -2390,12 +2398,15 @@ impl Spool {
                         }
                         held = Some(why);
                     }
-                    if let Some(reason) = rec
+                    let urgent_reason = rec
                         .meta
                         .arrival
                         .urgent
                         .clone()
-                        .filter(|_| self.routing.urgent)
+                        .filter(|_| self.routing.urgent);
+                    let routine = urgent_reason.is_none() && self.routing.report_notices;
+                    if let Some(reason) =
+                        urgent_reason.or_else(|| routine.then(|| "routine report".to_string()))
                     {
                         let details = UrgentDetails {
                             patient_id: patient.clone().unwrap_or_default(),
@@ -2431,11 +2442,12 @@ impl Spool {
                             }),
                             acknowledged_ms: None,
                             acknowledged_by: None,
+                            routine,
                         };
                         table
                             .insert(id, record::encode(&entry).as_slice())
                             .map_err(idx("write urgent"))?;
-                        urgent = Some(id);
+                        urgent = Some((id, routine));
                     }
                 }
             }
@@ -2470,7 +2482,27 @@ impl Spool {
                 )
                 .instance(&rec.meta),
             )?;
-            if let Some(urgent) = urgent {
+            if let Some((id, true)) = urgent {
+                append_audit(
+                    &mut audit,
+                    AuditRecord::new(
+                        now_ms,
+                        AuditEvent::Report,
+                        "kakehashid",
+                        format!(
+                            "report notice {id} (result {}): to be sent to the RIS{}",
+                            rec.id,
+                            if held.is_some() {
+                                " once the result is released"
+                            } else {
+                                ""
+                            }
+                        ),
+                    )
+                    .instance(&rec.meta),
+                )?;
+            }
+            if let Some((urgent, false)) = urgent {
                 append_audit(
                     &mut audit,
                     AuditRecord::new(

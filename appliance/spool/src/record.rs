@@ -303,6 +303,11 @@ pub struct UrgentEntry {
     pub acknowledged_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acknowledged_by: Option<String>,
+    /// Not an urgent finding: a routine report told to the RIS only
+    /// (`[results.hl7]`), until its ACK; never mailed, never escalated,
+    /// not in `kakehashi urgent`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub routine: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -440,6 +445,9 @@ pub enum AuditEvent {
     /// The reading center asked the box to find or retrieve studies in the
     /// hospital's PACS: what was asked, answered, withheld or refused.
     Query,
+    /// A routine report told to the RIS (HL7 ORU^R01, `[results.hl7]`):
+    /// queued, acknowledged, or failed and retried.
+    Report,
 }
 
 impl AuditRecord {

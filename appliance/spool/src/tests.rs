@@ -747,6 +747,7 @@ fn open_with_pacs(dir: &Path) -> Arc<Spool> {
         results: vec!["pacs".into()],
         prefetch: true,
         urgent: true,
+        report_notices: false,
     };
     Spool::open(dir, routing, limits(1 << 20), 1000)
         .expect("open spool")
