@@ -192,13 +192,11 @@ fn answer(shared: &Shared, req: Request) -> Response {
                     }
                 }),
                 urgent_open: shared.config.urgent.as_ref().and_then(|_| {
-                    shared.spool.urgent().ok().map(|u| {
-                        u.iter()
-                            .filter(|e| {
-                                !e.routine && e.state != kakehashi_spool::UrgentState::Acknowledged
-                            })
-                            .count() as u64
-                    })
+                    shared
+                        .spool
+                        .urgent_open()
+                        .ok()
+                        .map(|u| u.iter().filter(|e| !e.routine).count() as u64)
                 }),
                 tpm: shared.tpm.clone().map(|mut t| {
                     if t.problem.is_some() {

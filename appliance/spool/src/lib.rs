@@ -78,6 +78,10 @@ const STUDIES: TableDefinition<&str, &[u8]> = TableDefinition::new("studies");
 const PREFETCHING: TableDefinition<&str, ()> = TableDefinition::new("prefetching");
 /// Urgent number → [`UrgentEntry`]: urgent results and their notices.
 const URGENT: TableDefinition<u64, &[u8]> = TableDefinition::new("urgent");
+/// The urgent entries not acknowledged yet: all the notice task and the
+/// operator's release/purge look at (the `urgent` table keeps every entry,
+/// routine reports too, and only grows).
+const URGENT_OPEN: TableDefinition<u64, ()> = TableDefinition::new("urgent_open");
 
 /// Magic and version of the spool as a whole (`meta["format"]`).
 pub const FORMAT_MAGIC: &[u8; 4] = b"KKHS";
@@ -539,6 +543,26 @@ impl Spool {
             txn.open_table(INSTANCES).map_err(idx("open instances"))?;
             txn.open_table(UIDS).map_err(idx("open uids"))?;
             txn.open_table(AUDIT).map_err(idx("open audit"))?;
+            // Spools from before the urgent_open index get it once.
+            if meta.get("urgent_open").map_err(idx("read meta"))?.is_none() {
+                let urgent = txn.open_table(URGENT).map_err(idx("open urgent"))?;
+                let mut open = txn
+                    .open_table(URGENT_OPEN)
+                    .map_err(idx("open urgent_open"))?;
+                for item in urgent.iter().map_err(idx("scan urgent"))? {
+                    let (k, v) = item.map_err(idx("scan urgent"))?;
+                    let e: UrgentEntry =
+                        record::decode(v.value()).map_err(|source| SpoolError::Record {
+                            key: format!("urgent/{}", k.value()),
+                            source,
+                        })?;
+                    if e.state != UrgentState::Acknowledged {
+                        open.insert(e.id, ()).map_err(idx("write urgent_open"))?;
+                    }
+                }
+                meta.insert("urgent_open", &b"1"[..])
+                    .map_err(idx("write meta"))?;
+            }
         }
         txn.commit().map_err(idx("commit format"))?;
         Ok(())
@@ -1387,13 +1411,36 @@ impl Spool {
         Ok(out)
     }
 
-    /// Urgent entries not acknowledged whose next notice is due.
+    /// Urgent entries not acknowledged whose next notice is due (reads only
+    /// the open ones).
     pub fn urgent_due(&self, now_ms: u64) -> Result<Vec<UrgentEntry>, SpoolError> {
         Ok(self
-            .urgent()?
+            .urgent_open()?
             .into_iter()
-            .filter(|e| e.state != UrgentState::Acknowledged && !e.held && e.next_ms <= now_ms)
+            .filter(|e| !e.held && e.next_ms <= now_ms)
             .collect())
+    }
+
+    /// Urgent entries (and routine report notices) not acknowledged yet.
+    pub fn urgent_open(&self) -> Result<Vec<UrgentEntry>, SpoolError> {
+        let txn = self.read_txn()?;
+        let (open, table) = match (txn.open_table(URGENT_OPEN), txn.open_table(URGENT)) {
+            (Ok(o), Ok(t)) => (o, t),
+            (Err(redb::TableError::TableDoesNotExist(_)), _)
+            | (_, Err(redb::TableError::TableDoesNotExist(_))) => return Ok(Vec::new()),
+            (Err(e), _) | (_, Err(e)) => return Err(idx("open urgent_open")(e)),
+        };
+        let mut out = Vec::new();
+        for item in open.iter().map_err(idx("scan urgent_open"))? {
+            let id = item.map_err(idx("scan urgent_open"))?.0.value();
+            let Some(e) = get_urgent(&table, id)? else {
+                continue;
+            };
+            if e.state != UrgentState::Acknowledged {
+                out.push(e);
+            }
+        }
+        Ok(out)
     }
 
     /// Changes urgent entry `id` with `change` and records `detail` in the
@@ -1421,6 +1468,14 @@ impl Spool {
             table
                 .insert(id, record::encode(&entry).as_slice())
                 .map_err(idx("write urgent"))?;
+            let mut open = txn
+                .open_table(URGENT_OPEN)
+                .map_err(idx("open urgent_open"))?;
+            if entry.state == UrgentState::Acknowledged {
+                open.remove(id).map_err(idx("write urgent_open"))?;
+            } else {
+                open.insert(id, ()).map_err(idx("write urgent_open"))?;
+            }
             let event = if entry.routine {
                 AuditEvent::Report
             } else {
@@ -1640,15 +1695,18 @@ impl Spool {
             }
             if !urgent_changes.is_empty() {
                 let mut urgent = txn.open_table(URGENT).map_err(idx("open urgent"))?;
+                let mut open = txn
+                    .open_table(URGENT_OPEN)
+                    .map_err(idx("open urgent_open"))?;
                 let mut held_entries = Vec::new();
-                for item in urgent.iter().map_err(idx("scan urgent"))? {
-                    let (k, v) = item.map_err(idx("scan urgent"))?;
-                    let e: UrgentEntry =
-                        record::decode(v.value()).map_err(|source| SpoolError::Record {
-                            key: format!("urgent/{}", k.value()),
-                            source,
-                        })?;
-                    if e.held {
+                let ids: Vec<u64> = open
+                    .iter()
+                    .map_err(idx("scan urgent_open"))?
+                    .map(|i| i.map(|(k, _)| k.value()))
+                    .collect::<Result<_, _>>()
+                    .map_err(idx("scan urgent_open"))?;
+                for id in ids {
+                    if let Some(e) = get_urgent(&urgent, id)?.filter(|e| e.held) {
                         held_entries.push(e);
                     }
                 }
@@ -1659,6 +1717,11 @@ impl Spool {
                         continue;
                     };
                     let id = entry.id;
+                    let (what, event) = if entry.routine {
+                        ("report notice", AuditEvent::Report)
+                    } else {
+                        ("urgent finding", AuditEvent::Urgent)
+                    };
                     let detail = if released {
                         entry.held = false;
                         entry.next_ms = 0;
@@ -1666,12 +1729,13 @@ impl Spool {
                         urgent
                             .insert(id, record::encode(&entry).as_slice())
                             .map_err(idx("write urgent"))?;
-                        format!("held urgent finding {id} (result {result}) released: its finding is notified now")
+                        format!("held {what} {id} (result {result}) released: it is sent now")
                     } else {
                         urgent.remove(id).map_err(idx("remove urgent"))?;
-                        format!("held urgent finding {id} (result {result}) purged: nobody is notified of it")
+                        open.remove(id).map_err(idx("write urgent_open"))?;
+                        format!("held {what} {id} (result {result}) purged: nobody is told of it")
                     };
-                    let mut rec = AuditRecord::new(now_ms, AuditEvent::Urgent, "operator", detail);
+                    let mut rec = AuditRecord::new(now_ms, event, "operator", detail);
                     rec.sop_instance_uid = Some(entry.sop_instance_uid);
                     rec.study_instance_uid = Some(entry.study_instance_uid);
                     append_audit(&mut audit, rec)?;
@@ -1929,6 +1993,22 @@ fn new_route(destination: &str) -> Route {
 }
 
 /// The studies-table entry of `uid`, decoded.
+/// Urgent entry `id`, if any.
+fn get_urgent(
+    table: &impl redb::ReadableTable<u64, &'static [u8]>,
+    id: u64,
+) -> Result<Option<UrgentEntry>, SpoolError> {
+    match table.get(id).map_err(idx("read urgent"))? {
+        Some(v) => record::decode(v.value())
+            .map(Some)
+            .map_err(|source| SpoolError::Record {
+                key: format!("urgent/{id}"),
+                source,
+            }),
+        None => Ok(None),
+    }
+}
+
 fn get_study(
     studies: &impl ReadableTable<&'static str, &'static [u8]>,
     uid: &str,
@@ -2447,6 +2527,10 @@ impl Spool {
                         table
                             .insert(id, record::encode(&entry).as_slice())
                             .map_err(idx("write urgent"))?;
+                        txn.open_table(URGENT_OPEN)
+                            .map_err(idx("open urgent_open"))?
+                            .insert(id, ())
+                            .map_err(idx("write urgent_open"))?;
                         urgent = Some((id, routine));
                     }
                 }

@@ -1054,4 +1054,38 @@ fn urgent_findings_keep_their_own_numbers_and_wait_while_held() {
     let due = spool.urgent_due(5000).expect("due");
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].id, 2);
+    let open: Vec<u64> = spool
+        .urgent_open()
+        .expect("open")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(
+        open,
+        vec![2],
+        "an acknowledged entry is out of the open index"
+    );
+
+    // A spool from before the open index: it is built once, at open.
+    spool
+        .with_db(|db| {
+            let txn = db.begin_write().map_err(idx("begin"))?;
+            txn.delete_table(URGENT_OPEN).map_err(idx("delete"))?;
+            txn.open_table(META)
+                .map_err(idx("meta"))?
+                .remove("urgent_open")
+                .map_err(idx("meta"))?;
+            txn.commit().map_err(idx("commit"))
+        })
+        .expect("make it old");
+    assert!(spool.urgent_open().expect("open").is_empty());
+    drop(spool);
+    let spool = open_with_pacs(dir.path());
+    let open: Vec<u64> = spool
+        .urgent_open()
+        .expect("open")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(open, vec![2], "rebuilt from the urgent table");
 }
