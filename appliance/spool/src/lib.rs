@@ -1717,10 +1717,20 @@ impl Spool {
                         continue;
                     };
                     let id = entry.id;
-                    let (what, event) = if entry.routine {
-                        ("report notice", AuditEvent::Report)
+                    let (what, event, sent, dropped) = if entry.routine {
+                        (
+                            "report notice",
+                            AuditEvent::Report,
+                            "it goes to the RIS now",
+                            "the RIS is not told of it",
+                        )
                     } else {
-                        ("urgent finding", AuditEvent::Urgent)
+                        (
+                            "urgent finding",
+                            AuditEvent::Urgent,
+                            "its finding is notified now",
+                            "nobody is notified of it",
+                        )
                     };
                     let detail = if released {
                         entry.held = false;
@@ -1729,11 +1739,11 @@ impl Spool {
                         urgent
                             .insert(id, record::encode(&entry).as_slice())
                             .map_err(idx("write urgent"))?;
-                        format!("held {what} {id} (result {result}) released: it is sent now")
+                        format!("held {what} {id} (result {result}) released: {sent}")
                     } else {
                         urgent.remove(id).map_err(idx("remove urgent"))?;
                         open.remove(id).map_err(idx("write urgent_open"))?;
-                        format!("held {what} {id} (result {result}) purged: nobody is told of it")
+                        format!("held {what} {id} (result {result}) purged: {dropped}")
                     };
                     let mut rec = AuditRecord::new(now_ms, event, "operator", detail);
                     rec.sop_instance_uid = Some(entry.sop_instance_uid);
