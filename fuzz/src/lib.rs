@@ -355,7 +355,7 @@ pub fn scu(data: &[u8]) {
         };
         match reader.push(pdu, "PACS@test", "waiting for C-FIND-RSP") {
             Ok(messages) => {
-                for (c, data) in messages {
+                for (c, data, _pc) in messages {
                     let _ = (c.status(), c.sub_operations(), c.has_dataset());
                     if let Some(d) = data {
                         let _ = kakehashi_dicom::query::Identifier::decode(&d);

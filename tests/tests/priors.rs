@@ -722,3 +722,63 @@ fn the_center_asks_for_more_only_about_patients_the_box_relayed() {
         "{list:?}"
     );
 }
+
+#[test]
+fn with_retrieve_get_the_priors_come_on_the_boxs_own_association() {
+    let work = tempfile::tempdir().expect("tempdir");
+    // The PACS knows the box's AE, but at a port where nothing listens:
+    // a C-MOVE could not reach it; only C-GET can bring the priors.
+    let pacs = Orthanc::start_as(
+        None,
+        "HOSPITALPACS",
+        serde_json::json!({"kakehashi": ["KAKEHASHI", "127.0.0.1", 9]}),
+    );
+    let center = StoreScp::start(free_port());
+    let relay = relay_with_rules(center.port, pacs.dicom_port, "retrieve = \"get\"\n");
+    let d = work.path();
+    let current = study(d, "cur", "CT", "PID-G", "20261120", 2);
+    let p1 = study(d, "p1", "CT", "PID-G", "20250101", 3);
+    let p2 = study(d, "p2", "MR", "PID-G", "20240101", 2);
+    let other = study(d, "other", "CT", "PID-H", "20250601", 2);
+    for f in p1.iter().chain(&p2).chain(&other) {
+        pacs.upload(f);
+    }
+    assert!(storescu(relay.port, "MODALITY1", &current).success);
+    let expected = uids_of(&[&current, &p1, &p2]);
+    wait_until(
+        "the study and its two priors at the center",
+        Duration::from_secs(90),
+        || center.files().len() >= expected.len(),
+    );
+    wait_prefetch_done(&relay);
+    let arrived = center.arrival_order();
+    let got: HashSet<String> = arrived.iter().cloned().collect();
+    assert_eq!(got, expected);
+    assert!(
+        uids(&other).is_disjoint(&got),
+        "another patient's study moved"
+    );
+    for f in [&current, &p1, &p2] {
+        assert_identical_at_center(&center, f);
+    }
+    let list = studies(&relay);
+    let cur = list.iter().find(|s| s.role == "current").expect("current");
+    assert!(
+        cur.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("by C-GET")),
+        "{cur:?}"
+    );
+    assert_eq!(
+        list.iter().filter(|s| s.role == "prior").count(),
+        2,
+        "{list:?}"
+    );
+    let audit = relay.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.detail.contains("retrieved by our C-GET")),
+        "the received records name the C-GET"
+    );
+}

@@ -360,20 +360,36 @@ fn with_config(config: &Config, socket: Option<&Path>) -> Vec<Check> {
             )),
         }
     }
-    if let (Some(p), Some(_)) = (&config.pacs, &config.priors) {
+    if let (Some(p), Some(priors)) = (&config.pacs, &config.priors) {
         let me = format!(
             "{} at port {}",
             config.dicom.ae_title,
             config.dicom.listen.port()
         );
+        let (note, need) = if priors.get {
+            (
+                "priors come by C-GET on this box's association: the PACS must accept Study Root C-GET".to_string(),
+                format!("the PACS must accept Study Root queries and C-GET from calling AE {}", p.calling_ae_title),
+            )
+        } else {
+            (
+                format!("it must also know this box as move destination {me}; a C-MOVE cannot be tried without moving a study"),
+                format!("the PACS must accept Study Root queries and moves from calling AE {}, and know this box as move destination {me}", p.calling_ae_title),
+            )
+        };
         match runtime.block_on(find_on_pacs(p)) {
             Ok(t) => checks.push(pass(format!(
-                "C-FIND on the hospital PACS ({}@{}) for priors: {} ms (it must also know this box as move destination {me}; a C-MOVE cannot be tried without moving a study)",
-                p.ae_title, p.address, t.as_millis()
+                "C-FIND on the hospital PACS ({}@{}) for priors: {} ms ({note})",
+                p.ae_title,
+                p.address,
+                t.as_millis()
             ))),
             Err(e) => checks.push(fail(
-                format!("C-FIND on the hospital PACS ({}@{}) for priors: {e}", p.ae_title, p.address),
-                format!("the PACS must accept Study Root queries and moves from calling AE {}, and know this box as move destination {me}", p.calling_ae_title),
+                format!(
+                    "C-FIND on the hospital PACS ({}@{}) for priors: {e}",
+                    p.ae_title, p.address
+                ),
+                need,
             )),
         }
     }

@@ -147,6 +147,9 @@ pub struct PriorsConfig {
     pub same_modality: bool,
     /// Only priors with a body part of the new study's (when both say).
     pub same_body_part: bool,
+    /// `priors.retrieve = "get"`: C-GET instead of C-MOVE (a PACS that
+    /// cannot be told of the box as a move destination).
+    pub get: bool,
 }
 
 /// Name of the destination that carries results to `[pacs]` (in `status`,

@@ -484,16 +484,17 @@ impl RawPriors {
                 "a number of studies from 1 to 20",
             ));
         }
-        match self.retrieve.as_deref() {
-            None | Some("move") => {}
+        let get = match self.retrieve.as_deref() {
+            None | Some("move") => false,
+            Some("get") => true,
             Some(other) => {
                 return Err(ConfigError::invalid(
                     "priors.retrieve",
                     other,
-                    "\"move\" (C-MOVE to the box's own AE; C-GET is not supported yet)",
+                    "\"move\" (C-MOVE to the box's own AE, the default) or \"get\" (C-GET on the box's own association)",
                 ))
             }
-        }
+        };
         let max_age = duration(
             "priors.max_age",
             self.max_age.as_deref(),
@@ -518,6 +519,7 @@ impl RawPriors {
             stable_after,
             same_modality: self.same_modality,
             same_body_part: self.same_body_part,
+            get,
         })
     }
 }

@@ -469,3 +469,17 @@ fn urgent_findings_are_mailed_and_escalated() {
         err(&no_channel)
     );
 }
+
+#[test]
+fn priors_retrieve_by_move_or_get() {
+    let with = |v: &str| format!("{RESULTS_EXAMPLE}\n[priors]\nretrieve = \"{v}\"\n");
+    let c = Config::parse(&with("get")).expect("get");
+    assert!(c.priors.expect("priors").get);
+    let c = Config::parse(&with("move")).expect("move");
+    assert!(!c.priors.expect("priors").get);
+    let e = err(&with("ftp"));
+    assert!(
+        e.contains("`priors.retrieve`") && e.contains("\"get\""),
+        "{e}"
+    );
+}

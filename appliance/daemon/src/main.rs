@@ -44,6 +44,7 @@ mod notify;
 mod ondemand;
 mod prefetch;
 mod rejections;
+mod retrieve_get;
 mod schedule;
 mod urgent;
 

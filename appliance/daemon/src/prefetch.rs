@@ -8,7 +8,9 @@
 //! modality or body part with the new study), skips those it already relayed,
 //! and retrieves them with C-MOVE to its own AE. The PACS's C-STOREs
 //! arrive at the ordinary listener, carrying our Move Originator AE, and
-//! are spooled as `prior` (low priority: after current studies).
+//! are spooled as `prior` (low priority: after current studies). With
+//! `priors.retrieve = "get"` they come by C-GET on the box's own
+//! association instead ([`crate::retrieve_get`]).
 //!
 //! Every step is durable in the studies table before the next: the chosen
 //! priors (and their entries, so no later study fetches them again) before
@@ -151,6 +153,11 @@ async fn attempt(
     };
     let mut scu = connect_pacs(pacs).await.map_err(|e| e.to_string())?;
     let result = match state.state {
+        PrefetchState::Retrieving if cfg.get => {
+            crate::retrieve_get::retrieve(shared, &mut scu, uid, state)
+                .await
+                .map(Step::Retrieved)
+        }
         PrefetchState::Retrieving => retrieve(shared, &mut scu, uid, state)
             .await
             .map(Step::Retrieved),
@@ -162,18 +169,33 @@ async fn attempt(
     result
 }
 
-/// An association with the hospital's PACS for Study Root C-FIND and
-/// C-MOVE (priors, and the center's own requests).
-pub async fn connect_pacs(
-    pacs: &kakehashi_config::Destination,
-) -> Result<Scu, kakehashi_dicom::scu::ScuError> {
-    let opts = ScuOptions {
+/// How the box associates with the hospital's PACS.
+pub fn pacs_options(pacs: &kakehashi_config::Destination) -> ScuOptions {
+    ScuOptions {
         calling_ae: pacs.calling_ae_title.to_string(),
         called_ae: pacs.ae_title.to_string(),
         max_pdu: pacs.max_pdu,
         connect_timeout: pacs.connect_timeout,
         response_timeout: pacs.response_timeout,
-    };
+    }
+}
+
+/// The chosen priors whose retrieval has not finished yet.
+pub fn not_retrieved(state: &Prefetch) -> Vec<String> {
+    state
+        .priors
+        .iter()
+        .filter(|p| !state.retrieved.contains(p))
+        .cloned()
+        .collect()
+}
+
+/// An association with the hospital's PACS for Study Root C-FIND and
+/// C-MOVE (priors, and the center's own requests).
+pub async fn connect_pacs(
+    pacs: &kakehashi_config::Destination,
+) -> Result<Scu, kakehashi_dicom::scu::ScuError> {
+    let opts = pacs_options(pacs);
     let contexts = [
         (STUDY_ROOT_FIND.to_string(), IMPLICIT_VR_LE.to_string()),
         (STUDY_ROOT_MOVE.to_string(), IMPLICIT_VR_LE.to_string()),
@@ -339,13 +361,7 @@ async fn retrieve(
     let destination = shared.config.dicom.ae_title.to_string();
     let earlier = state.retrieved.len();
     let mut words = Vec::new();
-    let todo: Vec<String> = state
-        .priors
-        .iter()
-        .filter(|p| !state.retrieved.contains(p))
-        .cloned()
-        .collect();
-    for study in todo {
+    for study in not_retrieved(state) {
         let query = Identifier::new()
             .with(tag::QUERY_RETRIEVE_LEVEL, "STUDY")
             .with(tag::STUDY_INSTANCE_UID, &study);
@@ -367,23 +383,37 @@ async fn retrieve(
             }
             other => return Err(format!("C-MOVE of {study} answered status 0x{other:04X}")),
         };
-        state.retrieved.push(study);
-        if state.retrieved.len() < state.priors.len() {
-            let spool = Arc::clone(&shared.spool);
-            let (uid, progress, detail) = (uid.to_string(), state.clone(), said.clone());
-            tokio::task::spawn_blocking(move || {
-                spool.set_prefetch(&uid, progress, &[], &detail, now_ms())
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot record the retrieval: {e}"))?;
-        }
+        record_retrieved(shared, uid, state, study, &said).await?;
         words.push(said);
     }
     if earlier > 0 {
         words.push(format!("{earlier} retrieved before"));
     }
     Ok(words.join("; "))
+}
+
+/// Prior `study` of current study `uid` is retrieved: recorded at once
+/// (unless it was the last: `done` is recorded then), so a crash later
+/// retries only the others.
+pub async fn record_retrieved(
+    shared: &Shared,
+    uid: &str,
+    state: &mut Prefetch,
+    study: String,
+    said: &str,
+) -> Result<(), String> {
+    state.retrieved.push(study);
+    if state.retrieved.len() < state.priors.len() {
+        let spool = Arc::clone(&shared.spool);
+        let (uid, progress, detail) = (uid.to_string(), state.clone(), said.to_string());
+        tokio::task::spawn_blocking(move || {
+            spool.set_prefetch(&uid, progress, &[], &detail, now_ms())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot record the retrieval: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Days since 1970-01-01 of a DICOM DA (YYYYMMDD).

@@ -11,6 +11,8 @@ pub const C_FIND_RSP: u16 = 0x8020;
 pub const C_MOVE_RQ: u16 = 0x0021;
 pub const C_MOVE_RSP: u16 = 0x8021;
 pub const C_CANCEL_RQ: u16 = 0x0FFF;
+pub const C_GET_RQ: u16 = 0x0010;
+pub const C_GET_RSP: u16 = 0x8010;
 
 pub const NO_DATASET: u16 = 0x0101;
 
@@ -257,6 +259,16 @@ pub fn c_move_rq(message_id: u16, sop_class: &str, priority: u16, destination: &
         .us(COMMAND_FIELD, C_MOVE_RQ)
         .us(MESSAGE_ID, message_id)
         .text(MOVE_DESTINATION, destination)
+        .us(PRIORITY, priority)
+        .us(DATASET_TYPE, 0x0000)
+        .finish()
+}
+
+pub fn c_get_rq(message_id: u16, sop_class: &str, priority: u16) -> Vec<u8> {
+    Builder::default()
+        .uid(AFFECTED_SOP_CLASS, sop_class)
+        .us(COMMAND_FIELD, C_GET_RQ)
+        .us(MESSAGE_ID, message_id)
         .us(PRIORITY, priority)
         .us(DATASET_TYPE, 0x0000)
         .finish()

@@ -16,11 +16,12 @@
 //!   a report's title, finding, time and physician (urgent notices)
 //! - [`part10`]: the file meta header that makes a spooled payload a Part 10 file
 //! - [`scu`]: the SCU: C-STORE for the forwarder, C-ECHO for the self-test,
-//!   C-FIND and C-MOVE for prefetching priors from the hospital's PACS
+//!   C-FIND, C-MOVE and C-GET (SCP role for its C-STOREs) for prefetching
+//!   priors from the hospital's PACS
 //! - [`query`]: query/retrieve identifiers (implicit VR LE, text values)
 //! - [`signature`]: verifies a result's DICOM digital signatures (PS3.15)
 //!
-//! Not here: C-GET, TLS. An asynchronous
+//! Not here: TLS; answering C-GET. An asynchronous
 //! operations window is answered with 1/1: one outstanding operation per
 //! association, in both directions.
 

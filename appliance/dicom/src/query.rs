@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
 /// Study Root Query/Retrieve Information Model – MOVE.
 pub const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
+/// Study Root Query/Retrieve Information Model - GET.
+pub const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
 
 pub mod tag {
     pub const QUERY_RETRIEVE_LEVEL: u32 = 0x0008_0052;
@@ -27,13 +29,15 @@ pub mod tag {
     pub const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
     pub const SERIES_INSTANCE_UID: u32 = 0x0020_000E;
     pub const SOP_INSTANCE_UID: u32 = 0x0008_0018;
+    pub const SOP_CLASS_UID: u32 = 0x0008_0016;
     pub const NUMBER_OF_STUDY_RELATED_INSTANCES: u32 = 0x0020_1208;
 }
 
-const UI_TAGS: [u32; 3] = [
+const UI_TAGS: [u32; 4] = [
     tag::STUDY_INSTANCE_UID,
     tag::SERIES_INSTANCE_UID,
     tag::SOP_INSTANCE_UID,
+    tag::SOP_CLASS_UID,
 ];
 
 /// A flat identifier: tag → text value (empty: "return this key").

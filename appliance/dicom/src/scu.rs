@@ -87,7 +87,7 @@ pub struct Scu {
     response_timeout: Duration,
     frame: Vec<u8>,
     message_reader: MessageReader,
-    messages: std::collections::VecDeque<(Command, Option<Vec<u8>>)>,
+    messages: std::collections::VecDeque<Message>,
 }
 
 impl Scu {
@@ -109,6 +109,19 @@ impl Scu {
         addrs: &[std::net::SocketAddr],
         opts: &ScuOptions,
         proposed: &[(String, String)],
+    ) -> Result<Scu, ScuError> {
+        Scu::connect_with_roles(address, addrs, opts, proposed, &[]).await
+    }
+
+    /// Like [`Scu::connect_to`], also proposing to be the SCP of the storage
+    /// classes `scp_of` (SCP/SCU Role Selection, PS3.7 D.3.3.4): what C-GET
+    /// needs, since the peer sends its instances on this association.
+    pub async fn connect_with_roles(
+        address: &str,
+        addrs: &[std::net::SocketAddr],
+        opts: &ScuOptions,
+        proposed: &[(String, String)],
+        scp_of: &[String],
     ) -> Result<Scu, ScuError> {
         let mut last = None;
         let mut stream = None;
@@ -160,13 +173,24 @@ impl Scu {
             called_ae_title: opts.called_ae.clone(),
             application_context_name: APPLICATION_CONTEXT.into(),
             presentation_contexts: contexts.clone(),
-            user_variables: vec![
+            user_variables: [
                 UserVariableItem::MaxLength(opts.max_pdu),
                 UserVariableItem::ImplementationClassUID(crate::IMPLEMENTATION_CLASS_UID.into()),
                 UserVariableItem::ImplementationVersionName(
                     crate::IMPLEMENTATION_VERSION_NAME.into(),
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(scp_of.iter().map(|class| {
+                UserVariableItem::ScuScpRoleSelectionSubItem(
+                    class.clone(),
+                    dicom_ul::pdu::RequestorRoles {
+                        scu: false,
+                        scp: true,
+                    },
+                )
+            }))
+            .collect(),
         });
         within(
             &peer,
@@ -389,7 +413,7 @@ impl Scu {
         .await?;
         let mut answers = Vec::new();
         loop {
-            let (rsp, data) = self.read_message("waiting for C-FIND-RSP").await?;
+            let (rsp, data, _) = self.read_message("waiting for C-FIND-RSP").await?;
             self.check_response(&rsp, id, dimse::C_FIND_RSP, "C-FIND")?;
             let status = rsp.status().unwrap_or(0xFFFF);
             if !dimse::is_pending(status) {
@@ -422,13 +446,88 @@ impl Scu {
         )
         .await?;
         loop {
-            let (rsp, _failed_list) = self.read_message("waiting for C-MOVE-RSP").await?;
+            let (rsp, _failed_list, _) = self.read_message("waiting for C-MOVE-RSP").await?;
             self.check_response(&rsp, id, dimse::C_MOVE_RSP, "C-MOVE")?;
             let status = rsp.status().unwrap_or(0xFFFF);
             if !dimse::is_pending(status) {
                 return Ok((status, rsp.sub_operations()));
             }
         }
+    }
+
+    /// Starts a C-GET on context `pc_id`; then [`Scu::get_next`] until it
+    /// says the C-GET is done. Returns the request's message ID.
+    pub async fn get_start(
+        &mut self,
+        pc_id: u8,
+        sop_class: &str,
+        identifier: &crate::query::Identifier,
+    ) -> Result<u16, ScuError> {
+        let id = self.next_message_id();
+        self.send_request(
+            pc_id,
+            &dimse::c_get_rq(id, sop_class, 0),
+            &identifier.encode(),
+            "sending a C-GET-RQ",
+        )
+        .await?;
+        Ok(id)
+    }
+
+    /// The next event of the C-GET `id`: an instance the peer stores here
+    /// (answer it with [`Scu::store_response`]), or the final response.
+    /// Waits up to `response_timeout` for each message.
+    pub async fn get_next(&mut self, id: u16) -> Result<GetEvent, ScuError> {
+        loop {
+            let (cmd, data, pc) = self.read_message("waiting for C-GET").await?;
+            match cmd.command_field() {
+                Ok(dimse::C_STORE_RQ) => {
+                    let Some(context) = self.contexts.iter().find(|c| c.id == pc).cloned() else {
+                        return Err(ScuError::Protocol {
+                            peer: self.peer.clone(),
+                            detail: format!("a C-STORE on presentation context {pc}, not accepted"),
+                        });
+                    };
+                    return Ok(GetEvent::Store {
+                        pc,
+                        message_id: cmd.message_id().unwrap_or(0),
+                        sop_class: cmd.affected_sop_class().unwrap_or_default(),
+                        sop_instance: cmd.affected_sop_instance().unwrap_or_default(),
+                        transfer_syntax: context.transfer_syntax,
+                        dataset: data.unwrap_or_default(),
+                    });
+                }
+                _ => {
+                    self.check_response(&cmd, id, dimse::C_GET_RSP, "C-GET")?;
+                    let status = cmd.status().unwrap_or(0xFFFF);
+                    if !dimse::is_pending(status) {
+                        return Ok(GetEvent::Done {
+                            status,
+                            ops: cmd.sub_operations(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers a C-STORE the peer sent during a C-GET.
+    pub async fn store_response(
+        &mut self,
+        pc: u8,
+        message_id: u16,
+        sop_class: &str,
+        sop_instance: &str,
+        status: u16,
+    ) -> Result<(), ScuError> {
+        let rsp = dimse::c_store_rsp(message_id, sop_class, sop_instance, status, None);
+        within(
+            &self.peer,
+            "answering a C-STORE during C-GET",
+            self.response_timeout,
+            wire::send_command(&mut self.stream, pc, &rsp),
+        )
+        .await
     }
 
     async fn send_request(
@@ -474,10 +573,7 @@ impl Scu {
 
     /// One whole DIMSE message: its command, and its dataset if the
     /// command says one follows.
-    async fn read_message(
-        &mut self,
-        what: &'static str,
-    ) -> Result<(Command, Option<Vec<u8>>), ScuError> {
+    async fn read_message(&mut self, what: &'static str) -> Result<Message, ScuError> {
         loop {
             if let Some(m) = self.messages.pop_front() {
                 return Ok(m);
@@ -680,6 +776,25 @@ impl ResponseReader {
     }
 }
 
+/// What a C-GET brings ([`Scu::get_next`]).
+#[derive(Debug)]
+pub enum GetEvent {
+    /// An instance, whole (at most [`MAX_GET_INSTANCE`] bytes).
+    Store {
+        pc: u8,
+        message_id: u16,
+        sop_class: String,
+        sop_instance: String,
+        transfer_syntax: String,
+        dataset: Vec<u8>,
+    },
+    /// The final C-GET-RSP.
+    Done {
+        status: u16,
+        ops: crate::query::SubOperations,
+    },
+}
+
 /// Gathers whole messages (a command, and the dataset that follows when the
 /// command announces one) from P-DATA: a pure state machine.
 #[derive(Debug, Default)]
@@ -692,10 +807,15 @@ pub struct MessageReader {
 
 /// A whole DIMSE message: its command and, when the command announces one,
 /// its dataset.
-pub type Message = (Command, Option<Vec<u8>>);
+/// A command, its dataset if one followed, and the presentation context
+/// it came on.
+pub type Message = (Command, Option<Vec<u8>>, u8);
 
 /// Identifiers and failed-instance lists are small; more is not a PACS.
 const MAX_RESPONSE_DATASET: usize = 4 << 20;
+/// Largest instance taken by C-GET (held in memory while it is spooled);
+/// a larger prior needs C-MOVE.
+pub const MAX_GET_INSTANCE: usize = 256 << 20;
 
 impl MessageReader {
     pub fn push(
@@ -724,18 +844,29 @@ impl MessageReader {
                                 if c.has_dataset() {
                                     self.waiting = Some(c);
                                 } else {
-                                    done.push((c, None));
+                                    done.push((c, None, v.presentation_context_id));
                                 }
                             }
                         }
                         (PDataValueType::Data, true) => {
                             self.data.extend_from_slice(&v.data);
-                            if self.data.len() > MAX_RESPONSE_DATASET {
-                                return Err(protocol("response dataset too large".into()));
+                            let limit = match self.waiting.as_ref().map(Command::command_field) {
+                                Some(Ok(dimse::C_STORE_RQ)) => MAX_GET_INSTANCE,
+                                _ => MAX_RESPONSE_DATASET,
+                            };
+                            if self.data.len() > limit {
+                                return Err(protocol(format!(
+                                    "a dataset larger than {} MiB",
+                                    limit >> 20
+                                )));
                             }
                             if v.is_last {
                                 let c = self.waiting.take().expect("checked above");
-                                done.push((c, Some(std::mem::take(&mut self.data))));
+                                done.push((
+                                    c,
+                                    Some(std::mem::take(&mut self.data)),
+                                    v.presentation_context_id,
+                                ));
                             }
                         }
                         (PDataValueType::Data, false) => {
