@@ -244,9 +244,18 @@ pub fn c_store_rq(message_id: u16, sop_class: &str, sop_instance: &str, priority
 }
 
 pub fn c_find_rq(message_id: u16, sop_class: &str, priority: u16) -> Vec<u8> {
+    query_rq(C_FIND_RQ, message_id, sop_class, priority)
+}
+
+pub fn c_get_rq(message_id: u16, sop_class: &str, priority: u16) -> Vec<u8> {
+    query_rq(C_GET_RQ, message_id, sop_class, priority)
+}
+
+/// A C-FIND-RQ or C-GET-RQ (an identifier follows).
+fn query_rq(field: u16, message_id: u16, sop_class: &str, priority: u16) -> Vec<u8> {
     Builder::default()
         .uid(AFFECTED_SOP_CLASS, sop_class)
-        .us(COMMAND_FIELD, C_FIND_RQ)
+        .us(COMMAND_FIELD, field)
         .us(MESSAGE_ID, message_id)
         .us(PRIORITY, priority)
         .us(DATASET_TYPE, 0x0000)
@@ -259,16 +268,6 @@ pub fn c_move_rq(message_id: u16, sop_class: &str, priority: u16, destination: &
         .us(COMMAND_FIELD, C_MOVE_RQ)
         .us(MESSAGE_ID, message_id)
         .text(MOVE_DESTINATION, destination)
-        .us(PRIORITY, priority)
-        .us(DATASET_TYPE, 0x0000)
-        .finish()
-}
-
-pub fn c_get_rq(message_id: u16, sop_class: &str, priority: u16) -> Vec<u8> {
-    Builder::default()
-        .uid(AFFECTED_SOP_CLASS, sop_class)
-        .us(COMMAND_FIELD, C_GET_RQ)
-        .us(MESSAGE_ID, message_id)
         .us(PRIORITY, priority)
         .us(DATASET_TYPE, 0x0000)
         .finish()

@@ -1457,13 +1457,7 @@ impl Spool {
         let entry = {
             let mut table = txn.open_table(URGENT).map_err(idx("open urgent"))?;
             let mut audit = txn.open_table(AUDIT).map_err(idx("open audit"))?;
-            let mut entry: UrgentEntry = match table.get(id).map_err(idx("read urgent"))? {
-                Some(v) => record::decode(v.value()).map_err(|source| SpoolError::Record {
-                    key: format!("urgent/{id}"),
-                    source,
-                })?,
-                None => return Err(SpoolError::NotFound(id)),
-            };
+            let mut entry = get_urgent(&table, id)?.ok_or(SpoolError::NotFound(id))?;
             let detail = change(&mut entry).map_err(SpoolError::Refused)?;
             table
                 .insert(id, record::encode(&entry).as_slice())
