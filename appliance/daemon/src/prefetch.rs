@@ -258,7 +258,9 @@ async fn choose(
         if study == uid || a.get(tag::PATIENT_ID).is_some_and(|p| p != patient) {
             continue;
         }
-        let date = a.get(tag::STUDY_DATE).and_then(days_from_date);
+        let date = a
+            .get(tag::STUDY_DATE)
+            .and_then(kakehashi_dicom::days_from_da);
         if let (Some(d), Some(t)) = (date, today) {
             if t - d > max_age_days {
                 continue;
@@ -416,41 +418,6 @@ pub async fn record_retrieved(
     Ok(())
 }
 
-/// Days since 1970-01-01 of a DICOM DA (YYYYMMDD).
-fn days_from_date(da: &str) -> Option<i64> {
-    let da = da.trim();
-    if da.len() != 8 || !da.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let y: i64 = da[..4].parse().ok()?;
-    let m: i64 = da[4..6].parse().ok()?;
-    let d: i64 = da[6..].parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
-        return None;
-    }
-    // Howard Hinnant's days_from_civil.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    Some(era * 146_097 + doe - 719_468)
-}
-
 fn today() -> Option<i64> {
     Some((now_ms() / 86_400_000) as i64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dates_count_days() {
-        assert_eq!(days_from_date("19700101"), Some(0));
-        assert_eq!(days_from_date("20000301"), Some(11_017));
-        assert_eq!(days_from_date("2000-03-01"), None);
-        assert_eq!(days_from_date("20001301"), None);
-    }
 }

@@ -184,6 +184,13 @@ impl Builder {
         }
         self.raw(tag, &v)
     }
+    /// Error Comment (0000,0902), when there is one.
+    fn comment(self, comment: Option<&str>) -> Self {
+        match comment {
+            Some(c) => self.text(ERROR_COMMENT, c),
+            None => self,
+        }
+    }
     fn finish(self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.body.len() + 12);
         out.extend_from_slice(&[0, 0, 0, 0, 4, 0, 0, 0]);
@@ -224,11 +231,8 @@ pub fn c_store_rsp(
         .us(COMMAND_FIELD, C_STORE_RSP)
         .us(RESPONDED_TO, responded_to)
         .us(DATASET_TYPE, NO_DATASET)
-        .us(STATUS, status);
-    let b = match comment {
-        Some(c) => b.text(ERROR_COMMENT, c),
-        None => b,
-    };
+        .us(STATUS, status)
+        .comment(comment);
     b.uid(AFFECTED_SOP_INSTANCE, sop_instance).finish()
 }
 
@@ -286,12 +290,9 @@ pub fn c_find_rsp(
         .us(COMMAND_FIELD, C_FIND_RSP)
         .us(RESPONDED_TO, responded_to)
         .us(DATASET_TYPE, if with_dataset { 0x0000 } else { NO_DATASET })
-        .us(STATUS, status);
-    match comment {
-        Some(c) => b.text(ERROR_COMMENT, c),
-        None => b,
-    }
-    .finish()
+        .us(STATUS, status)
+        .comment(comment);
+    b.finish()
 }
 
 /// A C-MOVE-RSP with its sub-operation counts (remaining only while
@@ -308,11 +309,8 @@ pub fn c_move_rsp(
         .us(COMMAND_FIELD, C_MOVE_RSP)
         .us(RESPONDED_TO, responded_to)
         .us(DATASET_TYPE, NO_DATASET)
-        .us(STATUS, status);
-    let b = match comment {
-        Some(c) => b.text(ERROR_COMMENT, c),
-        None => b,
-    };
+        .us(STATUS, status)
+        .comment(comment);
     let b = if is_pending(status) {
         b.us(REMAINING, ops.remaining)
     } else {

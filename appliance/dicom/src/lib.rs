@@ -42,3 +42,39 @@ pub mod wire;
 pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.92377486244339045301182542746108877573";
 /// Implementation version name sent in associations and file meta headers.
 pub const IMPLEMENTATION_VERSION_NAME: &str = "KAKEHASHI_010";
+
+/// Days since 1970-01-01 of a DICOM DA (`YYYYMMDD`); `None` if it is not
+/// one (priors' ages, signature times).
+pub fn days_from_da(da: &str) -> Option<i64> {
+    let da = da.trim();
+    if da.len() != 8 || !da.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let y: i64 = da[..4].parse().ok()?;
+    let m: i64 = da[4..6].parse().ok()?;
+    let d: i64 = da[6..].parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_count_days() {
+        assert_eq!(days_from_da("19700101"), Some(0));
+        assert_eq!(days_from_da("20000301"), Some(11_017));
+        assert_eq!(days_from_da("2000-03-01"), None);
+        assert_eq!(days_from_da("20001301"), None);
+    }
+}

@@ -453,10 +453,10 @@ fn parse_dt(dt: &str) -> Option<i64> {
     if main.len() < 8 || !main.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
+    let days = crate::days_from_da(main.get(..8)?)?;
     let num = |r: std::ops::Range<usize>| main.get(r).map_or(Some(0), |s| s.parse::<i64>().ok());
-    let (y, mo, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
     let (h, mi, s) = (num(8..10)?, num(10..12)?, num(12..14)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+    if h > 23 || mi > 59 || s > 60 {
         return None;
     }
     let off = match offset {
@@ -469,14 +469,6 @@ fn parse_dt(dt: &str) -> Option<i64> {
         Some(_) => return None,
         None => 0,
     };
-    // Days from civil (Howard Hinnant's algorithm).
-    let yy = if mo <= 2 { y - 1 } else { y };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
     Some(days * 86_400 + h * 3600 + mi * 60 + s - off)
 }
 
