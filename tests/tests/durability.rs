@@ -224,13 +224,14 @@ fn big_instance(sealed: bool) {
     );
 }
 
-/// What recovery relies on: when an index record becomes durable, the name
-/// of its payload file already is (the directory holding it was fsynced
-/// after the file was created). kill -9 cannot catch a missing directory
-/// fsync (the page cache survives it), so the order of the syscalls is read
-/// with strace; the image's power-cut test proves the same end to end.
+/// What an acknowledgement relies on: before the C-STORE-RSP leaves, the
+/// frame holding the instance (payload, log entry, then its header) was
+/// flushed with `fdatasync` after its header was written. kill -9 cannot
+/// catch a missing flush (the page cache survives it), so the order of the
+/// syscalls is read with strace; the image's power-cut test proves the same
+/// end to end.
 #[test]
-fn a_payload_name_is_durable_before_its_record() {
+fn a_frame_is_flushed_before_its_instance_is_acknowledged() {
     let data = tempfile::tempdir().expect("tempdir");
     let files = ct_study(data.path(), "order", 5, 64 * 1024);
     // The center is down: nothing but receptions touches the spool.
@@ -241,9 +242,9 @@ fn a_payload_name_is_durable_before_its_record() {
             .args([
                 "-f",
                 "-qq",
-                "-y",
+                "-yy",
                 "-e",
-                "trace=openat,fsync,fdatasync,rename,renameat,renameat2",
+                "trace=pwrite64,fdatasync,fsync,sendto,write,writev",
                 "-o",
             ])
             .arg(&trace)
@@ -263,65 +264,48 @@ fn a_payload_name_is_durable_before_its_record() {
     drop(strace);
     let text = std::fs::read_to_string(&trace).expect("trace");
     let events = parse_strace(&text);
-    let spool = relay.spool_dir().canonicalize().expect("spool dir");
-    let index = spool.join("index.redb");
+    let segments = relay
+        .spool_dir()
+        .canonicalize()
+        .expect("spool dir")
+        .join("seg");
+    // `-yy` names a socket `TCP:[local->peer]`; the parser cuts at the first
+    // `>`, so the local end and the `-` remain.
+    let port = format!(":{}-", relay.port);
+    let in_segment = |e: &Event| e.path.as_ref().is_some_and(|p| p.starts_with(&segments));
 
-    let mut checked = 0;
-    for (i, e) in events.iter().enumerate() {
-        // A payload file being created anywhere in the spool.
-        let created = e.call == "openat"
-            && e.done
-            && e.args.contains("O_CREAT")
+    // Per segment: a frame header written and not flushed since.
+    let mut unflushed: Vec<PathBuf> = Vec::new();
+    let mut flushed_frames = 0;
+    let mut responses = 0;
+    for e in events.iter().filter(|e| e.done) {
+        let header = e.call == "pwrite64" && in_segment(e) && e.args.contains(", 512, ");
+        if header {
+            unflushed.push(e.path.clone().expect("path"));
+        } else if e.call == "fdatasync" && in_segment(e) {
+            let before = unflushed.len();
+            unflushed.retain(|p| Some(p) != e.path.as_ref());
+            flushed_frames += before - unflushed.len();
+        } else if ["sendto", "write", "writev"].contains(&e.call.as_str())
             && e.path
                 .as_ref()
-                .is_some_and(|p| p.starts_with(&spool) && p != &index);
-        if !created {
-            continue;
+                .is_some_and(|p| p.to_string_lossy().contains(&port))
+        {
+            // A PDU to the sender on the association (the C-STORE-RSP, or
+            // the A-ASSOCIATE-AC / A-RELEASE-RP): no frame may be waiting.
+            assert!(
+                unflushed.is_empty(),
+                "a response left while a frame header in {unflushed:?} was not flushed: \
+                 a power cut then loses an acknowledged instance\n{text}"
+            );
+            responses += 1;
         }
-        let payload = e.path.clone().expect("path");
-        let dir = payload.parent().expect("parent").to_path_buf();
-        let commit = events[i..]
-            .iter()
-            .position(|x| {
-                !x.done
-                    && (x.call == "fsync" || x.call == "fdatasync")
-                    && x.path.as_ref() == Some(&index)
-            })
-            .map(|k| k + i)
-            .unwrap_or_else(|| {
-                panic!(
-                    "no index commit after {} was created:\n{text}",
-                    payload.display()
-                )
-            });
-        // Where the payload's name is when its record commits.
-        let mut name_dir = dir.clone();
-        for x in &events[i..commit] {
-            if x.call.starts_with("rename")
-                && x.done
-                && x.args.contains(&*payload.to_string_lossy())
-            {
-                if let Some(to) = x.rename_target() {
-                    name_dir = to.parent().expect("parent").to_path_buf();
-                }
-            }
-        }
-        let dir_synced = events[i..commit]
-            .iter()
-            .any(|x| x.done && x.call == "fsync" && x.path.as_ref() == Some(&name_dir));
-        assert!(
-            dir_synced,
-            "{} was created, and its index record began to commit before {} was fsynced: \
-             a power cut then leaves a record without its payload\n{text}",
-            payload.display(),
-            name_dir.display()
-        );
-        checked += 1;
     }
     assert_eq!(
-        checked, 5,
-        "every instance's payload was seen being created:\n{text}"
+        flushed_frames, 5,
+        "every instance's frame was written and flushed:\n{text}"
     );
+    assert!(responses >= 5, "the responses were seen:\n{text}");
 }
 
 /// One syscall line of `strace -f -y`: the call, its first path argument
@@ -332,14 +316,6 @@ struct Event {
     args: String,
     path: Option<PathBuf>,
     done: bool,
-}
-
-impl Event {
-    /// The second path of a rename (the first quoted path after the first).
-    fn rename_target(&self) -> Option<PathBuf> {
-        let quoted: Vec<&str> = self.args.split('"').skip(1).step_by(2).collect();
-        quoted.get(1).map(PathBuf::from)
-    }
 }
 
 fn parse_strace(text: &str) -> Vec<Event> {

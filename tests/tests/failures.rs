@@ -509,7 +509,9 @@ fn a_payload_that_cannot_be_read_is_retried_not_dead_lettered() {
     // instance is retried and the failure shown, never dead-lettered as
     // integrity. (A directory in the payload's place fails reads the same way.)
     let data = tempfile::tempdir().expect("tempdir");
-    let files = ct_study(data.path(), "eio", 2, 8192);
+    // Larger than half a segment: each payload in a file of its own, which
+    // the test can make unreadable.
+    let files = ct_study(data.path(), "eio", 2, 33 << 20);
     let center_port = free_port();
     let relay = Relay::start(RelayOptions::to(center_port));
     assert_eq!(storescu(relay.port, "MODALITY1", &files).acked.len(), 2);
@@ -633,7 +635,11 @@ fn an_index_that_fills_its_disk_is_out_of_space_and_heals_without_a_restart() {
         };
         let mut inc = spool.begin(b"HEADER", &uid)?;
         inc.write(&[n as u8; 2048])?;
-        inc.commit(meta, 2)
+        let accepted = inc.commit(meta, 2);
+        // What kakehashid's checkpointer does every second: make the index
+        // durable (its failure is logged; the next reception is refused).
+        let _ = spool.checkpoint();
+        accepted
     };
     let filler = disk.fill("filler");
     let mut accepted = 0;

@@ -55,7 +55,13 @@ fn no_patient_name_or_id_in_clear_on_disk() {
     let name = Name::Utf8.bytes();
     let id = b"PID-sealed";
     let spooled = all_bytes(&relay.spool_dir());
-    assert!(spooled.len() > files.len(), "payloads and index are there");
+    // Every payload is in there (in a segment file), with the index.
+    let on_disk: usize = spooled.iter().map(|(_, b)| b.len()).sum();
+    let sent: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).expect("sent file").len())
+        .sum();
+    assert!(on_disk as u64 > sent, "payloads and index are there");
     for (path, bytes) in &spooled {
         assert!(
             !bytes.windows(name.len()).any(|w| w == name.as_slice()),
@@ -86,18 +92,20 @@ fn a_flipped_byte_is_dead_lettered_as_integrity_and_never_sent() {
     let out = storescu(relay.port, "MODALITY1", &files);
     assert_eq!(out.acked.len(), files.len(), "{}", out.output);
 
-    // Flip one byte in the middle of one payload while the center is down.
-    let payloads: Vec<_> = std::fs::read_dir(relay.spool_dir().join("data"))
-        .expect("data dir")
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(payloads.len(), files.len());
-    let victim = &payloads[1];
-    let mut bytes = std::fs::read(victim).expect("read");
-    let at = bytes.len() / 2;
-    bytes[at] ^= 0x01;
-    std::fs::write(victim, &bytes).expect("tamper");
+    // Flip one byte in the middle of one payload while the center is down:
+    // the first frame of the first segment (its payload starts after the
+    // 512-byte frame header and is 200 KiB long).
+    let seg = relay.spool_dir().join("seg/00000000.seg");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg)
+        .expect("the first segment");
+    let at = 512 + 100_000;
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, at).expect("read");
+    byte[0] ^= 0x01;
+    std::os::unix::fs::FileExt::write_all_at(&file, &byte, at).expect("tamper");
 
     let center = StoreScp::start(center_port);
     wait_until(

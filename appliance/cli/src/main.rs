@@ -525,10 +525,11 @@ fn print_status(s: &StatusReport) {
         s.active_associations
     );
     println!(
-        "spool {}: {} of {} used (index {}), {} free on disk",
+        "spool {}: {} of {} used (payloads held {}, index {}), {} free on disk",
         s.spool.dir,
         format_bytes(s.spool.used_bytes),
         format_bytes(s.spool.max_bytes),
+        format_bytes(s.spool.payload_bytes),
         format_bytes(s.spool.index_bytes),
         format_bytes(s.spool.free_bytes)
     );

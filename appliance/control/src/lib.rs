@@ -197,8 +197,12 @@ pub struct TunnelStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpoolStatus {
     pub dir: String,
-    /// What counts against `max_bytes`: payloads and the index.
+    /// What counts against `max_bytes`: payloads on disk (segment files
+    /// whole, files of their own) and the index.
     pub used_bytes: u64,
+    /// The payloads the spool holds (queued, dead letters, retained).
+    #[serde(default)]
+    pub payload_bytes: u64,
     /// The index's part of `used_bytes`.
     #[serde(default)]
     pub index_bytes: u64,

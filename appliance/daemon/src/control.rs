@@ -170,6 +170,7 @@ fn answer(shared: &Shared, req: Request) -> Response {
                 spool: SpoolStatus {
                     dir: shared.spool.dir().display().to_string(),
                     used_bytes: shared.spool.used_bytes(),
+                    payload_bytes: shared.spool.payload_bytes(),
                     index_bytes: shared.spool.index_bytes(),
                     max_bytes: shared.spool.limits().max_size,
                     free_bytes: free,

@@ -458,6 +458,8 @@ async fn send_one(
         offset: item.offset,
         size: item.size,
         sha256: item.sha256.clone(),
+        segment: item.segment,
+        stored: item.stored,
     };
     // Nothing leaves the box unchecked: a sealed payload must authenticate
     // to its last chunk and every dataset must match its recorded digest

@@ -313,7 +313,8 @@ async fn run(
             orphan_files_removed = report.orphan_files_removed,
             missing_payloads = report.missing_payloads.len(),
             key_lost = report.key_lost.len(),
-            "spool recovered after an unclean stop (temp and orphan files were never acknowledged; missing payloads are dead-lettered)"
+            log_entries_replayed = report.replayed,
+            "spool recovered after an unclean stop (log entries acknowledged before the stop were applied to the index again; temp and orphan files were never acknowledged; missing payloads are dead-lettered)"
         );
     }
 
@@ -627,8 +628,9 @@ async fn shutdown_signal(token: CancellationToken) {
     token.cancel();
 }
 
-/// Makes non-durable delivery records durable within a second, and frees
-/// their payloads.
+/// Makes non-durable index updates (deliveries, and instances accepted
+/// through the spool's log) durable within a second, and frees their
+/// payloads.
 async fn checkpointer(shared: Arc<Shared>, token: CancellationToken) {
     let beat = shared
         .liveness

@@ -30,6 +30,9 @@ pub struct Item {
     pub offset: u64,
     /// SHA-256 of the dataset as received, checked before sending.
     pub sha256: String,
+    /// Where the payload is (see [`kakehashi_spool::DatasetRef`]).
+    pub segment: Option<kakehashi_spool::Location>,
+    pub stored: u64,
     pub next_attempt_ms: u64,
     pub attempts: u32,
     pub received_ms: u64,
@@ -69,6 +72,8 @@ impl Item {
             size: rec.dataset_size,
             offset: rec.dataset_offset,
             sha256: rec.sha256.clone(),
+            segment: rec.segment,
+            stored: rec.file_size(),
             next_attempt_ms: route.next_attempt_ms,
             attempts: route.attempts,
             received_ms: rec.received_ms,
@@ -346,6 +351,8 @@ mod tests {
             size: 10,
             offset: 0,
             sha256: String::new(),
+            segment: None,
+            stored: 10,
             next_attempt_ms: 0,
             attempts: 0,
             received_ms: 0,

@@ -1,23 +1,32 @@
 //! The durable store-and-forward spool.
 //!
 //! An instance is *accepted* when [`Incoming::commit`] returns: its payload
-//! file (written under its final name in `data/`) was fsynced, then the
-//! directory, and then its index record was committed (redb, `Immediate`
-//! durability) with its audit record. Only then may the ingress answer
-//! C-STORE Success. Nothing accepted is ever deleted except when every
-//! destination has it (or an operator purges a dead letter). Duplicates
-//! (same SOP Instance UID, same bytes, still spooled) and corrections (same
-//! UID, other bytes: the older copy is superseded and never sent after the
-//! newer one) are decided inside that commit transaction.
+//! and its log entry were appended to a segment file and flushed once
+//! (`fdatasync`; see [`segment`]), and its index record was committed with
+//! its audit record (redb, `Durability::None`: a checkpoint makes it durable
+//! within a second, and until then a restart applies the log entry again).
+//! Only then may the ingress answer C-STORE Success. A payload larger than
+//! half a segment goes to a file of its own, flushed with its directory
+//! before a durable index commit. Nothing accepted is ever deleted except
+//! when every destination has it (or an operator purges a dead letter).
+//! Duplicates (same SOP Instance UID, same bytes, still spooled) and
+//! corrections (same UID, other bytes: the older copy is superseded and
+//! never sent after the newer one) are decided inside the index transaction,
+//! in log order, so a replay decides the same.
 //!
 //! Layout of `spool.dir`:
-//! - `index.redb` — instance records, SOP Instance UID map, audit trail, format marker,
-//!   the studies received or prefetched (results are matched against them;
-//!   a new study's prefetch state lives there) and the list of studies whose
-//!   prefetch is not finished
-//! - `data/<id>.dcm` — payload files: Part 10 files (file meta header + the
-//!   dataset as received), sealed when the spool has a key ([`seal`]); a file
-//!   without a record was never acknowledged and is removed at start-up
+//! - `index.redb` — instance records, SOP Instance UID map, audit trail,
+//!   format marker and the newest log entry applied, the studies received
+//!   or prefetched (results are matched against them; a new study's
+//!   prefetch state lives there) and the list of studies whose prefetch is
+//!   not finished
+//! - `seg/<n>.seg` — segment files: frames of a payload and its log entry
+//!   ([`segment`]); used again once nothing in them is needed
+//! - `data/<id>.dcm` — payload files of large instances (and every payload
+//!   of a spool written before format 2); a file without a record was never
+//!   acknowledged and is removed at start-up
+//! - payloads are Part 10 files (file meta header + the dataset as
+//!   received), sealed when the spool has a key ([`seal`])
 //! - `tmp/` — only in spools written before 0.1.1 (payloads were renamed from
 //!   there); recovery still completes or removes what it finds there
 //!
@@ -46,6 +55,9 @@
 
 pub mod record;
 pub mod seal;
+mod segment;
+
+pub use segment::Location;
 
 pub use seal::SpoolKey;
 
@@ -85,7 +97,10 @@ const URGENT_OPEN: TableDefinition<u64, ()> = TableDefinition::new("urgent_open"
 
 /// Magic and version of the spool as a whole (`meta["format"]`).
 pub const FORMAT_MAGIC: &[u8; 4] = b"KKHS";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: payloads in segment files, the index updated from a log (see
+/// [`segment`]); a version 1 spool is taken over as it is (its payloads stay
+/// in their files and are read from there).
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -278,6 +293,9 @@ pub struct RecoveryReport {
     /// Records committed while their payload's rename was in flight: the
     /// rename was completed.
     pub renames_completed: usize,
+    /// Log entries applied again: the power went after they were
+    /// acknowledged and before the index had them durably.
+    pub replayed: usize,
 }
 
 impl RecoveryReport {
@@ -287,6 +305,7 @@ impl RecoveryReport {
             && self.missing_payloads.is_empty()
             && self.key_lost.is_empty()
             && self.renames_completed == 0
+            && self.replayed == 0
     }
 }
 
@@ -358,7 +377,24 @@ pub struct Spool {
     /// Payloads whose removal from the index is committed but perhaps not
     /// yet durable: unlinked after the next durable commit, so a crash can
     /// never leave a queued record without its payload.
-    pending_unlink: std::sync::Mutex<Vec<(PathBuf, u64)>>,
+    pending_unlink: std::sync::Mutex<Vec<Payload>>,
+    /// Where payloads are appended (see [`segment`]).
+    segments: segment::Segments,
+    /// Orders the index updates of concurrently flushed frames.
+    seq: Arc<segment::Sequencer>,
+    /// The newest log entry the index has (perhaps not durably).
+    applied_lsn: AtomicU64,
+    /// The newest log entry the index has durably.
+    durable_lsn: AtomicU64,
+    last_durable: std::sync::Mutex<std::time::Instant>,
+    /// The index was reopened after an I/O error: see [`Spool::catch_up`].
+    needs_replay: std::sync::atomic::AtomicBool,
+    /// A durable index commit failed for want of room: nothing new is
+    /// accepted until one succeeds (the log would grow without end).
+    index_full: std::sync::atomic::AtomicBool,
+    /// Tests: the power goes after a frame's flush, before the index has it.
+    #[cfg(test)]
+    cut_before_index: std::sync::atomic::AtomicBool,
     /// With a key, payloads are sealed as they stream in and the index keeps
     /// the Patient ID sealed too (see [`seal`]).
     key: Option<SpoolKey>,
@@ -418,10 +454,25 @@ impl Spool {
             reserved: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             pending_unlink: std::sync::Mutex::new(Vec::new()),
+            // A 64th of the spool's limit or of its filesystem, whichever is less.
+            segments: segment::Segments::open(
+                dir,
+                segment::size_for(limits.max_size.min(fs_size(dir)?)),
+            )?,
+            seq: Default::default(),
+            applied_lsn: AtomicU64::new(0),
+            durable_lsn: AtomicU64::new(0),
+            last_durable: std::sync::Mutex::new(std::time::Instant::now()),
+            needs_replay: Default::default(),
+            index_full: Default::default(),
+            #[cfg(test)]
+            cut_before_index: Default::default(),
             key,
         };
         spool.check_format()?;
-        let report = spool.recover(now_ms)?;
+        let replayed = spool.replay(None)?;
+        let mut report = spool.recover(now_ms)?;
+        report.replayed = replayed;
         Ok((Arc::new(spool), report))
     }
 
@@ -441,12 +492,19 @@ impl Spool {
     /// What counts against `spool.max_size`: payloads and the index (it
     /// lives on the same disk).
     pub fn used_bytes(&self) -> u64 {
-        self.payload_bytes() + self.index_bytes()
+        self.payload_disk_bytes() + self.index_bytes()
     }
 
-    /// Bytes of payload files.
+    /// Bytes of the payloads the spool holds (in files of their own and in
+    /// segments).
     pub fn payload_bytes(&self) -> u64 {
-        self.used.load(Ordering::SeqCst)
+        self.used.load(Ordering::SeqCst) + self.segments.live_bytes()
+    }
+
+    /// Bytes on disk for payloads: files of their own, and segment files
+    /// whole (what [`Limits::max_size`] counts).
+    pub fn payload_disk_bytes(&self) -> u64 {
+        self.used.load(Ordering::SeqCst) + self.segments.allocated()
     }
 
     /// Disk blocks of the index (not its length: redb preallocates
@@ -508,8 +566,28 @@ impl Spool {
         let db = Database::create(&self.db_path).map_err(idx("reopen after an I/O error"))?;
         *guard = Some(db);
         self.db_failed.store(false, Ordering::SeqCst);
+        // Reopened, the index is where its last durable commit left it: the
+        // log entries applied since must be applied again (see
+        // [`Spool::catch_up`]).
+        self.needs_replay.store(true, Ordering::SeqCst);
         tracing::warn!(index = %self.db_path.display(), "spool index reopened after an I/O error");
         Ok(())
+    }
+
+    /// After the index was reopened: applies again, in their turn, the log
+    /// entries its last durable commit does not hold.
+    fn catch_up(&self) -> Result<(), SpoolError> {
+        if !self.needs_replay.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let ticket = self.seq.ticket();
+        ticket.wait_turn();
+        let done = self.replay(Some(ticket.lsn));
+        if done.is_err() {
+            self.needs_replay.store(true, Ordering::SeqCst);
+        }
+        ticket.finish();
+        done.map(|_| ())
     }
 
     fn check_format(&self) -> Result<(), SpoolError> {
@@ -528,6 +606,17 @@ impl Spool {
                         .map_err(idx("write format"))?;
                 }
                 Some(f) if f == marker => {}
+                // Version 1: payload files only, which version 2 still reads;
+                // from now on older kakehashid versions refuse the spool
+                // (they would not find payloads in segments).
+                Some(f)
+                    if f.len() == 8
+                        && f[..4] == FORMAT_MAGIC[..]
+                        && f[4..] == 1u32.to_be_bytes() =>
+                {
+                    meta.insert("format", marker.as_slice())
+                        .map_err(idx("write format"))?;
+                }
                 // Future format versions add their migrations here, oldest first.
                 Some(f) => {
                     return Err(SpoolError::Format {
@@ -570,6 +659,128 @@ impl Spool {
 
     fn payload_path(&self, id: u64) -> PathBuf {
         self.data_dir.join(format!("{id:016x}.dcm"))
+    }
+
+    /// The payload of `rec`, to release once its record is durably gone.
+    fn payload_of(&self, rec: &InstanceRecord) -> Payload {
+        match rec.segment {
+            Some(loc) => Payload::Segment(loc.seg, rec.file_size()),
+            None => Payload::File(self.payload_path(rec.id), rec.file_size()),
+        }
+    }
+
+    /// Applies the log entries the index does not have durably (the power
+    /// went after their flush, before the index's): each frame newer than
+    /// the index's last lsn is checked (its header digest, then its
+    /// payload's digest or seal) and accepted again, in lsn order, exactly
+    /// as it was accepted before. A frame that fails a check was cut by the
+    /// power before its flush completed, so it was never acknowledged.
+    ///
+    /// At start (`before` = `None`) every such frame, and the log numbering
+    /// continues after them; after a reopen of the index, those before lsn
+    /// `before` (later ones are not applied yet).
+    fn replay(&self, before: Option<u64>) -> Result<usize, SpoolError> {
+        let applied = {
+            let txn = self.read_txn()?;
+            let meta = txn.open_table(META).map_err(idx("open meta"))?;
+            let v = meta.get("applied_lsn").map_err(idx("read meta"))?;
+            v.and_then(|v| v.value().try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0)
+        };
+        self.applied_lsn.store(applied, Ordering::SeqCst);
+        self.durable_lsn.store(applied, Ordering::SeqCst);
+        let mut frames = self.segments.scan(applied)?;
+        frames.retain(|f| before.is_none_or(|b| f.lsn < b));
+        frames.sort_by_key(|f| f.lsn);
+        let mut last = applied;
+        let mut replayed = 0;
+        for f in frames {
+            last = last.max(f.lsn);
+            let entry: LogEntry = match record::decode(&f.body) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(lsn = f.lsn, "spool log entry not applied: {e}");
+                    continue;
+                }
+            };
+            let mut rec = entry.record;
+            if rec.segment != Some(f.loc) || rec.file_size() != f.payload_len {
+                tracing::warn!(
+                    lsn = f.lsn,
+                    "spool log entry not applied: it does not describe its own frame"
+                );
+                continue;
+            }
+            // Sealed with a key this start does not have (the TPM was reset,
+            // or the key did not load): it cannot be checked, so it is kept,
+            // and recovery says the key is lost. Never dropped unread.
+            let ours = self.key.as_ref().map(SpoolKey::id_hex);
+            let unreadable = rec.is_sealed() && (ours.is_none() || rec.key_id != ours);
+            match self.verify_dataset(&DatasetRef::from(&rec)) {
+                Ok(()) | Err(SpoolError::KeyLost { .. }) => {}
+                Err(_) if unreadable => {}
+                Err(e) => {
+                    tracing::info!(
+                        lsn = f.lsn,
+                        "spool log entry cut by the power before it was acknowledged, dropped: {e}"
+                    );
+                    continue;
+                }
+            }
+            if self.get(rec.id).is_ok() {
+                continue;
+            }
+            let aad = format!("log {}", rec.meta.sop_instance_uid);
+            if let Some(a) = entry
+                .arrival
+                .as_deref()
+                .and_then(|a| self.open_text(&aad, a))
+                .and_then(|a| serde_json::from_str(&a).ok())
+            {
+                rec.meta.arrival = a;
+            }
+            let patient = self
+                .patient_id(&rec)
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty());
+            let now_ms = rec.received_ms;
+            self.commit_received(
+                rec,
+                entry.accession,
+                patient,
+                now_ms,
+                Durability::None,
+                f.lsn,
+            )?;
+            replayed += 1;
+        }
+        if before.is_none() {
+            self.seq.start_after(last);
+        }
+        if replayed > 0 {
+            self.begin_write(Durability::Immediate)?
+                .commit("commit replay")?
+                .unlink()?;
+        }
+        Ok(replayed)
+    }
+
+    /// Whether the index update of log entry `lsn` is also a checkpoint:
+    /// the log between checkpoints stays short (start-up replays it) and
+    /// emptied segments are freed.
+    fn durability_for(&self, lsn: u64) -> Durability {
+        let behind = lsn.saturating_sub(self.durable_lsn.load(Ordering::SeqCst));
+        let since = self
+            .last_durable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        if behind >= 4096 || since >= std::time::Duration::from_secs(5) {
+            Durability::Immediate
+        } else {
+            Durability::None
+        }
     }
 
     fn recover(&self, now_ms: u64) -> Result<RecoveryReport, SpoolError> {
@@ -621,6 +832,8 @@ impl Spool {
 
         let mut dead_counts: HashMap<String, u64> = HashMap::new();
         let mut held_counts: HashMap<String, u64> = HashMap::new();
+        // Records per segment: the others are free again.
+        let mut live: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
         let txn = self.begin_write(Durability::Immediate)?;
         let mut max_id = 0;
         let mut used = 0;
@@ -653,7 +866,30 @@ impl Spool {
                         changed = true;
                     }
                 }
-                if on_disk.get(&id) != Some(&rec.file_size()) {
+                if let Some(loc) = rec.segment {
+                    // In a segment: the segment must be there and long enough
+                    // (its content is checked before it is sent).
+                    let whole = self.segments.reader(loc, rec.file_size()).is_ok_and(|_| {
+                        fs::metadata(self.segments.path(loc.seg))
+                            .is_ok_and(|m| m.len() >= loc.at + rec.file_size())
+                    });
+                    if whole || rec.is_done() {
+                        if whole {
+                            let l: &mut (u64, u64) = live.entry(loc.seg).or_default();
+                            l.0 += 1;
+                            l.1 += rec.file_size();
+                        }
+                    } else {
+                        let why = "its segment file is missing or too short".to_string();
+                        for r in rec.routes.iter_mut().filter(|r| r.state.is_pending()) {
+                            r.state = RouteState::DeadLetter;
+                            r.last_error = Some(format!("integrity: {why} (found at start-up)"));
+                        }
+                        report.missing_payloads.push(id);
+                        changed = true;
+                        said = Some(format!("integrity: {why} (found at start-up)"));
+                    }
+                } else if on_disk.get(&id) != Some(&rec.file_size()) {
                     // The record committed, the rename did not: finish it (the
                     // content was fsynced before the commit began).
                     if let Some((tmp, len)) =
@@ -666,6 +902,7 @@ impl Spool {
                     }
                 }
                 match on_disk.remove(&id) {
+                    _ if rec.segment.is_some() => {}
                     Some(len) if len == rec.file_size() => used += len,
                     found => {
                         if !rec.is_done() {
@@ -728,7 +965,11 @@ impl Spool {
                     .map_err(idx("write meta"))?;
             }
             for (rec, said) in updates {
-                if rec.is_done() && !self.payload_path(rec.id).exists() {
+                let gone = match rec.segment {
+                    Some(loc) => !live.contains_key(&loc.seg),
+                    None => !self.payload_path(rec.id).exists(),
+                };
+                if rec.is_done() && gone {
                     table.remove(rec.id).map_err(idx("drop record"))?;
                     continue;
                 }
@@ -747,6 +988,7 @@ impl Spool {
             }
         }
         txn.commit("commit recovery")?.unlink()?;
+        self.segments.settle(&live);
         *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = dead_counts;
         *self.held.lock().unwrap_or_else(|p| p.into_inner()) = held_counts;
 
@@ -800,10 +1042,14 @@ impl Spool {
         inner
             .set_durability(durability)
             .map_err(idx("set durability"))?;
+        // Write transactions run one at a time: every log entry applied so
+        // far is in this one, and durable when it commits durably.
+        let covers = self.applied_lsn.load(Ordering::SeqCst);
         Ok(Txn {
             inner,
             released,
             durable,
+            covers,
         })
     }
 
@@ -817,23 +1063,27 @@ impl Spool {
     ) -> Result<Incoming, SpoolError> {
         self.check_room(header.len() as u64)?;
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        // Written under its final name: a file without an index record was
-        // never acknowledged and recovery removes it, so no rename is needed
-        // (and no second directory whose entries would have to be durable).
-        let tmp = self.payload_path(id);
-        let file = File::create(&tmp).map_err(io(&tmp))?;
+        // Appended to a segment; one that outgrows it moves to a file of its
+        // own (see [`PayloadOut`]).
+        let writer = self.segments.take(false, |n| self.check_room(n))?;
+        let out = PayloadOut {
+            spool: Arc::clone(self),
+            id,
+            out: Some(Out::Segment(writer)),
+            written: 0,
+        };
         // Large fragments (the usual case) bypass the buffer; small ones are gathered.
-        let buffered = std::io::BufWriter::with_capacity(128 * 1024, file);
+        let buffered = std::io::BufWriter::with_capacity(128 * 1024, out);
+        let what = self.segments.path(0);
         let mut sink = match &self.key {
             Some(k) => Sink::Sealed(
-                seal::SealWriter::new(buffered, k, id, sop_instance_uid).map_err(io(&tmp))?,
+                seal::SealWriter::new(buffered, k, id, sop_instance_uid).map_err(io(&what))?,
             ),
             None => Sink::Plain(buffered),
         };
         let mut incoming = Incoming {
             spool: Arc::clone(self),
             id,
-            tmp,
             file: None,
             header_len: header.len() as u64,
             dataset_len: 0,
@@ -841,12 +1091,18 @@ impl Spool {
             hasher: Sha256::new(),
         };
         incoming.reserve(header.len() as u64)?;
-        sink.write_all(header).map_err(io(&incoming.tmp))?;
+        sink.write_all(header)
+            .map_err(|e| incoming.write_error(e))?;
         incoming.file = Some(sink);
         Ok(incoming)
     }
 
     fn check_room(&self, extra: u64) -> Result<(), SpoolError> {
+        self.catch_up()?;
+        if self.index_full.load(Ordering::SeqCst) {
+            // Refused until the index has room for a durable commit again.
+            self.checkpoint()?;
+        }
         let used = self.used_bytes() + self.reserved.load(Ordering::SeqCst);
         if used + extra > self.limits.max_size {
             return Err(SpoolError::Full {
@@ -930,11 +1186,22 @@ impl Spool {
         Ok(out)
     }
 
-    /// Opens the payload of `id` for reading, positioned nowhere in particular.
-    pub fn open_payload(&self, id: u64) -> Result<(File, PathBuf), SpoolError> {
-        let path = self.payload_path(id);
-        let f = File::open(&path).map_err(io(&path))?;
-        Ok((f, path))
+    /// Where the payload of `rec` is: its file, or its segment file (for
+    /// messages; see [`Spool::payload_location`]).
+    fn dataset_path(&self, rec: &DatasetRef) -> PathBuf {
+        match rec.segment {
+            Some(loc) => self.segments.path(loc.seg),
+            None => self.payload_path(rec.id),
+        }
+    }
+
+    /// The file holding the payload of `rec`, the offset of the payload's
+    /// first byte in it, and its length (tools and tests).
+    pub fn payload_location(&self, rec: &InstanceRecord) -> (PathBuf, u64, u64) {
+        match rec.segment {
+            Some(loc) => (self.segments.path(loc.seg), loc.at, rec.file_size()),
+            None => (self.payload_path(rec.id), 0, rec.file_size()),
+        }
     }
 
     /// The dataset of `rec` as plaintext, from a clear or a sealed payload.
@@ -948,15 +1215,18 @@ impl Spool {
     /// The payload positioned at the dataset, read to the end of the file
     /// (not cut at the dataset's size); and whether it is sealed.
     fn open_dataset(&self, rec: &DatasetRef) -> Result<(Box<dyn Read + Send>, bool), SpoolError> {
-        let path = self.payload_path(rec.id);
-        let file = File::open(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => SpoolError::Integrity {
-                path: path.clone(),
-                detail: "the payload file is missing".into(),
-            },
-            _ => io(&path)(e),
-        })?;
-        let mut reader = std::io::BufReader::with_capacity(256 * 1024, file);
+        let path = self.dataset_path(rec);
+        let raw: Box<dyn Read + Send> = match rec.segment {
+            Some(loc) => Box::new(self.segments.reader(loc, rec.stored)?),
+            None => Box::new(File::open(&path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => SpoolError::Integrity {
+                    path: path.clone(),
+                    detail: "the payload file is missing".into(),
+                },
+                _ => io(&path)(e),
+            })?),
+        };
+        let mut reader = std::io::BufReader::with_capacity(256 * 1024, raw);
         let mut magic = [0u8; 4];
         reader.read_exact(&mut magic).map_err(read_err(&path))?;
         if seal::is_sealed(&magic) {
@@ -999,7 +1269,7 @@ impl Spool {
         rec: &DatasetRef,
         mut keep: Option<&mut Vec<u8>>,
     ) -> Result<(), SpoolError> {
-        let path = self.payload_path(rec.id);
+        let path = self.dataset_path(rec);
         let (mut reader, sealed) = self.open_dataset(rec)?;
         let mut hasher = (!sealed).then(Sha256::new);
         let mut buf = vec![0u8; 256 * 1024];
@@ -1101,7 +1371,7 @@ impl Spool {
             self.count_dead(&[(destination.to_string(), dead_change)]);
         }
         if delete {
-            let entry = (self.payload_path(rec.id), rec.file_size());
+            let entry = self.payload_of(&rec);
             if durable {
                 released.list.push(entry);
             } else {
@@ -1137,16 +1407,24 @@ impl Spool {
             .unwrap_or(0)
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, u64)>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<Payload>> {
         // The vector stays consistent whatever panicked while holding it.
         self.pending_unlink
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Unlinks payloads whose records are durably gone.
-    fn unlink(&self, list: Vec<(PathBuf, u64)>) -> Result<(), SpoolError> {
-        for (path, size) in list {
+    /// Unlinks payloads whose records are durably gone, and frees the
+    /// segments nothing needs any more.
+    fn unlink(&self, list: Vec<Payload>) -> Result<(), SpoolError> {
+        for payload in list {
+            let (path, size) = match payload {
+                Payload::File(path, size) => (path, size),
+                Payload::Segment(seg, bytes) => {
+                    self.segments.release(seg, bytes);
+                    continue;
+                }
+            };
             match fs::remove_file(&path) {
                 Ok(()) => {
                     let _ = self
@@ -1159,17 +1437,25 @@ impl Spool {
                 Err(e) => return Err(io(&path)(e)),
             }
         }
+        self.segments
+            .reclaim(self.durable_lsn.load(Ordering::SeqCst));
         Ok(())
     }
 
     /// Makes every earlier commit durable and removes the payloads they
     /// released. Cheap when there is nothing pending.
     pub fn checkpoint(&self) -> Result<(), SpoolError> {
-        if self.pending().is_empty() {
+        self.catch_up()?;
+        if self.pending().is_empty()
+            && self.applied_lsn.load(Ordering::SeqCst) == self.durable_lsn.load(Ordering::SeqCst)
+            && !self.index_full.load(Ordering::SeqCst)
+        {
             return Ok(());
         }
         let txn = self.begin_write(Durability::Immediate)?;
-        txn.commit("commit checkpoint")?.unlink()
+        txn.commit("commit checkpoint")?.unlink()?;
+        // If beginning it reopened the index, it lacks the log's latest.
+        self.catch_up()
     }
 
     /// Removes delivered instances whose retention has passed.
@@ -1197,10 +1483,9 @@ impl Spool {
             }
         }
         let mut released = txn.commit("commit sweep")?;
-        released.list.extend(
-            done.iter()
-                .map(|r| (self.payload_path(r.id), r.file_size())),
-        );
+        released
+            .list
+            .extend(done.iter().map(|r| self.payload_of(r)));
         released.unlink()?;
         Ok(done.len())
     }
@@ -1749,11 +2034,9 @@ impl Spool {
         let mut released = txn.commit("commit operator change")?;
         self.count_dead(&dead_changes);
         apply_counts(&self.held, &held_changes);
-        released.list.extend(
-            to_delete
-                .iter()
-                .map(|r| (self.payload_path(r.id), r.file_size())),
-        );
+        released
+            .list
+            .extend(to_delete.iter().map(|r| self.payload_of(r)));
         released.unlink()?;
         Ok(touched)
     }
@@ -1863,7 +2146,8 @@ pub struct Held {
     pub instances: u64,
 }
 
-/// Counts what the spool at `dir` holds, opening its index read-only;
+/// Counts what the spool at `dir` holds, opening its index read-only (and
+/// counting the log entries it does not have yet);
 /// `Ok(None)` if there is no spool there. Fails with
 /// [`SpoolError::InUse`] while kakehashid has it open (ask kakehashid).
 pub fn inspect(dir: &Path) -> Result<Option<Held>, SpoolError> {
@@ -1899,12 +2183,28 @@ pub fn inspect(dir: &Path) -> Result<Option<Held>, SpoolError> {
             txn
         }
     };
+    // Accepted instances the index does not have durably yet (the power
+    // went before it did): in the log, applied at kakehashid's next start.
+    let applied = match txn.open_table(META) {
+        Ok(meta) => meta
+            .get("applied_lsn")
+            .map_err(idx("read meta"))?
+            .and_then(|v| v.value().try_into().ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0),
+        Err(_) => 0,
+    };
+    let logged = if dir.join("seg").exists() {
+        segment::Segments::open(dir, 0)?.scan(applied)?.len() as u64
+    } else {
+        0
+    };
     let table = match txn.open_table(INSTANCES) {
         Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Some(Held { instances: 0 })),
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Some(Held { instances: logged })),
         Err(e) => return Err(idx("open instances")(e)),
     };
-    let mut instances = 0;
+    let mut instances = logged;
     for item in table.iter().map_err(idx("scan instances"))? {
         let (k, v) = item.map_err(idx("scan instances"))?;
         if !decode_record(k.value(), v.value())?.is_done() {
@@ -1920,6 +2220,8 @@ struct Txn<'a> {
     inner: redb::WriteTransaction,
     released: Released<'a>,
     durable: bool,
+    /// The newest log entry this transaction holds.
+    covers: u64,
 }
 
 impl std::ops::Deref for Txn<'_> {
@@ -1932,14 +2234,27 @@ impl std::ops::Deref for Txn<'_> {
 impl<'a> Txn<'a> {
     fn commit(self, action: &'static str) -> Result<Released<'a>, SpoolError> {
         let Txn {
-            inner, released, ..
+            inner,
+            released,
+            durable,
+            covers,
         } = self;
         // On failure `released` drops and hands its payloads back to pending.
         if let Err(e) = inner.commit().map_err(idx(action)) {
             released.spool.note_failure(&e);
+            if durable && e.is_out_of_space() {
+                released.spool.index_full.store(true, Ordering::SeqCst);
+            }
             return Err(e);
         }
-        released.spool.measure_index();
+        let spool = released.spool;
+        spool.measure_index();
+        if durable {
+            spool.index_full.store(false, Ordering::SeqCst);
+            spool.durable_lsn.fetch_max(covers, Ordering::SeqCst);
+            *spool.last_durable.lock().unwrap_or_else(|p| p.into_inner()) =
+                std::time::Instant::now();
+        }
         Ok(released)
     }
 }
@@ -1948,7 +2263,14 @@ impl<'a> Txn<'a> {
 /// [`Released::unlink`], they go back to the pending list.
 struct Released<'a> {
     spool: &'a Spool,
-    list: Vec<(PathBuf, u64)>,
+    list: Vec<Payload>,
+}
+
+/// A payload whose record is gone (see [`Spool::payload_of`]).
+#[derive(Debug)]
+enum Payload {
+    File(PathBuf, u64),
+    Segment(u32, u64),
 }
 
 impl Released<'_> {
@@ -2170,11 +2492,21 @@ fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
-fn free_space(dir: &Path) -> Result<u64, SpoolError> {
-    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| SpoolError::Io {
+fn statvfs(dir: &Path) -> Result<nix::sys::statvfs::Statvfs, SpoolError> {
+    nix::sys::statvfs::statvfs(dir).map_err(|e| SpoolError::Io {
         path: dir.to_path_buf(),
         source: std::io::Error::from(e),
-    })?;
+    })
+}
+
+/// Size of the filesystem holding `dir`.
+fn fs_size(dir: &Path) -> Result<u64, SpoolError> {
+    let st = statvfs(dir)?;
+    Ok(st.blocks() * st.fragment_size())
+}
+
+fn free_space(dir: &Path) -> Result<u64, SpoolError> {
+    let st = statvfs(dir)?;
     Ok(st.blocks_available() * st.fragment_size())
 }
 
@@ -2186,6 +2518,10 @@ pub struct DatasetRef {
     pub offset: u64,
     pub size: u64,
     pub sha256: String,
+    /// In a segment (else in a file of its own).
+    pub segment: Option<Location>,
+    /// Bytes of the payload as stored (see [`InstanceRecord::file_size`]).
+    pub stored: u64,
 }
 
 impl From<&InstanceRecord> for DatasetRef {
@@ -2196,15 +2532,17 @@ impl From<&InstanceRecord> for DatasetRef {
             offset: r.dataset_offset,
             size: r.dataset_size,
             sha256: r.sha256.clone(),
+            segment: r.segment,
+            stored: r.file_size(),
         }
     }
 }
 
-/// Where an incoming payload goes: straight to the file, or sealed.
+/// Where an incoming payload goes: straight to its segment (or file), or sealed.
 #[derive(Debug)]
 enum Sink {
-    Plain(std::io::BufWriter<File>),
-    Sealed(seal::SealWriter<std::io::BufWriter<File>>),
+    Plain(std::io::BufWriter<PayloadOut>),
+    Sealed(seal::SealWriter<std::io::BufWriter<PayloadOut>>),
 }
 
 impl Sink {
@@ -2215,8 +2553,8 @@ impl Sink {
         }
     }
 
-    /// Everything written, on disk (not yet fsynced).
-    fn finish(self) -> std::io::Result<File> {
+    /// Everything written, on disk (not yet flushed).
+    fn finish(self) -> std::io::Result<PayloadOut> {
         let buffered = match self {
             Sink::Plain(w) => w,
             Sink::Sealed(w) => w.finish()?,
@@ -2225,14 +2563,114 @@ impl Sink {
     }
 }
 
+#[derive(Debug)]
+enum Out {
+    Segment(segment::Writer),
+    File { file: File, path: PathBuf },
+}
+
+/// The bytes of one payload, in a segment frame while they fit (at most half
+/// a segment), else in a file of their own: a payload that outgrows the room
+/// left in its segment is copied to a fresh segment, or to its file. Dropped
+/// before its commit, it leaves nothing: the segment takes the next frame
+/// where this one would have started, the file is removed.
+#[derive(Debug)]
+struct PayloadOut {
+    spool: Arc<Spool>,
+    id: u64,
+    /// `None` once committed.
+    out: Option<Out>,
+    written: u64,
+}
+
+impl PayloadOut {
+    /// Moves what was written so far to where `more` bytes fit too.
+    fn spill(&mut self, more: u64) -> std::io::Result<()> {
+        let Some(Out::Segment(w)) = self.out.as_ref() else {
+            return Ok(());
+        };
+        let spool = Arc::clone(&self.spool);
+        let total = w.written + more;
+        if total <= spool.segments.size() / 2 && w.start > 0 {
+            if let Ok(mut fresh) = spool.segments.take(true, |n| spool.check_room(n)) {
+                if total <= fresh.room() {
+                    let copied = w.copy_to(&mut |b: &[u8]| fresh.append(b));
+                    if let Err(e) = copied {
+                        spool.segments.put_back(fresh.seg, fresh.start);
+                        return Err(e);
+                    }
+                    spool.segments.put_back(w.seg, w.start);
+                    self.out = Some(Out::Segment(fresh));
+                    return Ok(());
+                }
+                spool.segments.put_back(fresh.seg, fresh.start);
+            }
+        }
+        let path = spool.payload_path(self.id);
+        let mut file = File::create(&path)?;
+        if let Err(e) = w.copy_to(&mut |b: &[u8]| file.write_all(b)) {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        spool.segments.put_back(w.seg, w.start);
+        self.out = Some(Out::File { file, path });
+        Ok(())
+    }
+}
+
+impl Write for PayloadOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(Out::Segment(w)) = self.out.as_ref() {
+            let more = buf.len() as u64;
+            if more > w.room() || w.written + more > self.spool.segments.size() / 2 {
+                self.spill(more)?;
+            }
+        }
+        match self.out.as_mut() {
+            Some(Out::Segment(w)) => w.append(buf)?,
+            Some(Out::File { file, .. }) => file.write_all(buf)?,
+            None => return Err(std::io::Error::other("payload already committed")),
+        }
+        self.written += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for PayloadOut {
+    fn drop(&mut self) {
+        match self.out.take() {
+            Some(Out::Segment(w)) => self.spool.segments.put_back(w.seg, w.start),
+            Some(Out::File { path, .. }) => {
+                let _ = fs::remove_file(&path);
+            }
+            None => {}
+        }
+    }
+}
+
+/// What the log keeps of an accepted instance until the index has it
+/// durably: enough to accept it again, the same way, after a power cut.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct LogEntry {
+    record: InstanceRecord,
+    /// Keyed digest of the Accession Number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    accession: Option<String>,
+    /// [`Arrival`] as JSON, sealed when the spool has a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    arrival: Option<String>,
+}
+
 /// An instance being received. Dropping it without [`Incoming::commit`]
-/// removes the temp file and releases its reservation.
+/// leaves nothing behind and releases its reservation.
 #[derive(Debug)]
 pub struct Incoming {
     spool: Arc<Spool>,
     id: u64,
-    /// The payload file (under its final name); empty once committed.
-    tmp: PathBuf,
     file: Option<Sink>,
     header_len: u64,
     dataset_len: u64,
@@ -2258,14 +2696,20 @@ impl Incoming {
         Ok(())
     }
 
+    fn write_error(&self, e: std::io::Error) -> SpoolError {
+        io(&self.spool.payload_path(self.id))(e)
+    }
+
     /// Appends dataset bytes. Fails with [`SpoolError::Full`] as soon as the
     /// spool would exceed its size; the caller then answers 0xA700.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
         self.reserve(bytes.len() as u64)?;
-        let Some(file) = self.file.as_mut() else {
+        let Some(mut file) = self.file.take() else {
             return Ok(());
         };
-        file.write_all(bytes).map_err(io(&self.tmp))?;
+        let written = file.write_all(bytes);
+        self.file = Some(file);
+        written.map_err(|e| self.write_error(e))?;
         self.hasher.update(bytes);
         self.dataset_len += bytes.len() as u64;
 
@@ -2289,21 +2733,22 @@ impl Incoming {
 
     /// Makes the instance durable and queues it for every destination.
     ///
-    /// Order (what recovery relies on): the payload is fsynced, then its
-    /// directory (so its name is durable), and only then is the index record
-    /// committed. Whether this is a duplicate, a corrected version of a queued
-    /// instance, or new is decided inside that one write transaction, so two
-    /// associations carrying the same instance cannot both queue it.
+    /// In a segment (the usual case): the payload, then the log entry, then
+    /// the frame header are written and the segment flushed once; then the
+    /// index is updated in log order, without a flush of its own (a later
+    /// checkpoint makes it durable; until then a restart replays the log).
+    /// In a file of its own (large payloads): the file and its directory
+    /// are flushed, then the index commits durably. Whether this is a
+    /// duplicate, a corrected version of a queued instance, or new is
+    /// decided inside the index transaction, so two associations carrying
+    /// the same instance cannot both queue it; a replay decides the same.
     pub fn commit(mut self, meta: InstanceMeta, now_ms: u64) -> Result<Accepted, SpoolError> {
         let spool = Arc::clone(&self.spool);
         let Some(writer) = self.file.take() else {
-            return Err(io(&self.tmp)(std::io::Error::other("already committed")));
+            return Err(self.write_error(std::io::Error::other("already committed")));
         };
-        let file = writer.finish().map_err(io(&self.tmp))?;
-        file.sync_all().map_err(io(&self.tmp))?;
-        let stored = file.metadata().map_err(io(&self.tmp))?.len();
-        drop(file);
-        sync_dir(&spool.data_dir)?;
+        let mut out = writer.finish().map_err(|e| self.write_error(e))?;
+        let stored = out.written;
         let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
 
         let mut meta = meta;
@@ -2321,7 +2766,7 @@ impl Incoming {
                 k.seal_value(&self.id.to_be_bytes(), &meta.patient_id)
             );
         }
-        let rec = InstanceRecord {
+        let mut rec = InstanceRecord {
             id: self.id,
             dataset_size: self.dataset_len,
             dataset_offset: self.header_len,
@@ -2335,20 +2780,106 @@ impl Incoming {
                 .collect(),
             stored_size: (stored != self.header_len + self.dataset_len).then_some(stored),
             key_id: spool.key.as_ref().map(SpoolKey::id_hex),
+            segment: None,
             meta,
         };
-        let accepted = spool.commit_received(rec, accession, patient, now_ms)?;
-        match &accepted {
-            Accepted::Queued { record, .. } => {
-                spool.used.fetch_add(record.file_size(), Ordering::SeqCst);
-                // Committed: the payload is the record's now, not ours to remove.
-                self.tmp = PathBuf::new();
+        let mut entry = None;
+        if let Some(Out::Segment(w)) = out.out.as_ref() {
+            rec.segment = Some(Location {
+                seg: w.seg,
+                at: w.payload_at(),
+            });
+            let aad = format!("log {}", rec.meta.sop_instance_uid);
+            let arrival = serde_json::to_string(&rec.meta.arrival).unwrap_or_default();
+            let body = record::encode(&LogEntry {
+                record: rec.clone(),
+                accession: accession.clone(),
+                arrival: Some(spool.seal_text(&aad, &arrival)),
+            });
+            if (body.len() as u64) < segment::BODY_ROOM {
+                entry = Some(body);
+            } else {
+                // Too much to log: the payload goes to its own file.
+                rec.segment = None;
+                out.spill(u64::MAX).map_err(|e| self.write_error(e))?;
             }
-            // Never referenced by a record: removed on drop (and by recovery
-            // if the box stops before that).
-            Accepted::Duplicate { .. } => {}
         }
+        let ticket = spool.seq.ticket();
+        let (accepted, seg) = match (out.out.take(), entry) {
+            (Some(Out::Segment(w)), Some(body)) => {
+                spool.segments.note_lsn(w.seg, ticket.lsn);
+                let sealed = w.seal_frame(ticket.lsn, &body);
+                let next = match sealed {
+                    Ok(next) => next,
+                    Err(e) => {
+                        spool.segments.put_back(w.seg, w.start);
+                        return Err(self.write_error(e));
+                    }
+                };
+                spool.segments.put_back(w.seg, next);
+                #[cfg(test)]
+                if spool.cut_before_index.load(Ordering::SeqCst) {
+                    return Err(SpoolError::Refused("power cut (test)".into()));
+                }
+                ticket.wait_turn();
+                let durability = spool.durability_for(ticket.lsn);
+                match spool.commit_received(rec, accession, patient, now_ms, durability, ticket.lsn)
+                {
+                    Ok(a) => (a, Some(w.seg)),
+                    Err(e) => {
+                        // Refused: it must not come back at the next start.
+                        w.void_frame();
+                        return Err(e);
+                    }
+                }
+            }
+            (Some(Out::File { file, path }), _) => {
+                let synced = file.sync_all();
+                drop(file);
+                let keep = PathGuard(path);
+                synced.map_err(io(&keep.0))?;
+                sync_dir(&spool.data_dir)?;
+                ticket.wait_turn();
+                let lsn = ticket.lsn;
+                let a = spool.commit_received(
+                    rec,
+                    accession,
+                    patient,
+                    now_ms,
+                    Durability::Immediate,
+                    lsn,
+                )?;
+                if let Accepted::Queued { record, .. } = &a {
+                    spool.used.fetch_add(record.file_size(), Ordering::SeqCst);
+                    // Committed: the file is the record's now.
+                    keep.keep();
+                }
+                (a, None)
+            }
+            _ => return Err(self.write_error(std::io::Error::other("payload already committed"))),
+        };
+        if let (Accepted::Queued { record, .. }, Some(seg)) = (&accepted, seg) {
+            spool.segments.add_live(seg, record.file_size());
+        }
+        ticket.finish();
         Ok(accepted)
+    }
+}
+
+/// Removes a payload file on drop unless kept.
+struct PathGuard(PathBuf);
+
+impl PathGuard {
+    fn keep(mut self) {
+        self.0 = PathBuf::new();
+    }
+}
+
+impl Drop for PathGuard {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.0);
+        }
     }
 }
 
@@ -2362,15 +2893,25 @@ impl Spool {
     /// keyed digest of its Accession Number); a result is matched against
     /// that table by Study Instance UID or Accession Number, and held when
     /// it matches nothing.
+    ///
+    /// `lsn` is the instance's log entry (recorded with it, so a restart
+    /// replays only newer ones).
     fn commit_received(
         &self,
         mut rec: InstanceRecord,
         accession: Option<String>,
         patient: Option<String>,
         now_ms: u64,
+        durability: Durability,
+        lsn: u64,
     ) -> Result<Accepted, SpoolError> {
         let actor = format!("{}@{}", rec.meta.source_ae, rec.meta.source_ip);
-        let txn = self.begin_write(Durability::Immediate)?;
+        let mut txn = self.begin_write(durability)?;
+        txn.covers = txn.covers.max(lsn);
+        txn.open_table(META)
+            .map_err(idx("open meta"))?
+            .insert("applied_lsn", &lsn.to_be_bytes()[..])
+            .map_err(idx("write meta"))?;
         let mut held = None;
         let mut urgent = None;
         let mut held_changes: Vec<(String, i64)> = Vec::new();
@@ -2408,6 +2949,7 @@ impl Spool {
                     )?;
                     drop((table, uids, audit, studies));
                     txn.commit("commit duplicate")?.unlink()?;
+                    self.applied_lsn.fetch_max(lsn, Ordering::SeqCst);
                     return Ok(Accepted::Duplicate { existing: old.id });
                 }
                 // A corrected version: the stale copy must never be sent after
@@ -2444,7 +2986,7 @@ impl Spool {
                         .map(|r| (r.destination.clone(), -1)),
                 );
                 table.remove(old.id).map_err(idx("remove instance"))?;
-                release = Some((self.payload_path(old.id), old.file_size()));
+                release = Some(self.payload_of(&old));
             }
             match rec.meta.role {
                 Role::Current | Role::Prior => {
@@ -2615,6 +3157,7 @@ impl Spool {
             }
         }
         let mut released = txn.commit("commit instance")?;
+        self.applied_lsn.fetch_max(lsn, Ordering::SeqCst);
         self.count_dead(&dead_changes);
         if held.is_some() {
             held_changes.extend(rec.routes.iter().map(|r| (r.destination.clone(), 1)));
@@ -2634,10 +3177,7 @@ impl Drop for Incoming {
         self.spool
             .reserved
             .fetch_sub(self.reserved, Ordering::SeqCst);
-        // Not committed (or a duplicate): the file is nobody's.
-        if !self.tmp.as_os_str().is_empty() {
-            let _ = fs::remove_file(&self.tmp);
-        }
+        // Not committed: the payload (dropped with the sink) leaves nothing.
     }
 }
 

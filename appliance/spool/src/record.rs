@@ -211,8 +211,9 @@ pub struct InstanceMeta {
 
 /// What the ingress learned of an instance as it arrived: used once, when
 /// the spool accepts it (studies table, urgent table, audit), and never
-/// stored in the instance's record.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// stored in the instance's record (the spool's log keeps it, sealed, until
+/// the index has it durably: see `crate::segment`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Arrival {
     /// Accession Number (0008,0050): the studies table keeps a keyed digest
     /// of it, to match results by.
@@ -367,6 +368,11 @@ pub struct InstanceRecord {
     /// then says which key the spool had).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
+    /// Where the payload is in a segment file; `None`: in a file of its own
+    /// (`data/<id>.dcm`: payloads too large for a segment, and every payload
+    /// written before spool format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<crate::segment::Location>,
 }
 
 impl InstanceRecord {

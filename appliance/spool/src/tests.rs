@@ -54,9 +54,9 @@ fn accepted_instances_survive_reopen_with_their_bytes() {
     assert_eq!(report.records, 1);
     assert!(report.is_clean(), "{report:?}");
     let rec = spool.get(rec.id).expect("record");
-    let (_, path) = spool.open_payload(rec.id).expect("payload");
-    assert_eq!(fs::read(path).expect("read"), b"HEADERdataset-bytes");
+    assert_eq!(payload(&spool, &rec), b"HEADERdataset-bytes");
     assert_eq!(spool.payload_bytes(), 19);
+    assert_eq!(spool.payload_disk_bytes(), 64 << 10, "one segment");
     let audit = spool.audit_since(0, 10).expect("audit");
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].event, AuditEvent::Received);
@@ -72,7 +72,7 @@ fn full_spool_refuses_and_keeps_what_it_has() {
     assert!(err.is_out_of_space(), "{err}");
     assert_eq!(spool.records().expect("records").len(), 1);
     assert_eq!(
-        fs::read_dir(dir.path().join("data")).expect("data").count(),
+        held_payloads(&spool, dir.path()),
         1,
         "the refused instance's partial file is removed"
     );
@@ -104,16 +104,11 @@ fn identical_duplicate_is_acknowledged_once_and_a_correction_supersedes() {
         .join(format!("data/{:016x}.dcm", first.id))
         .exists());
     assert_eq!(
-        fs::read_dir(dir.path().join("data")).expect("data").count(),
+        held_payloads(&spool, dir.path()),
         1,
         "the duplicate's file was removed"
     );
-    let events: Vec<_> = spool
-        .audit_since(0, 100)
-        .expect("audit")
-        .into_iter()
-        .map(|a| a.event)
-        .collect();
+    let events = audit_events(&spool);
     assert_eq!(
         events,
         vec![
@@ -156,7 +151,7 @@ fn concurrent_copies_of_one_instance_are_queued_once() {
         assert_eq!(queued, 1, "round {round}: {outcomes:?}");
         assert_eq!(spool.records().expect("records").len(), 1);
         assert_eq!(
-            fs::read_dir(dir.path().join("data")).expect("data").count(),
+            held_payloads(&spool, dir.path()),
             1,
             "round {round}: only the queued copy's payload stays"
         );
@@ -201,8 +196,9 @@ fn a_correction_replaces_only_what_was_not_delivered() {
 fn recovery_repairs_mismatches() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, _) = open(dir.path(), 1 << 20);
-    let a = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
-    let b = queued(receive(&spool, "1.2", b"bbbb").expect("b"));
+    // Larger than half a segment: in files of their own.
+    let a = queued(receive(&spool, "1.1", &[b'a'; 40 << 10]).expect("a"));
+    let b = queued(receive(&spool, "1.2", &[b'b'; 40 << 10]).expect("b"));
     // a crash mid-receive (a payload without a record), a lost payload:
     fs::write(dir.path().join("data/00000000000000ff.dcm"), b"partial").expect("orphan");
     fs::remove_file(dir.path().join(format!("data/{:016x}.dcm", b.id))).expect("lose b");
@@ -250,10 +246,7 @@ fn delivery_deletes_payload_and_record() {
         .expect("deliver");
     assert!(spool.records().expect("records").is_empty());
     assert_eq!(spool.payload_bytes(), 0);
-    assert_eq!(
-        fs::read_dir(dir.path().join("data")).expect("data").count(),
-        0
-    );
+    assert_eq!(held_payloads(&spool, dir.path()), 0);
     // after delivery the same instance may be sent again (a deliberate re-send)
     assert!(matches!(
         receive(&spool, "1.1", b"aaaa").expect("resend"),
@@ -299,12 +292,7 @@ fn dead_letters_can_be_retried_or_purged() {
     );
     assert!(matches!(spool.get(b.id), Err(SpoolError::NotFound(_))));
     assert!(!dir.path().join(format!("data/{:016x}.dcm", b.id)).exists());
-    let events: Vec<_> = spool
-        .audit_since(0, 100)
-        .expect("audit")
-        .into_iter()
-        .map(|a| a.event)
-        .collect();
+    let events = audit_events(&spool);
     assert!(events.contains(&AuditEvent::Retried) && events.contains(&AuditEvent::Purged));
 }
 
@@ -338,13 +326,13 @@ fn a_non_durable_delivery_keeps_its_payload_until_a_checkpoint() {
         spool.records().expect("records").is_empty(),
         "readers see the delivery at once"
     );
-    let payload = dir.path().join(format!("data/{:016x}.dcm", a.id));
-    assert!(
-        payload.exists(),
+    assert_eq!(
+        held_payloads(&spool, dir.path()),
+        1,
         "but the payload outlives it until the delivery is durable"
     );
     spool.checkpoint().expect("checkpoint");
-    assert!(!payload.exists());
+    assert_eq!(held_payloads(&spool, dir.path()), 0);
     assert_eq!(spool.payload_bytes(), 0);
 }
 
@@ -352,7 +340,8 @@ fn a_non_durable_delivery_keeps_its_payload_until_a_checkpoint() {
 fn recovery_finishes_a_rename_of_a_spool_written_by_0_1_0() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, _) = open(dir.path(), 1 << 20);
-    let a = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
+    let body = [b'a'; 40 << 10];
+    let a = queued(receive(&spool, "1.1", &body).expect("a"));
     drop(spool);
     // A spool written by 0.1.0, as if the box died after the index commit
     // but before the rename from tmp/ was durable.
@@ -372,8 +361,7 @@ fn recovery_finishes_a_rename_of_a_spool_written_by_0_1_0() {
     assert!(report.missing_payloads.is_empty(), "{report:?}");
     let rec = spool.get(a.id).expect("record");
     assert_eq!(rec.routes[0].state, RouteState::Queued);
-    let (_, path) = spool.open_payload(rec.id).expect("payload back in place");
-    assert_eq!(fs::read(path).expect("read"), b"HEADERaaaa");
+    assert_eq!(payload(&spool, &rec), [&b"HEADER"[..], &body].concat());
     assert_eq!(
         fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
         0
@@ -397,8 +385,11 @@ fn retention_keeps_delivered_payloads_until_swept() {
             r.delivered_ms = Some(5000);
         })
         .expect("deliver");
-    let payload = dir.path().join(format!("data/{:016x}.dcm", a.id));
-    assert!(payload.exists(), "retained after delivery");
+    assert_eq!(
+        held_payloads(&spool, dir.path()),
+        1,
+        "retained after delivery"
+    );
     assert_eq!(spool.counts().expect("counts")["center"].queued, 0);
     assert_eq!(
         spool.sweep_retained(5000).expect("sweep"),
@@ -406,7 +397,7 @@ fn retention_keeps_delivered_payloads_until_swept() {
         "not yet past retention"
     );
     assert_eq!(spool.sweep_retained(5001).expect("sweep"), 1);
-    assert!(!payload.exists());
+    assert_eq!(held_payloads(&spool, dir.path()), 0);
     assert!(spool.records().expect("records").is_empty());
 }
 
@@ -428,11 +419,10 @@ fn a_payload_stays_until_every_destination_has_it() {
             .expect("deliver")
     };
     deliver("a");
-    let payload = dir.path().join(format!("data/{:016x}.dcm", rec.id));
-    assert!(payload.exists(), "b still needs it");
+    assert_eq!(held_payloads(&spool, dir.path()), 1, "b still needs it");
     assert_eq!(spool.counts().expect("counts")["b"].queued, 1);
     deliver("b");
-    assert!(!payload.exists());
+    assert_eq!(held_payloads(&spool, dir.path()), 0);
 }
 
 #[test]
@@ -449,13 +439,15 @@ fn a_keyed_spool_seals_payloads_and_patient_ids_and_catches_tampering() {
     .expect("open");
     let body = b"PATIENT^NAME dataset bytes".repeat(5000);
     let rec = queued(receive(&spool, "1.1", &body).expect("receive"));
-    let (_, path) = spool.open_payload(rec.id).expect("payload");
-    let on_disk = fs::read(&path).expect("read");
-    assert!(seal::is_sealed(&on_disk[..4]));
-    assert!(
-        !on_disk.windows(12).any(|w| w == b"PATIENT^NAME"),
-        "plaintext on disk"
-    );
+    assert!(seal::is_sealed(&payload(&spool, &rec)[..4]));
+    // Nowhere on disk: not in the payload, not in the log entry.
+    for f in fs::read_dir(dir.path().join("seg")).expect("seg") {
+        let on_disk = fs::read(f.expect("entry").path()).expect("read");
+        assert!(
+            !on_disk.windows(12).any(|w| w == b"PATIENT^NAME"),
+            "plaintext on disk"
+        );
+    }
     let index = fs::read(dir.path().join("index.redb")).expect("index");
     assert!(
         !index.windows(2).any(|w| w == b"P1"),
@@ -466,9 +458,10 @@ fn a_keyed_spool_seals_payloads_and_patient_ids_and_catches_tampering() {
     assert_eq!(spool.read_dataset(&dataset).expect("reads"), body);
 
     // One flipped byte anywhere: the check fails, naming integrity.
+    let on_disk = payload(&spool, &rec);
     let mut bad = on_disk.clone();
     bad[on_disk.len() / 2] ^= 0x20;
-    fs::write(&path, &bad).expect("tamper");
+    set_payload(&spool, &rec, &bad);
     let e = spool
         .verify_dataset(&dataset)
         .expect_err("tampered")
@@ -476,7 +469,7 @@ fn a_keyed_spool_seals_payloads_and_patient_ids_and_catches_tampering() {
     assert!(e.contains("authentication"), "{e}");
 
     // Reopened with its key after a crash: recovery finds the payload whole.
-    fs::write(&path, &on_disk).expect("restore");
+    set_payload(&spool, &rec, &on_disk);
     drop(spool);
     let (spool, report) = Spool::open_with_key(
         dir.path(),
@@ -515,9 +508,17 @@ fn a_sealed_payload_cut_at_a_chunk_boundary_fails_its_check() {
     let rec = queued(receive(&spool, "1.9", &body).expect("receive"));
     let dataset = DatasetRef::from(&*rec);
     spool.verify_dataset(&dataset).expect("whole file verifies");
-    let (_, path) = spool.open_payload(rec.id).expect("payload");
-    let bytes = fs::read(&path).expect("read");
-    fs::write(&path, &bytes[..bytes.len() - 16]).expect("cut the last chunk");
+    // The last chunk (its tag alone) gone: zeros where it was.
+    let (path, at, len) = spool.payload_location(&rec);
+    std::os::unix::fs::FileExt::write_all_at(
+        &fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open"),
+        &[0u8; 16],
+        at + len - 16,
+    )
+    .expect("cut the last chunk");
     let e = spool
         .verify_dataset(&dataset)
         .expect_err("cut file")
@@ -532,9 +533,12 @@ fn a_sealed_payload_cut_at_a_chunk_boundary_fails_its_check() {
 fn an_unreadable_payload_is_an_io_error_not_integrity() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, _) = open(dir.path(), 1 << 20);
-    let rec = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
+    // Larger than half a segment: in a file of its own.
+    let body = vec![b'a'; 200 << 10];
+    let rec = queued(receive(&spool, "1.1", &body).expect("a"));
+    assert_eq!(rec.segment, None);
     let dataset = DatasetRef::from(&*rec);
-    let (_, path) = spool.open_payload(rec.id).expect("payload");
+    let (path, _, _) = spool.payload_location(&rec);
     let aside = dir.path().join("aside");
     fs::rename(&path, &aside).expect("move aside");
     // A directory where the file was: opening works, reading fails (EISDIR),
@@ -545,11 +549,51 @@ fn an_unreadable_payload_is_an_io_error_not_integrity() {
     fs::remove_dir(&path).expect("rmdir");
     let e = spool.read_dataset(&dataset).expect_err("missing");
     assert!(matches!(e, SpoolError::Integrity { .. }), "{e:?}");
-    fs::write(&path, b"HEADERaaab").expect("other bytes");
+    let mut other = b"HEADER".to_vec();
+    other.extend_from_slice(&body);
+    *other.last_mut().expect("bytes") = b'b';
+    fs::write(&path, &other).expect("other bytes");
     let e = spool.read_dataset(&dataset).expect_err("changed");
     assert!(matches!(e, SpoolError::Integrity { .. }), "{e:?}");
     fs::rename(&aside, &path).expect("restore");
-    assert_eq!(spool.read_dataset(&dataset).expect("reads"), b"aaaa");
+    assert_eq!(spool.read_dataset(&dataset).expect("reads"), body);
+}
+
+/// The events of the audit trail, oldest first.
+fn audit_events(spool: &Spool) -> Vec<AuditEvent> {
+    spool
+        .audit_since(0, 100)
+        .expect("audit")
+        .into_iter()
+        .map(|a| a.event)
+        .collect()
+}
+
+/// Payloads the spool holds: files of their own and frames in segments.
+fn held_payloads(spool: &Spool, dir: &Path) -> usize {
+    let files = fs::read_dir(dir.join("data")).expect("data").count();
+    files + spool.segments.live() as usize
+}
+
+/// Overwrites the payload of `rec` where it is stored.
+fn set_payload(spool: &Spool, rec: &InstanceRecord, bytes: &[u8]) {
+    let (path, at, len) = spool.payload_location(rec);
+    assert_eq!(bytes.len() as u64, len);
+    std::os::unix::fs::FileExt::write_all_at(
+        &fs::OpenOptions::new().write(true).open(path).expect("open"),
+        bytes,
+        at,
+    )
+    .expect("write payload");
+}
+
+/// The payload of `rec` as stored (in its segment or its file).
+fn payload(spool: &Spool, rec: &InstanceRecord) -> Vec<u8> {
+    let (path, at, len) = spool.payload_location(rec);
+    let mut out = vec![0u8; len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&File::open(path).expect("open"), &mut out, at)
+        .expect("read payload");
+    out
 }
 
 #[test]
@@ -1088,4 +1132,116 @@ fn urgent_findings_keep_their_own_numbers_and_wait_while_held() {
         .map(|e| e.id)
         .collect();
     assert_eq!(open, vec![2], "rebuilt from the urgent table");
+}
+
+#[test]
+fn instances_whose_index_update_the_power_cut_are_accepted_again_from_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = SpoolKey::new(zeroize::Zeroizing::new([3u8; 32]));
+    let open_keyed = || {
+        Spool::open_with_key(
+            dir.path(),
+            vec!["center".into()],
+            limits(1 << 20),
+            1000,
+            Some(key.clone()),
+        )
+        .expect("open")
+    };
+    let (spool, _) = open_keyed();
+    let stale = queued(receive(&spool, "1.1", b"first version").expect("v1"));
+    let mut m = meta("1.2");
+    m.arrival.accession_number = Some("ACC7".into());
+    // The frames reach the disk, the index updates do not.
+    spool.cut_before_index.store(true, Ordering::SeqCst);
+    let mut inc = spool.begin(b"HEADER", "1.2").expect("begin");
+    inc.write(b"second instance").expect("write");
+    assert!(inc.commit(m, 2000).is_err());
+    let mut torn = spool.begin(b"HEADER", "1.3").expect("begin");
+    torn.write(b"cut in its flush").expect("write");
+    assert!(torn.commit(meta("1.3"), 2000).is_err());
+    let mut fixed = spool.begin(b"HEADER", "1.1").expect("begin");
+    fixed.write(b"corrected version").expect("write");
+    assert!(fixed.commit(meta("1.1"), 2000).is_err());
+    assert_eq!(spool.records().expect("records").len(), 1);
+    // 1.3's frame was cut by the power: one byte of its payload is wrong.
+    let frames = spool.segments.scan(0).expect("scan");
+    let f13 = frames
+        .iter()
+        .find(|f| {
+            record::decode::<LogEntry>(&f.body)
+                .is_ok_and(|e| e.record.meta.sop_instance_uid == "1.3")
+        })
+        .expect("frame of 1.3");
+    std::os::unix::fs::FileExt::write_all_at(
+        &fs::OpenOptions::new()
+            .write(true)
+            .open(spool.segments.path(f13.loc.seg))
+            .expect("open"),
+        b"X",
+        f13.loc.at + 40,
+    )
+    .expect("tear");
+    drop(spool);
+
+    let (spool, report) = open_keyed();
+    assert_eq!(report.replayed, 2, "{report:?}");
+    assert!(!report.is_clean());
+    let recs = spool.records().expect("records");
+    let uids: Vec<_> = recs
+        .iter()
+        .map(|r| r.meta.sop_instance_uid.as_str())
+        .collect();
+    assert_eq!(uids, ["1.2", "1.1"], "the torn one never was acknowledged");
+    assert!(
+        recs.iter().all(|r| r.id != stale.id),
+        "the correction replaced v1 again"
+    );
+    let second = &recs[0];
+    assert_eq!(spool.patient_id(second).as_deref(), Some("P1"));
+    assert_eq!(
+        spool.read_dataset(&DatasetRef::from(second)).expect("read"),
+        b"second instance"
+    );
+    assert!(
+        spool.study("1.2.3").expect("study").is_some(),
+        "the studies table has it too"
+    );
+    let events = audit_events(&spool);
+    assert_eq!(
+        events,
+        [
+            AuditEvent::Received,
+            AuditEvent::Received,
+            AuditEvent::Superseded,
+            AuditEvent::Received
+        ]
+    );
+    // Durable now: another start replays nothing.
+    drop(spool);
+    let (_spool, report) = open_keyed();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+#[test]
+fn log_entries_sealed_with_a_key_this_start_lacks_are_kept_not_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = SpoolKey::new(zeroize::Zeroizing::new([4u8; 32]));
+    let (spool, _) = Spool::open_with_key(
+        dir.path(),
+        vec!["center".into()],
+        limits(1 << 20),
+        1000,
+        Some(key),
+    )
+    .expect("open");
+    spool.cut_before_index.store(true, Ordering::SeqCst);
+    let mut inc = spool.begin(b"HEADER", "1.1").expect("begin");
+    inc.write(b"sealed payload").expect("write");
+    assert!(inc.commit(meta("1.1"), 2000).is_err());
+    drop(spool);
+    // The TPM was reset: kakehashid starts without the spool key.
+    let (spool, report) = open(dir.path(), 1 << 20);
+    assert_eq!(report.replayed, 1, "{report:?}");
+    assert_eq!(spool.records().expect("records").len(), 1);
 }

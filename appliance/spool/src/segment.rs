@@ -1,0 +1,763 @@
+//! Segment files: where payloads are appended, so that accepting an
+//! instance costs one data flush.
+//!
+//! A segment (`seg/<n>.seg`) is a file of fixed size, written with zeros
+//! once when it is made and then only overwritten: appending a payload to it
+//! changes no file-system metadata, so `fdatasync` is one device flush with
+//! no journal commit (creating a file, renaming it and syncing its directory
+//! is three). Segments whose payloads have all left the spool are used again
+//! from their start; a few are kept ready, the rest deleted.
+//!
+//! A frame per instance, aligned to 4 KiB:
+//!
+//! ```text
+//! header (512 bytes): "KKSG", version, lsn, payload length, body length,
+//!                     first 16 bytes of SHA-256(header fields ‖ body)
+//! payload            the Part 10 file as received (sealed with a key)
+//! body               the log entry: the instance's record and what the
+//!                    index needs to accept it again (see `crate::LogEntry`)
+//! ```
+//!
+//! Header, payload and body are written, then the segment is flushed once
+//! (`fdatasync`); only then is the index updated, without waiting for its
+//! own flush. The log sequence number (lsn) orders the frames: at start,
+//! frames newer than the index's last durable lsn are verified (header
+//! digest, then the payload's own digest or seal) and applied again, in lsn
+//! order, so the index ends where it was when the power went. A frame torn
+//! by the power cut fails its check and was never acknowledged.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use crate::{io, SpoolError};
+
+pub(crate) const MAGIC: &[u8; 4] = b"KKSG";
+const VERSION: u8 = 1;
+/// Bytes before a frame's payload.
+pub(crate) const HEADER_LEN: u64 = 512;
+/// Frames start on these boundaries (no two frames share a block).
+pub(crate) const ALIGN: u64 = 4096;
+/// Room kept at the end of a frame for its body; a larger body moves the
+/// payload to a file of its own.
+pub(crate) const BODY_ROOM: u64 = 16 * 1024;
+/// A segment with less room left than this (or a quarter of it) takes no
+/// new frame.
+const MIN_ROOM: u64 = 64 * 1024;
+/// Emptied segments kept ready for use (the rest are deleted).
+const KEEP_FREE: usize = 4;
+
+/// Where a payload lies in a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Location {
+    /// Segment number.
+    pub seg: u32,
+    /// Offset of the payload's first byte in the segment file.
+    pub at: u64,
+}
+
+fn min_room(size: u64) -> u64 {
+    MIN_ROOM.min(size / 4)
+}
+
+pub(crate) fn align(n: u64) -> u64 {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// The segment size for a spool of `max_size` bytes: 64 MiB, smaller for
+/// small spools (a 64th of the spool, at least 64 KiB).
+pub(crate) fn size_for(max_size: u64) -> u64 {
+    align((max_size / 64).clamp(64 << 10, 64 << 20))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// Nothing in it is needed: written again from its start.
+    Free,
+    /// Takes frames from `pos`.
+    Open,
+    /// A writer is appending to it.
+    Writing,
+    /// Full (or written before this start): waits for its payloads to go.
+    Closed,
+}
+
+#[derive(Debug)]
+struct Seg {
+    file: Arc<File>,
+    status: Status,
+    pos: u64,
+    /// Records whose payload is in this segment, and their bytes.
+    live: u64,
+    live_bytes: u64,
+    /// The newest frame written in it.
+    max_lsn: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    segs: BTreeMap<u32, Seg>,
+    next_no: u32,
+}
+
+#[derive(Debug)]
+pub(crate) struct Segments {
+    dir: PathBuf,
+    size: u64,
+    state: Mutex<State>,
+}
+
+/// A segment taken by one incoming instance.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    pub seg: u32,
+    pub file: Arc<File>,
+    /// The frame's first byte (its header).
+    pub start: u64,
+    /// Payload bytes written so far.
+    pub written: u64,
+    size: u64,
+}
+
+impl Writer {
+    /// Payload bytes this frame can still take.
+    pub fn room(&self) -> u64 {
+        self.size
+            .saturating_sub(self.start + HEADER_LEN + self.written + BODY_ROOM)
+    }
+
+    pub fn payload_at(&self) -> u64 {
+        self.start + HEADER_LEN
+    }
+
+    /// Appends payload bytes (the caller checked [`Writer::room`]).
+    pub fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file
+            .write_all_at(bytes, self.payload_at() + self.written)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Copies the payload written so far to `out`.
+    pub fn copy_to(
+        &self,
+        out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0;
+        while done < self.written {
+            let n = (self.written - done).min(buf.len() as u64) as usize;
+            self.file
+                .read_exact_at(&mut buf[..n], self.payload_at() + done)?;
+            out(&buf[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes the body and then the header of the frame, and flushes the
+    /// segment: the one flush of an acknowledgement. Returns where the next
+    /// frame may start.
+    pub fn seal_frame(&self, lsn: u64, body: &[u8]) -> std::io::Result<u64> {
+        let body_at = self.payload_at() + self.written;
+        self.file.write_all_at(body, body_at)?;
+        self.file
+            .write_all_at(&header(lsn, self.written, body), self.start)?;
+        self.file.sync_data()?;
+        Ok(align(body_at + body.len() as u64))
+    }
+
+    /// Makes the frame unreadable (an index update failed after its flush:
+    /// the instance was refused and must not come back at the next start).
+    pub fn void_frame(&self) {
+        let _ = self
+            .file
+            .write_all_at(&[0u8; HEADER_LEN as usize], self.start);
+        let _ = self.file.sync_data();
+    }
+}
+
+fn header(lsn: u64, payload_len: u64, body: &[u8]) -> Vec<u8> {
+    let mut h = vec![0u8; HEADER_LEN as usize];
+    h[0..4].copy_from_slice(MAGIC);
+    h[4] = VERSION;
+    h[8..16].copy_from_slice(&lsn.to_le_bytes());
+    h[16..24].copy_from_slice(&payload_len.to_le_bytes());
+    h[24..28].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    let digest = frame_digest(&h[0..32], body);
+    h[32..48].copy_from_slice(&digest);
+    h
+}
+
+fn frame_digest(fields: &[u8], body: &[u8]) -> [u8; 16] {
+    let mut d = Sha256::new();
+    d.update(fields);
+    d.update(body);
+    let full = d.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&full[..16]);
+    out
+}
+
+/// A frame found at start-up.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub lsn: u64,
+    pub loc: Location,
+    pub payload_len: u64,
+    pub body: Vec<u8>,
+}
+
+impl Segments {
+    /// Opens the segments of `dir/seg` (creating the directory). Every
+    /// segment found is closed until [`Segments::settle`] says which are
+    /// free.
+    pub fn open(dir: &Path, size: u64) -> Result<Segments, SpoolError> {
+        let dir = dir.join("seg");
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let mut state = State::default();
+        for entry in fs::read_dir(&dir).map_err(io(&dir))? {
+            let entry = entry.map_err(io(&dir))?;
+            let name = entry.file_name();
+            let Some(no) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".seg"))
+                .and_then(|n| u32::from_str_radix(n, 16).ok())
+            else {
+                tracing::warn!(file = %entry.path().display(), "unexpected file in the spool's segment directory left alone");
+                continue;
+            };
+            let path = entry.path();
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            state.next_no = state.next_no.max(no + 1);
+            state.segs.insert(
+                no,
+                Seg {
+                    file: Arc::new(file),
+                    status: Status::Closed,
+                    pos: 0,
+                    live: 0,
+                    live_bytes: 0,
+                    max_lsn: u64::MAX,
+                },
+            );
+        }
+        Ok(Segments {
+            dir,
+            size,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn path(&self, seg: u32) -> PathBuf {
+        self.dir.join(format!("{seg:08x}.seg"))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Payloads held in segments (tests).
+    #[cfg(test)]
+    pub fn live(&self) -> u64 {
+        self.state().segs.values().map(|g| g.live).sum()
+    }
+
+    /// Bytes of the payloads held in segments.
+    pub fn live_bytes(&self) -> u64 {
+        self.state().segs.values().map(|g| g.live_bytes).sum()
+    }
+
+    /// Bytes of segment files on disk.
+    pub fn allocated(&self) -> u64 {
+        let s = self.state();
+        s.segs.len() as u64 * self.size
+    }
+
+    /// Every frame with an lsn above `after`, in no particular order, with
+    /// the segment's own file to read payloads from. Stops in each segment at
+    /// the first block that is not a frame header.
+    pub fn scan(&self, after: u64) -> Result<Vec<Frame>, SpoolError> {
+        let segs: Vec<(u32, Arc<File>)> = self
+            .state()
+            .segs
+            .iter()
+            .map(|(n, s)| (*n, Arc::clone(&s.file)))
+            .collect();
+        let mut out = Vec::new();
+        let mut max_lsn: BTreeMap<u32, u64> = BTreeMap::new();
+        for (no, file) in segs {
+            let path = self.path(no);
+            let len = file.metadata().map_err(io(&path))?.len();
+            let mut at = 0u64;
+            let mut h = [0u8; HEADER_LEN as usize];
+            let mut newest = 0u64;
+            while at + HEADER_LEN <= len {
+                if file.read_exact_at(&mut h, at).is_err() || &h[0..4] != MAGIC || h[4] != VERSION {
+                    break;
+                }
+                let lsn = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
+                let payload_len = u64::from_le_bytes(h[16..24].try_into().unwrap_or_default());
+                let body_len =
+                    u64::from(u32::from_le_bytes(h[24..28].try_into().unwrap_or_default()));
+                let body_at = at + HEADER_LEN + payload_len;
+                if body_at + body_len > len {
+                    break;
+                }
+                let mut body = vec![0u8; body_len as usize];
+                if file.read_exact_at(&mut body, body_at).is_err()
+                    || frame_digest(&h[0..32], &body)[..] != h[32..48]
+                {
+                    break;
+                }
+                newest = newest.max(lsn);
+                if lsn > after {
+                    out.push(Frame {
+                        lsn,
+                        loc: Location {
+                            seg: no,
+                            at: at + HEADER_LEN,
+                        },
+                        payload_len,
+                        body,
+                    });
+                }
+                at = align(body_at + body_len);
+            }
+            max_lsn.insert(no, newest);
+        }
+        let mut s = self.state();
+        for (no, lsn) in max_lsn {
+            if let Some(seg) = s.segs.get_mut(&no) {
+                seg.max_lsn = lsn;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A reader of `len` bytes at `loc`.
+    pub fn reader(&self, loc: Location, len: u64) -> Result<SegReader, SpoolError> {
+        let path = self.path(loc.seg);
+        let file = match self.state().segs.get(&loc.seg) {
+            Some(s) => Arc::clone(&s.file),
+            None => {
+                return Err(SpoolError::Integrity {
+                    path,
+                    detail: "the payload's segment file is missing".into(),
+                })
+            }
+        };
+        Ok(SegReader {
+            file,
+            pos: loc.at,
+            end: loc.at + len,
+        })
+    }
+
+    /// After start-up: `live` counts the records of each segment; every
+    /// segment with none becomes free (everything in it is durable by then).
+    pub fn settle(&self, live: &BTreeMap<u32, (u64, u64)>) {
+        let mut s = self.state();
+        for (no, seg) in s.segs.iter_mut() {
+            (seg.live, seg.live_bytes) = live.get(no).copied().unwrap_or((0, 0));
+            seg.max_lsn = 0;
+            seg.status = if seg.live == 0 {
+                Status::Free
+            } else {
+                Status::Closed
+            };
+        }
+        self.trim(&mut s);
+    }
+
+    /// A segment to append a new frame to: an open one with room, else a
+    /// free one, else a new one if `may_grow` allows `size` more bytes.
+    pub fn take(
+        &self,
+        fresh: bool,
+        may_grow: impl FnOnce(u64) -> Result<(), SpoolError>,
+    ) -> Result<Writer, SpoolError> {
+        {
+            let mut s = self.state();
+            let size = self.size;
+            let pick = s
+                .segs
+                .iter()
+                .filter(|(_, g)| {
+                    (!fresh && g.status == Status::Open && size - g.pos >= min_room(size))
+                        || g.status == Status::Free
+                })
+                // Open segments before free ones, then the lowest number.
+                .min_by_key(|(n, g)| (g.status == Status::Free, **n))
+                .map(|(n, _)| *n);
+            if let Some((no, seg)) = pick.and_then(|no| Some((no, s.segs.get_mut(&no)?))) {
+                if seg.status == Status::Free {
+                    seg.pos = 0;
+                }
+                seg.status = Status::Writing;
+                return Ok(Writer {
+                    seg: no,
+                    file: Arc::clone(&seg.file),
+                    start: seg.pos,
+                    written: 0,
+                    size,
+                });
+            }
+        }
+        may_grow(self.size)?;
+        let no = {
+            let mut s = self.state();
+            let no = s.next_no;
+            s.next_no += 1;
+            no
+        };
+        let path = self.path(no);
+        let file = make_segment(&path, self.size).inspect_err(|_| {
+            let _ = fs::remove_file(&path);
+        })?;
+        crate::sync_dir(&self.dir)?;
+        let file = Arc::new(file);
+        self.state().segs.insert(
+            no,
+            Seg {
+                file: Arc::clone(&file),
+                status: Status::Writing,
+                pos: 0,
+                live: 0,
+                live_bytes: 0,
+                max_lsn: 0,
+            },
+        );
+        Ok(Writer {
+            seg: no,
+            file,
+            start: 0,
+            written: 0,
+            size: self.size,
+        })
+    }
+
+    /// A frame with `lsn` is being written to `seg`.
+    pub fn note_lsn(&self, seg: u32, lsn: u64) {
+        if let Some(g) = self.state().segs.get_mut(&seg) {
+            g.max_lsn = g.max_lsn.max(lsn);
+        }
+    }
+
+    /// Gives a writer's segment back; new frames start at `next` (its own
+    /// start if it wrote no frame).
+    pub fn put_back(&self, seg: u32, next: u64) {
+        let mut s = self.state();
+        if let Some(g) = s.segs.get_mut(&seg) {
+            g.pos = next;
+            g.status = if self.size.saturating_sub(next) >= min_room(self.size) {
+                Status::Open
+            } else {
+                Status::Closed
+            };
+        }
+    }
+
+    /// A record now holds a payload in `seg`.
+    pub fn add_live(&self, seg: u32, bytes: u64) {
+        if let Some(g) = self.state().segs.get_mut(&seg) {
+            g.live += 1;
+            g.live_bytes += bytes;
+        }
+    }
+
+    /// A record holding a payload in `seg` is durably gone.
+    pub fn release(&self, seg: u32, bytes: u64) {
+        if let Some(g) = self.state().segs.get_mut(&seg) {
+            g.live = g.live.saturating_sub(1);
+            g.live_bytes = g.live_bytes.saturating_sub(bytes);
+        }
+    }
+
+    /// After a durable index commit covering every frame up to `durable`:
+    /// segments with no live payload and no newer frame are free again, and
+    /// beyond [`KEEP_FREE`] deleted. Returns the bytes deleted.
+    pub fn reclaim(&self, durable: u64) -> u64 {
+        let mut s = self.state();
+        for g in s.segs.values_mut() {
+            if g.live == 0
+                && g.max_lsn <= durable
+                && matches!(g.status, Status::Open | Status::Closed)
+            {
+                g.status = Status::Free;
+                g.pos = 0;
+            }
+        }
+        self.trim(&mut s)
+    }
+
+    fn trim(&self, s: &mut State) -> u64 {
+        let free: Vec<u32> = s
+            .segs
+            .iter()
+            .filter(|(_, g)| g.status == Status::Free)
+            .map(|(n, _)| *n)
+            .collect();
+        let mut gone = 0;
+        // Keep the lowest numbers (they are used first).
+        for no in free.into_iter().skip(KEEP_FREE) {
+            let path = self.path(no);
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    s.segs.remove(&no);
+                    gone += self.size;
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), "cannot delete an emptied segment: {e}")
+                }
+            }
+        }
+        gone
+    }
+}
+
+/// A new segment: its blocks allocated (`fallocate`) and flushed, so later
+/// writes to it change no file size and no block map; they only turn
+/// allocated blocks into written ones the first time round (a journal entry
+/// then), and are pure overwrites once the segment is used again.
+fn make_segment(path: &Path, size: u64) -> Result<File, SpoolError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io(path))?;
+    nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, size as i64)
+        .map_err(|e| io(path)(std::io::Error::from(e)))?;
+    file.sync_all().map_err(io(path))?;
+    Ok(file)
+}
+
+/// Reads a payload from its segment.
+#[derive(Debug)]
+pub(crate) struct SegReader {
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for SegReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (self.end - self.pos).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.file.read_at(&mut buf[..n], self.pos)?;
+        if got == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the segment ends before the payload",
+            ));
+        }
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+/// Orders the index updates of frames flushed concurrently: each waits for
+/// every lower lsn to be applied (or given up), so the index applies frames
+/// in lsn order, which is the order a restart replays them in.
+#[derive(Debug, Default)]
+pub(crate) struct Sequencer {
+    state: Mutex<SeqState>,
+    turn: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SeqState {
+    /// The next lsn to hand out.
+    next_alloc: u64,
+    /// The next lsn whose turn it is.
+    next_turn: u64,
+    /// Given up before their turn came.
+    skipped: std::collections::BTreeSet<u64>,
+}
+
+impl Sequencer {
+    /// Starts numbering after `last`.
+    pub fn start_after(&self, last: u64) {
+        let mut s = self.lock();
+        s.next_alloc = last + 1;
+        s.next_turn = last + 1;
+        s.skipped.clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SeqState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn ticket(self: &Arc<Self>) -> Ticket {
+        let mut s = self.lock();
+        let lsn = s.next_alloc;
+        s.next_alloc += 1;
+        Ticket {
+            seq: Arc::clone(self),
+            lsn,
+            done: false,
+        }
+    }
+
+    fn advance(s: &mut SeqState) {
+        while s.skipped.remove(&s.next_turn) {
+            s.next_turn += 1;
+        }
+    }
+}
+
+/// One lsn: wait for its turn, apply, and say so (dropping it unapplied
+/// gives its turn up, so nobody waits for it).
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    seq: Arc<Sequencer>,
+    pub lsn: u64,
+    done: bool,
+}
+
+impl Ticket {
+    /// Blocks until every lower lsn is applied or given up.
+    pub fn wait_turn(&self) {
+        let mut s = self.seq.lock();
+        loop {
+            Sequencer::advance(&mut s);
+            if s.next_turn >= self.lsn {
+                return;
+            }
+            s = self.seq.turn.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// This lsn is applied (or refused): the next may go.
+    pub fn finish(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let mut s = self.seq.lock();
+        if s.next_turn == self.lsn {
+            s.next_turn += 1;
+        } else {
+            s.skipped.insert(self.lsn);
+        }
+        Sequencer::advance(&mut s);
+        drop(s);
+        self.seq.turn.notify_all();
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_found_again_and_a_torn_one_ends_the_segment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segs = Segments::open(dir.path(), 1 << 20).expect("open");
+        let mut w = segs.take(false, |_| Ok(())).expect("take");
+        w.append(b"payload one").expect("append");
+        let next = w.seal_frame(7, b"body one").expect("seal");
+        assert_eq!(next, ALIGN);
+        let second = Writer {
+            seg: w.seg,
+            file: Arc::clone(&w.file),
+            start: next,
+            written: 0,
+            size: w.size,
+        };
+        let mut second = second;
+        second.append(b"payload two").expect("append");
+        second.seal_frame(8, b"body two").expect("seal");
+        let mut frames = segs.scan(0).expect("scan");
+        frames.sort_by_key(|f| f.lsn);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[1].body, b"body two");
+        assert_eq!(frames[1].loc.at, ALIGN + HEADER_LEN);
+        assert_eq!(segs.scan(7).expect("scan").len(), 1, "only newer frames");
+
+        // One byte of the first body changed: its digest fails, and the
+        // scan of that segment stops there.
+        w.file.write_all_at(b"X", HEADER_LEN + 11).expect("tear");
+        assert!(segs.scan(0).expect("scan").is_empty());
+    }
+
+    #[test]
+    fn lsns_take_their_turns_in_order_and_a_dropped_one_is_skipped() {
+        let seq = Arc::new(Sequencer::default());
+        seq.start_after(10);
+        let a = seq.ticket();
+        let b = seq.ticket();
+        let c = seq.ticket();
+        assert_eq!((a.lsn, b.lsn, c.lsn), (11, 12, 13));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let t = {
+            let order = Arc::clone(&order);
+            std::thread::spawn(move || {
+                c.wait_turn();
+                order.lock().expect("lock").push(13);
+                c.finish();
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            order.lock().expect("lock").is_empty(),
+            "13 waited for 11 and 12"
+        );
+        drop(b); // given up
+        a.wait_turn();
+        order.lock().expect("lock").push(11);
+        a.finish();
+        t.join().expect("join");
+        assert_eq!(*order.lock().expect("lock"), vec![11, 13]);
+    }
+
+    #[test]
+    fn emptied_segments_are_reused_after_the_commit_that_made_them_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segs = Segments::open(dir.path(), 1 << 20).expect("open");
+        let mut w = segs.take(false, |_| Ok(())).expect("take");
+        w.append(&[1u8; 300 * 1024]).expect("append");
+        segs.note_lsn(w.seg, 5);
+        let next = w.seal_frame(5, b"b").expect("seal");
+        segs.put_back(w.seg, next);
+        segs.add_live(w.seg, 10);
+        // Open with room: the next writer appends after the frame.
+        let w2 = segs.take(false, |_| Ok(())).expect("take");
+        assert_eq!((w2.seg, w2.start), (w.seg, next));
+        segs.put_back(w2.seg, w2.start);
+        segs.release(w.seg, 10);
+        segs.reclaim(4);
+        let w3 = segs.take(false, |_| Ok(())).expect("take");
+        assert_eq!(w3.start, next, "lsn 5 not durable yet: not reused");
+        segs.put_back(w3.seg, w3.start);
+        segs.reclaim(5);
+        let w4 = segs.take(false, |_| Ok(())).expect("take");
+        assert_eq!((w4.seg, w4.start), (w.seg, 0), "used again from its start");
+    }
+}
