@@ -429,14 +429,7 @@ fn a_payload_stays_until_every_destination_has_it() {
 fn a_keyed_spool_seals_payloads_and_patient_ids_and_catches_tampering() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = SpoolKey::new(zeroize::Zeroizing::new([9u8; 32]));
-    let (spool, _) = Spool::open_with_key(
-        dir.path(),
-        vec!["center".into()],
-        limits(1 << 20),
-        1000,
-        Some(key.clone()),
-    )
-    .expect("open");
+    let (spool, _) = open_keyed(dir.path(), key.clone()).expect("open");
     let body = b"PATIENT^NAME dataset bytes".repeat(5000);
     let rec = queued(receive(&spool, "1.1", &body).expect("receive"));
     assert!(seal::is_sealed(&payload(&spool, &rec)[..4]));
@@ -471,14 +464,7 @@ fn a_keyed_spool_seals_payloads_and_patient_ids_and_catches_tampering() {
     // Reopened with its key after a crash: recovery finds the payload whole.
     set_payload(&spool, &rec, &on_disk);
     drop(spool);
-    let (spool, report) = Spool::open_with_key(
-        dir.path(),
-        vec!["center".into()],
-        limits(1 << 20),
-        1000,
-        Some(key),
-    )
-    .expect("reopen");
+    let (spool, report) = open_keyed(dir.path(), key).expect("reopen");
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(spool.payload_bytes(), on_disk.len() as u64);
     assert_eq!(spool.read_dataset(&dataset).expect("reads"), body);
@@ -494,14 +480,7 @@ fn a_keyed_spool_seals_payloads_and_patient_ids_and_catches_tampering() {
 fn a_sealed_payload_cut_at_a_chunk_boundary_fails_its_check() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = SpoolKey::new(zeroize::Zeroizing::new([3u8; 32]));
-    let (spool, _) = Spool::open_with_key(
-        dir.path(),
-        vec!["center".into()],
-        limits(1 << 20),
-        1000,
-        Some(key),
-    )
-    .expect("open");
+    let (spool, _) = open_keyed(dir.path(), key).expect("open");
     // "HEADER" + body fills exactly two 64 KiB chunks; the file ends with
     // an empty, flagged last chunk (its tag alone).
     let body = vec![0x5a; 2 * 65536 - 6];
@@ -557,6 +536,11 @@ fn an_unreadable_payload_is_an_io_error_not_integrity() {
     assert!(matches!(e, SpoolError::Integrity { .. }), "{e:?}");
     fs::rename(&aside, &path).expect("restore");
     assert_eq!(spool.read_dataset(&dataset).expect("reads"), body);
+}
+
+/// A spool of 1 MiB for the destination "center", sealed with `key`.
+fn open_keyed(dir: &Path, key: SpoolKey) -> Result<(Arc<Spool>, RecoveryReport), SpoolError> {
+    Spool::open_with_key(dir, vec!["center".into()], limits(1 << 20), 1000, Some(key))
 }
 
 /// The events of the audit trail, oldest first.
@@ -1138,16 +1122,7 @@ fn urgent_findings_keep_their_own_numbers_and_wait_while_held() {
 fn instances_whose_index_update_the_power_cut_are_accepted_again_from_the_log() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = SpoolKey::new(zeroize::Zeroizing::new([3u8; 32]));
-    let open_keyed = || {
-        Spool::open_with_key(
-            dir.path(),
-            vec!["center".into()],
-            limits(1 << 20),
-            1000,
-            Some(key.clone()),
-        )
-        .expect("open")
-    };
+    let open_keyed = || open_keyed(dir.path(), key.clone()).expect("open");
     let (spool, _) = open_keyed();
     let stale = queued(receive(&spool, "1.1", b"first version").expect("v1"));
     let mut m = meta("1.2");
@@ -1227,14 +1202,7 @@ fn instances_whose_index_update_the_power_cut_are_accepted_again_from_the_log() 
 fn log_entries_sealed_with_a_key_this_start_lacks_are_kept_not_dropped() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = SpoolKey::new(zeroize::Zeroizing::new([4u8; 32]));
-    let (spool, _) = Spool::open_with_key(
-        dir.path(),
-        vec!["center".into()],
-        limits(1 << 20),
-        1000,
-        Some(key),
-    )
-    .expect("open");
+    let (spool, _) = open_keyed(dir.path(), key).expect("open");
     spool.cut_before_index.store(true, Ordering::SeqCst);
     let mut inc = spool.begin(b"HEADER", "1.1").expect("begin");
     inc.write(b"sealed payload").expect("write");
