@@ -834,6 +834,8 @@ impl Spool {
         let mut held_counts: HashMap<String, u64> = HashMap::new();
         // Records per segment: the others are free again.
         let mut live: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
+        // Each segment's length, read once (not once per record).
+        let seg_len = self.segments.lengths();
         let txn = self.begin_write(Durability::Immediate)?;
         let mut max_id = 0;
         let mut used = 0;
@@ -869,10 +871,9 @@ impl Spool {
                 if let Some(loc) = rec.segment {
                     // In a segment: the segment must be there and long enough
                     // (its content is checked before it is sent).
-                    let whole = self.segments.reader(loc, rec.file_size()).is_ok_and(|_| {
-                        fs::metadata(self.segments.path(loc.seg))
-                            .is_ok_and(|m| m.len() >= loc.at + rec.file_size())
-                    });
+                    let whole = seg_len
+                        .get(&loc.seg)
+                        .is_some_and(|len| *len >= loc.at + rec.file_size());
                     if whole || rec.is_done() {
                         if whole {
                             let l: &mut (u64, u64) = live.entry(loc.seg).or_default();

@@ -281,6 +281,15 @@ impl Segments {
         self.state().segs.values().map(|g| g.live_bytes).sum()
     }
 
+    /// The length of every segment file found.
+    pub fn lengths(&self) -> BTreeMap<u32, u64> {
+        self.state()
+            .segs
+            .iter()
+            .filter_map(|(n, g)| Some((*n, g.file.metadata().ok()?.len())))
+            .collect()
+    }
+
     /// Bytes of segment files on disk.
     pub fn allocated(&self) -> u64 {
         let s = self.state();
