@@ -1067,6 +1067,7 @@ impl Spool {
         // Appended to a segment; one that outgrows it moves to a file of its
         // own (see [`PayloadOut`]).
         let writer = self.segments.take(false, |n| self.check_room(n))?;
+        let what = self.segments.path(writer.seg);
         let out = PayloadOut {
             spool: Arc::clone(self),
             id,
@@ -1075,7 +1076,6 @@ impl Spool {
         };
         // Large fragments (the usual case) bypass the buffer; small ones are gathered.
         let buffered = std::io::BufWriter::with_capacity(128 * 1024, out);
-        let what = self.segments.path(0);
         let mut sink = match &self.key {
             Some(k) => Sink::Sealed(
                 seal::SealWriter::new(buffered, k, id, sop_instance_uid).map_err(io(&what))?,
@@ -2806,7 +2806,7 @@ impl Incoming {
             }
         }
         let ticket = spool.seq.ticket();
-        let (accepted, seg) = match (out.out.take(), entry) {
+        let accepted = match (out.out.take(), entry) {
             (Some(Out::Segment(w)), Some(body)) => {
                 spool.segments.note_lsn(w.seg, ticket.lsn);
                 let sealed = w.seal_frame(ticket.lsn, &body);
@@ -2826,7 +2826,14 @@ impl Incoming {
                 let durability = spool.durability_for(ticket.lsn);
                 match spool.commit_received(rec, accession, patient, now_ms, durability, ticket.lsn)
                 {
-                    Ok(a) => (a, Some(w.seg)),
+                    Ok(a) => {
+                        // Counted in its segment before the writer (which
+                        // keeps the segment from being reclaimed) goes.
+                        if let Accepted::Queued { record, .. } = &a {
+                            w.hold(record.file_size());
+                        }
+                        a
+                    }
                     Err(e) => {
                         // Refused: it must not come back at the next start.
                         w.void_frame();
@@ -2855,13 +2862,10 @@ impl Incoming {
                     // Committed: the file is the record's now.
                     keep.keep();
                 }
-                (a, None)
+                a
             }
             _ => return Err(self.write_error(std::io::Error::other("payload already committed"))),
         };
-        if let (Accepted::Queued { record, .. }, Some(seg)) = (&accepted, seg) {
-            spool.segments.add_live(seg, record.file_size());
-        }
         ticket.finish();
         Ok(accepted)
     }

@@ -97,22 +97,37 @@ struct Seg {
     live_bytes: u64,
     /// The newest frame written in it.
     max_lsn: u64,
+    /// Frames taken and not yet finished ([`Writer`]s alive): from the
+    /// first payload byte until the record holds the payload (or the
+    /// instance was refused), the segment is not reclaimed, whatever the
+    /// durable lsn says.
+    busy: u32,
 }
 
 #[derive(Debug, Default)]
 struct State {
     segs: BTreeMap<u32, Seg>,
     next_no: u32,
+    /// [`Segments::settle`] ran: which segments hold payloads is known.
+    /// Until then nothing is reclaimed (every segment counts as holding
+    /// payloads).
+    settled: bool,
 }
 
 #[derive(Debug)]
 pub(crate) struct Segments {
     dir: PathBuf,
     size: u64,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
 }
 
-/// A segment taken by one incoming instance.
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A segment taken by one incoming instance. While it lives the segment
+/// is busy (never reclaimed); [`Writer::hold`] counts the payload as the
+/// record's before it goes.
 #[derive(Debug)]
 pub(crate) struct Writer {
     pub seg: u32,
@@ -122,9 +137,27 @@ pub(crate) struct Writer {
     /// Payload bytes written so far.
     pub written: u64,
     size: u64,
+    state: Arc<Mutex<State>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(g) = lock(&self.state).segs.get_mut(&self.seg) {
+            g.busy = g.busy.saturating_sub(1);
+        }
+    }
 }
 
 impl Writer {
+    /// The index holds a record whose payload (`bytes`) is this frame's:
+    /// the segment keeps it until [`Segments::release`].
+    pub fn hold(&self, bytes: u64) {
+        if let Some(g) = lock(&self.state).segs.get_mut(&self.seg) {
+            g.live += 1;
+            g.live_bytes += bytes;
+        }
+    }
+
     /// Payload bytes this frame can still take.
     pub fn room(&self) -> u64 {
         self.size
@@ -248,18 +281,19 @@ impl Segments {
                     live: 0,
                     live_bytes: 0,
                     max_lsn: u64::MAX,
+                    busy: 0,
                 },
             );
         }
         Ok(Segments {
             dir,
             size,
-            state: Mutex::new(state),
+            state: Arc::new(Mutex::new(state)),
         })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     pub fn path(&self, seg: u32) -> PathBuf {
@@ -383,12 +417,14 @@ impl Segments {
         for (no, seg) in s.segs.iter_mut() {
             (seg.live, seg.live_bytes) = live.get(no).copied().unwrap_or((0, 0));
             seg.max_lsn = 0;
+            seg.busy = 0;
             seg.status = if seg.live == 0 {
                 Status::Free
             } else {
                 Status::Closed
             };
         }
+        s.settled = true;
         self.trim(&mut s);
     }
 
@@ -417,12 +453,14 @@ impl Segments {
                     seg.pos = 0;
                 }
                 seg.status = Status::Writing;
+                seg.busy += 1;
                 return Ok(Writer {
                     seg: no,
                     file: Arc::clone(&seg.file),
                     start: seg.pos,
                     written: 0,
                     size,
+                    state: Arc::clone(&self.state),
                 });
             }
         }
@@ -448,6 +486,7 @@ impl Segments {
                 live: 0,
                 live_bytes: 0,
                 max_lsn: 0,
+                busy: 1,
             },
         );
         Ok(Writer {
@@ -456,6 +495,7 @@ impl Segments {
             start: 0,
             written: 0,
             size: self.size,
+            state: Arc::clone(&self.state),
         })
     }
 
@@ -480,14 +520,6 @@ impl Segments {
         }
     }
 
-    /// A record now holds a payload in `seg`.
-    pub fn add_live(&self, seg: u32, bytes: u64) {
-        if let Some(g) = self.state().segs.get_mut(&seg) {
-            g.live += 1;
-            g.live_bytes += bytes;
-        }
-    }
-
     /// A record holding a payload in `seg` is durably gone.
     pub fn release(&self, seg: u32, bytes: u64) {
         if let Some(g) = self.state().segs.get_mut(&seg) {
@@ -497,12 +529,17 @@ impl Segments {
     }
 
     /// After a durable index commit covering every frame up to `durable`:
-    /// segments with no live payload and no newer frame are free again, and
-    /// beyond [`KEEP_FREE`] deleted. Returns the bytes deleted.
+    /// segments with no live payload, no frame being written and no newer
+    /// frame are free again, and beyond [`KEEP_FREE`] deleted. Returns the
+    /// bytes deleted. Nothing before [`Segments::settle`].
     pub fn reclaim(&self, durable: u64) -> u64 {
         let mut s = self.state();
+        if !s.settled {
+            return 0;
+        }
         for g in s.segs.values_mut() {
             if g.live == 0
+                && g.busy == 0
                 && g.max_lsn <= durable
                 && matches!(g.status, Status::Open | Status::Closed)
             {
@@ -693,14 +730,9 @@ mod tests {
         w.append(b"payload one").expect("append");
         let next = w.seal_frame(7, b"body one").expect("seal");
         assert_eq!(next, ALIGN);
-        let second = Writer {
-            seg: w.seg,
-            file: Arc::clone(&w.file),
-            start: next,
-            written: 0,
-            size: w.size,
-        };
-        let mut second = second;
+        segs.put_back(w.seg, next);
+        let mut second = segs.take(false, |_| Ok(())).expect("take");
+        assert_eq!((second.seg, second.start), (w.seg, next));
         second.append(b"payload two").expect("append");
         second.seal_frame(8, b"body two").expect("seal");
         let mut frames = segs.scan(0).expect("scan");
@@ -750,23 +782,40 @@ mod tests {
     fn emptied_segments_are_reused_after_the_commit_that_made_them_durable() {
         let dir = tempfile::tempdir().expect("tempdir");
         let segs = Segments::open(dir.path(), 1 << 20).expect("open");
+        segs.settle(&BTreeMap::new());
         let mut w = segs.take(false, |_| Ok(())).expect("take");
         w.append(&[1u8; 300 * 1024]).expect("append");
         segs.note_lsn(w.seg, 5);
         let next = w.seal_frame(5, b"b").expect("seal");
         segs.put_back(w.seg, next);
-        segs.add_live(w.seg, 10);
+        w.hold(10);
+        let (seg, start) = (w.seg, w.start);
+        drop(w);
         // Open with room: the next writer appends after the frame.
         let w2 = segs.take(false, |_| Ok(())).expect("take");
-        assert_eq!((w2.seg, w2.start), (w.seg, next));
+        assert_eq!((w2.seg, w2.start), (seg, next));
         segs.put_back(w2.seg, w2.start);
-        segs.release(w.seg, 10);
+        drop(w2);
+        segs.release(seg, 10);
         segs.reclaim(4);
         let w3 = segs.take(false, |_| Ok(())).expect("take");
         assert_eq!(w3.start, next, "lsn 5 not durable yet: not reused");
         segs.put_back(w3.seg, w3.start);
         segs.reclaim(5);
         let w4 = segs.take(false, |_| Ok(())).expect("take");
-        assert_eq!((w4.seg, w4.start), (w.seg, 0), "used again from its start");
+        assert_eq!(
+            (w4.seg, w4.start),
+            (seg, next),
+            "a writer was still in it: not reused"
+        );
+        segs.put_back(w4.seg, w4.start);
+        drop((w3, w4));
+        segs.reclaim(5);
+        let w5 = segs.take(false, |_| Ok(())).expect("take");
+        assert_eq!(
+            (w5.seg, w5.start),
+            (seg, start),
+            "used again from its start"
+        );
     }
 }

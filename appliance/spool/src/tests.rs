@@ -1213,3 +1213,55 @@ fn log_entries_sealed_with_a_key_this_start_lacks_are_kept_not_dropped() {
     assert_eq!(report.replayed, 1, "{report:?}");
     assert_eq!(spool.records().expect("records").len(), 1);
 }
+
+/// Found by the image's power-cut test: at start the index commit ran
+/// before the segments knew which of them held payloads, took them all for
+/// empty, and deleted those beyond the few kept free: an acknowledged
+/// instance in the fifth segment was gone.
+#[test]
+fn a_start_keeps_every_segment_that_holds_a_payload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 64 KiB segments: one 28 KiB payload each.
+    let (spool, _) = open(dir.path(), 1 << 20);
+    let body = vec![7u8; 28 << 10];
+    let recs: Vec<_> = (1..=6)
+        .map(|i| queued(receive(&spool, &format!("1.{i}"), &body).expect("receive")))
+        .collect();
+    let segs: std::collections::HashSet<u32> = recs
+        .iter()
+        .filter_map(|r| r.segment.map(|l| l.seg))
+        .collect();
+    assert_eq!(segs.len(), 6, "one segment each");
+    drop(spool);
+    for _ in 0..2 {
+        let (spool, report) = open(dir.path(), 1 << 20);
+        assert!(report.is_clean(), "{report:?}");
+        for r in &recs {
+            let rec = spool.get(r.id).expect("record");
+            let mut want = b"HEADER".to_vec();
+            want.extend_from_slice(&body);
+            assert_eq!(payload(&spool, &rec), want, "{}", r.meta.sop_instance_uid);
+        }
+    }
+}
+
+/// Found by the image's power-cut test: the first frame of a segment whose
+/// index update was also a checkpoint freed its own segment before it
+/// counted there, so the next instance was written over it.
+#[test]
+fn a_frame_whose_index_update_is_a_checkpoint_is_not_written_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = open(dir.path(), 1 << 20);
+    // The last durable commit is 6 s old: the next index update is durable.
+    *spool.last_durable.lock().expect("lock") =
+        std::time::Instant::now() - std::time::Duration::from_secs(6);
+    let first = queued(receive(&spool, "1.1", b"first payload").expect("first"));
+    let second = queued(receive(&spool, "1.2", b"other payload").expect("second"));
+    assert_ne!(first.segment, second.segment, "{first:?} {second:?}");
+    assert_eq!(
+        spool
+            .read_dataset(&DatasetRef::from(&*first))
+            .expect("read"),
+        b"first payload"
+    );
+}
