@@ -146,6 +146,8 @@ def scp(args):
     ae = AE(ae_title=args.aet)
     ae.maximum_pdu_size = args.max_pdu
     ae.network_timeout = ae.dimse_timeout = 60
+    # More at once are rejected: A-ASSOCIATE-RJ, transient, local limit exceeded.
+    ae.maximum_associations = args.max_associations
     # Every storage class, in whatever syntax is proposed (like a real
     # archive that stores what it gets).
     for cx in StoragePresentationContexts:
@@ -181,6 +183,7 @@ def main():
     c.add_argument("--max-pdu", type=int, default=16384)
     c.add_argument("--statuses", default="", help="status per attempt of each instance, e.g. a700,a700 (then success)")
     c.add_argument("--refuse", action="append", help="UID=status, always")
+    c.add_argument("--max-associations", type=int, default=10, help="associations served at once")
     args = p.parse_args()
     return store(args) if args.role == "store" else scp(args)
 

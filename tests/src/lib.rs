@@ -176,6 +176,8 @@ pub struct RelayOptions {
     pub max_pdu: Option<u32>,
     /// Every destination's `response_timeout`.
     pub response_timeout: String,
+    /// Every destination's `associations` (the default when `None`).
+    pub associations: Option<usize>,
     /// More `[retry]` keys, as TOML lines.
     pub retry_toml: String,
     /// More `[audit]` keys, as TOML lines (its `dir` is in the relay's temp dir).
@@ -226,6 +228,7 @@ impl RelayOptions {
             spool_dir: None,
             max_pdu: None,
             response_timeout: "30s".into(),
+            associations: None,
             retry_toml: String::new(),
             audit_toml: String::new(),
             retry_initial: "200ms".into(),
@@ -273,7 +276,7 @@ impl Relay {
             opts.extra_sources
         );
         for (name, ae, p) in &opts.destinations {
-            toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"{}:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"{}\"\nlinger = \"1s\"\n\n", opts.dest_host, opts.response_timeout);
+            toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"{}:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"{}\"\nlinger = \"1s\"\n{}\n", opts.dest_host, opts.response_timeout, opts.associations.map(|n| format!("associations = {n}\n")).unwrap_or_default());
         }
         toml += &format!(
             "[spool]\ndir = \"{}\"\nmax_size = \"{}\"\nmin_free = \"{}\"\n\n[retry]\ninitial = \"{}\"\nmax = \"{}\"\n{}\n[control]\nsocket = \"{}\"\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n\n[audit]\ndir = \"{}\"\n{}\n",
@@ -486,6 +489,18 @@ impl StoreScp {
         StoreScp::start_with(port, base, ns, aet, &[])
     }
 
+    /// A storescp that serves many associations at once (a process per
+    /// association, as a PACS does), each C-STORE taking `seconds`.
+    pub fn start_forking(port: u16, seconds: u32) -> StoreScp {
+        StoreScp::start_with(
+            port,
+            &std::env::temp_dir(),
+            None,
+            "READCENTER",
+            &["--fork", "--sleep-during", &seconds.to_string()],
+        )
+    }
+
     /// A center that stops reading in the middle of every C-STORE for
     /// `seconds` (storescp `--sleep-during`).
     pub fn start_sleepy(port: u16, seconds: u32) -> StoreScp {
@@ -498,7 +513,14 @@ impl StoreScp {
         )
     }
 
-    fn start_with(port: u16, base: &Path, ns: Option<&str>, aet: &str, extra: &[&str]) -> StoreScp {
+    /// storescp with more options (`extra`, e.g. `--fork`).
+    pub fn start_with(
+        port: u16,
+        base: &Path,
+        ns: Option<&str>,
+        aet: &str,
+        extra: &[&str],
+    ) -> StoreScp {
         let dir = tempfile::Builder::new()
             .prefix("storescp-")
             .tempdir_in(base)
@@ -596,6 +618,18 @@ pub fn storescu_at(
     files: &[PathBuf],
 ) -> StoreOutcome {
     storescu_with(ns, host, port, calling, called, files, &[])
+}
+
+/// storescu in the hospital's namespace to the box (`relay`) on its LAN.
+pub fn send_from_hospital(site: &netns::Site, relay: &Relay, files: &[PathBuf]) -> StoreOutcome {
+    storescu_at(
+        Some(site.hospital.name()),
+        netns::BOX_LAN_IP,
+        relay.port,
+        "MODALITY1",
+        "KAKEHASHI",
+        files,
+    )
 }
 
 /// Like [`storescu_at`], with more storescu options (e.g. timeouts).

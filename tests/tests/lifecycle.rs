@@ -256,3 +256,81 @@ fn sigterm_in_the_middle_of_a_transfer_loses_nothing_and_leaves_nothing_half_wri
         );
     }
 }
+
+/// A study goes over `destinations.associations` associations at once to
+/// a center that serves several (storescp --fork, each C-STORE taking
+/// seconds); a center that serves fewer (pynetdicom with
+/// `maximum_associations = 2`, rejecting more with A-ASSOCIATE-RJ
+/// transient, local limit exceeded) gets what it accepts, without being
+/// called down, and everything arrives either way.
+#[test]
+fn a_study_is_spread_over_parallel_associations_and_a_center_that_takes_fewer_gets_it_too() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = testdata::study(
+        data.path(),
+        "parallel",
+        "CR",
+        testdata::CR_IMAGE,
+        Syntax::ExplicitLe,
+        Name::Utf8,
+        12,
+        16 * 1024,
+    )
+    .expect("data");
+
+    let center = StoreScp::start_forking(free_port(), 1);
+    let relay = Relay::start(RelayOptions::to(center.port));
+    assert_eq!(storescu(relay.port, "MODALITY1", &files).acked.len(), 12);
+    let mut most = (0, 0);
+    wait_until(
+        "4 associations with an instance each",
+        Duration::from_secs(30),
+        || {
+            let s = relay.status();
+            let d = &s.destinations[0];
+            most = most.max((d.associations, d.in_flight));
+            most == (4, 4) || d.queued == 0
+        },
+    );
+    assert_eq!(most, (4, 4), "associations open, instances on the wire");
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(center.files().len(), 12);
+    drop(relay);
+
+    // The center is down while a study arrives, so all of it waits, then
+    // four associations are asked for at once.
+    let port = free_port();
+    let relay = Relay::start(RelayOptions::to(port));
+    let more = testdata::study(
+        data.path(),
+        "fewer",
+        "CR",
+        testdata::CR_IMAGE,
+        Syntax::ExplicitLe,
+        Name::Utf8,
+        40,
+        16 * 1024,
+    )
+    .expect("data");
+    assert_eq!(storescu(relay.port, "MODALITY1", &more).acked.len(), 40);
+    let two = pynetdicom::Scp::start(port, &["--max-associations", "2"]);
+    let down = relay.log_text().len();
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(two.stats()["stored"], 40);
+    let log = relay.log_text().split_off(down);
+    assert!(
+        log.contains("refused one more association") && log.contains("transient"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("destination unreachable"),
+        "a refused association is not a center down: {log}"
+    );
+    let s = relay.status();
+    let d = &s.destinations[0];
+    assert_eq!((d.dead_letter, d.connect_failures), (0, 0), "{d:?}");
+    assert!(
+        (1..=2).contains(&d.associations_allowed) && d.associations_max == 4,
+        "it settled on what the center serves: {d:?}"
+    );
+}

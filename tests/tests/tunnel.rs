@@ -46,17 +46,6 @@ fn center_scp(site: &Site) -> StoreScp {
     )
 }
 
-fn send_from_hospital(site: &Site, relay: &Relay, files: &[PathBuf]) -> StoreOutcome {
-    storescu_at(
-        Some(site.hospital.name()),
-        BOX_LAN_IP,
-        relay.port,
-        "MODALITY1",
-        "KAKEHASHI",
-        files,
-    )
-}
-
 /// Every sent file arrived at the center with an identical dataset.
 fn assert_identical(sent: &[PathBuf], scp: &StoreScp) {
     let mut by_uid: HashMap<String, Vec<u8>> = HashMap::new();

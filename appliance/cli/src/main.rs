@@ -606,6 +606,22 @@ fn print_status(s: &StatusReport) {
                 age(p)
             );
         }
+        if d.associations_allowed > 0 {
+            println!(
+                "  associations open {} of {}{}, instances on the wire {}",
+                d.associations,
+                d.associations_allowed,
+                if d.associations_allowed < d.associations_max {
+                    format!(
+                        " (configured {}: the destination refused more)",
+                        d.associations_max
+                    )
+                } else {
+                    String::new()
+                },
+                d.in_flight
+            );
+        }
         println!(
             "  queued {} ({}), oldest {}, dead letters {}",
             d.queued,

@@ -332,6 +332,9 @@ pub struct Destination {
     pub response_timeout: Duration,
     /// Keep an association open this long waiting for more work.
     pub linger: Duration,
+    /// Associations opened in parallel (at most; fewer while the
+    /// destination refuses more).
+    pub associations: usize,
     /// The destination is reached through the WireGuard tunnel: it is paused
     /// while the tunnel is down, and its address must lie in the tunnel.
     pub via_tunnel: bool,

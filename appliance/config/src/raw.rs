@@ -97,6 +97,7 @@ struct RawPacs {
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
     linger: Option<String>,
+    associations: Option<i64>,
     route: Option<String>,
 }
 
@@ -251,6 +252,7 @@ struct RawDestination {
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
     linger: Option<String>,
+    associations: Option<i64>,
     route: Option<String>,
 }
 
@@ -461,6 +463,7 @@ fn destination(
             Duration::from_secs(120),
         )?,
         linger: duration(&key("linger"), r.linger.as_deref(), Duration::from_secs(5))?,
+        associations: associations(&key("associations"), r.associations)?,
         name: r.name,
         address: r.address,
         via_tunnel,
@@ -809,6 +812,23 @@ fn max_pdu(key: &str, value: Option<i64>, default: u32) -> Result<u32, ConfigErr
     Ok((v as u32) & !1)
 }
 
+/// Associations a forwarder opens in parallel to one destination: DICOM
+/// waits for each C-STORE-RSP, so one association moves one instance per
+/// round trip; several fill a long link (see docs/benchmarks.md).
+pub const DEFAULT_ASSOCIATIONS: usize = 4;
+
+fn associations(key: &str, value: Option<i64>) -> Result<usize, ConfigError> {
+    let v = value.unwrap_or(DEFAULT_ASSOCIATIONS as i64);
+    if !(1..=16).contains(&v) {
+        return Err(ConfigError::invalid(
+            key,
+            v.to_string(),
+            "a number of parallel associations from 1 to 16",
+        ));
+    }
+    Ok(v as usize)
+}
+
 fn host_port_ok(value: &str) -> bool {
     value
         .rsplit_once(':')
@@ -1092,6 +1112,7 @@ impl RawConfig {
                         connect_timeout: p.connect_timeout,
                         response_timeout: p.response_timeout,
                         linger: p.linger,
+                        associations: p.associations,
                         // The PACS is in the hospital: direct unless said otherwise.
                         route: Some(p.route.unwrap_or_else(|| "direct".into())),
                     },

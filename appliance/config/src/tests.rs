@@ -43,6 +43,7 @@ fn issue_example_means_what_it_says() {
     assert_eq!(c.destinations[0].ae_title.as_str(), "READCENTER");
     assert_eq!(c.destinations[0].address, "127.0.0.1:11113");
     assert_eq!(c.destinations[0].calling_ae_title.as_str(), "KAKEHASHI");
+    assert_eq!(c.destinations[0].associations, 4);
     assert_eq!(c.spool.dir, PathBuf::from("/var/lib/kakehashi/spool"));
     assert_eq!(c.spool.max_size, 50 * (1 << 30));
     assert_eq!(c.control.socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
@@ -79,6 +80,16 @@ fn bad_values_name_key_value_and_expectation() {
         e.contains("dicom.sources[0].ae_title") && e.contains("16"),
         "{e}"
     );
+    for n in ["0", "17"] {
+        let e = err(&ISSUE_EXAMPLE.replace(
+            "address = \"127.0.0.1:11113\"",
+            &format!("address = \"127.0.0.1:11113\"\nassociations = {n}"),
+        ));
+        assert!(
+            e.contains("destinations[0].associations") && e.contains("1 to 16"),
+            "{e}"
+        );
+    }
     let e = err(&ISSUE_EXAMPLE.replace("\"127.0.0.1:11113\"", "\"nohostport\""));
     assert!(e.contains("destinations[0].address"), "{e}");
     let e = err(&ISSUE_EXAMPLE.replace(

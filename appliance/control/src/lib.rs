@@ -245,6 +245,17 @@ pub struct DestinationStatus {
     /// How long since it last made progress (a fragment written).
     #[serde(default)]
     pub no_progress_for_s: Option<u64>,
+    /// Associations open now, and how many may be (the configured number,
+    /// fewer while the destination refuses more).
+    #[serde(default)]
+    pub associations: u64,
+    #[serde(default)]
+    pub associations_allowed: u64,
+    #[serde(default)]
+    pub associations_max: u64,
+    /// Instances on the wire now.
+    #[serde(default)]
+    pub in_flight: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

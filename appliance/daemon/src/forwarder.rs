@@ -1,6 +1,13 @@
-//! One forwarder task per destination: takes instances from its queue (see
-//! [`crate::schedule`]), sends a study over one association, and records
-//! each outcome in the spool before moving on.
+//! One forwarder per destination: `destinations.associations` workers
+//! (4 by default), each with its own association, take instances from the
+//! destination's one queue (see [`crate::schedule`]: highest priority first,
+//! each worker staying on its study, so a study is spread over the
+//! associations), send them, and record each outcome in the spool. DICOM
+//! waits for every C-STORE-RSP, so one association moves one instance per
+//! round trip; several fill a long link. A destination that refuses another
+//! association (A-ASSOCIATE-RJ transient, or no answer) while others are
+//! open is not "down": the forwarder uses as many as it accepted and tries
+//! one more every [`MORE_ASSOCIATIONS_AFTER_MS`].
 //!
 //! Failure handling: anything about the connection (refused, timeout,
 //! abort, association rejected) backs off the whole destination and burns
@@ -8,6 +15,7 @@
 //! instance; a permanent status or a refused SOP class/transfer syntax
 //! dead-letters it with the reason. Transient failures never dead-letter.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,12 +38,15 @@ const OPERATION_MARGIN: Duration = Duration::from_secs(30);
 /// A C-STORE without progress this long shows as stalled in `status`.
 const STALLED_AFTER_MS: u64 = 15_000;
 
+/// After a destination refused an association, one more is tried this
+/// long after (each time).
+pub const MORE_ASSOCIATIONS_AFTER_MS: u64 = 300_000;
+
 #[derive(Debug, Default)]
 struct Stats {
-    /// A C-STORE is under way since then.
-    sending_since_ms: Option<u64>,
-    /// The last fragment written (or the start of the C-STORE).
-    progress_ms: u64,
+    /// Per worker with a C-STORE under way: since when, and the last
+    /// fragment written (or the start of the C-STORE).
+    sending: std::collections::BTreeMap<usize, (u64, u64)>,
     delivered: u64,
     last_success_ms: Option<u64>,
     last_error: Option<String>,
@@ -46,24 +57,87 @@ struct Stats {
     last_refusal: Option<String>,
 }
 
+/// How many workers may hold an association.
+#[derive(Debug)]
+struct Limit {
+    now: usize,
+    /// The last refusal (or the last step up after one).
+    since_ms: u64,
+}
+
 #[derive(Debug)]
 pub struct Handle {
     pub dest: Destination,
     queue: Mutex<Queue>,
     notify: Notify,
     stats: Mutex<Stats>,
+    /// Associations open now.
+    open: AtomicUsize,
+    /// Associations open or being opened (what [`Handle::allowed`] bounds).
+    slots: AtomicUsize,
+    limit: Mutex<Limit>,
 }
 
 impl Handle {
     /// An empty queue; [`Handle::enqueue`] fills it (at start, from the spool).
     pub fn new(dest: Destination) -> Handle {
         let queue = Queue::default();
+        let most = dest.associations.max(1);
         Handle {
             dest,
             queue: Mutex::new(queue),
             notify: Notify::new(),
             stats: Mutex::new(Stats::default()),
+            open: AtomicUsize::new(0),
+            slots: AtomicUsize::new(0),
+            limit: Mutex::new(Limit {
+                now: most,
+                since_ms: 0,
+            }),
         }
+    }
+
+    fn limit(&self) -> std::sync::MutexGuard<'_, Limit> {
+        self.limit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many associations may be open at `now`: the configured number,
+    /// fewer after a refusal, one more each [`MORE_ASSOCIATIONS_AFTER_MS`].
+    fn allowed(&self, now: u64) -> usize {
+        let most = self.dest.associations.max(1);
+        let mut l = self.limit();
+        if l.now < most && now.saturating_sub(l.since_ms) >= MORE_ASSOCIATIONS_AFTER_MS {
+            l.now += 1;
+            l.since_ms = now;
+        }
+        l.now
+    }
+
+    /// A slot for one more association, if fewer than allowed are open or
+    /// being opened. Associations already open are never closed for a
+    /// lower limit (a center frees its slots only as they close).
+    fn take_slot(&self, now: u64) -> bool {
+        let allowed = self.allowed(now);
+        self.slots
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < allowed).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_slot(&self) {
+        let _ = self
+            .slots
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
+    /// The destination refused one more association while `open` were
+    /// open: that many, for now.
+    fn refused_more(&self, open: usize, now: u64) -> usize {
+        let mut l = self.limit();
+        l.now = open.clamp(1, l.now.max(1));
+        l.since_ms = now;
+        l.now
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -88,8 +162,8 @@ impl Handle {
     }
 
     /// Drops an instance that will not be sent after all (superseded by a
-    /// corrected version). One being sent right now finishes first: the
-    /// forwarder sends one instance at a time, so the correction follows it.
+    /// corrected version). One being sent right now finishes first: its
+    /// SOP instance stays in flight, so the correction follows it.
     pub fn forget(&self, id: u64) {
         self.queue().remove(id);
     }
@@ -107,6 +181,9 @@ impl Handle {
         let s = self.stats();
         let q = self.queue();
         let next_due = q.next_due_ms().map(|d| d.max(s.gate.blocked_until_ms()));
+        // Nothing moves when no worker has written for a while.
+        let last_progress = s.sending.values().map(|(_, p)| *p).max();
+        let sending_since = s.sending.values().map(|(t, _)| *t).min();
         DestinationStatus {
             name: self.dest.name.clone(),
             ae_title: self.dest.ae_title.to_string(),
@@ -114,11 +191,9 @@ impl Handle {
             via_tunnel: self.dest.via_tunnel,
             state: if s.gate.paused() {
                 "paused"
-            } else if s.sending_since_ms.is_some()
-                && now.saturating_sub(s.progress_ms) >= STALLED_AFTER_MS
-            {
+            } else if last_progress.is_some_and(|p| now.saturating_sub(p) >= STALLED_AFTER_MS) {
                 "stalled"
-            } else if s.sending_since_ms.is_some() {
+            } else if last_progress.is_some() {
                 "sending"
             } else if s.gate.blocked_until_ms() > now && q.len() > 0 {
                 "backoff"
@@ -140,10 +215,12 @@ impl Handle {
                 .filter(|d| *d > now)
                 .map(|d| (d - now).div_ceil(1000)),
             connect_failures: s.gate.connect_failures(),
-            sending_for_s: s.sending_since_ms.map(|t| now.saturating_sub(t) / 1000),
-            no_progress_for_s: s
-                .sending_since_ms
-                .map(|_| now.saturating_sub(s.progress_ms) / 1000),
+            sending_for_s: sending_since.map(|t| now.saturating_sub(t) / 1000),
+            no_progress_for_s: last_progress.map(|p| now.saturating_sub(p) / 1000),
+            associations: self.open.load(Ordering::SeqCst) as u64,
+            associations_allowed: self.allowed(now) as u64,
+            associations_max: self.dest.associations as u64,
+            in_flight: q.in_flight() as u64,
         }
     }
 
@@ -169,7 +246,57 @@ enum Sent {
     Connection(ScuError),
 }
 
+/// The destination's workers, until `token` is cancelled.
 pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationToken) {
+    let mut workers = tokio::task::JoinSet::new();
+    for n in 0..handle.dest.associations.max(1) {
+        workers.spawn(worker(
+            Arc::clone(&shared),
+            Arc::clone(&handle),
+            token.clone(),
+            n,
+        ));
+    }
+    while let Some(done) = workers.join_next().await {
+        if let Err(e) = done {
+            tracing::error!(destination = %handle.dest.name, "forwarder worker failed: {e}");
+        }
+    }
+}
+
+type Assoc = Option<(Scu, Arc<str>)>;
+
+/// Releases (or aborts) the worker's association, if any.
+async fn close(handle: &Handle, assoc: &mut Assoc, abort: bool) {
+    if let Some((a, _)) = assoc.take() {
+        handle.open.fetch_sub(1, Ordering::SeqCst);
+        handle.give_slot();
+        if abort {
+            a.abort().await;
+        } else {
+            a.release().await;
+        }
+    }
+}
+
+/// A refusal that says "not one more", not "down": an association
+/// rejected as transient, or one left unanswered (a peer that serves one
+/// association at a time), while others are open.
+fn refuses_more(e: &ScuError) -> bool {
+    matches!(
+        e,
+        ScuError::Rejected {
+            permanent: false,
+            ..
+        } | ScuError::Timeout {
+            what: "negotiating the association",
+            ..
+        }
+    )
+}
+
+/// Worker `n` of a destination: one association at a time.
+async fn worker(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationToken, n: usize) {
     let dest = handle.dest.clone();
     let opts = ScuOptions {
         calling_ae: dest.calling_ae_title.to_string(),
@@ -178,7 +305,7 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
         connect_timeout: dest.connect_timeout,
         response_timeout: dest.response_timeout,
     };
-    let mut assoc: Option<(Scu, std::sync::Arc<str>)> = None;
+    let mut assoc: Assoc = None;
     // Behind the tunnel: pause while it is down, and retry at once after a
     // fresh handshake instead of sitting out a connection backoff.
     let mut tunnel = if dest.via_tunnel {
@@ -191,9 +318,10 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
         let h = t.borrow().handshakes;
         handle.stats().gate.tunnel(true, h, false);
     }
-    let beat = shared
-        .liveness
-        .register(format!("forwarder {}", dest.name), Duration::from_secs(60));
+    let beat = shared.liveness.register(
+        format!("forwarder {} #{n}", dest.name),
+        Duration::from_secs(60),
+    );
     loop {
         beat.beat();
         if token.is_cancelled() {
@@ -225,9 +353,7 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
                 None => {}
             }
             if handle.stats().gate.paused() {
-                if let Some((a, _)) = assoc.take() {
-                    a.abort().await;
-                }
+                close(&handle, &mut assoc, true).await;
                 tokio::select! {
                     _ = token.cancelled() => break,
                     _ = t.wait_for(|h| h.up) => {}
@@ -238,11 +364,17 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
         }
         let now = now_ms();
         let blocked_until = handle.stats().gate.blocked_until_ms();
+        // What is next, looked at only: it is claimed once an association
+        // can carry it, so no instance waits on a worker that is still
+        // connecting (to a peer that serves one association at a time,
+        // for instance).
         let picked = if blocked_until > now {
             None
         } else {
-            let mut q = handle.queue();
-            q.pick(now, assoc.as_ref().map(|(_, s)| &**s)).cloned()
+            handle
+                .queue()
+                .pick(now, assoc.as_ref().map(|(_, s)| &**s))
+                .cloned()
         };
         let Some(item) = picked else {
             // Nothing due. If nothing waits at all, make the deliveries durable
@@ -280,11 +412,7 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
                 _ = handle.notify.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = tunnel_changed, if blocked_until > now => {}
-                _ = tokio::time::sleep(linger) => {
-                    if let Some((a, _)) = assoc.take() {
-                        a.release().await;
-                    }
-                }
+                _ = tokio::time::sleep(linger) => close(&handle, &mut assoc, false).await,
             }
             continue;
         };
@@ -295,8 +423,16 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
             .and_then(|(a, _)| a.context_for(&item.sop_class, &item.transfer_syntax))
             .is_some();
         if !reusable {
-            if let Some((a, _)) = assoc.take() {
-                a.release().await;
+            close(&handle, &mut assoc, false).await;
+            if !handle.take_slot(now_ms()) {
+                // As many associations as the destination takes are open
+                // (or opening): wait for one to finish.
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = handle.notify.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
             }
             let contexts = {
                 let mut q = handle.queue();
@@ -316,14 +452,24 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
                 c = connect(&shared, &dest, &opts, &contexts) => c,
             };
             beat.busy(None);
+            if connected.is_err() {
+                handle.give_slot();
+            }
             match connected {
                 Ok(a) => {
                     handle.stats().gate.connected();
-                    tracing::debug!(destination = %dest.name, study = %item.study, contexts = contexts.len(), "association open");
+                    let open = handle.open.fetch_add(1, Ordering::SeqCst) + 1;
+                    tracing::debug!(destination = %dest.name, study = %item.study, contexts = contexts.len(), open, "association open");
                     assoc = Some((a, item.study.clone()));
                 }
                 Err(Refused::Scu(e)) => {
-                    destination_failed(&handle, &shared, e);
+                    let open = handle.open.load(Ordering::SeqCst);
+                    if open > 0 && refuses_more(&e) {
+                        let now = handle.refused_more(open, now_ms());
+                        tracing::info!(destination = %dest.name, open, "the destination refused one more association ({e}): {now} for now, one more tried in {} s", MORE_ASSOCIATIONS_AFTER_MS / 1000);
+                    } else {
+                        destination_failed(&handle, &shared, e);
+                    }
                     continue;
                 }
                 Err(Refused::OutsideTunnel(why)) => {
@@ -334,6 +480,27 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
         }
         let Some((scu, study)) = assoc.as_mut() else {
             continue;
+        };
+        // Claimed now: another worker may have taken the one looked at.
+        let item = {
+            let mut q = handle.queue();
+            let Some(claimed) = q.claim(now_ms(), Some(&item.study)) else {
+                continue;
+            };
+            if claimed.id != item.id
+                && scu
+                    .context_for(&claimed.sop_class, &claimed.transfer_syntax)
+                    .is_none()
+            {
+                // Not what this association was opened for: next round.
+                q.unclaim(&claimed);
+                continue;
+            }
+            if q.next_due_ms() == Some(0) {
+                // More is due: another worker may take it.
+                handle.notify.notify_one();
+            }
+            claimed
         };
         *study = item.study.clone();
         let Some(pc) = scu.context_for(&item.sop_class, &item.transfer_syntax) else {
@@ -347,32 +514,28 @@ pub async fn run(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTo
 
         {
             let now = now_ms();
-            let mut s = handle.stats();
-            s.sending_since_ms = Some(now);
-            s.progress_ms = now;
+            handle.stats().sending.insert(n, (now, now));
         }
         // Each step of a C-STORE has its own timeout; progress beats.
         beat.busy(Some(dest.response_timeout + OPERATION_MARGIN));
         let progress = |_sent: u64| {
             beat.beat();
-            handle.stats().progress_ms = now_ms();
+            if let Some(s) = handle.stats().sending.get_mut(&n) {
+                s.1 = now_ms();
+            }
         };
         let outcome = tokio::select! {
-            _ = token.cancelled() => { handle.stats().sending_since_ms = None; break }
+            _ = token.cancelled() => { handle.stats().sending.remove(&n); break }
             o = send_one(&shared, scu, pc, &item, progress) => o,
         };
         beat.busy(None);
-        handle.stats().sending_since_ms = None;
+        handle.stats().sending.remove(&n);
         if let Sent::Connection(_) | Sent::Corrupt(_) | Sent::ReadFailed(_) = &outcome {
-            if let Some((a, _)) = assoc.take() {
-                a.abort().await;
-            }
+            close(&handle, &mut assoc, true).await;
         }
         settle(&shared, &handle, &item, outcome).await;
     }
-    if let Some((a, _)) = assoc.take() {
-        a.release().await;
-    }
+    close(&handle, &mut assoc, false).await;
 }
 
 /// Why no association was opened.
@@ -597,6 +760,7 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
         Sent::Connection(e) => {
             destination_failed(handle, shared, e);
             // Not the instance's fault: its attempts and schedule stay as they were.
+            handle.queue().unclaim(item);
             return;
         }
     };
@@ -637,6 +801,8 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
         )
     })
     .await;
+    // Recorded: a corrected version of it may go now.
+    handle.queue().finish(item);
     match result {
         Ok(Ok(_)) => {}
         Ok(Err(kakehashi_spool::SpoolError::NotFound(_))) => {

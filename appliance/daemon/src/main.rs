@@ -31,7 +31,7 @@
 //! acknowledged.
 //!
 //! Not here: on-demand queries from the center, signature checks, HL7,
-//! metrics (later issues); one association per destination at a time.
+//! metrics (later issues).
 
 #![forbid(unsafe_code)]
 

@@ -1,7 +1,10 @@
 //! What a forwarder sends next, and when it tries again: plain logic over
 //! explicit `now` values, so a week-long outage is a microsecond test.
 //!
-//! - [`Queue`]: which instance next (priority, the study on the wire, arrival).
+//! - [`Queue`]: which instance next (priority, the study on the wire,
+//!   arrival), and which are claimed by one of the destination's
+//!   associations (in flight: no other association picks them, nor another
+//!   version of the same SOP instance).
 //! - [`Gate`]: whether the destination may be tried at all (paused while its
 //!   tunnel is down, backing off after connection failures, tried at once
 //!   after a fresh handshake).
@@ -97,6 +100,12 @@ pub struct Queue {
     due_by_study: HashMap<Arc<str>, BTreeSet<Rank>>,
     /// Items waiting for their next attempt, by when.
     waiting: BTreeSet<(u64, u64)>,
+    /// Items an association is sending (in none of the sets above).
+    claimed: HashSet<u64>,
+    /// SOP Instance UIDs on the wire, until [`Queue::finish`], even if
+    /// their item was removed meanwhile (superseded): a corrected version
+    /// waits until the old one is done, so the destination keeps the newest.
+    in_flight: HashMap<String, u64>,
     bytes: u64,
     stuck: u64,
     strings: Interner,
@@ -119,7 +128,8 @@ impl Queue {
         self.items.insert(item.id, item);
     }
 
-    fn unindex(&mut self, item: &Item) {
+    /// Takes `item` out of the due sets.
+    fn undue(&mut self, item: &Item) {
         let rank = (Reverse(item.priority), item.id);
         self.due.remove(&rank);
         if let Some(set) = self.due_by_study.get_mut(&item.study) {
@@ -128,7 +138,12 @@ impl Queue {
                 self.due_by_study.remove(&item.study);
             }
         }
+    }
+
+    fn unindex(&mut self, item: &Item) {
+        self.undue(item);
         self.waiting.remove(&(item.next_attempt_ms, item.id));
+        self.claimed.remove(&item.id);
         self.bytes -= item.size;
         self.stuck -= u64::from(item.stuck_ms.is_some());
     }
@@ -179,17 +194,58 @@ impl Queue {
     }
 
     /// The next instance to send at `now`: highest priority first; within a
-    /// priority, the study already on the wire (so a study travels on one
-    /// association), then arrival order.
+    /// priority, the study already on the association's wire, then arrival
+    /// order. Claimed items are not due; an item whose SOP instance is in
+    /// flight (an older version of it) waits.
     pub fn pick(&mut self, now_ms: u64, current_study: Option<&str>) -> Option<&Item> {
         self.promote(now_ms);
-        let &(Reverse(top), first) = self.due.first()?;
+        let free = |(_, id): &&Rank| {
+            self.items
+                .get(id)
+                .is_some_and(|i| !self.in_flight.contains_key(&i.sop_instance))
+        };
+        // Blocked items are at most one per association: skipping them is cheap.
+        let &(Reverse(top), first) = self.due.iter().find(free)?;
         let same_study = current_study
             .and_then(|s| self.due_by_study.get(s))
-            .and_then(|set| set.first())
-            .filter(|(Reverse(p), _)| *p == top)
+            .and_then(|set| {
+                set.range((Reverse(top), 0)..=(Reverse(top), u64::MAX))
+                    .find(free)
+            })
             .map(|(_, id)| *id);
         self.items.get(&same_study.unwrap_or(first))
+    }
+
+    /// [`Queue::pick`], and the item is claimed: no other association
+    /// picks it until it is removed, rescheduled or [`Queue::unclaim`]ed;
+    /// its SOP instance is in flight until [`Queue::finish`].
+    pub fn claim(&mut self, now_ms: u64, current_study: Option<&str>) -> Option<Item> {
+        let item = self.pick(now_ms, current_study)?.clone();
+        self.undue(&item);
+        self.claimed.insert(item.id);
+        self.in_flight.insert(item.sop_instance.clone(), item.id);
+        Some(item)
+    }
+
+    /// A claimed item was not attempted (its association failed first): it
+    /// is due again, untouched.
+    pub fn unclaim(&mut self, item: &Item) {
+        if self.claimed.remove(&item.id) {
+            self.waiting.insert((item.next_attempt_ms, item.id));
+        }
+        self.finish(item);
+    }
+
+    /// The association is done with `item` (its outcome recorded).
+    pub fn finish(&mut self, item: &Item) {
+        if self.in_flight.get(&item.sop_instance) == Some(&item.id) {
+            self.in_flight.remove(&item.sop_instance);
+        }
+    }
+
+    /// Instances on the wire right now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// The (SOP class, transfer syntax) pairs due in `study`, for the
@@ -216,7 +272,8 @@ impl Queue {
         out
     }
 
-    /// When the earliest waiting item becomes due (0: something is due).
+    /// When the earliest waiting item becomes due (0: something is due;
+    /// claimed items are not waiting).
     pub fn next_due_ms(&self) -> Option<u64> {
         if !self.due.is_empty() {
             return Some(0);
@@ -611,6 +668,42 @@ mod tests {
             assert_eq!(q.len(), mirror.len());
             assert_eq!(q.bytes(), mirror.values().map(|i| i.size).sum::<u64>());
         }
+    }
+
+    #[test]
+    fn a_claimed_item_goes_to_one_association_and_a_correction_waits_for_it() {
+        let mut q = Queue::default();
+        q.push(item(1, Priority::Medium, "A"));
+        q.push(item(2, Priority::Medium, "A"));
+        q.push(item(4, Priority::Medium, "A"));
+        let one = q.claim(0, None).expect("first");
+        assert_eq!(one.id, 1);
+        // A corrected version of 1 arrives: the spool supersedes 1, the
+        // forwarder forgets it, but it is on the wire.
+        q.remove(1);
+        let mut fixed = item(3, Priority::High, "B");
+        fixed.sop_instance = one.sop_instance.clone();
+        q.push(fixed);
+        assert_eq!(
+            q.claim(0, Some("A")).map(|i| i.id),
+            Some(2),
+            "3 is HIGH, but the version it replaces is in flight"
+        );
+        assert_eq!((q.len(), q.in_flight()), (3, 2));
+        assert_eq!(q.next_due_ms(), Some(0), "3 is due, only blocked");
+        q.finish(&one);
+        assert_eq!(q.claim(0, None).map(|i| i.id), Some(3));
+        // 4's association fails before sending it: due again, untouched.
+        let four = q.claim(0, None).expect("4");
+        assert_eq!(q.claim(0, None), None, "everything is claimed");
+        q.unclaim(&four);
+        assert_eq!(q.pick(0, None).map(|i| i.id), Some(4));
+        // A transient failure: 2 waits for its next attempt.
+        q.reschedule(2, 1, 500, None);
+        q.finish(&item(2, Priority::Medium, "A"));
+        assert_eq!(q.claim(0, None).map(|i| i.id), Some(4));
+        assert_eq!(q.claim(0, None), None);
+        assert_eq!(q.claim(500, None).map(|i| i.id), Some(2));
     }
 
     #[test]

@@ -12,6 +12,15 @@
 //! the same namespaces and keys; and the CT study relayed hospital → box →
 //! tunnel → center vs storescu from the box straight to the center through
 //! the same tunnel.
+//!
+//! `wan`: the same path with the WAN shaped as a hospital's internet line
+//! (rate with `tc tbf`, round trip with the userspace impairment relay:
+//! this kernel has no netem): 100 Mbit/s at 40 ms, and 20 Mbit/s at 80 ms.
+//! Link capacity is iperf3 through the tunnel; for MR 1200 × 128 KiB and CT
+//! 300 × 512 KiB, the relay's throughput (hospital → kakehashid, its
+//! `associations` to the center) and a single storescu association from the
+//! box through the same tunnel (what a plain router gives), each as a
+//! fraction of iperf3's.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -41,9 +50,14 @@ struct Args {
     /// as a PACS that sends in parallel does.
     #[arg(long, default_value_t = 1)]
     senders: usize,
-    /// Only these parts (ct, mr, mg on loopback; tunnel in namespaces;
-    /// backlog: start-up and status with --backlog instances queued).
-    #[arg(long, value_delimiter = ',', default_value = "ct,mr,mg,tunnel,backlog")]
+    /// Only these parts (ct, mr, mg on loopback; tunnel and wan in
+    /// namespaces; backlog: start-up and status with --backlog instances
+    /// queued).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ct,mr,mg,tunnel,wan,backlog"
+    )]
     only: Vec<String>,
     /// Measure the relay on a new spool (its segment files written for the
     /// first time) instead of one in service (the study sent once through
@@ -114,6 +128,10 @@ fn ct_study(data: &Path) -> Study {
     generate(data, "ct", "CT", testdata::CT_IMAGE, 300, 512 * 1024, 1.15)
 }
 
+fn mr_study(data: &Path) -> Study {
+    generate(data, "mr", "MR", testdata::MR_IMAGE, 1200, 128 * 1024, 1.3)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -180,20 +198,12 @@ fn main() {
     std::fs::create_dir_all(&args.data).expect("bench data dir");
     let mut studies = Vec::new();
     for name in &args.only {
-        if name == "tunnel" || name == "backlog" {
+        if name == "tunnel" || name == "backlog" || name == "wan" {
             continue;
         }
         studies.push(match name.as_str() {
             "ct" => ct_study(&args.data),
-            "mr" => generate(
-                &args.data,
-                "mr",
-                "MR",
-                testdata::MR_IMAGE,
-                1200,
-                128 * 1024,
-                1.3,
-            ),
+            "mr" => mr_study(&args.data),
             "mg" => generate(
                 &args.data,
                 "mg",
@@ -203,7 +213,7 @@ fn main() {
                 27 * 1024 * 1024,
                 1.15,
             ),
-            other => panic!("unknown part {other:?} (ct, mr, mg, tunnel, backlog)"),
+            other => panic!("unknown part {other:?} (ct, mr, mg, tunnel, wan, backlog)"),
         });
     }
     println!(
@@ -281,6 +291,9 @@ fn main() {
     }
     if args.only.iter().any(|o| o == "tunnel") {
         tunnel_bench(&ct_study(&args.data), args.rounds);
+    }
+    if args.only.iter().any(|o| o == "wan") {
+        wan_bench(&[mr_study(&args.data), ct_study(&args.data)]);
     }
     if args.only.iter().any(|o| o == "backlog") {
         backlog_bench(&args.data, args.backlog);
@@ -455,21 +468,43 @@ fn box_wireguard_go(site: &Site) -> Proc {
     child
 }
 
+/// Seconds from the hospital's first C-STORE to the box until `files`
+/// are all at the center and the spool is empty.
+fn relay_through(site: &Site, relay: &Relay, scp: &StoreScp, files: &[PathBuf]) -> f64 {
+    let n = files.len();
+    let t = Instant::now();
+    let out = send_from_hospital(site, relay, files);
+    assert_eq!(out.acked.len(), n, "relay send failed");
+    wait_until(
+        "every instance at the center",
+        Duration::from_secs(3600),
+        || scp.store_requests() >= n && relay.queued() == 0,
+    );
+    t.elapsed().as_secs_f64()
+}
+
+/// kakehashid in the box namespace, forwarding to the center through its
+/// tunnel, once the tunnel is up.
+fn tunnel_relay(site: &Site) -> Relay {
+    let mut opts = RelayOptions::to(CENTER_DICOM_PORT);
+    opts.netns = Some(site.boxns.name().to_string());
+    opts.listen_host = BOX_LAN_IP.into();
+    opts.dest_host = CENTER_TUNNEL_IP.into();
+    opts.extra_toml = site.tunnel_toml(&site.center_public, "150s");
+    let relay = Relay::start(opts);
+    wait_until("the tunnel to come up", Duration::from_secs(60), || {
+        relay.status().tunnel.is_some_and(|t| t.up)
+    });
+    relay
+}
+
 fn tunnel_bench(ct: &Study, rounds: usize) {
     println!();
     println!("tunnel — hospital → box → WireGuard → center, in network namespaces; {rounds} round(s), median");
     let site = Site::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let scp_base = dir.path().to_path_buf();
-    let mut opts = RelayOptions::to(CENTER_DICOM_PORT);
-    opts.netns = Some(site.boxns.name().to_string());
-    opts.listen_host = BOX_LAN_IP.into();
-    opts.dest_host = CENTER_TUNNEL_IP.into();
-    opts.extra_toml = site.tunnel_toml(&site.center_public, "150s");
-    let mut relay = Relay::start(opts);
-    wait_until("the tunnel to come up", Duration::from_secs(30), || {
-        relay.status().tunnel.is_some_and(|t| t.up)
-    });
+    let mut relay = tunnel_relay(&site);
     let n = ct.files.len();
     let (mut direct, mut relayed) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
@@ -488,23 +523,7 @@ fn tunnel_bench(ct: &Study, rounds: usize) {
         drop(scp);
 
         let scp = StoreScp::start_ns(CENTER_DICOM_PORT, &scp_base, Some(site.center.name()));
-        let t = Instant::now();
-        let out = storescu_at(
-            Some(site.hospital.name()),
-            BOX_LAN_IP,
-            relay.port,
-            "MODALITY1",
-            "KAKEHASHI",
-            &ct.files,
-        );
-        assert_eq!(out.acked.len(), n, "relay send failed");
-        wait_until(
-            "every instance at the center",
-            Duration::from_secs(1800),
-            || scp.store_requests() >= n && relay.queued() == 0,
-        );
-        relayed.push(t.elapsed().as_secs_f64());
-        drop(scp);
+        relayed.push(relay_through(&site, &relay, &scp, &ct.files));
     }
     let (d, r) = (median(direct), median(relayed));
     let mb = ct.bytes as f64 / 1e6;
@@ -540,4 +559,66 @@ fn tunnel_bench(ct: &Study, rounds: usize) {
         g / 1e6,
         b / g
     );
+}
+
+/// One shaped link: `rate` for `tc tbf`, `one_way` delay each direction.
+fn wan_bench(studies: &[Study]) {
+    println!();
+    println!("wan — hospital → box → WireGuard over a shaped WAN → center (storescp --fork); one round each; throughput / iperf3 through the same tunnel (target: relay ≥ 0.80)");
+    for (rate, one_way) in [("100mbit", 20u64), ("20mbit", 40)] {
+        let mut site = Site::new();
+        site.impair(0.0, Duration::from_millis(one_way));
+        site.limit_rate(rate);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let scp_base = dir.path().to_path_buf();
+        let mut relay = tunnel_relay(&site);
+        let link = iperf(&site, 10);
+        let associations = relay.status().destinations[0].associations_max;
+        println!(
+            "{rate} at {} ms RTT: iperf3 {:.1} Mbit/s",
+            2 * one_way,
+            link / 1e6
+        );
+        for study in studies {
+            let n = study.files.len();
+            let bits = study.bytes as f64 * 8.0;
+            let center = || {
+                StoreScp::start_with(
+                    CENTER_DICOM_PORT,
+                    &scp_base,
+                    Some(site.center.name()),
+                    "READCENTER",
+                    &["--fork"],
+                )
+            };
+            let scp = center();
+            let t = Instant::now();
+            let out = storescu_at(
+                Some(site.boxns.name()),
+                CENTER_TUNNEL_IP,
+                CENTER_DICOM_PORT,
+                "KAKEHASHI",
+                "READCENTER",
+                &study.files,
+            );
+            assert_eq!(out.acked.len(), n, "storescu through the tunnel failed");
+            let single = bits / t.elapsed().as_secs_f64();
+            drop(scp);
+
+            let scp = center();
+            let relayed = bits / relay_through(&site, &relay, &scp, &study.files);
+            drop(scp);
+            println!(
+                "  {:<3} {n:>5} × {:>3} KiB: relay ({associations} associations) {:>6.1} Mbit/s = {:.2} × iperf3 | one storescu association {:>6.1} Mbit/s = {:.2} × iperf3 | relay / one association {:.1}",
+                study.name,
+                study.bytes / n as u64 / 1024,
+                relayed / 1e6,
+                relayed / link,
+                single / 1e6,
+                single / link,
+                relayed / single
+            );
+        }
+        let _ = relay.terminate();
+    }
 }
