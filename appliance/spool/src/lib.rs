@@ -1066,7 +1066,7 @@ impl Spool {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         // Appended to a segment; one that outgrows it moves to a file of its
         // own (see [`PayloadOut`]).
-        let writer = self.segments.take(false, |n| self.check_room(n))?;
+        let writer = self.segments.take(None, |n| self.check_room(n))?;
         let what = self.segments.path(writer.seg);
         let out = PayloadOut {
             spool: Arc::clone(self),
@@ -2593,14 +2593,18 @@ impl PayloadOut {
         let spool = Arc::clone(&self.spool);
         let total = w.written + more;
         if total <= spool.segments.size() / 2 && w.start > 0 {
-            if let Ok(mut fresh) = spool.segments.take(true, |n| spool.check_room(n)) {
+            // Another open segment with room for the whole frame, else a
+            // free or new one.
+            let need = segment::align(segment::HEADER_LEN + total + segment::BODY_ROOM);
+            if let Ok(mut fresh) = spool.segments.take(Some(need), |n| spool.check_room(n)) {
                 if total <= fresh.room() {
                     let copied = w.copy_to(&mut |b: &[u8]| fresh.append(b));
                     if let Err(e) = copied {
                         spool.segments.put_back(fresh.seg, fresh.start);
                         return Err(e);
                     }
-                    spool.segments.put_back(w.seg, w.start);
+                    // Too little left in it for an instance like this one.
+                    spool.segments.put_back_full(w.seg);
                     self.out = Some(Out::Segment(fresh));
                     return Ok(());
                 }

@@ -428,22 +428,23 @@ impl Segments {
         self.trim(&mut s);
     }
 
-    /// A segment to append a new frame to: an open one with room, else a
-    /// free one, else a new one if `may_grow` allows `size` more bytes.
+    /// A segment to append a new frame to: an open one with room (for a
+    /// frame of `need` bytes, or any frame when `None`), else a free one,
+    /// else a new one if `may_grow` allows `size` more bytes.
     pub fn take(
         &self,
-        fresh: bool,
+        need: Option<u64>,
         may_grow: impl FnOnce(u64) -> Result<(), SpoolError>,
     ) -> Result<Writer, SpoolError> {
         {
             let mut s = self.state();
             let size = self.size;
+            let room = need.unwrap_or(min_room(size));
             let pick = s
                 .segs
                 .iter()
                 .filter(|(_, g)| {
-                    (!fresh && g.status == Status::Open && size - g.pos >= min_room(size))
-                        || g.status == Status::Free
+                    (g.status == Status::Open && size - g.pos >= room) || g.status == Status::Free
                 })
                 // Open segments before free ones, then the lowest number.
                 .min_by_key(|(n, g)| (g.status == Status::Free, **n))
@@ -517,6 +518,14 @@ impl Segments {
             } else {
                 Status::Closed
             };
+        }
+    }
+
+    /// Gives back a writer's segment that could not take its frame: no new
+    /// frame starts in it (what is left is less than an instance).
+    pub fn put_back_full(&self, seg: u32) {
+        if let Some(g) = self.state().segs.get_mut(&seg) {
+            g.status = Status::Closed;
         }
     }
 
@@ -726,12 +735,12 @@ mod tests {
     fn frames_are_found_again_and_a_torn_one_ends_the_segment() {
         let dir = tempfile::tempdir().expect("tempdir");
         let segs = Segments::open(dir.path(), 1 << 20).expect("open");
-        let mut w = segs.take(false, |_| Ok(())).expect("take");
+        let mut w = segs.take(None, |_| Ok(())).expect("take");
         w.append(b"payload one").expect("append");
         let next = w.seal_frame(7, b"body one").expect("seal");
         assert_eq!(next, ALIGN);
         segs.put_back(w.seg, next);
-        let mut second = segs.take(false, |_| Ok(())).expect("take");
+        let mut second = segs.take(None, |_| Ok(())).expect("take");
         assert_eq!((second.seg, second.start), (w.seg, next));
         second.append(b"payload two").expect("append");
         second.seal_frame(8, b"body two").expect("seal");
@@ -783,7 +792,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let segs = Segments::open(dir.path(), 1 << 20).expect("open");
         segs.settle(&BTreeMap::new());
-        let mut w = segs.take(false, |_| Ok(())).expect("take");
+        let mut w = segs.take(None, |_| Ok(())).expect("take");
         w.append(&[1u8; 300 * 1024]).expect("append");
         segs.note_lsn(w.seg, 5);
         let next = w.seal_frame(5, b"b").expect("seal");
@@ -792,17 +801,17 @@ mod tests {
         let (seg, start) = (w.seg, w.start);
         drop(w);
         // Open with room: the next writer appends after the frame.
-        let w2 = segs.take(false, |_| Ok(())).expect("take");
+        let w2 = segs.take(None, |_| Ok(())).expect("take");
         assert_eq!((w2.seg, w2.start), (seg, next));
         segs.put_back(w2.seg, w2.start);
         drop(w2);
         segs.release(seg, 10);
         segs.reclaim(4);
-        let w3 = segs.take(false, |_| Ok(())).expect("take");
+        let w3 = segs.take(None, |_| Ok(())).expect("take");
         assert_eq!(w3.start, next, "lsn 5 not durable yet: not reused");
         segs.put_back(w3.seg, w3.start);
         segs.reclaim(5);
-        let w4 = segs.take(false, |_| Ok(())).expect("take");
+        let w4 = segs.take(None, |_| Ok(())).expect("take");
         assert_eq!(
             (w4.seg, w4.start),
             (seg, next),
@@ -811,7 +820,7 @@ mod tests {
         segs.put_back(w4.seg, w4.start);
         drop((w3, w4));
         segs.reclaim(5);
-        let w5 = segs.take(false, |_| Ok(())).expect("take");
+        let w5 = segs.take(None, |_| Ok(())).expect("take");
         assert_eq!(
             (w5.seg, w5.start),
             (seg, start),

@@ -1265,3 +1265,24 @@ fn a_frame_whose_index_update_is_a_checkpoint_is_not_written_over() {
         b"first payload"
     );
 }
+
+/// Found by the WAN benchmark: an instance that did not fit in what was
+/// left of the open segment moved to a new segment even when another open
+/// one had room, and the next instance started in the same nearly full
+/// segment again: a new segment (64 MiB on a real spool) per instance, so
+/// a backlog behind a slow line filled a 4 GiB spool with 140 MB.
+#[test]
+fn an_instance_that_does_not_fit_moves_to_an_open_segment_with_room() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 64 KiB segments: two 20 KiB frames each, then too little room.
+    let (spool, _) = open(dir.path(), 1 << 20);
+    let body = vec![5u8; 20 << 10];
+    for i in 1..=6 {
+        queued(receive(&spool, &format!("1.{i}"), &body).expect("receive"));
+    }
+    assert_eq!(
+        spool.segments.allocated(),
+        3 * (64 << 10),
+        "two frames per segment"
+    );
+}

@@ -474,7 +474,22 @@ fn relay_through(site: &Site, relay: &Relay, scp: &StoreScp, files: &[PathBuf]) 
     let n = files.len();
     let t = Instant::now();
     let out = send_from_hospital(site, relay, files);
-    assert_eq!(out.acked.len(), n, "relay send failed");
+    if out.acked.len() != n {
+        let log = relay.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let said: Vec<&str> = out
+            .output
+            .lines()
+            .filter(|l| l.contains("E:") || l.contains("W:"))
+            .take(20)
+            .collect();
+        panic!(
+            "the relay acknowledged {} of {n}; storescu said:\n{}\nkakehashid's log ends:\n{}",
+            out.acked.len(),
+            said.join("\n"),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     wait_until(
         "every instance at the center",
         Duration::from_secs(3600),
