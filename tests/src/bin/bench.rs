@@ -597,21 +597,24 @@ fn wan_bench(studies: &[Study]) {
         for study in studies {
             let n = study.files.len();
             let bits = study.bytes as f64 * 8.0;
-            let center = || {
+            // The relay's associations linger after its last instance, in
+            // children of the forking storescp: a port of its own for the
+            // single association.
+            let center = |port| {
                 StoreScp::start_with(
-                    CENTER_DICOM_PORT,
+                    port,
                     &scp_base,
                     Some(site.center.name()),
                     "READCENTER",
                     &["--fork"],
                 )
             };
-            let scp = center();
+            let scp = center(CENTER_DICOM_PORT + 1);
             let t = Instant::now();
             let out = storescu_at(
                 Some(site.boxns.name()),
                 CENTER_TUNNEL_IP,
-                CENTER_DICOM_PORT,
+                CENTER_DICOM_PORT + 1,
                 "KAKEHASHI",
                 "READCENTER",
                 &study.files,
@@ -620,7 +623,7 @@ fn wan_bench(studies: &[Study]) {
             let single = bits / t.elapsed().as_secs_f64();
             drop(scp);
 
-            let scp = center();
+            let scp = center(CENTER_DICOM_PORT);
             let relayed = bits / relay_through(&site, &relay, &scp, &study.files);
             drop(scp);
             println!(
