@@ -10,7 +10,8 @@
 //! one more every [`MORE_ASSOCIATIONS_AFTER_MS`].
 //!
 //! Failure handling: anything about the connection (refused, timeout,
-//! abort, association rejected) backs off the whole destination and burns
+//! abort, association rejected — except a refusal of one more association
+//! while others are open, above) backs off the whole destination and burns
 //! nothing; a transient C-STORE status (0xA7xx, 0x0110…) backs off that
 //! instance; a permanent status or a refused SOP class/transfer syntax
 //! dead-letters it with the reason. Transient failures never dead-letter.
