@@ -25,11 +25,18 @@ const BOOT: Duration = Duration::from_secs(240);
 /// wait for a response forever).
 const STORESCU_TIMEOUTS: &[&str] = &["-to", "10", "-ta", "10", "-td", "20"];
 
+/// The reading center: like any PACS it serves several associations at
+/// once and gives up on one whose peer went silent (storescp `--fork`,
+/// `--dimse-timeout`). A single-process storescp without a timeout waits
+/// for ever on an association whose box lost its power in the middle of an
+/// instance, and answers no other: no box could deliver to it again.
 fn center_scp(site: &Site) -> StoreScp {
-    StoreScp::start_ns(
+    StoreScp::start_with(
         CENTER_DICOM_PORT,
         &std::env::temp_dir(),
         Some(site.center.name()),
+        "READCENTER",
+        &["--fork", "--dimse-timeout", "60"],
     )
 }
 
