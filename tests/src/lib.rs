@@ -552,6 +552,20 @@ impl StoreScp {
         }
     }
 
+    /// Stops (SIGSTOP) or continues the process: stopped, it neither reads
+    /// nor answers, as a center whose host hangs; the kernel still takes
+    /// what fits in its socket buffers.
+    pub fn freeze(&self, frozen: bool) {
+        use nix::sys::signal::{kill, Signal};
+        let signal = if frozen {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        kill(nix::unistd::Pid::from_raw(self._child.pid() as i32), signal)
+            .expect("signal storescp");
+    }
+
     pub fn files(&self) -> Vec<PathBuf> {
         let mut v: Vec<_> = std::fs::read_dir(self.dir.path().join("in"))
             .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())

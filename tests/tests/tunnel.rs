@@ -26,6 +26,12 @@ fn box_relay_with(
     handshake_timeout: &str,
     env: Vec<(String, String)>,
 ) -> Relay {
+    let mut opts = box_options(site, center_public, handshake_timeout);
+    opts.env = env;
+    Relay::start(opts)
+}
+
+fn box_options(site: &Site, center_public: &str, handshake_timeout: &str) -> RelayOptions {
     let mut opts = RelayOptions::to(CENTER_DICOM_PORT);
     // The hospital's PACS may send, from its own address only.
     opts.extra_sources =
@@ -34,8 +40,7 @@ fn box_relay_with(
     opts.listen_host = BOX_LAN_IP.into();
     opts.dest_host = CENTER_TUNNEL_IP.into();
     opts.extra_toml = site.tunnel_toml(center_public, handshake_timeout);
-    opts.env = env;
-    Relay::start(opts)
+    opts
 }
 
 fn center_scp(site: &Site) -> StoreScp {
@@ -279,6 +284,60 @@ fn wan_cut_during_a_transfer_then_restored() {
     assert_identical(&files, &scp);
     let s = relay.status();
     assert_eq!(s.destinations[0].dead_letter, 0);
+    drop(site);
+}
+
+#[test]
+fn a_large_instance_outlasts_the_response_timeout_on_a_slow_link_and_a_silent_center_does_not() {
+    // 4 MiB over 1 Mbit/s takes ~35 s, with a response timeout of 3 s:
+    // socket buffers hold ~900 KB here, 7 s of this link, so a write waits
+    // for room, and the tail of the instance waits to leave, longer than
+    // the timeout while the link is busy. Time without progress
+    // is what times out, so it arrives at the first attempt; a center
+    // that stops reading (SIGSTOP) is still given up on.
+    let site = Site::new();
+    let data = tempfile::tempdir().expect("tempdir");
+    let big = study(data.path(), "slowlink", 1, 4 << 20);
+    let scp = center_scp(&site);
+    let mut opts = box_options(&site, &site.center_public, "150s");
+    opts.response_timeout = "3s".into();
+    opts.associations = Some(1);
+    let relay = Relay::start(opts);
+    site.limit_rate("1mbit");
+    let out = send_from_hospital(&site, &relay, &big);
+    assert_eq!(out.acked.len(), 1, "{}", out.output);
+    let started = Instant::now();
+    relay.wait_drained(Duration::from_secs(180));
+    let took = started.elapsed();
+    let d = relay.status().destinations[0].clone();
+    assert_eq!(d.last_error, None, "{d:?}");
+    assert_eq!(scp.store_requests(), 1, "one C-STORE, no re-send");
+    assert_identical(&big, &scp);
+    println!("4 MiB over 1 Mbit/s with a 3 s response timeout: delivered in {took:.1?}");
+
+    // The center freezes in the middle of the next instance: the box gives
+    // up within the response timeout of the last byte the center took.
+    let more = study(data.path(), "frozen", 1, 2 << 20);
+    let out = send_from_hospital(&site, &relay, &more);
+    assert_eq!(out.acked.len(), 1, "{}", out.output);
+    wait_until("the transfer to start", Duration::from_secs(30), || {
+        relay.status().destinations[0].in_flight > 0
+    });
+    scp.freeze(true);
+    wait_until("the attempt to time out", Duration::from_secs(60), || {
+        relay.status().destinations[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no answer"))
+    });
+    let d = relay.status().destinations[0].clone();
+    assert_eq!((d.queued, d.dead_letter), (1, 0), "{d:?}");
+    scp.freeze(false);
+    drop(scp);
+    site.clear_rate();
+    let scp = center_scp(&site);
+    relay.wait_drained(Duration::from_secs(120));
+    assert_identical(&more, &scp);
     drop(site);
 }
 

@@ -17,7 +17,9 @@
 //! - [`part10`]: the file meta header that makes a spooled payload a Part 10 file
 //! - [`scu`]: the SCU: C-STORE for the forwarder, C-ECHO for the self-test,
 //!   C-FIND, C-MOVE and C-GET (SCP role for its C-STOREs) for prefetching
-//!   priors from the hospital's PACS
+//!   priors from the hospital's PACS; within a C-STORE its timeouts count
+//!   time without progress
+//! - [`sendq`]: a connection's unacknowledged bytes (that progress)
 //! - [`query`]: query/retrieve identifiers (implicit VR LE, text values)
 //! - [`signature`]: verifies a result's DICOM digital signatures (PS3.15)
 //!
@@ -34,6 +36,7 @@ pub mod query;
 pub mod scan;
 pub mod scp;
 pub mod scu;
+pub mod sendq;
 pub mod signature;
 pub mod uids;
 pub mod wire;

@@ -4,10 +4,15 @@
 //! from the hospital's PACS).
 //!
 //! Every network step has a timeout, so a peer that stops reading or
-//! answering cannot hang the caller: each write of a PDU (a fragment is at
-//! most the peer's maximum PDU, so this bounds progress, not the size of an
-//! instance over a slow link) and each wait for an answer gets
-//! `response_timeout`; release and abort get 5 s.
+//! answering cannot hang the caller: each write of a PDU and each wait for
+//! an answer gets `response_timeout`; release and abort get 5 s. While a
+//! C-STORE is in flight the clock counts time without progress, not time:
+//! a fragment's write and the wait for the C-STORE-RSP go on as long as the
+//! peer keeps acknowledging bytes of the connection's send queue
+//! ([`crate::sendq`]). The tail of a large instance may sit in socket
+//! buffers for longer than `response_timeout` over a slow link, and the
+//! peer can only answer once it has it all; a peer that stops reading or
+//! acknowledging still times out `response_timeout` after its last byte.
 
 use std::time::Duration;
 
@@ -85,6 +90,8 @@ pub struct Scu {
     our_max_pdu: u32,
     next_id: u16,
     response_timeout: Duration,
+    /// (local, peer) of the connection, to find its send queue.
+    conn: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
     frame: Vec<u8>,
     message_reader: MessageReader,
     messages: std::collections::VecDeque<Message>,
@@ -149,6 +156,7 @@ impl Scu {
         };
         let _ = stream.set_nodelay(true);
         let peer = format!("{}@{}", opts.called_ae, address);
+        let conn = stream.local_addr().ok().zip(stream.peer_addr().ok());
 
         let mut contexts: Vec<PresentationContextProposed> = proposed
             .iter()
@@ -227,6 +235,7 @@ impl Scu {
             our_max_pdu: opts.max_pdu,
             next_id: 1,
             response_timeout: opts.response_timeout,
+            conn,
             frame: Vec::new(),
             message_reader: MessageReader::default(),
             messages: Default::default(),
@@ -253,7 +262,8 @@ impl Scu {
 
     /// Sends one C-STORE and returns the response status and error comment.
     /// `progress` is called with the dataset bytes sent so far after each
-    /// fragment (the caller's sign of life).
+    /// fragment, and while the peer acknowledges the rest of the send queue
+    /// (the caller's sign of life).
     #[allow(clippy::too_many_arguments)]
     pub async fn store<R: AsyncRead + Unpin>(
         &mut self,
@@ -286,27 +296,44 @@ impl Scu {
             data.read_exact(&mut self.frame[PDATA_OVERHEAD..])
                 .await
                 .map_err(ScuError::Source)?;
+            let before = size - remaining;
             remaining -= n as u64;
             wire::frame_pdata(&mut self.frame, pc_id, false, remaining == 0);
-            let write = async {
-                self.stream
-                    .write_all(&self.frame)
-                    .await
-                    .map_err(WireError::Io)
-            };
-            within(
-                &self.peer,
-                "sending data (the peer stopped reading)",
-                after,
-                write,
-            )
-            .await?;
-            progress(size - remaining);
+            // In slices: a slice the kernel takes is progress (the peer
+            // acknowledged room for it), so a PDU larger than the socket
+            // buffers never counts as one step over a slow link.
+            let mut offset = 0;
+            for slice in self.frame.chunks(WRITE_SLICE) {
+                offset += slice.len();
+                let sent = before + offset.saturating_sub(PDATA_OVERHEAD) as u64;
+                let write = async { self.stream.write_all(slice).await.map_err(WireError::Io) };
+                until_stalled(
+                    &self.peer,
+                    "sending data (the peer stopped reading)",
+                    after,
+                    self.conn,
+                    write,
+                    &mut || progress(before),
+                )
+                .await?;
+                progress(sent);
+            }
             if remaining == 0 {
                 break;
             }
         }
-        let rsp = self.read_command("waiting for C-STORE-RSP").await?;
+        let mut reader = ResponseReader::default();
+        let what = "waiting for C-STORE-RSP";
+        let rsp = loop {
+            let read = wire::read_pdu(&mut self.stream, &mut self.buf, self.our_max_pdu);
+            let pdu = until_stalled(&self.peer, what, after, self.conn, read, &mut || {
+                progress(size)
+            })
+            .await?;
+            if let Some(command) = reader.push(pdu, &self.peer, what)? {
+                break command;
+            }
+        };
         if rsp.responded_to() != Some(id) || rsp.command_field().ok() != Some(dimse::C_STORE_RSP) {
             return Err(ScuError::Protocol {
                 peer: self.peer.clone(),
@@ -611,6 +638,61 @@ impl Scu {
 }
 
 /// Runs one network step of `peer`, giving up after `after`.
+/// The most written to the socket in one step of a C-STORE.
+const WRITE_SLICE: usize = 64 * 1024;
+
+/// How often a wait looks at the send queue.
+const DRAIN_POLL: Duration = Duration::from_secs(1);
+
+/// `step` until it ends, or until `after` has passed without the peer
+/// acknowledging any of the connection's send queue (`conn`; without it, a
+/// plain timeout). `progress` is called whenever the queue shrinks.
+async fn until_stalled<T>(
+    peer: &str,
+    what: &'static str,
+    after: Duration,
+    conn: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    step: impl std::future::Future<Output = Result<T, WireError>>,
+    progress: &mut impl FnMut(),
+) -> Result<T, ScuError> {
+    let queue = || conn.and_then(|(l, p)| crate::sendq::unacknowledged(l, p));
+    tokio::pin!(step);
+    let mut since = tokio::time::Instant::now();
+    let mut queued: Option<u64> = None;
+    // The first look comes after a quarter of `after`: a step that ends
+    // sooner (any step on a fast link) never reads the queue.
+    let poll = (after / 4).min(DRAIN_POLL);
+    loop {
+        let deadline = since + after;
+        let tick = tokio::time::Instant::now() + poll;
+        tokio::select! {
+            done = &mut step => {
+                return done.map_err(|source| ScuError::Wire {
+                    peer: peer.to_string(),
+                    source,
+                });
+            }
+            _ = tokio::time::sleep_until(deadline.min(tick)) => {}
+        }
+        let now = tokio::time::Instant::now();
+        let q = if conn.is_some() { queue() } else { None };
+        if let (Some(before), Some(q)) = (queued, q) {
+            if q < before {
+                since = now;
+                progress();
+            }
+        }
+        queued = q.or(queued);
+        if now >= since + after {
+            return Err(ScuError::Timeout {
+                peer: peer.to_string(),
+                what,
+                after,
+            });
+        }
+    }
+}
+
 async fn within<T>(
     peer: &str,
     what: &'static str,
@@ -888,5 +970,94 @@ fn abort_reason(source: &AbortRQSource) -> String {
     match source {
         AbortRQSource::ServiceUser => "by the service user".into(),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpSocket;
+
+    /// A connection whose receiver takes little into its buffer, so what
+    /// is written waits in the sender's send queue.
+    async fn narrow_pair() -> (TcpStream, TcpStream) {
+        let socket = TcpSocket::new_v4().expect("test setup");
+        socket.set_recv_buffer_size(16 * 1024).expect("test setup");
+        socket
+            .bind("127.0.0.1:0".parse().expect("test setup"))
+            .expect("test setup");
+        let listener = socket.listen(1).expect("test setup");
+        let client = TcpStream::connect(listener.local_addr().expect("test setup"))
+            .await
+            .expect("test setup");
+        let (server, _) = listener.accept().await.expect("test setup");
+        (client, server)
+    }
+
+    fn conn(s: &TcpStream) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+        s.local_addr().ok().zip(s.peer_addr().ok())
+    }
+
+    /// Writes 2 MiB (most of it stays queued here), then waits for one
+    /// byte of answer with `after` without progress allowed.
+    async fn send_then_wait(
+        client: &mut TcpStream,
+        after: Duration,
+    ) -> (Result<u8, ScuError>, usize) {
+        client
+            .write_all(&vec![7u8; 2 << 20])
+            .await
+            .expect("test setup");
+        let c = conn(client);
+        let mut beats = 0;
+        let answer = until_stalled(
+            "peer",
+            "waiting for C-STORE-RSP",
+            after,
+            c,
+            async { client.read_u8().await.map_err(WireError::Io) },
+            &mut || beats += 1,
+        )
+        .await;
+        (answer, beats)
+    }
+
+    #[tokio::test]
+    async fn a_wait_lasts_while_the_peer_takes_the_send_queue() {
+        let (mut client, mut server) = narrow_pair().await;
+        // The peer takes 64 KiB every 100 ms: the 2 MiB take ~3 s, six
+        // times the 500 ms allowed without progress; then it answers.
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = 0;
+            while got < 2 << 20 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                got += server.read(&mut buf).await.expect("test setup");
+            }
+            server.write_all(&[1]).await.expect("test setup");
+            server
+        });
+        let started = std::time::Instant::now();
+        let (answer, beats) = send_then_wait(&mut client, Duration::from_millis(500)).await;
+        assert!(
+            matches!(answer, Ok(1)),
+            "{answer:?} after {:?}",
+            started.elapsed()
+        );
+        assert!(beats > 0, "the drain was progress");
+        drop(reader.await.expect("test setup"));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_taking_bytes_still_times_out() {
+        let (mut client, server) = narrow_pair().await;
+        let started = std::time::Instant::now();
+        let (answer, _) = send_then_wait(&mut client, Duration::from_millis(500)).await;
+        assert!(
+            matches!(answer, Err(ScuError::Timeout { .. })),
+            "{answer:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(server);
     }
 }
