@@ -172,6 +172,7 @@ fn record() {
         sha256: "00".repeat(32),
         received_ms: 1,
         stored_size: Some(1240),
+        segment: Some(Location { seg: 3, at: 4608 }),
         key_id: Some("00112233aabbccdd".into()),
         routes: vec![Route {
             destination: "center".into(),
