@@ -334,3 +334,97 @@ fn a_study_is_spread_over_parallel_associations_and_a_center_that_takes_fewer_ge
         "it settled on what the center serves: {d:?}"
     );
 }
+
+/// `kakehashi studies --json`, as an operator's script reads it.
+fn studies_json(relay: &Relay) -> Vec<kakehashi_control::StudyInfo> {
+    let out = relay.cli(&["studies", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    match serde_json::from_slice(&out.stdout).expect("studies --json") {
+        kakehashi_control::Response::Studies { entries } => entries,
+        other => panic!("studies: {other:?}"),
+    }
+}
+
+#[test]
+fn a_study_shows_its_progress_while_it_flows_and_complete_once_it_has_arrived() {
+    // A center that sleeps a second per PDU it reads (storescp
+    // --sleep-during), four associations at a time: 24 instances of
+    // 16 KiB take ~12 s, long enough to watch.
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = testdata::study(
+        data.path(),
+        "progress",
+        "CR",
+        testdata::CR_IMAGE,
+        Syntax::ExplicitLe,
+        Name::Utf8,
+        24,
+        16 * 1024,
+    )
+    .expect("data");
+    let uid = testdata::study_uid_of_file(&read(&files[0]));
+    let center = StoreScp::start_forking(free_port(), 1);
+    let relay = Relay::start(RelayOptions::to(center.port));
+    assert_eq!(storescu(relay.port, "MODALITY1", &files).acked.len(), 24);
+
+    // In status, under the destination: what is left, on the wire, the
+    // rate and the time left, once two acknowledgements give a rate.
+    let mut seen = None;
+    wait_until(
+        "a rate and an ETA in status",
+        Duration::from_secs(30),
+        || {
+            let s = relay.status();
+            seen = s.destinations[0]
+                .studies
+                .iter()
+                .find(|p| p.study_instance_uid == uid && p.eta_s.is_some())
+                .cloned();
+            seen.is_some() || s.destinations[0].queued == 0
+        },
+    );
+    let p = seen.expect("the study's progress with a rate, before it was all sent");
+    assert_eq!(p.received, 24, "{p:?}");
+    assert!(p.queued >= 1 && p.queued < 24, "{p:?}");
+    assert!(p.on_the_wire >= 1 && p.on_the_wire <= 4, "{p:?}");
+    assert!(p.delivered >= 2 && p.delivered + p.queued == 24, "{p:?}");
+    let rate = p.rate_bytes_per_s.expect("rate");
+    // 4 × 16 KiB a second at most; a unit slip (ms for s) is 1000× off.
+    assert!((2 * 1024..=256 * 1024).contains(&rate), "{p:?}");
+    assert_eq!(p.eta_s, Some(p.queued_bytes.div_ceil(rate)), "{p:?}");
+    let text = String::from_utf8_lossy(&relay.cli(&["status"]).stdout).to_string();
+    assert!(text.contains(&format!("study {uid}: ")), "{text}");
+
+    let during = studies_json(&relay);
+    let e = during
+        .iter()
+        .find(|e| e.study_instance_uid == uid)
+        .expect("listed");
+    assert!(!e.complete && e.pending > 0, "{e:?}");
+    assert_eq!(e.acknowledged + e.pending, 24, "{e:?}");
+    assert_eq!(e.acknowledged_bytes + e.pending_bytes, e.bytes, "{e:?}");
+
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(center.files().len(), 24);
+    let after = studies_json(&relay);
+    let e = after
+        .iter()
+        .find(|e| e.study_instance_uid == uid)
+        .expect("listed");
+    assert!(e.complete, "{e:?}");
+    assert_eq!(
+        (
+            e.acknowledged,
+            e.pending,
+            e.pending_bytes,
+            e.on_the_wire,
+            e.eta_s
+        ),
+        (24, 0, 0, 0, None),
+        "{e:?}"
+    );
+    assert_eq!(e.acknowledged_bytes, e.bytes);
+    assert!(relay.status().destinations[0].studies.is_empty());
+    let text = String::from_utf8_lossy(&relay.cli(&["studies"]).stdout).to_string();
+    assert!(text.contains("complete at the destinations"), "{text}");
+}

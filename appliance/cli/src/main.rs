@@ -659,6 +659,27 @@ fn print_status(s: &StatusReport) {
         if let Some(n) = d.next_attempt_in_s {
             println!("  next attempt in {}", age(n));
         }
+        for p in &d.studies {
+            println!(
+                "  study {}: {} of {} to send ({} of {}), {} on the wire, {}",
+                p.study_instance_uid,
+                p.queued,
+                p.received,
+                format_bytes(p.queued_bytes),
+                format_bytes(p.received_bytes),
+                p.on_the_wire,
+                flow(p.rate_bytes_per_s, p.eta_s)
+            );
+        }
+    }
+}
+
+/// "6.1 MiB/s, about 9 s left", or what is known of it.
+fn flow(rate: Option<u64>, eta_s: Option<u64>) -> String {
+    match (rate, eta_s) {
+        (Some(r), Some(e)) => format!("{}/s, about {} left", format_bytes(r), age(e)),
+        (Some(r), None) => format!("{}/s", format_bytes(r)),
+        (None, _) => "no rate yet".into(),
     }
 }
 
@@ -804,6 +825,19 @@ fn print_studies(entries: &[StudyInfo]) {
             e.prefetch.as_deref().unwrap_or("-"),
             e.study_instance_uid
         );
+        if e.complete {
+            println!("{:>8} └ complete at the destinations", "");
+        } else if e.pending > 0 {
+            println!(
+                "{:>8} └ {} acknowledged of {}, {} to send, {} on the wire, {}",
+                "",
+                format_bytes(e.acknowledged_bytes),
+                format_bytes(e.bytes),
+                format_bytes(e.pending_bytes),
+                e.on_the_wire,
+                flow(e.rate_bytes_per_s, e.eta_s)
+            );
+        }
         if let Some(d) = &e.detail {
             println!("{:>8} └ {d}", "");
         }

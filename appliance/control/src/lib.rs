@@ -256,6 +256,33 @@ pub struct DestinationStatus {
     /// Instances on the wire now.
     #[serde(default)]
     pub in_flight: u64,
+    /// The studies this destination is sending or has queued (at most 10,
+    /// those on the wire first).
+    #[serde(default)]
+    pub studies: Vec<StudyProgress>,
+}
+
+/// One study on its way to one destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyProgress {
+    pub study_instance_uid: String,
+    /// Instances (and bytes) the box holds of it: received, or retrieved
+    /// for a prior.
+    pub received: u64,
+    pub received_bytes: u64,
+    /// Not yet acknowledged by this destination (those on the wire
+    /// included).
+    pub queued: u64,
+    pub queued_bytes: u64,
+    pub on_the_wire: u64,
+    /// Acknowledged by this destination since kakehashid started.
+    pub delivered: u64,
+    pub delivered_bytes: u64,
+    /// Bytes acknowledged per second over the last minute; `None` before
+    /// two acknowledgements or after a minute without one.
+    pub rate_bytes_per_s: Option<u64>,
+    /// `queued_bytes` at that rate.
+    pub eta_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -298,6 +325,25 @@ pub struct StudyInfo {
     /// center" when it equals `instances`).
     #[serde(default)]
     pub acknowledged: u64,
+    /// Bytes of the pending instances, and of the acknowledged ones.
+    #[serde(default)]
+    pub pending_bytes: u64,
+    #[serde(default)]
+    pub acknowledged_bytes: u64,
+    /// Instances on the wire now (to any destination).
+    #[serde(default)]
+    pub on_the_wire: u64,
+    /// Bytes of it acknowledged per second over the last minute (every
+    /// destination together).
+    #[serde(default)]
+    pub rate_bytes_per_s: Option<u64>,
+    /// When the last destination will have it all, at the rates measured;
+    /// `None` while a destination with something pending has no rate yet.
+    #[serde(default)]
+    pub eta_s: Option<u64>,
+    /// Every received instance acknowledged by every destination.
+    #[serde(default)]
+    pub complete: bool,
     pub first_received_ms: u64,
     pub last_received_ms: u64,
     /// pending | retrieving | done | failed (current studies with `[priors]`).

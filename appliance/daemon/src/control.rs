@@ -147,14 +147,21 @@ fn answer(shared: &Shared, req: Request) -> Response {
     };
     match req {
         Request::Status => {
-            // O(destinations), whatever the backlog: counts come from the
-            // forwarders' queues and the spool's dead-letter counters.
+            // O(destinations + studies queued), whatever the backlog: counts
+            // come from the forwarders' queues and the spool's dead-letter
+            // counters; at most 10 studies per destination are looked up.
             let destinations: Vec<_> = shared
                 .forwarders
                 .iter()
                 .map(|f| {
                     let mut s = f.status(shared.spool.dead_letters(&f.dest.name));
                     s.held = shared.spool.held(&f.dest.name);
+                    s.studies = f.studies(10);
+                    for p in &mut s.studies {
+                        if let Ok(Some(e)) = shared.spool.study(&p.study_instance_uid) {
+                            (p.received, p.received_bytes) = (e.instances, e.bytes);
+                        }
+                    }
                     s
                 })
                 .collect();
@@ -315,48 +322,60 @@ fn answer(shared: &Shared, req: Request) -> Response {
                 Err(e) => err(e),
             }
         }
-        Request::Studies => match (shared.spool.studies(), study_progress(&shared.spool)) {
-            (Ok(list), Ok(progress)) => Response::Studies {
-                entries: list
-                    .into_iter()
-                    .map(|(uid, e)| {
-                        let (pending, dead_letters) =
-                            progress.get(&uid).copied().unwrap_or_default();
-                        StudyInfo {
-                            pending,
-                            dead_letters,
-                            // Delivered records leave the spool; what is left
-                            // of a study is what is not acknowledged yet.
-                            acknowledged: e.instances.saturating_sub(pending + dead_letters),
-                            patient_id: e
-                                .patient
-                                .as_deref()
-                                .and_then(|p| shared.spool.open_study_value(&uid, p))
-                                .unwrap_or_else(|| "-".into()),
-                            study_instance_uid: uid,
-                            role: e.role.as_str().to_string(),
-                            instances: e.instances,
-                            bytes: e.bytes,
-                            first_received_ms: e.first_received_ms,
-                            last_received_ms: e.last_received_ms,
-                            prefetch: e.prefetch.as_ref().map(|p| {
-                                serde_json::to_value(p.state)
-                                    .ok()
-                                    .and_then(|v| v.as_str().map(String::from))
-                                    .unwrap_or_default()
-                            }),
-                            priors: e
-                                .prefetch
-                                .as_ref()
-                                .map(|p| p.priors.clone())
-                                .unwrap_or_default(),
-                            detail: e.prefetch.and_then(|p| p.detail),
-                        }
-                    })
-                    .collect(),
-            },
-            (Err(e), _) | (_, Err(e)) => err(e),
-        },
+        Request::Studies => {
+            let loads: Vec<_> = shared.forwarders.iter().map(|f| f.study_loads()).collect();
+            match (shared.spool.studies(), study_progress(&shared.spool)) {
+                (Ok(list), Ok(progress)) => Response::Studies {
+                    entries: list
+                        .into_iter()
+                        .map(|(uid, e)| {
+                            let p = progress.get(&uid).copied().unwrap_or_default();
+                            let (pending, dead_letters) = (p.pending, p.dead_letters);
+                            let (on_the_wire, rate_bytes_per_s, eta_s) = study_flow(&loads, &uid);
+                            StudyInfo {
+                                pending,
+                                dead_letters,
+                                // Delivered records leave the spool; what is left
+                                // of a study is what is not acknowledged yet.
+                                acknowledged: e.instances.saturating_sub(pending + dead_letters),
+                                pending_bytes: p.pending_bytes,
+                                acknowledged_bytes: e
+                                    .bytes
+                                    .saturating_sub(p.pending_bytes + p.dead_bytes),
+                                on_the_wire,
+                                rate_bytes_per_s,
+                                eta_s: eta_s.filter(|_| pending > 0),
+                                complete: e.instances > 0 && pending == 0 && dead_letters == 0,
+                                patient_id: e
+                                    .patient
+                                    .as_deref()
+                                    .and_then(|p| shared.spool.open_study_value(&uid, p))
+                                    .unwrap_or_else(|| "-".into()),
+                                study_instance_uid: uid,
+                                role: e.role.as_str().to_string(),
+                                instances: e.instances,
+                                bytes: e.bytes,
+                                first_received_ms: e.first_received_ms,
+                                last_received_ms: e.last_received_ms,
+                                prefetch: e.prefetch.as_ref().map(|p| {
+                                    serde_json::to_value(p.state)
+                                        .ok()
+                                        .and_then(|v| v.as_str().map(String::from))
+                                        .unwrap_or_default()
+                                }),
+                                priors: e
+                                    .prefetch
+                                    .as_ref()
+                                    .map(|p| p.priors.clone())
+                                    .unwrap_or_default(),
+                                detail: e.prefetch.and_then(|p| p.detail),
+                            }
+                        })
+                        .collect(),
+                },
+                (Err(e), _) | (_, Err(e)) => err(e),
+            }
+        }
         Request::Urgent => match shared.spool.urgent() {
             Ok(list) => Response::Urgent {
                 entries: list
@@ -475,11 +494,20 @@ fn answer(shared: &Shared, req: Request) -> Response {
 /// Per study (hospital and prior instances only): how many of its
 /// instances still wait for a destination, and how many are dead-lettered.
 /// One pass over the spool's records: an operator command, not a hot path.
+/// What the spool still holds of a study.
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    pending: u64,
+    pending_bytes: u64,
+    dead_letters: u64,
+    dead_bytes: u64,
+}
+
 fn study_progress(
     spool: &kakehashi_spool::Spool,
-) -> Result<std::collections::HashMap<String, (u64, u64)>, kakehashi_spool::SpoolError> {
+) -> Result<std::collections::HashMap<String, Held>, kakehashi_spool::SpoolError> {
     use kakehashi_spool::{Role, RouteState};
-    let mut by_study: std::collections::HashMap<String, (u64, u64)> = Default::default();
+    let mut by_study: std::collections::HashMap<String, Held> = Default::default();
     spool.for_each_record(|rec| {
         if rec.meta.role == Role::Result {
             return;
@@ -488,12 +516,41 @@ fn study_progress(
             .entry(rec.meta.study_instance_uid.clone())
             .or_default();
         if rec.routes.iter().any(|r| r.state == RouteState::DeadLetter) {
-            slot.1 += 1;
+            slot.dead_letters += 1;
+            slot.dead_bytes += rec.dataset_size;
         } else if rec.routes.iter().any(|r| !r.state.is_final()) {
-            slot.0 += 1;
+            slot.pending += 1;
+            slot.pending_bytes += rec.dataset_size;
         }
     })?;
     Ok(by_study)
+}
+
+/// Of `study`, over every destination: instances on the wire, bytes
+/// acknowledged per second, and when the slowest destination will have
+/// it all (`None` while one with bytes queued has no rate yet).
+fn study_flow(
+    loads: &[std::collections::HashMap<String, crate::forwarder::StudyFlow>],
+    study: &str,
+) -> (u64, Option<u64>, Option<u64>) {
+    let mut wire = 0;
+    let mut rate: Option<u64> = None;
+    let mut eta = None;
+    for (i, f) in loads.iter().filter_map(|l| l.get(study)).enumerate() {
+        if i == 0 {
+            eta = Some(0);
+        }
+        wire += f.on_the_wire;
+        if let Some(r) = f.rate {
+            rate = Some(rate.unwrap_or(0) + r);
+        }
+        eta = match (eta, f.rate) {
+            (Some(e), Some(r)) => Some(e.max(f.queued_bytes.div_ceil(r))),
+            _ if f.queued_bytes == 0 => eta,
+            _ => None,
+        };
+    }
+    (wire, rate, eta)
 }
 
 fn urgent_info(spool: &kakehashi_spool::Spool, e: &kakehashi_spool::UrgentEntry) -> UrgentInfo {

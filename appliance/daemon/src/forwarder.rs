@@ -56,6 +56,74 @@ struct Stats {
     gate: Gate,
     /// The last refusal to connect outside the tunnel (audited once).
     last_refusal: Option<String>,
+    /// Deliveries per study, for its rate and ETA.
+    by_study: std::collections::HashMap<Arc<str>, Deliveries>,
+}
+
+/// What a destination acknowledged of one study since the start.
+#[derive(Debug, Default)]
+struct Deliveries {
+    instances: u64,
+    bytes: u64,
+    /// (when, bytes) of the acknowledgements of the last [`RATE_WINDOW_MS`].
+    recent: std::collections::VecDeque<(u64, u64)>,
+    /// When its first C-STORE began, since it last had nothing
+    /// acknowledged for a window: several associations acknowledge
+    /// together, so the rate is measured from the start of the sending,
+    /// not between acknowledgements.
+    started_ms: Option<u64>,
+}
+
+/// A study at one destination (see [`Handle::study_loads`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StudyFlow {
+    pub queued_bytes: u64,
+    pub on_the_wire: u64,
+    /// Bytes acknowledged per second (see [`Deliveries::rate`]).
+    pub rate: Option<u64>,
+}
+
+/// The window a study's rate is measured over.
+const RATE_WINDOW_MS: u64 = 60_000;
+
+impl Deliveries {
+    fn begin(&mut self, now: u64) {
+        self.prune(now);
+        if self.recent.is_empty() || self.started_ms.is_none() {
+            self.started_ms = Some(now);
+        }
+    }
+
+    fn add(&mut self, now: u64, bytes: u64) {
+        self.instances += 1;
+        self.bytes += bytes;
+        self.recent.push_back((now, bytes));
+        self.prune(now);
+    }
+
+    fn prune(&mut self, now: u64) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| now.saturating_sub(*t) > RATE_WINDOW_MS)
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Bytes acknowledged per second, from the start of the sending or
+    /// over the last window when that is longer ago.
+    fn rate(&self, now: u64) -> Option<u64> {
+        let from = self.started_ms?.max(now.saturating_sub(RATE_WINDOW_MS));
+        let bytes: u64 = self
+            .recent
+            .iter()
+            .filter(|(t, _)| *t >= from)
+            .map(|(_, b)| *b)
+            .sum();
+        let span = now.saturating_sub(from);
+        (bytes > 0 && span > 0).then(|| bytes * 1000 / span)
+    }
 }
 
 /// How many workers may hold an association.
@@ -222,7 +290,68 @@ impl Handle {
             associations_allowed: self.allowed(now) as u64,
             associations_max: self.dest.associations as u64,
             in_flight: q.in_flight() as u64,
+            studies: Vec::new(),
         }
+    }
+
+    /// The studies queued here (at most `most`, those on the wire first,
+    /// then the largest backlog), with what was delivered of each and its
+    /// rate; `received` is left for the caller, who has the spool.
+    pub fn studies(&self, most: usize) -> Vec<kakehashi_control::StudyProgress> {
+        let now = now_ms();
+        let mut loads: Vec<_> = {
+            let q = self.queue();
+            q.studies().map(|(s, l)| (Arc::clone(s), *l)).collect()
+        };
+        loads.sort_by(|a, b| {
+            (b.1.on_the_wire, b.1.bytes, &a.0).cmp(&(a.1.on_the_wire, a.1.bytes, &b.0))
+        });
+        loads.truncate(most);
+        let s = self.stats();
+        loads
+            .into_iter()
+            .map(|(study, load)| {
+                let done = s.by_study.get(&study);
+                let rate = done.and_then(|d| d.rate(now));
+                kakehashi_control::StudyProgress {
+                    study_instance_uid: study.to_string(),
+                    received: 0,
+                    received_bytes: 0,
+                    queued: load.queued,
+                    queued_bytes: load.bytes,
+                    on_the_wire: load.on_the_wire,
+                    delivered: done.map_or(0, |d| d.instances),
+                    delivered_bytes: done.map_or(0, |d| d.bytes),
+                    rate_bytes_per_s: rate,
+                    eta_s: rate.map(|r| load.bytes.div_ceil(r)),
+                }
+            })
+            .collect()
+    }
+
+    /// Per study queued here: bytes queued, instances on the wire, and the
+    /// rate this destination acknowledges it at.
+    pub fn study_loads(&self) -> std::collections::HashMap<String, StudyFlow> {
+        let now = now_ms();
+        let loads: Vec<_> = {
+            let q = self.queue();
+            q.studies().map(|(s, l)| (Arc::clone(s), *l)).collect()
+        };
+        let s = self.stats();
+        loads
+            .into_iter()
+            .map(|(study, l)| {
+                let rate = s.by_study.get(&study).and_then(|d| d.rate(now));
+                (
+                    study.to_string(),
+                    StudyFlow {
+                        queued_bytes: l.bytes,
+                        on_the_wire: l.on_the_wire,
+                        rate,
+                    },
+                )
+            })
+            .collect()
     }
 
     fn note_error(&self, message: String) {
@@ -515,7 +644,12 @@ async fn worker(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTok
 
         {
             let now = now_ms();
-            handle.stats().sending.insert(n, (now, now));
+            let mut s = handle.stats();
+            s.sending.insert(n, (now, now));
+            s.by_study
+                .entry(Arc::clone(&item.study))
+                .or_default()
+                .begin(now);
         }
         // Each step of a C-STORE has its own timeout; progress beats.
         beat.busy(Some(dest.response_timeout + OPERATION_MARGIN));
@@ -713,6 +847,20 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
             let mut s = handle.stats();
             s.delivered += 1;
             s.last_success_ms = Some(now);
+            s.by_study
+                .entry(Arc::clone(&item.study))
+                .or_default()
+                .add(now, item.size);
+            if s.by_study.len() > 64 {
+                // Studies done here a window ago have nothing left to show.
+                let q = handle.queue();
+                let queued: std::collections::HashSet<&str> =
+                    q.studies().map(|(s, _)| &**s).collect();
+                s.by_study.retain(|study, d| {
+                    d.prune(now);
+                    !d.recent.is_empty() || queued.contains(&**study)
+                });
+            }
             drop(s);
             handle.queue().remove(item.id);
             (
@@ -891,5 +1039,42 @@ impl tokio::io::AsyncRead for ChannelReader {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_counts_from_the_start_of_the_sending_not_between_acknowledgements() {
+        let mut d = Deliveries::default();
+        assert_eq!(d.rate(0), None);
+        // Four associations start at t=0 and are acknowledged together at
+        // t=1 s: 4 × 64 KiB in one second, not in the milliseconds between
+        // the acknowledgements.
+        d.begin(0);
+        for t in [1000, 1001, 1002, 1003] {
+            d.add(t, 65_536);
+        }
+        assert_eq!(d.rate(1003), Some(4 * 65_536 * 1000 / 1003));
+        // Nothing more for a while: the rate falls.
+        assert_eq!(d.rate(4012), Some(4 * 65_536 * 1000 / 4012));
+        // Over a long transfer, only the last window counts: the 61
+        // acknowledgements from 140 s to 200 s.
+        for s in 5..=200u64 {
+            d.add(s * 1000, 1000);
+        }
+        assert_eq!(d.rate(200_000), Some(61 * 1000 * 1000 / RATE_WINDOW_MS));
+        // A window with nothing acknowledged: no rate, and a new sending
+        // starts a new measurement.
+        assert_eq!(d.rate(300_000), None);
+        d.begin(300_000);
+        d.add(302_000, 2000);
+        assert_eq!(d.rate(302_000), Some(1000));
+        assert_eq!(
+            (d.instances, d.bytes),
+            (201, 4 * 65_536 + 196 * 1000 + 2000)
+        );
     }
 }

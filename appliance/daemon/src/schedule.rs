@@ -105,10 +105,21 @@ pub struct Queue {
     /// SOP Instance UIDs on the wire, until [`Queue::finish`], even if
     /// their item was removed meanwhile (superseded): a corrected version
     /// waits until the old one is done, so the destination keeps the newest.
-    in_flight: HashMap<String, u64>,
+    in_flight: HashMap<String, (u64, Arc<str>)>,
+    /// What is queued and on the wire, per study (progress in `status`).
+    studies: HashMap<Arc<str>, StudyLoad>,
     bytes: u64,
     stuck: u64,
     strings: Interner,
+}
+
+/// What a destination's queue holds of one study.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StudyLoad {
+    /// Instances not delivered yet (those on the wire included).
+    pub queued: u64,
+    pub bytes: u64,
+    pub on_the_wire: u64,
 }
 
 impl Queue {
@@ -123,6 +134,9 @@ impl Queue {
         }
         self.bytes += item.size;
         self.stuck += u64::from(item.stuck_ms.is_some());
+        let load = self.studies.entry(Arc::clone(&item.study)).or_default();
+        load.queued += 1;
+        load.bytes += item.size;
         // Due or not is decided at the next pick.
         self.waiting.insert((item.next_attempt_ms, item.id));
         self.items.insert(item.id, item);
@@ -146,6 +160,26 @@ impl Queue {
         self.claimed.remove(&item.id);
         self.bytes -= item.size;
         self.stuck -= u64::from(item.stuck_ms.is_some());
+        if let Some(load) = self.studies.get_mut(&item.study) {
+            load.queued -= 1;
+            load.bytes -= item.size;
+        }
+        self.forget_study(&item.study);
+    }
+
+    fn forget_study(&mut self, study: &str) {
+        if self
+            .studies
+            .get(study)
+            .is_some_and(|l| l.queued == 0 && l.on_the_wire == 0)
+        {
+            self.studies.remove(study);
+        }
+    }
+
+    /// Every study with instances queued or on the wire.
+    pub fn studies(&self) -> impl Iterator<Item = (&Arc<str>, &StudyLoad)> {
+        self.studies.iter()
     }
 
     pub fn remove(&mut self, id: u64) -> Option<Item> {
@@ -223,7 +257,13 @@ impl Queue {
         let item = self.pick(now_ms, current_study)?.clone();
         self.undue(&item);
         self.claimed.insert(item.id);
-        self.in_flight.insert(item.sop_instance.clone(), item.id);
+        self.in_flight.insert(
+            item.sop_instance.clone(),
+            (item.id, Arc::clone(&item.study)),
+        );
+        if let Some(load) = self.studies.get_mut(&item.study) {
+            load.on_the_wire += 1;
+        }
         Some(item)
     }
 
@@ -238,8 +278,12 @@ impl Queue {
 
     /// The association is done with `item` (its outcome recorded).
     pub fn finish(&mut self, item: &Item) {
-        if self.in_flight.get(&item.sop_instance) == Some(&item.id) {
+        if self.in_flight.get(&item.sop_instance).map(|f| f.0) == Some(item.id) {
             self.in_flight.remove(&item.sop_instance);
+            if let Some(load) = self.studies.get_mut(&item.study) {
+                load.on_the_wire -= 1;
+            }
+            self.forget_study(&item.study);
         }
     }
 
@@ -415,6 +459,43 @@ mod tests {
             received_ms: 0,
             stuck_ms: None,
         }
+    }
+
+    #[test]
+    fn a_study_is_counted_queued_until_delivered_and_on_the_wire_until_finished() {
+        let mut q = Queue::default();
+        q.push(item(1, Priority::Medium, "A"));
+        q.push(item(2, Priority::Medium, "A"));
+        q.push(item(3, Priority::Medium, "B"));
+        let load = |q: &Queue, s: &str| q.studies().find(|(k, _)| &***k == s).map(|(_, l)| *l);
+        let a = |queued, on_the_wire| {
+            Some(StudyLoad {
+                queued,
+                bytes: 10 * queued,
+                on_the_wire,
+            })
+        };
+        let first = q.claim(0, None).expect("due");
+        assert_eq!(first.id, 1);
+        assert_eq!(load(&q, "A"), a(2, 1));
+        // Delivered: out of the queue, still on the wire until finished.
+        q.remove(1);
+        assert_eq!(load(&q, "A"), a(1, 1));
+        q.finish(&first);
+        assert_eq!(load(&q, "A"), a(1, 0));
+        // A failed association gives the item back untouched.
+        let second = q.claim(0, Some("A")).expect("due");
+        q.unclaim(&second);
+        assert_eq!(load(&q, "A"), a(1, 0));
+        q.reschedule(2, 1, 5, None);
+        assert_eq!(load(&q, "A"), a(1, 0));
+        q.remove(2);
+        assert_eq!(
+            load(&q, "A"),
+            None,
+            "a study with nothing left is forgotten"
+        );
+        assert_eq!(q.studies().count(), 1);
     }
 
     #[test]
