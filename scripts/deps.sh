@@ -9,7 +9,8 @@
 # second DICOM implementation, from PyPI: Debian 12 does not package it),
 # installed pinned into target/py; python3-aiosmtpd as the hospital's SMTP
 # relay that urgent findings are mailed through, python3-hl7 (its MLLP
-# server) as the RIS that receives them as HL7 ORU^R01.
+# server) as the RIS that receives them as HL7 ORU^R01; prometheus scrapes the
+# metrics endpoint in a test.
 # The appliance image (make image, and the tests that boot it): mmdebstrap
 # builds the root from Debian packages; erofs-utils, cryptsetup-bin
 # (veritysetup), sbsigntool, efitools, systemd-boot-efi, binutils (objcopy:
@@ -18,7 +19,7 @@
 # Idempotent: installs only what is missing, so a second run is instant.
 set -euo pipefail
 
-packages=(dcmtk orthanc curl ca-certificates iproute2 iputils-ping wireguard-go wireguard-tools iperf3
+packages=(dcmtk orthanc curl prometheus ca-certificates iproute2 iputils-ping wireguard-go wireguard-tools iperf3
           swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl strace
           python3 python3-venv python3-aiosmtpd python3-hl7
           mmdebstrap arch-test erofs-utils cryptsetup-bin sbsigntool efitools systemd-boot-efi

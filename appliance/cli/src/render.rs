@@ -137,6 +137,14 @@ pub fn nftables(config: Option<&Config>) -> String {
             ));
         }
     }
+    // Prometheus scrapes from the hospital side only; never the WAN or
+    // the tunnel, whatever address metrics.listen names.
+    if let Some(m) = &c.metrics {
+        input.push(format!(
+            "iifname \"{lan}\" tcp dport {} accept",
+            m.listen.port()
+        ));
+    }
     input.push(format!("iifname \"{lan}\" icmp type echo-request accept"));
     let mut output = vec![
         "oif lo accept".to_string(),
@@ -310,6 +318,17 @@ address = "dhcp"
             closed.contains("policy drop;") && !closed.contains("accept\n\t\tct"),
             "{closed}"
         );
+        assert!(
+            !r.contains("9102"),
+            "no metrics port without [metrics]\n{r}"
+        );
+        let with_metrics = CONFIG.to_string() + "[metrics]\nlisten = \"0.0.0.0:9102\"\n";
+        let r = nftables(Some(&Config::parse(&with_metrics).expect("config")));
+        assert!(
+            r.contains("iifname \"enp0s3\" tcp dport 9102 accept"),
+            "metrics from the LAN\n{r}"
+        );
+        assert_eq!(r.matches("9102").count(), 1, "and from nowhere else\n{r}");
     }
 
     #[test]

@@ -90,6 +90,15 @@ pub struct Config {
     pub priors: Option<PriorsConfig>,
     /// Escalating urgent results (`[urgent]`).
     pub urgent: Option<UrgentConfig>,
+    /// The Prometheus endpoint (`[metrics]`), off without it.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// Where the Prometheus text endpoint (`GET /metrics`) listens: on the
+/// hospital side only (see the validation of `metrics.listen`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub listen: std::net::SocketAddr,
 }
 
 /// Urgent results (sent by the center with C-STORE priority HIGH): who is

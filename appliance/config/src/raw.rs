@@ -5,8 +5,8 @@ use serde::Deserialize;
 use crate::units::{parse_bytes, parse_duration};
 use crate::{
     AeTitle, AuditConfig, Config, ConfigError, ControlConfig, Destination, DicomConfig,
-    EmailConfig, Hl7Config, IpNet, KeyBackend, LogConfig, LogFormat, NetworkConfig, Port,
-    PriorsConfig, ResultsConfig, RetryPolicy, Source, SpoolConfig, TpmConfig, TunnelConfig,
+    EmailConfig, Hl7Config, IpNet, KeyBackend, LogConfig, LogFormat, MetricsConfig, NetworkConfig,
+    Port, PriorsConfig, ResultsConfig, RetryPolicy, Source, SpoolConfig, TpmConfig, TunnelConfig,
     TunnelPeer, UrgentConfig, DEFAULT_CONTROL_SOCKET, PACS_DESTINATION, RESULT_SOP_CLASSES,
 };
 use base64::Engine as _;
@@ -39,6 +39,48 @@ pub(crate) struct RawConfig {
     results: Option<RawResults>,
     priors: Option<RawPriors>,
     urgent: Option<RawUrgent>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
+}
+
+impl RawMetrics {
+    /// Never on the WAN: not an address the tunnel carries or has, not
+    /// the WAN port's, and not every address when a tunnel exists and no
+    /// firewall of ours (`[network]`) keeps the port to the LAN.
+    fn validate(
+        self,
+        tunnel: Option<&TunnelConfig>,
+        network: Option<&NetworkConfig>,
+        dicom: &DicomConfig,
+    ) -> Result<MetricsConfig, ConfigError> {
+        let bad = |why: &str| ConfigError::invalid("metrics.listen", &self.listen, why);
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            bad("an IP address and port on the hospital side, e.g. \"192.168.1.20:9102\" (never the WAN or the tunnel)")
+        })?;
+        let ip = listen.ip();
+        if listen.port() == 0 || listen == dicom.listen {
+            return Err(bad("a port of its own (not 0, not dicom.listen's)"));
+        }
+        if let Some(t) = tunnel {
+            if t.routes(ip) || t.addresses.iter().any(|a| a.addr() == ip) {
+                return Err(bad("an address on the hospital side: this one is the tunnel's, and metrics never go to the reading center or the internet"));
+            }
+            if ip.is_unspecified() && network.is_none() {
+                return Err(bad("the hospital-side address: every address includes the tunnel's (on the appliance, with [network], its firewall keeps the port to the LAN)"));
+            }
+        }
+        if let Some(wan) = network.and_then(|n| n.wan.address) {
+            if wan.addr() == ip {
+                return Err(bad("an address on the LAN port: this one is network.wan's"));
+            }
+        }
+        Ok(MetricsConfig { listen })
+    }
 }
 
 #[derive(Deserialize)]
@@ -1133,6 +1175,10 @@ impl RawConfig {
             .urgent
             .map(|u| u.validate(results.is_some()))
             .transpose()?;
+        let metrics = self
+            .metrics
+            .map(|m| m.validate(tunnel.as_ref(), network.as_ref(), &dicom))
+            .transpose()?;
 
         let s = self.spool;
         if s.dir.trim().is_empty() || !s.dir.starts_with('/') {
@@ -1295,6 +1341,7 @@ impl RawConfig {
             results,
             priors,
             urgent,
+            metrics,
         })
     }
 }

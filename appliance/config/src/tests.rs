@@ -494,3 +494,41 @@ fn priors_retrieve_by_move_or_get() {
         "{e}"
     );
 }
+
+#[test]
+fn metrics_listen_on_the_hospital_side_only() {
+    let m = |listen: &str| format!("\n[metrics]\nlisten = \"{listen}\"\n");
+    assert_eq!(
+        Config::parse(ISSUE_EXAMPLE).expect("no metrics").metrics,
+        None
+    );
+    let c = Config::parse(&(with_tunnel("10.8.0.1:104") + &m("192.168.1.20:9102")))
+        .expect("a LAN address loads");
+    assert_eq!(
+        c.metrics.expect("metrics").listen.to_string(),
+        "192.168.1.20:9102"
+    );
+    for (bad, says) in [
+        ("10.8.0.2:9102", "tunnel"),
+        ("10.8.0.7:9102", "tunnel"),
+        ("0.0.0.0:9102", "every address includes the tunnel"),
+        ("127.0.0.1:11112", "a port of its own"),
+        ("localhost:9102", "an IP address and port"),
+    ] {
+        let e = err(&(with_tunnel("10.8.0.1:104") + &m(bad)));
+        assert!(
+            e.contains("metrics.listen") && e.contains(says),
+            "{bad}: {e}"
+        );
+    }
+    // On the appliance its firewall keeps the port to the LAN; the WAN's
+    // own address is still refused.
+    let net = "\n[network]\n[network.lan]\ninterface = \"enp0s3\"\naddress = \"192.0.2.1/24\"\n[network.wan]\ninterface = \"enp0s4\"\naddress = \"198.51.100.7/24\"\n";
+    let c = Config::parse(&(with_tunnel("10.8.0.1:104") + net + &m("0.0.0.0:9102")))
+        .expect("any address behind the appliance's firewall");
+    assert!(c.metrics.is_some());
+    let e = err(&(with_tunnel("10.8.0.1:104") + net + &m("198.51.100.7:9102")));
+    assert!(e.contains("network.wan"), "{e}");
+    let e = err(&(ISSUE_EXAMPLE.to_string() + "\n[metrics]\nport = 9102\n"));
+    assert!(e.contains("port") || e.contains("listen"), "{e}");
+}

@@ -58,6 +58,9 @@ struct Stats {
     last_refusal: Option<String>,
     /// Deliveries per study, for its rate and ETA.
     by_study: std::collections::HashMap<Arc<str>, Deliveries>,
+    delivered_bytes: u64,
+    /// Seconds from C-STORE-RQ to a success response, of delivered instances.
+    latency: crate::metrics::Histogram,
 }
 
 /// What a destination acknowledged of one study since the start.
@@ -327,6 +330,28 @@ impl Handle {
                 }
             })
             .collect()
+    }
+
+    /// What `GET /metrics` shows of this destination.
+    pub fn metrics(&self) -> crate::metrics::Destination {
+        let now = now_ms();
+        let (lanes, oldest, in_flight) = {
+            let q = self.queue();
+            (q.lanes(), q.oldest_received_ms(), q.in_flight())
+        };
+        let s = self.stats();
+        crate::metrics::Destination {
+            name: self.dest.name.clone(),
+            lanes,
+            oldest_age_s: oldest.map(|t| now.saturating_sub(t) as f64 / 1000.0),
+            delivered: s.delivered,
+            delivered_bytes: s.delivered_bytes,
+            latency: s.latency.clone(),
+            associations_open: self.open.load(Ordering::SeqCst) as u64,
+            associations_allowed: self.allowed(now) as u64,
+            in_flight: in_flight as u64,
+            connect_failures: u64::from(s.gate.connect_failures()),
+        }
     }
 
     /// Per study queued here: bytes queued, instances on the wire, and the
@@ -659,10 +684,14 @@ async fn worker(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTok
                 s.1 = now_ms();
             }
         };
+        let started = std::time::Instant::now();
         let outcome = tokio::select! {
             _ = token.cancelled() => { handle.stats().sending.remove(&n); break }
             o = send_one(&shared, scu, pc, &item, progress) => o,
         };
+        if let Sent::Delivered(_) = &outcome {
+            handle.stats().latency.observe(started.elapsed());
+        }
         beat.busy(None);
         handle.stats().sending.remove(&n);
         if let Sent::Connection(_) | Sent::Corrupt(_) | Sent::ReadFailed(_) = &outcome {
@@ -846,6 +875,7 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
         Sent::Delivered(status) => {
             let mut s = handle.stats();
             s.delivered += 1;
+            s.delivered_bytes += item.size;
             s.last_success_ms = Some(now);
             s.by_study
                 .entry(Arc::clone(&item.study))

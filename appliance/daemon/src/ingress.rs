@@ -626,6 +626,11 @@ impl Session<'_> {
         match r.writer.await {
             Ok(Ok(Accepted::Queued { record, superseded })) => {
                 self.stored += 1;
+                use std::sync::atomic::Ordering::Relaxed;
+                self.shared.received.fetch_add(1, Relaxed);
+                self.shared
+                    .received_bytes
+                    .fetch_add(record.dataset_size, Relaxed);
                 tracing::debug!(id = record.id, sop_instance = %uid, bytes = record.dataset_size, "instance spooled");
                 if record.meta.role == Role::Result {
                     let held = record

@@ -30,8 +30,8 @@
 //! priority HIGH) and sends them to the RIS as HL7 until they are
 //! acknowledged.
 //!
-//! Not here: on-demand queries from the center, signature checks, HL7,
-//! metrics (later issues).
+//! With `[metrics]`, `metrics` serves the Prometheus text format on the
+//! hospital side (`GET /metrics`; its own few lines of HTTP).
 
 #![forbid(unsafe_code)]
 
@@ -40,6 +40,7 @@ mod forwarder;
 mod ingress;
 mod keys;
 mod logging;
+mod metrics;
 mod notify;
 mod ondemand;
 mod prefetch;
@@ -103,6 +104,9 @@ pub struct Shared {
     pub rejections: std::sync::Mutex<rejections::Rejections>,
     /// `results.trusted_signers`, parsed.
     pub signers: kakehashi_dicom::signature::TrustedSigners,
+    /// Instances and bytes accepted into the spool since the start.
+    pub received: std::sync::atomic::AtomicU64,
+    pub received_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -386,6 +390,8 @@ async fn run(
         liveness: notify::Liveness::default(),
         tpm: tpm_status,
         rejections: Default::default(),
+        received: Default::default(),
+        received_bytes: Default::default(),
     });
 
     let listener = match tokio::net::TcpListener::bind(shared.config.dicom.listen).await {
@@ -406,6 +412,19 @@ async fn run(
                 tracing::error!(
                     "cannot listen for results on {} (results.listen): {e}",
                     r.listen
+                );
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        },
+    };
+    let metrics_listener = match &shared.config.metrics {
+        None => None,
+        Some(m) => match tokio::net::TcpListener::bind(m.listen).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!(
+                    "cannot listen for metrics on {} (metrics.listen): {e}",
+                    m.listen
                 );
                 return ExitCode::from(EXIT_UNAVAILABLE);
             }
@@ -441,6 +460,9 @@ async fn run(
             token.clone(),
             ingress::Kind::Results,
         ));
+    }
+    if let Some(l) = metrics_listener {
+        tasks.spawn(metrics::serve(Arc::clone(&shared), l, token.clone()));
     }
     tasks.spawn(checkpointer(Arc::clone(&shared), token.clone()));
     if shared.config.priors.is_some() {

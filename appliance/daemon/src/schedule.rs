@@ -108,9 +108,19 @@ pub struct Queue {
     in_flight: HashMap<String, (u64, Arc<str>)>,
     /// What is queued and on the wire, per study (progress in `status`).
     studies: HashMap<Arc<str>, StudyLoad>,
+    /// (instances, bytes) queued per priority: low, medium, high.
+    lanes: [(u64, u64); 3],
     bytes: u64,
     stuck: u64,
     strings: Interner,
+}
+
+fn lane_of(p: Priority) -> usize {
+    match p {
+        Priority::Low => 0,
+        Priority::Medium => 1,
+        Priority::High => 2,
+    }
 }
 
 /// What a destination's queue holds of one study.
@@ -137,6 +147,9 @@ impl Queue {
         let load = self.studies.entry(Arc::clone(&item.study)).or_default();
         load.queued += 1;
         load.bytes += item.size;
+        let lane = &mut self.lanes[lane_of(item.priority)];
+        lane.0 += 1;
+        lane.1 += item.size;
         // Due or not is decided at the next pick.
         self.waiting.insert((item.next_attempt_ms, item.id));
         self.items.insert(item.id, item);
@@ -165,6 +178,19 @@ impl Queue {
             load.bytes -= item.size;
         }
         self.forget_study(&item.study);
+        let lane = &mut self.lanes[lane_of(item.priority)];
+        lane.0 -= 1;
+        lane.1 -= item.size;
+    }
+
+    /// (priority, instances, bytes) queued, per priority.
+    pub fn lanes(&self) -> [(Priority, u64, u64); 3] {
+        let [l, m, h] = self.lanes;
+        [
+            (Priority::Low, l.0, l.1),
+            (Priority::Medium, m.0, m.1),
+            (Priority::High, h.0, h.1),
+        ]
     }
 
     fn forget_study(&mut self, study: &str) {
