@@ -80,8 +80,12 @@ struct Deliveries {
 /// A study at one destination (see [`Handle::study_loads`]).
 #[derive(Debug, Clone, Copy)]
 pub struct StudyFlow {
+    pub queued: u64,
     pub queued_bytes: u64,
     pub on_the_wire: u64,
+    /// Acknowledged here since the start.
+    pub delivered: u64,
+    pub delivered_bytes: u64,
     /// Bytes acknowledged per second (see [`Deliveries::rate`]).
     pub rate: Option<u64>,
 }
@@ -297,37 +301,57 @@ impl Handle {
         }
     }
 
-    /// The studies queued here (at most `most`, those on the wire first,
-    /// then the largest backlog), with what was delivered of each and its
-    /// rate; `received` is left for the caller, who has the spool.
-    pub fn studies(&self, most: usize) -> Vec<kakehashi_control::StudyProgress> {
+    /// Every study queued here: what is queued and on the wire, what was
+    /// delivered of it and the rate it is acknowledged at.
+    fn study_rows(&self) -> Vec<(Arc<str>, StudyFlow)> {
         let now = now_ms();
-        let mut loads: Vec<_> = {
+        let loads: Vec<_> = {
             let q = self.queue();
             q.studies().map(|(s, l)| (Arc::clone(s), *l)).collect()
         };
-        loads.sort_by(|a, b| {
-            (b.1.on_the_wire, b.1.bytes, &a.0).cmp(&(a.1.on_the_wire, a.1.bytes, &b.0))
-        });
-        loads.truncate(most);
         let s = self.stats();
         loads
             .into_iter()
             .map(|(study, load)| {
                 let done = s.by_study.get(&study);
-                let rate = done.and_then(|d| d.rate(now));
-                kakehashi_control::StudyProgress {
-                    study_instance_uid: study.to_string(),
-                    received: 0,
-                    received_bytes: 0,
+                let flow = StudyFlow {
                     queued: load.queued,
                     queued_bytes: load.bytes,
                     on_the_wire: load.on_the_wire,
                     delivered: done.map_or(0, |d| d.instances),
                     delivered_bytes: done.map_or(0, |d| d.bytes),
-                    rate_bytes_per_s: rate,
-                    eta_s: rate.map(|r| load.bytes.div_ceil(r)),
-                }
+                    rate: done.and_then(|d| d.rate(now)),
+                };
+                (study, flow)
+            })
+            .collect()
+    }
+
+    /// The studies queued here (at most `most`, those on the wire first,
+    /// then the largest backlog); `received` is left for the caller, who
+    /// has the spool.
+    pub fn studies(&self, most: usize) -> Vec<kakehashi_control::StudyProgress> {
+        let mut rows = self.study_rows();
+        rows.sort_by(|a, b| {
+            (b.1.on_the_wire, b.1.queued_bytes, &a.0).cmp(&(
+                a.1.on_the_wire,
+                a.1.queued_bytes,
+                &b.0,
+            ))
+        });
+        rows.truncate(most);
+        rows.into_iter()
+            .map(|(study, f)| kakehashi_control::StudyProgress {
+                study_instance_uid: study.to_string(),
+                received: 0,
+                received_bytes: 0,
+                queued: f.queued,
+                queued_bytes: f.queued_bytes,
+                on_the_wire: f.on_the_wire,
+                delivered: f.delivered,
+                delivered_bytes: f.delivered_bytes,
+                rate_bytes_per_s: f.rate,
+                eta_s: f.rate.map(|r| f.queued_bytes.div_ceil(r)),
             })
             .collect()
     }
@@ -357,25 +381,9 @@ impl Handle {
     /// Per study queued here: bytes queued, instances on the wire, and the
     /// rate this destination acknowledges it at.
     pub fn study_loads(&self) -> std::collections::HashMap<String, StudyFlow> {
-        let now = now_ms();
-        let loads: Vec<_> = {
-            let q = self.queue();
-            q.studies().map(|(s, l)| (Arc::clone(s), *l)).collect()
-        };
-        let s = self.stats();
-        loads
+        self.study_rows()
             .into_iter()
-            .map(|(study, l)| {
-                let rate = s.by_study.get(&study).and_then(|d| d.rate(now));
-                (
-                    study.to_string(),
-                    StudyFlow {
-                        queued_bytes: l.bytes,
-                        on_the_wire: l.on_the_wire,
-                        rate,
-                    },
-                )
-            })
+            .map(|(study, f)| (study.to_string(), f))
             .collect()
     }
 
