@@ -53,7 +53,15 @@ for k in db.key db.crt PK.crt KEK.crt PK.key KEK.key; do
     [ -f "$keys/$prefix$k" ] || die "signing key $keys/$prefix$k is missing (see image-build/keys/README.md)"
 done
 
-rm -rf "$work" "$out"
+# A build killed while mmdebstrap ran leaves /proc, /sys and /dev/pts of the
+# chroot mounted: unmount them (deepest first) before removing the tree, and
+# never let rm cross into another filesystem.
+if [ -d "$work" ]; then
+    findmnt -rn -o TARGET | grep -F "$(realpath "$work")/" | sort -r | while read -r m; do
+        umount -l "$m" || die "a stale mount $m is left from an earlier build and cannot be unmounted"
+    done
+fi
+rm -rf --one-file-system "$work" "$out"
 mkdir -p "$work" "$out"
 rootfs=$work/rootfs
 
