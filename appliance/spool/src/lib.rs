@@ -564,6 +564,27 @@ impl Spool {
         // The old handle must go first: it holds the file lock.
         guard.take();
         let db = Database::create(&self.db_path).map_err(idx("reopen after an I/O error"))?;
+        // Non-durable commits since the last durable one may be lost: a
+        // delivery among them is undone, and its record is back. Its payload,
+        // waiting in the pending list for the next durable commit, must stay.
+        let back = {
+            let txn = db.begin_read().map_err(idx("reopen after an I/O error"))?;
+            let table = txn.open_table(INSTANCES).map_err(idx("open instances"))?;
+            let mut back = std::collections::HashSet::new();
+            for p in self.pending().iter() {
+                if table.get(p.id()).map_err(idx("read instance"))?.is_some() {
+                    back.insert(p.id());
+                }
+            }
+            back
+        };
+        if !back.is_empty() {
+            self.pending().retain(|p| !back.contains(&p.id()));
+            tracing::warn!(
+                instances = back.len(),
+                "deliveries undone by reopening the spool index: they are sent again after the next restart"
+            );
+        }
         *guard = Some(db);
         self.db_failed.store(false, Ordering::SeqCst);
         // Reopened, the index is where its last durable commit left it: the
@@ -664,8 +685,8 @@ impl Spool {
     /// The payload of `rec`, to release once its record is durably gone.
     fn payload_of(&self, rec: &InstanceRecord) -> Payload {
         match rec.segment {
-            Some(loc) => Payload::Segment(loc.seg, rec.file_size()),
-            None => Payload::File(self.payload_path(rec.id), rec.file_size()),
+            Some(loc) => Payload::Segment(rec.id, loc.seg, rec.file_size()),
+            None => Payload::File(rec.id, self.payload_path(rec.id), rec.file_size()),
         }
     }
 
@@ -1031,6 +1052,9 @@ impl Spool {
     /// begins and becomes durable when it commits.
     fn begin_write(&self, durability: Durability) -> Result<Txn<'_>, SpoolError> {
         let durable = matches!(durability, Durability::Immediate);
+        // Begun first: beginning may reopen the index, which sorts the list
+        // out (see [`Spool::reopen_index`]) and must see all of it.
+        let mut inner = self.with_db(|db| db.begin_write().map_err(idx("begin")))?;
         let released = Released {
             spool: self,
             list: if durable {
@@ -1039,7 +1063,6 @@ impl Spool {
                 Vec::new()
             },
         };
-        let mut inner = self.with_db(|db| db.begin_write().map_err(idx("begin")))?;
         inner
             .set_durability(durability)
             .map_err(idx("set durability"))?;
@@ -1420,8 +1443,8 @@ impl Spool {
     fn unlink(&self, list: Vec<Payload>) -> Result<(), SpoolError> {
         for payload in list {
             let (path, size) = match payload {
-                Payload::File(path, size) => (path, size),
-                Payload::Segment(seg, bytes) => {
+                Payload::File(_, path, size) => (path, size),
+                Payload::Segment(_, seg, bytes) => {
                     self.segments.release(seg, bytes);
                     continue;
                 }
@@ -2267,11 +2290,20 @@ struct Released<'a> {
     list: Vec<Payload>,
 }
 
-/// A payload whose record is gone (see [`Spool::payload_of`]).
+/// A payload whose record (the first field, its id) is gone (see
+/// [`Spool::payload_of`]).
 #[derive(Debug)]
 enum Payload {
-    File(PathBuf, u64),
-    Segment(u32, u64),
+    File(u64, PathBuf, u64),
+    Segment(u64, u32, u64),
+}
+
+impl Payload {
+    fn id(&self) -> u64 {
+        match self {
+            Payload::File(id, ..) | Payload::Segment(id, ..) => *id,
+        }
+    }
 }
 
 impl Released<'_> {

@@ -1286,3 +1286,48 @@ fn an_instance_that_does_not_fit_moves_to_an_open_segment_with_room() {
         "two frames per segment"
     );
 }
+
+#[test]
+fn a_delivery_undone_by_reopening_the_index_keeps_its_payload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = open(dir.path(), 1 << 20);
+    let a = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
+    spool.checkpoint().expect("checkpoint");
+    // The index as its last durable commit left it.
+    let index = dir.path().join("index.redb");
+    let durable = dir.path().join("index.durable");
+    std::fs::copy(&index, &durable).expect("copy index");
+    spool
+        .update_route(
+            a.id,
+            "center",
+            RouteUpdate {
+                durability: Durability::None,
+                audit: None,
+                now_ms: 5000,
+                keep_payload: false,
+            },
+            |r| r.state = RouteState::Delivered,
+        )
+        .expect("deliver");
+    // An I/O error fails the index; reopened, it is back at its last durable
+    // commit, which lacks the delivery.
+    std::fs::rename(&durable, &index).expect("put back the durable index");
+    spool.db_failed.store(true, Ordering::SeqCst);
+    spool.checkpoint().expect("checkpoint after the reopen");
+    assert_eq!(
+        spool.records().expect("records").len(),
+        1,
+        "the record is back"
+    );
+    assert_eq!(
+        held_payloads(&spool, dir.path()),
+        1,
+        "and so is its payload, not released by the checkpoint"
+    );
+    assert_eq!(payload(&spool, &a), b"HEADERaaaa");
+    drop(spool);
+    let (spool, report) = open(dir.path(), 1 << 20);
+    assert!(report.missing_payloads.is_empty(), "{report:?}");
+    assert_eq!(spool.records().expect("records").len(), 1);
+}
