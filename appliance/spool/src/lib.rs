@@ -2872,7 +2872,7 @@ impl Incoming {
                     }
                     Err(e) => {
                         // Refused: it must not come back at the next start.
-                        w.void_frame();
+                        w.void_frame(ticket.lsn, &body);
                         return Err(e);
                     }
                 }

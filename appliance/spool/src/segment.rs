@@ -1,9 +1,9 @@
 //! Segment files: where payloads are appended, so that accepting an
 //! instance costs one data flush.
 //!
-//! A segment (`seg/<n>.seg`) is a file of fixed size, written with zeros
-//! once when it is made and then only overwritten: appending a payload to it
-//! changes no file-system metadata, so `fdatasync` is one device flush with
+//! A segment (`seg/<n>.seg`) is a file of fixed size, allocated
+//! (`fallocate`) and flushed once when it is made and then only overwritten:
+//! appending a payload to it changes no file-system metadata, so `fdatasync` is one device flush with
 //! no journal commit (creating a file, renaming it and syncing its directory
 //! is three). Segments whose payloads have all left the spool are used again
 //! from their start; a few are kept ready, the rest deleted.
@@ -11,8 +11,9 @@
 //! A frame per instance, aligned to 4 KiB:
 //!
 //! ```text
-//! header (512 bytes): "KKSG", version, lsn, payload length, body length,
-//!                     first 16 bytes of SHA-256(header fields ‖ body)
+//! header (512 bytes): "KKSG", version, flags (void), lsn, payload length,
+//!                     body length, first 16 bytes of
+//!                     SHA-256(header fields ‖ body)
 //! payload            the Part 10 file as received (sealed with a key)
 //! body               the log entry: the instance's record and what the
 //!                    index needs to accept it again (see `crate::LogEntry`)
@@ -24,7 +25,9 @@
 //! frames newer than the index's last durable lsn are verified (header
 //! digest, then the payload's own digest or seal) and applied again, in lsn
 //! order, so the index ends where it was when the power went. A frame torn
-//! by the power cut fails its check and was never acknowledged.
+//! by the power cut fails its check and was never acknowledged. A frame
+//! whose index update failed is marked void (the instance was refused), not
+//! wiped: the frames after it in its segment stay reachable.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -39,6 +42,9 @@ use crate::{io, SpoolError};
 
 pub(crate) const MAGIC: &[u8; 4] = b"KKSG";
 const VERSION: u8 = 1;
+/// Header flag: the frame's instance was refused after its flush; its log
+/// entry is never applied.
+const FLAG_VOID: u8 = 1;
 /// Bytes before a frame's payload.
 pub(crate) const HEADER_LEN: u64 = 512;
 /// Frames start on these boundaries (no two frames share a block).
@@ -205,20 +211,27 @@ impl Writer {
         Ok(align(body_at + body.len() as u64))
     }
 
-    /// Makes the frame unreadable (an index update failed after its flush:
-    /// the instance was refused and must not come back at the next start).
-    pub fn void_frame(&self) {
+    /// Marks the frame sealed as `lsn` with `body` void (an index update
+    /// failed after its flush: the instance was refused and must not come
+    /// back at the next start). Its lengths stay, so that the frames other
+    /// writers appended after it are still found.
+    pub fn void_frame(&self, lsn: u64, body: &[u8]) {
         let _ = self
             .file
-            .write_all_at(&[0u8; HEADER_LEN as usize], self.start);
+            .write_all_at(&header_with(FLAG_VOID, lsn, self.written, body), self.start);
         let _ = self.file.sync_data();
     }
 }
 
 fn header(lsn: u64, payload_len: u64, body: &[u8]) -> Vec<u8> {
+    header_with(0, lsn, payload_len, body)
+}
+
+fn header_with(flags: u8, lsn: u64, payload_len: u64, body: &[u8]) -> Vec<u8> {
     let mut h = vec![0u8; HEADER_LEN as usize];
     h[0..4].copy_from_slice(MAGIC);
     h[4] = VERSION;
+    h[5] = flags;
     h[8..16].copy_from_slice(&lsn.to_le_bytes());
     h[16..24].copy_from_slice(&payload_len.to_le_bytes());
     h[24..28].copy_from_slice(&(body.len() as u32).to_le_bytes());
@@ -347,12 +360,19 @@ impl Segments {
             let len = file.metadata().map_err(io(&path))?.len();
             let mut at = 0u64;
             let mut h = [0u8; HEADER_LEN as usize];
+            // The lsn of the frame before in this segment: one writer at a
+            // time appends to a segment, so its frames' lsns rise; a lower
+            // one is left from before the segment was reused, and the
+            // segment's log ends there.
             let mut newest = 0u64;
             while at + HEADER_LEN <= len {
                 if file.read_exact_at(&mut h, at).is_err() || &h[0..4] != MAGIC || h[4] != VERSION {
                     break;
                 }
                 let lsn = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
+                if lsn <= newest {
+                    break;
+                }
                 let payload_len = u64::from_le_bytes(h[16..24].try_into().unwrap_or_default());
                 let body_len =
                     u64::from(u32::from_le_bytes(h[24..28].try_into().unwrap_or_default()));
@@ -360,14 +380,22 @@ impl Segments {
                 if body_at + body_len > len {
                     break;
                 }
-                let mut body = vec![0u8; body_len as usize];
-                if file.read_exact_at(&mut body, body_at).is_err()
-                    || frame_digest(&h[0..32], &body)[..] != h[32..48]
-                {
-                    break;
+                // A frame the index holds durably (lsn <= after) was flushed
+                // whole before that: its lengths are trusted without reading
+                // its body, which a large backlog would make slow. Except
+                // the first: a frame being written over a reused segment
+                // from its start may have torn what its header describes.
+                let mut body = Vec::new();
+                if lsn > after || newest == 0 {
+                    body = vec![0u8; body_len as usize];
+                    if file.read_exact_at(&mut body, body_at).is_err()
+                        || frame_digest(&h[0..32], &body)[..] != h[32..48]
+                    {
+                        break;
+                    }
                 }
-                newest = newest.max(lsn);
-                if lsn > after {
+                newest = lsn;
+                if lsn > after && h[5] & FLAG_VOID == 0 {
                     out.push(Frame {
                         lsn,
                         loc: Location {
@@ -826,5 +854,113 @@ mod tests {
             (seg, start),
             "used again from its start"
         );
+    }
+
+    /// Writes a whole frame at `at` as a writer would; returns where the
+    /// next one starts.
+    fn frame_at(file: &File, at: u64, lsn: u64, payload: &[u8], body: &[u8]) -> u64 {
+        file.write_all_at(payload, at + HEADER_LEN)
+            .expect("payload");
+        let body_at = at + HEADER_LEN + payload.len() as u64;
+        file.write_all_at(body, body_at).expect("body");
+        file.write_all_at(&header(lsn, payload.len() as u64, body), at)
+            .expect("header");
+        align(body_at + body.len() as u64)
+    }
+
+    fn lsns(segs: &Segments, after: u64) -> Vec<u64> {
+        let mut v: Vec<u64> = segs
+            .scan(after)
+            .expect("scan")
+            .iter()
+            .map(|f| f.lsn)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn frames_the_index_holds_are_passed_over_without_reading_their_bodies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segs = Segments::open(dir.path(), 1 << 20).expect("open");
+        let w = segs.take(None, |_| Ok(())).expect("take");
+        let b = frame_at(&w.file, 0, 1, b"one", b"body one");
+        let c = frame_at(&w.file, b, 2, b"two", b"body two");
+        frame_at(&w.file, c, 3, b"three", b"body three");
+        // The body of lsn 2 (applied and durable) is damaged: the frame
+        // after it, not applied yet, is still found.
+        w.file
+            .write_all_at(b"X", b + HEADER_LEN + 3)
+            .expect("damage");
+        assert_eq!(lsns(&segs, 2), vec![3]);
+        // Not lsn 2 itself once it must be applied again.
+        assert_eq!(lsns(&segs, 1), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_frame_torn_over_a_reused_segment_hides_nothing_it_wrote() {
+        // What a torn frame wrote may look like a frame: here, one carried
+        // in a payload, with lsn 99 and a good digest.
+        let forged = |file: &File, at: u64| {
+            let mut fake = vec![0u8; (2 * ALIGN) as usize];
+            let body = b"forged body";
+            fake[..HEADER_LEN as usize].copy_from_slice(&header(99, 4, body));
+            fake[(HEADER_LEN + 4) as usize..][..body.len()].copy_from_slice(body);
+            file.write_all_at(&fake, at).expect("torn payload");
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segs = Segments::open(dir.path(), 1 << 20).expect("open");
+        let w = segs.take(None, |_| Ok(())).expect("take");
+        // First life of the segment: lsns 1, 2, 3.
+        let b = frame_at(&w.file, 0, 1, b"one", b"body one");
+        let c = frame_at(&w.file, b, 2, b"two", b"body two");
+        frame_at(&w.file, c, 3, b"three", b"body three");
+
+        // Reused from its start: the first new frame tore after writing its
+        // payload (over the old body of lsn 1 and the old frame of lsn 2),
+        // before its header. The old header at 0 fails its digest.
+        w.file
+            .write_all_at(&vec![7u8; (b - HEADER_LEN) as usize], HEADER_LEN)
+            .expect("torn payload");
+        forged(&w.file, b);
+        assert_eq!(lsns(&segs, 3), Vec::<u64>::new(), "nothing was flushed");
+
+        // Second try: lsn 10 written whole at 0, then lsn 11 torn after it,
+        // over the old frame of lsn 2 (whose header still stands there).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segs = Segments::open(dir.path(), 1 << 20).expect("open");
+        let w = segs.take(None, |_| Ok(())).expect("take");
+        let b = frame_at(&w.file, 0, 1, b"one", b"body one");
+        let c = frame_at(&w.file, b, 2, b"two", b"body two");
+        frame_at(&w.file, c, 3, b"three", b"body three");
+        assert_eq!(frame_at(&w.file, 0, 10, b"ten", b"body ten"), b);
+        w.file
+            .write_all_at(&vec![7u8; (c - b - HEADER_LEN) as usize], b + HEADER_LEN)
+            .expect("torn payload");
+        forged(&w.file, c);
+        assert_eq!(
+            lsns(&segs, 10),
+            Vec::<u64>::new(),
+            "the old frame of lsn 2 ends the segment's log"
+        );
+        assert_eq!(lsns(&segs, 9), vec![10]);
+    }
+
+    #[test]
+    fn a_void_frame_is_passed_over_and_the_frames_after_it_are_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segs = Segments::open(dir.path(), 1 << 20).expect("open");
+        let mut first = segs.take(None, |_| Ok(())).expect("take");
+        first.append(b"refused").expect("append");
+        let next = first.seal_frame(1, b"body one").expect("seal");
+        segs.put_back(first.seg, next);
+        // Another association appends while the first waits for its index
+        // update, which then fails.
+        let mut second = segs.take(None, |_| Ok(())).expect("take");
+        assert_eq!(second.start, next);
+        second.append(b"accepted").expect("append");
+        second.seal_frame(2, b"body two").expect("seal");
+        first.void_frame(1, b"body one");
+        assert_eq!(lsns(&segs, 0), vec![2]);
     }
 }
