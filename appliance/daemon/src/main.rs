@@ -293,6 +293,7 @@ async fn run(
         min_free: config.spool.min_free,
     };
     let dir = config.spool.dir.clone();
+    let opening = std::time::Instant::now();
     let opened = tokio::task::spawn_blocking(move || {
         Spool::open_with_key(&dir, routing, limits, now_ms(), spool_key)
     })
@@ -309,7 +310,11 @@ async fn run(
         }
     };
     if report.is_clean() {
-        tracing::info!(records = report.records, "spool opened");
+        tracing::info!(
+            records = report.records,
+            seconds = format!("{:.2}", opening.elapsed().as_secs_f64()),
+            "spool opened"
+        );
     } else {
         tracing::warn!(
             records = report.records,
@@ -318,6 +323,7 @@ async fn run(
             missing_payloads = report.missing_payloads.len(),
             key_lost = report.key_lost.len(),
             log_entries_replayed = report.replayed,
+            seconds = format!("{:.2}", opening.elapsed().as_secs_f64()),
             "spool recovered after an unclean stop (log entries acknowledged before the stop were applied to the index again; temp and orphan files were never acknowledged; missing payloads are dead-lettered)"
         );
     }
