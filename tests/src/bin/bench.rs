@@ -20,7 +20,9 @@
 //! 300 × 512 KiB, the relay's throughput (hospital → kakehashid, its
 //! `associations` to the center) and a single storescu association from the
 //! box through the same tunnel (what a plain router gives), each as a
-//! fraction of iperf3's.
+//! fraction of iperf3's. `--associations 4,8,16` measures the relay with
+//! each of those numbers of associations (the sweep the default was chosen
+//! from).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -67,6 +69,10 @@ struct Args {
     /// Instances queued for the backlog part.
     #[arg(long, default_value_t = 200_000)]
     backlog: usize,
+    /// For the wan part: the relay's `associations` to the center, one
+    /// relay leg per number (default: the daemon's default).
+    #[arg(long, value_delimiter = ',')]
+    associations: Vec<usize>,
 }
 
 struct Study {
@@ -293,7 +299,10 @@ fn main() {
         tunnel_bench(&ct_study(&args.data), args.rounds);
     }
     if args.only.iter().any(|o| o == "wan") {
-        wan_bench(&[mr_study(&args.data), ct_study(&args.data)]);
+        wan_bench(
+            &[mr_study(&args.data), ct_study(&args.data)],
+            &args.associations,
+        );
     }
     if args.only.iter().any(|o| o == "backlog") {
         backlog_bench(&args.data, args.backlog);
@@ -500,8 +509,9 @@ fn relay_through(site: &Site, relay: &Relay, scp: &StoreScp, files: &[PathBuf]) 
 
 /// kakehashid in the box namespace, forwarding to the center through its
 /// tunnel, once the tunnel is up.
-fn tunnel_relay(site: &Site) -> Relay {
+fn tunnel_relay(site: &Site, associations: Option<usize>) -> Relay {
     let mut opts = RelayOptions::to(CENTER_DICOM_PORT);
+    opts.associations = associations;
     opts.netns = Some(site.boxns.name().to_string());
     opts.listen_host = BOX_LAN_IP.into();
     opts.dest_host = CENTER_TUNNEL_IP.into();
@@ -519,7 +529,7 @@ fn tunnel_bench(ct: &Study, rounds: usize) {
     let site = Site::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let scp_base = dir.path().to_path_buf();
-    let mut relay = tunnel_relay(&site);
+    let mut relay = tunnel_relay(&site, None);
     let n = ct.files.len();
     let (mut direct, mut relayed) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
@@ -576,39 +586,42 @@ fn tunnel_bench(ct: &Study, rounds: usize) {
     );
 }
 
-/// One shaped link: `rate` for `tc tbf`, `one_way` delay each direction.
-fn wan_bench(studies: &[Study]) {
+/// Each shaped link: `rate` for `tc tbf`, `one_way` delay each direction;
+/// the relay with each of `counts` associations (the default when empty).
+fn wan_bench(studies: &[Study], counts: &[usize]) {
     println!();
     println!("wan — hospital → box → WireGuard over a shaped WAN → center (storescp --fork); one round each; throughput / iperf3 through the same tunnel (target: relay ≥ 0.80)");
+    let counts: Vec<Option<usize>> = if counts.is_empty() {
+        vec![None]
+    } else {
+        counts.iter().copied().map(Some).collect()
+    };
     for (rate, one_way) in [("100mbit", 20u64), ("20mbit", 40)] {
         let mut site = Site::new();
         site.impair(0.0, Duration::from_millis(one_way));
         site.limit_rate(rate);
         let dir = tempfile::tempdir().expect("tempdir");
         let scp_base = dir.path().to_path_buf();
-        let mut relay = tunnel_relay(&site);
+        let mut relay = tunnel_relay(&site, None);
         let link = iperf(&site, 10);
-        let associations = relay.status().destinations[0].associations_max;
         println!(
             "{rate} at {} ms RTT: iperf3 {:.1} Mbit/s",
             2 * one_way,
             link / 1e6
         );
+        // The relay's associations linger after its last instance, in
+        // children of the forking storescp: a port of their own for each leg.
+        let center = |port| {
+            StoreScp::start_with(
+                port,
+                &scp_base,
+                Some(site.center.name()),
+                "READCENTER",
+                &["--fork"],
+            )
+        };
+        let mut singles = Vec::new();
         for study in studies {
-            let n = study.files.len();
-            let bits = study.bytes as f64 * 8.0;
-            // The relay's associations linger after its last instance, in
-            // children of the forking storescp: a port of its own for the
-            // single association.
-            let center = |port| {
-                StoreScp::start_with(
-                    port,
-                    &scp_base,
-                    Some(site.center.name()),
-                    "READCENTER",
-                    &["--fork"],
-                )
-            };
             let scp = center(CENTER_DICOM_PORT + 1);
             let t = Instant::now();
             let out = storescu_at(
@@ -619,23 +632,37 @@ fn wan_bench(studies: &[Study]) {
                 "READCENTER",
                 &study.files,
             );
-            assert_eq!(out.acked.len(), n, "storescu through the tunnel failed");
-            let single = bits / t.elapsed().as_secs_f64();
-            drop(scp);
-
-            let scp = center(CENTER_DICOM_PORT);
-            let relayed = bits / relay_through(&site, &relay, &scp, &study.files);
-            drop(scp);
-            println!(
-                "  {:<3} {n:>5} × {:>3} KiB: relay ({associations} associations) {:>6.1} Mbit/s = {:.2} × iperf3 | one storescu association {:>6.1} Mbit/s = {:.2} × iperf3 | relay / one association {:.1}",
-                study.name,
-                study.bytes / n as u64 / 1024,
-                relayed / 1e6,
-                relayed / link,
-                single / 1e6,
-                single / link,
-                relayed / single
+            assert_eq!(
+                out.acked.len(),
+                study.files.len(),
+                "storescu through the tunnel failed"
             );
+            singles.push(study.bytes as f64 * 8.0 / t.elapsed().as_secs_f64());
+            drop(scp);
+        }
+        for count in &counts {
+            if count.is_some() {
+                let _ = relay.terminate();
+                relay = tunnel_relay(&site, *count);
+            }
+            let associations = relay.status().destinations[0].associations_max;
+            for (study, single) in studies.iter().zip(&singles) {
+                let n = study.files.len();
+                let scp = center(CENTER_DICOM_PORT);
+                let relayed =
+                    study.bytes as f64 * 8.0 / relay_through(&site, &relay, &scp, &study.files);
+                drop(scp);
+                println!(
+                    "  {:<3} {n:>5} × {:>3} KiB: relay ({associations:>2} associations) {:>6.1} Mbit/s = {:.2} × iperf3 | one storescu association {:>6.1} Mbit/s = {:.2} × iperf3 | relay / one association {:.1}",
+                    study.name,
+                    study.bytes / n as u64 / 1024,
+                    relayed / 1e6,
+                    relayed / link,
+                    single / 1e6,
+                    single / link,
+                    relayed / single
+                );
+            }
         }
         let _ = relay.terminate();
     }
