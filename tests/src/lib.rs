@@ -528,27 +528,48 @@ impl StoreScp {
         let out = dir.path().join("in");
         std::fs::create_dir_all(&out).expect("mkdir");
         let log = dir.path().join("storescp.log");
-        let log_file = std::fs::File::create(&log).expect("log");
-        let child = netns::ns_command(ns, "storescp")
-            .args(["-v", "-dhl", "+B", "+xa", "-aet", aet])
-            .args(extra)
-            .arg("-od")
-            .arg(&out)
-            .arg(port.to_string())
-            .env("TCP_NODELAY", "1")
-            .stdout(log_file.try_clone().expect("log"))
-            .stderr(log_file)
-            .spawn()
-            .expect("start storescp (apt-get install dcmtk)");
-        match ns {
-            Some(ns) => netns::wait_port_in(ns, &format!("127.0.0.1:{port}"), "storescp to listen"),
-            None => wait_port(port, "storescp to listen"),
-        }
-        StoreScp {
-            port,
-            dir,
-            log,
-            _child: Proc(child),
+        // The children of an earlier `--fork` storescp on this port keep its
+        // listening socket until their associations end: the port answers,
+        // but this one cannot bind it yet. Try again until it can.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log_file = std::fs::File::create(&log).expect("log");
+            let mut child = netns::ns_command(ns, "storescp")
+                .args(["-v", "-dhl", "+B", "+xa", "-aet", aet])
+                .args(extra)
+                .arg("-od")
+                .arg(&out)
+                .arg(port.to_string())
+                .env("TCP_NODELAY", "1")
+                .stdout(log_file.try_clone().expect("log"))
+                .stderr(log_file)
+                .spawn()
+                .expect("start storescp (apt-get install dcmtk)");
+            match ns {
+                Some(ns) => {
+                    netns::wait_port_in(ns, &format!("127.0.0.1:{port}"), "storescp to listen")
+                }
+                None => wait_port(port, "storescp to listen"),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            match child.try_wait().expect("storescp status") {
+                None => {
+                    return StoreScp {
+                        port,
+                        dir,
+                        log,
+                        _child: Proc(child),
+                    }
+                }
+                Some(status) => {
+                    let said = std::fs::read_to_string(&log).unwrap_or_default();
+                    assert!(
+                        said.contains("Address already in use") && Instant::now() < deadline,
+                        "storescp on port {port} exited ({status}):\n{said}"
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
         }
     }
 
