@@ -283,22 +283,22 @@ fn a_study_is_spread_over_parallel_associations_and_a_center_that_takes_fewer_ge
     assert_eq!(storescu(relay.port, "MODALITY1", &files).acked.len(), 12);
     let mut most = (0, 0);
     wait_until(
-        "4 associations with an instance each",
+        "8 associations (the default) with an instance each",
         Duration::from_secs(30),
         || {
             let s = relay.status();
             let d = &s.destinations[0];
             most = most.max((d.associations, d.in_flight));
-            most == (4, 4) || d.queued == 0
+            most == (8, 8) || d.queued == 0
         },
     );
-    assert_eq!(most, (4, 4), "associations open, instances on the wire");
+    assert_eq!(most, (8, 8), "associations open, instances on the wire");
     relay.wait_drained(Duration::from_secs(60));
     assert_eq!(center.files().len(), 12);
     drop(relay);
 
     // The center is down while a study arrives, so all of it waits, then
-    // four associations are asked for at once.
+    // eight associations are asked for at once.
     let port = free_port();
     let relay = Relay::start(RelayOptions::to(port));
     let more = testdata::study(
@@ -330,7 +330,7 @@ fn a_study_is_spread_over_parallel_associations_and_a_center_that_takes_fewer_ge
     let d = &s.destinations[0];
     assert_eq!((d.dead_letter, d.connect_failures), (0, 0), "{d:?}");
     assert!(
-        (1..=2).contains(&d.associations_allowed) && d.associations_max == 4,
+        (1..=2).contains(&d.associations_allowed) && d.associations_max == 8,
         "it settled on what the center serves: {d:?}"
     );
 }
@@ -364,7 +364,9 @@ fn a_study_shows_its_progress_while_it_flows_and_complete_once_it_has_arrived() 
     .expect("data");
     let uid = testdata::study_uid_of_file(&read(&files[0]));
     let center = StoreScp::start_forking(free_port(), 1);
-    let relay = Relay::start(RelayOptions::to(center.port));
+    let mut opts = RelayOptions::to(center.port);
+    opts.associations = Some(4);
+    let relay = Relay::start(opts);
     assert_eq!(storescu(relay.port, "MODALITY1", &files).acked.len(), 24);
 
     // In status, under the destination: what is left, on the wire, the

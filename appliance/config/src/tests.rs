@@ -43,7 +43,7 @@ fn issue_example_means_what_it_says() {
     assert_eq!(c.destinations[0].ae_title.as_str(), "READCENTER");
     assert_eq!(c.destinations[0].address, "127.0.0.1:11113");
     assert_eq!(c.destinations[0].calling_ae_title.as_str(), "KAKEHASHI");
-    assert_eq!(c.destinations[0].associations, 4);
+    assert_eq!(c.destinations[0].associations, 8);
     assert_eq!(c.spool.dir, PathBuf::from("/var/lib/kakehashi/spool"));
     assert_eq!(c.spool.max_size, 50 * (1 << 30));
     assert_eq!(c.control.socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
