@@ -5,7 +5,7 @@
 CARGO ?= cargo
 BIN := target/release
 
-.PHONY: demo demo-image image image-reproducible test bench deps build lint unit system fuzz-smoke clean help
+.PHONY: demo demo-image image image-reproducible update-bundle test bench deps build lint unit system fuzz-smoke clean help
 
 help:
 	@echo "make demo   provision the box against swtpm, then hospital -> box -> WireGuard -> reading center (namespaces)"
@@ -14,6 +14,7 @@ help:
 	@echo "make image  the appliance image (image-build/out: disk.img, UKIs, root hash, manifest)"
 	@echo "make demo-image  the demo's story on the image in qemu (Secure Boot, swtpm, USB provisioning)"
 	@echo "make image-reproducible  build the image twice and compare"
+	@echo "make update-bundle  a signed RAUC bundle of the image (image-build/out/kakehashi-VERSION.raucb; installing it is not built yet)"
 
 deps:
 	scripts/deps.sh
@@ -37,6 +38,10 @@ image: deps build
 
 image-reproducible: deps build
 	image-build/reproducible.sh
+
+# A signed RAUC bundle of that image (image-build/bundle.sh; docs/updates.md).
+update-bundle: image
+	image-build/bundle.sh
 
 demo-image: image
 	KAKEHASHI_IMAGE_DIR=$(CURDIR)/image-build/out $(BIN)/kakehashi-demo-image

@@ -16,6 +16,7 @@
 # (veritysetup), sbsigntool, efitools, systemd-boot-efi, binutils (objcopy:
 # the UKI), dosfstools, mtools, fdisk and e2fsprogs make the disk; qemu,
 # OVMF (Secure Boot firmware) and swtpm boot it; nmap scans it from outside.
+# rauc and squashfs-tools make the signed update bundle (make update-bundle).
 # Idempotent: installs only what is missing, so a second run is instant.
 set -euo pipefail
 
@@ -23,7 +24,8 @@ packages=(dcmtk orthanc curl prometheus ca-certificates iproute2 iputils-ping wi
           swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl strace
           python3 python3-venv python3-aiosmtpd python3-hl7
           mmdebstrap arch-test erofs-utils cryptsetup-bin sbsigntool efitools systemd-boot-efi
-          binutils dosfstools mtools fdisk e2fsprogs qemu-system-x86 ovmf nmap)
+          binutils dosfstools mtools fdisk e2fsprogs qemu-system-x86 ovmf nmap
+          rauc squashfs-tools)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
