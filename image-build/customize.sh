@@ -35,6 +35,10 @@ echo kakehashi >"$root/etc/hostname"
 # The kernel and initramfs go into the UKI; the links to them are dangling.
 rm -f "$root"/vmlinuz* "$root"/initrd.img*
 echo "$version" >"$root/usr/lib/kakehashi-version"
+# The image's identity and version in os-release (the UKI's .osrel section
+# is this file): systemd-boot orders the slots' entries by IMAGE_VERSION,
+# newest first, and `kakehashi appliance slots` reads it from each UKI.
+printf 'IMAGE_ID=kakehashi\nIMAGE_VERSION=%s\n' "$version" >>"$root/usr/lib/os-release"
 
 # No password login anywhere: root is locked, no console getty (the console
 # shows the box's summary instead), no interactive first-boot questions.

@@ -2,7 +2,8 @@
 //! control socket; it never opens the spool itself (the daemon owns it).
 //! `provision` and `selftest` are for the box's installer (module
 //! `provision`, `selftest`); `appliance render|medium` are what the
-//! appliance image's units run (module `appliance`, `render`).
+//! appliance image's units run (module `appliance`, `render`);
+//! `appliance slots` reads the A/B slots' boot entries (module `boot`).
 //!
 //! Exit codes: 0 done; 1 the daemon answered with an error; 2 usage;
 //! 69 the daemon cannot be reached.
@@ -10,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod appliance;
+mod boot;
 mod provision;
 mod render;
 mod selftest;
@@ -136,6 +138,16 @@ enum ApplianceCmd {
         device: PathBuf,
         #[arg(long, env = "KAKEHASHI_CONFIG", default_value = kakehashi_config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+    },
+    /// The A/B slots: each one's boot entry (good, trying, bad, none), the
+    /// version of its UKI, and which one this boot came from.
+    Slots {
+        /// The ESP's directory of UKIs.
+        #[arg(long, default_value = "/efi/EFI/Linux")]
+        esp_linux: PathBuf,
+        /// The kernel command line to find the booted slot in.
+        #[arg(long, default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
     },
 }
 
@@ -287,6 +299,32 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
         }
         Command::Appliance(ApplianceCmd::Medium { device, config }) => {
             return Ok(ExitCode::from(appliance::medium(device, config) as u8));
+        }
+        Command::Appliance(ApplianceCmd::Slots { esp_linux, cmdline }) => {
+            let line = std::fs::read_to_string(cmdline).unwrap_or_default();
+            return Ok(match boot::slots(esp_linux, &line) {
+                Ok(slots) if cli.common.json => {
+                    println!("{}", serde_json::to_string_pretty(&slots)?);
+                    ExitCode::SUCCESS
+                }
+                Ok(slots) => {
+                    for s in slots {
+                        println!(
+                            "slot {}: {}, version {}{}{}",
+                            s.slot,
+                            s.state,
+                            s.version.as_deref().unwrap_or("unknown"),
+                            if s.booted { " (booted)" } else { "" },
+                            s.problem.map(|p| format!(" ({p})")).unwrap_or_default()
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kakehashi appliance slots: {e}");
+                    ExitCode::from(1)
+                }
+            });
         }
         Command::Selftest { config } => {
             let socket = std::env::var_os("KAKEHASHI_SOCKET")
