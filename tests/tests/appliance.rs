@@ -30,26 +30,37 @@ const STORESCU_TIMEOUTS: &[&str] = &["-to", "10", "-ta", "10", "-td", "20"];
 /// `--dimse-timeout`). A single-process storescp without a timeout waits
 /// for ever on an association whose box lost its power in the middle of an
 /// instance, and answers no other: no box could deliver to it again.
+/// Each reception gets a file of its own (`--unique-filenames`): an instance
+/// the box sends again after a power cut is written next to the first copy,
+/// and the child that gave up on the cut association deletes only its own
+/// partial file (with file names from the SOP Instance UID it deleted the
+/// whole copy another child had written meanwhile).
 fn center_scp(site: &Site) -> StoreScp {
     StoreScp::start_with(
         CENTER_DICOM_PORT,
         &std::env::temp_dir(),
         Some(site.center.name()),
         "READCENTER",
-        &["--fork", "--dimse-timeout", "60"],
+        &["--fork", "--dimse-timeout", "60", "--unique-filenames"],
     )
 }
 
 /// The center's files by SOP instance UID (a file storescp is still writing
 /// has none yet).
+/// A UID received more than once (sent again after a power cut) keeps its
+/// longest file: a whole copy, not one cut short.
 fn by_uid(scp: &StoreScp) -> HashMap<String, Vec<u8>> {
-    scp.files()
-        .iter()
-        .filter_map(|f| {
-            let bytes = read(f);
-            Some((sop_instance_of_file(&bytes)?, bytes))
-        })
-        .collect()
+    let mut out: HashMap<String, Vec<u8>> = HashMap::new();
+    for f in scp.files() {
+        let bytes = read(&f);
+        let Some(uid) = sop_instance_of_file(&bytes) else {
+            continue;
+        };
+        if out.get(&uid).is_none_or(|b| b.len() < bytes.len()) {
+            out.insert(uid, bytes);
+        }
+    }
+    out
 }
 
 fn uid_of(path: &Path) -> String {
@@ -450,9 +461,10 @@ fn the_image_boots_provisions_itself_relays_and_survives_power_cuts() {
     site.clear_rate();
     wait_delivered(&scp, &study, Duration::from_secs(300));
     println!(
-        "power cuts: {cuts}; acknowledged before a cut {acked_before_cuts} ({at_risk_total} of them still only on the box when its power went); after: {} of {} instances at the center, byte-identical",
+        "power cuts: {cuts}; acknowledged before a cut {acked_before_cuts} ({at_risk_total} of them still only on the box when its power went); after: {} of {} instances at the center, byte-identical ({} files received in all: instances sent again after a cut)",
         by_uid(&scp).len() - first.len(),
-        study.len()
+        study.len(),
+        scp.files().len()
     );
 
     // ---- Another TPM (the board was swapped): the sealed keys do not load,
