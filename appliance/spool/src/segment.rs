@@ -879,14 +879,21 @@ mod tests {
         v
     }
 
-    #[test]
-    fn frames_the_index_holds_are_passed_over_without_reading_their_bodies() {
+    /// A segment holding frames with lsns 1, 2 and 3; the offsets of the
+    /// second and third.
+    fn three_frames() -> (tempfile::TempDir, Segments, Writer, u64, u64) {
         let dir = tempfile::tempdir().expect("tempdir");
         let segs = Segments::open(dir.path(), 1 << 20).expect("open");
         let w = segs.take(None, |_| Ok(())).expect("take");
         let b = frame_at(&w.file, 0, 1, b"one", b"body one");
         let c = frame_at(&w.file, b, 2, b"two", b"body two");
         frame_at(&w.file, c, 3, b"three", b"body three");
+        (dir, segs, w, b, c)
+    }
+
+    #[test]
+    fn frames_the_index_holds_are_passed_over_without_reading_their_bodies() {
+        let (_dir, segs, w, b, _) = three_frames();
         // The body of lsn 2 (applied and durable) is damaged: the frame
         // after it, not applied yet, is still found.
         w.file
@@ -908,13 +915,8 @@ mod tests {
             fake[(HEADER_LEN + 4) as usize..][..body.len()].copy_from_slice(body);
             file.write_all_at(&fake, at).expect("torn payload");
         };
-        let dir = tempfile::tempdir().expect("tempdir");
-        let segs = Segments::open(dir.path(), 1 << 20).expect("open");
-        let w = segs.take(None, |_| Ok(())).expect("take");
         // First life of the segment: lsns 1, 2, 3.
-        let b = frame_at(&w.file, 0, 1, b"one", b"body one");
-        let c = frame_at(&w.file, b, 2, b"two", b"body two");
-        frame_at(&w.file, c, 3, b"three", b"body three");
+        let (_dir, segs, w, b, _) = three_frames();
 
         // Reused from its start: the first new frame tore after writing its
         // payload (over the old body of lsn 1 and the old frame of lsn 2),
@@ -927,12 +929,7 @@ mod tests {
 
         // Second try: lsn 10 written whole at 0, then lsn 11 torn after it,
         // over the old frame of lsn 2 (whose header still stands there).
-        let dir = tempfile::tempdir().expect("tempdir");
-        let segs = Segments::open(dir.path(), 1 << 20).expect("open");
-        let w = segs.take(None, |_| Ok(())).expect("take");
-        let b = frame_at(&w.file, 0, 1, b"one", b"body one");
-        let c = frame_at(&w.file, b, 2, b"two", b"body two");
-        frame_at(&w.file, c, 3, b"three", b"body three");
+        let (_dir, segs, w, b, c) = three_frames();
         assert_eq!(frame_at(&w.file, 0, 10, b"ten", b"body ten"), b);
         w.file
             .write_all_at(&vec![7u8; (c - b - HEADER_LEN) as usize], b + HEADER_LEN)

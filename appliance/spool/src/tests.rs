@@ -304,14 +304,11 @@ fn refuses_a_newer_record_format() {
     ));
 }
 
-#[test]
-fn a_non_durable_delivery_keeps_its_payload_until_a_checkpoint() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, _) = open(dir.path(), 1 << 20);
-    let a = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
+/// Marks `id` delivered to "center" in a non-durable commit.
+fn deliver_without_flush(spool: &Spool, id: u64) {
     spool
         .update_route(
-            a.id,
+            id,
             "center",
             RouteUpdate {
                 durability: Durability::None,
@@ -322,6 +319,14 @@ fn a_non_durable_delivery_keeps_its_payload_until_a_checkpoint() {
             |r| r.state = RouteState::Delivered,
         )
         .expect("deliver");
+}
+
+#[test]
+fn a_non_durable_delivery_keeps_its_payload_until_a_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = open(dir.path(), 1 << 20);
+    let a = queued(receive(&spool, "1.1", b"aaaa").expect("a"));
+    deliver_without_flush(&spool, a.id);
     assert!(
         spool.records().expect("records").is_empty(),
         "readers see the delivery at once"
@@ -1297,19 +1302,7 @@ fn a_delivery_undone_by_reopening_the_index_keeps_its_payload() {
     let index = dir.path().join("index.redb");
     let durable = dir.path().join("index.durable");
     std::fs::copy(&index, &durable).expect("copy index");
-    spool
-        .update_route(
-            a.id,
-            "center",
-            RouteUpdate {
-                durability: Durability::None,
-                audit: None,
-                now_ms: 5000,
-                keep_payload: false,
-            },
-            |r| r.state = RouteState::Delivered,
-        )
-        .expect("deliver");
+    deliver_without_flush(&spool, a.id);
     // An I/O error fails the index; reopened, it is back at its last durable
     // commit, which lacks the delivery.
     std::fs::rename(&durable, &index).expect("put back the durable index");
