@@ -178,6 +178,8 @@ pub struct RelayOptions {
     pub response_timeout: String,
     /// Every destination's `associations` (the default when `None`).
     pub associations: Option<usize>,
+    /// Every destination's `linger` (1 s: tests end sooner).
+    pub linger: String,
     /// More `[retry]` keys, as TOML lines.
     pub retry_toml: String,
     /// More `[audit]` keys, as TOML lines (its `dir` is in the relay's temp dir).
@@ -229,6 +231,7 @@ impl RelayOptions {
             max_pdu: None,
             response_timeout: "30s".into(),
             associations: None,
+            linger: "1s".into(),
             retry_toml: String::new(),
             audit_toml: String::new(),
             retry_initial: "200ms".into(),
@@ -276,7 +279,7 @@ impl Relay {
             opts.extra_sources
         );
         for (name, ae, p) in &opts.destinations {
-            toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"{}:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"{}\"\nlinger = \"1s\"\n{}\n", opts.dest_host, opts.response_timeout, opts.associations.map(|n| format!("associations = {n}\n")).unwrap_or_default());
+            toml += &format!("[[destinations]]\nname = \"{name}\"\nae_title = \"{ae}\"\naddress = \"{}:{p}\"\nconnect_timeout = \"2s\"\nresponse_timeout = \"{}\"\nlinger = \"{}\"\n{}\n", opts.dest_host, opts.response_timeout, opts.linger, opts.associations.map(|n| format!("associations = {n}\n")).unwrap_or_default());
         }
         toml += &format!(
             "[spool]\ndir = \"{}\"\nmax_size = \"{}\"\nmin_free = \"{}\"\n\n[retry]\ninitial = \"{}\"\nmax = \"{}\"\n{}\n[control]\nsocket = \"{}\"\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n\n[audit]\ndir = \"{}\"\n{}\n",

@@ -335,6 +335,60 @@ fn a_study_is_spread_over_parallel_associations_and_a_center_that_takes_fewer_ge
     );
 }
 
+/// A center that serves one association at a time (storescp without
+/// `--fork`, common in the field) answers the box's other workers' requests
+/// only after the first association has carried the whole study. Those
+/// latecomers have nothing left to send: they must let go at once, not hold
+/// the center for a linger each, so another caller (`kakehashi selftest`'s
+/// C-ECHO, a modality of the center) is served after one linger.
+#[test]
+fn associations_that_find_nothing_left_do_not_hold_a_one_at_a_time_center() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = testdata::study(
+        data.path(),
+        "one-at-a-time",
+        "CR",
+        testdata::CR_IMAGE,
+        Syntax::ExplicitLe,
+        Name::Utf8,
+        30,
+        16 * 1024,
+    )
+    .expect("data");
+    let center = StoreScp::start(free_port());
+    let mut opts = RelayOptions::to(center.port);
+    opts.associations = Some(8);
+    opts.linger = "8s".into();
+    opts.response_timeout = "120s".into();
+    let relay = Relay::start(opts);
+    assert_eq!(storescu(relay.port, "MODALITY1", &files).acked.len(), 30);
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(center.files().len(), 30);
+    // The first association lingers 8 s; with seven more held 8 s each in
+    // turn the echo would wait about a minute.
+    let echo = Command::new("echoscu")
+        .args([
+            "-to",
+            "30",
+            "-ta",
+            "30",
+            "-aet",
+            "OTHERCALLER",
+            "-aec",
+            "READCENTER",
+        ])
+        .args(["127.0.0.1", &center.port.to_string()])
+        .env("TCP_NODELAY", "1")
+        .output()
+        .expect("run echoscu");
+    assert!(
+        echo.status.success(),
+        "the center was still held by the box's idle associations: {}{}",
+        String::from_utf8_lossy(&echo.stdout),
+        String::from_utf8_lossy(&echo.stderr)
+    );
+}
+
 /// `kakehashi studies --json`, as an operator's script reads it.
 fn studies_json(relay: &Relay) -> Vec<kakehashi_control::StudyInfo> {
     let out = relay.cli(&["studies", "--json"]);

@@ -469,6 +469,8 @@ async fn worker(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTok
         response_timeout: dest.response_timeout,
     };
     let mut assoc: Assoc = None;
+    // Whether the open association has carried an instance yet.
+    let mut carried = false;
     // Behind the tunnel: pause while it is down, and retry at once after a
     // fresh handshake instead of sitting out a connection backoff.
     let mut tunnel = if dest.via_tunnel {
@@ -549,13 +551,21 @@ async fn worker(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTok
                 }
             }
             // Wait for new work, the next due time, or cancellation; an open
-            // association lingers a little for more of its study.
+            // association lingers a little for more of its study. One that
+            // carried nothing (it was answered only after other workers had
+            // sent everything: a center serving one association at a time
+            // answers them in turn) is released at once, so such a center
+            // is not held for a linger per worker.
             let due = handle.queue().next_due_ms().map(|d| d.max(blocked_until));
             let wait = due.map_or(Duration::from_secs(3600), |d| {
                 Duration::from_millis(d.saturating_sub(now).max(10))
             });
             let linger = if assoc.is_some() {
-                dest.linger
+                if carried {
+                    dest.linger
+                } else {
+                    Duration::ZERO
+                }
             } else {
                 Duration::MAX
             };
@@ -624,6 +634,7 @@ async fn worker(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTok
                     let open = handle.open.fetch_add(1, Ordering::SeqCst) + 1;
                     tracing::debug!(destination = %dest.name, study = %item.study, contexts = contexts.len(), open, "association open");
                     assoc = Some((a, item.study.clone()));
+                    carried = false;
                 }
                 Err(Refused::Scu(e)) => {
                     let open = handle.open.load(Ordering::SeqCst);
@@ -665,6 +676,7 @@ async fn worker(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTok
             }
             claimed
         };
+        carried = true;
         *study = item.study.clone();
         let Some(pc) = scu.context_for(&item.sop_class, &item.transfer_syntax) else {
             let why = format!(
