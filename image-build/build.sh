@@ -3,7 +3,8 @@
 #
 # Output in image-build/out/:
 #   disk.img           GPT disk: ESP, root A + verity A, root B + verity B, data
-#                      (both slots hold this build: either boots)
+#                      (slot A boots; B holds the same root but has no boot
+#                      entry until an update writes it)
 #   kakehashi-a.efi, kakehashi-b.efi
 #                      the signed UKIs of slot A and B (kernel, initramfs, command
 #                      line with the slot and the root hash)
@@ -49,7 +50,7 @@ if [ -f "$keys/TEST-ONLY-db.key" ]; then
 else
     prefix=
 fi
-for k in db.key db.crt PK.crt KEK.crt PK.key KEK.key; do
+for k in db.key db.crt PK.crt KEK.crt PK.key KEK.key update.crt; do
     [ -f "$keys/$prefix$k" ] || die "signing key $keys/$prefix$k is missing (see image-build/keys/README.md)"
 done
 
@@ -57,7 +58,7 @@ done
 # chroot mounted: unmount them (deepest first) before removing the tree, and
 # never let rm cross into another filesystem.
 if [ -d "$work" ]; then
-    findmnt -rn -o TARGET | grep -F "$(realpath "$work")/" | sort -r | while read -r m; do
+    findmnt -rn -o TARGET | { grep -F "$(realpath "$work")/" || true; } | sort -r | while read -r m; do
         umount -l "$m" || die "a stale mount $m is left from an earlier build and cannot be unmounted"
     done
 fi
@@ -76,6 +77,9 @@ packages=(
     tpm-udev libtss2-esys-3.0.2-0 libtss2-tctildr0 libtss2-tcti-device0 libtss2-mu0 libtss2-rc0 libtss2-sys1
     # the provisioning medium
     dosfstools
+    # updates: RAUC (with dbus) writes the other slot; systemd-boot's
+    # package brings systemd-bless-boot, which marks a tried boot good
+    rauc systemd-boot
 )
 mmdebstrap --mode=root --variant=minbase --format=directory \
     --include="$(IFS=,; echo "${packages[*]}")" \
@@ -85,7 +89,7 @@ mmdebstrap --mode=root --variant=minbase --format=directory \
     --dpkgopt='path-exclude=/usr/share/locale/*' \
     --dpkgopt='path-include=/usr/share/locale/locale.alias' \
     --customize-hook="sync-in '$here/rootfs' /" \
-    --customize-hook="$here/customize.sh \"\$1\" '$top' '$version'" \
+    --customize-hook="$here/customize.sh \"\$1\" '$top' '$version' '$keys/${prefix}update.crt'" \
     "$suite" "$rootfs" "$mirror" >"$work/mmdebstrap.log" 2>&1 \
     || { tail -30 "$work/mmdebstrap.log"; die "mmdebstrap failed (log: $work/mmdebstrap.log)"; }
 "$here/finalize.sh" "$rootfs"
@@ -120,8 +124,9 @@ root_bytes=$(stat -c %s "$out/root.erofs")
 
 say "UKIs (systemd-stub, kernel $kver, root hash $roothash)"
 for slot in a b; do
-    "$here/mkuki.sh" "$work/vmlinuz" "$work/initrd" \
-        "root=/dev/mapper/root rootfstype=erofs ro kakehashi.slot=$slot kakehashi.roothash=$roothash console=tty0 console=ttyS0,115200 panic=10" \
+    # Kept for variant.sh (other releases of this tree, for update tests).
+    echo "root=/dev/mapper/root rootfstype=erofs ro kakehashi.slot=$slot rauc.slot=$slot kakehashi.roothash=$roothash console=tty0 console=ttyS0,115200 panic=10" >"$work/cmdline-$slot"
+    "$here/mkuki.sh" "$work/vmlinuz" "$work/initrd" "$(cat "$work/cmdline-$slot")" \
         "$rootfs/usr/lib/os-release" "$work/kakehashi-$slot.unsigned.efi"
     sbsign --key "$keys/${prefix}db.key" --cert "$keys/${prefix}db.crt" \
         --output "$out/kakehashi-$slot.efi" "$work/kakehashi-$slot.unsigned.efi" 2>/dev/null
@@ -129,8 +134,8 @@ done
 sbsign --key "$keys/${prefix}db.key" --cert "$keys/${prefix}db.crt" \
     --output "$work/BOOTX64.EFI" /usr/lib/systemd/boot/efi/systemd-bootx64.efi 2>/dev/null
 
-say "ESP (systemd-boot, the UKI, the Secure Boot keys to enroll)"
-"$here/mkesp.sh" "$work/esp.img" "$esp_mib" "$work/BOOTX64.EFI" "$out/kakehashi-a.efi" "$out/kakehashi-b.efi" \
+say "ESP (systemd-boot, slot A's UKI, the Secure Boot keys to enroll)"
+"$here/mkesp.sh" "$work/esp.img" "$esp_mib" "$work/BOOTX64.EFI" "$out/kakehashi-a.efi" \
     "$keys" "$prefix" "$version"
 
 say "data partition (ext4, empty: /var)"

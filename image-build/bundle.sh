@@ -5,13 +5,13 @@
 # Output: image-build/out/kakehashi-<version>.raucb, a RAUC 1.8 bundle in
 # the verity format (the payload is a squashfs checked block by block by
 # dm-verity against a root hash in the signed manifest) holding:
-#   root.erofs     the root filesystem      -> slot class rootfs (root-a/root-b)
-#   root.verity    its dm-verity hash tree  -> slot class verity
+#   root.img         the root filesystem (root.erofs) -> slot class rootfs (root-a/root-b)
+#   root-verity.img  its dm-verity hash tree           -> slot class verity
 #   kakehashi-a.efi, kakehashi-b.efi
 #                  the signed UKIs; the box copies the one of the slot it
 #                  wrote to its ESP after writing it
-# The manifest's compatible is the one in image-build/rauc/system.conf (the
-# box's RAUC configuration: it refuses any other), its version the image's.
+# The manifest's compatible is the one in the image's /etc/rauc/system.conf
+# (image-build/rootfs/etc/rauc/system.conf: the box refuses any other), its version the image's.
 #
 # Signed with KAKEHASHI_KEYS/update.key and update.crt (default: the
 # TEST-ONLY pair in image-build/keys, which proves nothing).
@@ -38,18 +38,22 @@ done
 for f in root.erofs root.verity kakehashi-a.efi kakehashi-b.efi version; do
     [ -f "$out/$f" ] || die "$out/$f is missing: build the image first (make image)"
 done
-compatible=$(sed -n 's/^compatible=//p' "$here/rauc/system.conf")
-[ -n "$compatible" ] || die "no compatible= in $here/rauc/system.conf"
+conf=$here/rootfs/etc/rauc/system.conf
+compatible=$(sed -n 's/^compatible=//p' "$conf")
+[ -n "$compatible" ] || die "no compatible= in $conf"
 version=$(cat "$out/version")
 [[ $version =~ ^[0-9]+\.[0-9]+\.[0-9]+ ]] || die "the image's version '$version' does not start with MAJOR.MINOR.PATCH (the box orders releases by it)"
 
 stage=$(mktemp -d)
 log=$(mktemp)
 trap 'rm -rf "$stage" "$log"' EXIT
-# Hard links: the files are large and only read.
-for f in root.erofs root.verity kakehashi-a.efi kakehashi-b.efi; do
-    ln "$out/$f" "$stage/$f" 2>/dev/null || cp "$out/$f" "$stage/$f"
-done
+# Hard links: the files are large and only read. RAUC 1.8 writes a raw
+# slot only from an image named *.img.
+link() { ln "$out/$1" "$stage/$2" 2>/dev/null || cp "$out/$1" "$stage/$2"; }
+link root.erofs root.img
+link root.verity root-verity.img
+link kakehashi-a.efi kakehashi-a.efi
+link kakehashi-b.efi kakehashi-b.efi
 cat >"$stage/manifest.raucm" <<EOF
 [update]
 compatible=$compatible
@@ -60,10 +64,10 @@ description=Kakehashi appliance $version
 format=verity
 
 [image.rootfs]
-filename=root.erofs
+filename=root.img
 
 [image.verity]
-filename=root.verity
+filename=root-verity.img
 EOF
 
 bundle=$out/kakehashi-$version.raucb

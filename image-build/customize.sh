@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # mmdebstrap's customize hook: makes the Debian tree an appliance.
-# $1: the root filesystem, $2: the source tree, $3: the image version.
+# $1: the root filesystem, $2: the source tree, $3: the image version,
+# $4: the certificate update bundles must be signed with.
 set -euo pipefail
 root=$1
 top=$2
 version=$3
+update_cert=$4
 ch() { chroot "$root" "$@"; }
 
 # The daemon, the CLI and their units. Debug line tables are dropped: the
@@ -20,6 +22,15 @@ install -m 0644 -D "$top/systemd/kakehashi.sysusers" "$root/usr/lib/sysusers.d/k
 grep -v '^d /etc/kakehashi ' "$top/systemd/kakehashi.tmpfiles" \
     | install -m 0644 -D /dev/stdin "$root/usr/lib/tmpfiles.d/kakehashi.conf"
 install -m 0644 -D "$top/docs/image.md" "$root/usr/share/kakehashi/image.md"
+install -m 0644 -D "$top/docs/updates.md" "$root/usr/share/kakehashi/updates.md"
+# Updates (docs/updates.md): the one certificate RAUC accepts bundles from.
+install -m 0644 -D "$update_cert" "$root/usr/share/kakehashi/update-keyring.pem"
+mkdir -p "$root/efi"
+# systemd-boot's package brings systemd-bless-boot; the image's own signed
+# loader on the ESP is never replaced at boot, and kernels go into UKIs,
+# never onto the ESP by a package hook.
+rm -f "$root/etc/kernel/postinst.d/zz-systemd-boot" "$root/etc/kernel/postrm.d/zz-systemd-boot" \
+    "$root/etc/initramfs/post-update.d/systemd-boot"
 
 # Users now: /etc is read-only on the box.
 ch systemd-sysusers
@@ -47,8 +58,10 @@ ch systemctl mask getty@.service serial-getty@.service autovt@.service console-g
     systemd-firstboot.service systemd-networkd-wait-online.service \
     apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
     e2scrub_reap.service >/dev/null 2>&1 || true
+ch systemctl mask systemd-boot-update.service systemd-boot-system-token.service >/dev/null
 ch systemctl enable systemd-networkd.service systemd-resolved.service systemd-timesyncd.service \
-    kakehashi-render.service kakehashid.service >/dev/null
+    kakehashi-render.service kakehashid.service kakehashi-health.service \
+    kakehashi-update-settle.service >/dev/null
 
 # Kernel modules a relay box never loads (graphics, sound, radio, exotic
 # filesystems...): a smaller image and less to attack.

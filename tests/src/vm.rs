@@ -9,6 +9,7 @@
 //! The image comes from `make image` (image-build/out, or
 //! `KAKEHASHI_IMAGE_DIR`); it is built once per test run and shared.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use crate::netns::{
     ip, ns_command, run, Site, BOX_LAN_IP, BOX_TUNNEL_IP, BOX_WAN_IP, CENTER_TUNNEL_IP,
     CENTER_WAN_IP, HOSPITAL_IP, WG_PORT,
 };
-use crate::{workspace_root, Proc};
+use crate::{read, sop_instance_of_file, testdata, workspace_root, Proc, StoreScp};
 
 /// The built image.
 #[derive(Debug, Clone)]
@@ -147,6 +148,8 @@ pub struct BoxVm {
     qemu: Option<Proc>,
     swtpm: Option<Proc>,
     boot_offset: u64,
+    /// USB hot plugs so far (each needs its own drive and device id).
+    plugs: u32,
     pub boots: u32,
     pub started: Option<Instant>,
 }
@@ -181,6 +184,7 @@ impl BoxVm {
             qemu: None,
             swtpm: None,
             boot_offset: 0,
+            plugs: 0,
             boots: 0,
             started: None,
             dir,
@@ -191,7 +195,8 @@ impl BoxVm {
     pub fn insert_medium(&mut self, site_toml: Option<&str>) {
         let img = self.dir.path().join("medium.img");
         let _ = std::fs::remove_file(&img);
-        run(Command::new("truncate").args(["-s", "32M"]).arg(&img));
+        // Sparse: room for an update bundle, little of it written.
+        run(Command::new("truncate").args(["-s", "640M"]).arg(&img));
         run(Command::new("mkfs.vfat")
             .args(["-n", "KAKEHASHI"])
             .arg(&img));
@@ -207,6 +212,118 @@ impl BoxVm {
         }
         self.medium = Some(img);
         self.medium_inserted = true;
+    }
+
+    /// Copies `file` onto the medium as `name` (an update bundle, a
+    /// `reboot-now` flag).
+    pub fn put_on_medium(&mut self, file: &Path, name: &str) {
+        let img = self.medium.clone().expect("a medium (insert_medium first)");
+        run(Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-o", "-i"])
+            .arg(&img)
+            .arg(file)
+            .arg(format!("::{name}")));
+    }
+
+    /// Removes `name` from the medium.
+    pub fn remove_from_medium(&mut self, name: &str) {
+        let img = self.medium.clone().expect("a medium");
+        let _ = Command::new("mdel")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&img)
+            .arg(format!("::{name}"))
+            .output();
+    }
+
+    /// A qemu monitor command.
+    fn monitor(&self, command: &str) -> String {
+        use std::io::{Read as _, Write as _};
+        let mon = self.dir.path().join("monitor.sock");
+        let mut s = std::os::unix::net::UnixStream::connect(&mon).expect("qemu monitor");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        s.write_all(format!("{command}\n").as_bytes())
+            .expect("monitor write");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(_) if !out.is_empty() => break,
+                Err(_) => {}
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The stick is plugged into the running box (USB hot plug).
+    pub fn plug_medium(&mut self) {
+        let img = self.medium.clone().expect("a medium (insert_medium first)");
+        self.plugs += 1;
+        let n = self.plugs;
+        self.monitor(&format!(
+            "drive_add 0 if=none,id=hot{n},format=raw,file={}",
+            img.display()
+        ));
+        self.monitor(&format!(
+            "device_add usb-storage,bus=xhci.0,drive=hot{n},id=hotstick{n}"
+        ));
+        self.medium_inserted = true;
+    }
+
+    /// The stick is pulled out of the running box.
+    pub fn unplug_medium(&mut self) {
+        let id = if self.plugs > 0 {
+            format!("hotstick{}", self.plugs)
+        } else {
+            "stickdev".into()
+        };
+        self.monitor(&format!("device_del {id}"));
+        self.medium_inserted = false;
+        // The guest lets go of it.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    /// Where the console is now: [`BoxVm::wait_console_after`] looks only
+    /// past it (the box restarts by itself without a new power-on).
+    pub fn mark(&self) -> u64 {
+        std::fs::metadata(&self.serial).map_or(0, |m| m.len())
+    }
+
+    /// The console past `mark`.
+    pub fn console_after(&self, mark: u64) -> String {
+        let all = std::fs::read(&self.serial).unwrap_or_default();
+        strip_escapes(&String::from_utf8_lossy(
+            &all[(mark as usize).min(all.len())..],
+        ))
+    }
+
+    /// Waits until the console past `mark` shows `needle`.
+    pub fn wait_console_after(&mut self, mark: u64, needle: &str, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            if self.console_after(mark).contains(needle) {
+                return start.elapsed();
+            }
+            if let Some(q) = self.qemu.as_mut() {
+                if let Ok(Some(status)) = q.0.try_wait() {
+                    panic!(
+                        "qemu exited ({status}) before the console showed {needle:?}:\n{}",
+                        tail(&self.console_after(mark), 60)
+                    );
+                }
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no {needle:?} on the console after {timeout:?}; the last lines:\n{}",
+                tail(&self.console_after(mark), 60)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// The stick is pulled out (its contents stay readable here).
@@ -367,7 +484,7 @@ impl BoxVm {
         if let Some(m) = self.medium.as_ref().filter(|_| self.medium_inserted) {
             cmd.arg("-drive")
                 .arg(format!("if=none,id=stick,format=raw,file={}", m.display()))
-                .args(["-device", "usb-storage,bus=xhci.0,drive=stick"]);
+                .args(["-device", "usb-storage,bus=xhci.0,drive=stick,id=stickdev"]);
         }
         let log = std::fs::File::create(d.join(format!("qemu-{}.log", self.boots))).expect("log");
         let child = cmd
@@ -480,4 +597,89 @@ pub fn strip_escapes(text: &str) -> String {
         }
     }
     out
+}
+
+/// The reading center: like any PACS it serves several associations at
+/// once and gives up on one whose peer went silent (storescp `--fork`,
+/// `--dimse-timeout`). A single-process storescp without a timeout waits
+/// for ever on an association whose box lost its power in the middle of an
+/// instance, and answers no other: no box could deliver to it again.
+/// Each reception gets a file of its own (`--unique-filenames`): an instance
+/// the box sends again after a power cut is written next to the first copy,
+/// and the child that gave up on the cut association deletes only its own
+/// partial file (with file names from the SOP Instance UID it deleted the
+/// whole copy another child had written meanwhile).
+pub fn center_scp(site: &Site) -> StoreScp {
+    StoreScp::start_with(
+        CENTER_DICOM_PORT,
+        &std::env::temp_dir(),
+        Some(site.center.name()),
+        "READCENTER",
+        &["--fork", "--dimse-timeout", "60", "--unique-filenames"],
+    )
+}
+
+/// The center's files by SOP instance UID (a file storescp is still writing
+/// has none yet).
+/// A UID received more than once (sent again after a power cut) keeps its
+/// longest file: a whole copy, not one cut short.
+pub fn by_uid(scp: &StoreScp) -> HashMap<String, Vec<u8>> {
+    let mut out: HashMap<String, Vec<u8>> = HashMap::new();
+    for f in scp.files() {
+        let bytes = read(&f);
+        let Some(uid) = sop_instance_of_file(&bytes) else {
+            continue;
+        };
+        if out.get(&uid).is_none_or(|b| b.len() < bytes.len()) {
+            out.insert(uid, bytes);
+        }
+    }
+    out
+}
+
+pub fn uid_of(path: &Path) -> String {
+    sop_instance_of_file(&read(path)).expect("uid")
+}
+
+/// Every file in `sent` is at the center with an identical dataset.
+pub fn assert_arrived_identical(sent: &[PathBuf], scp: &StoreScp) {
+    let got = by_uid(scp);
+    for f in sent {
+        let original = read(f);
+        let uid = sop_instance_of_file(&original).expect("uid");
+        let arrived = got
+            .get(&uid)
+            .unwrap_or_else(|| panic!("{uid} did not arrive at the center"));
+        assert!(
+            testdata::dataset_of_file(arrived) == testdata::dataset_of_file(&original),
+            "{uid}: the dataset changed on the way"
+        );
+    }
+}
+
+/// Waits until every file in `sent` is at the center, whole (storescp
+/// writes a file as it receives it): then checks each is identical.
+pub fn wait_delivered(scp: &StoreScp, sent: &[PathBuf], timeout: Duration) {
+    let want: HashMap<String, usize> = sent
+        .iter()
+        .map(|f| {
+            let bytes = read(f);
+            let len = testdata::dataset_of_file(&bytes).map_or(0, <[u8]>::len);
+            (sop_instance_of_file(&bytes).expect("uid"), len)
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        let got = by_uid(scp);
+        let whole = want.iter().all(|(u, len)| {
+            got.get(u)
+                .and_then(|b| testdata::dataset_of_file(b))
+                .is_some_and(|d| d.len() >= *len)
+        });
+        if whole {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_arrived_identical(sent, scp);
 }

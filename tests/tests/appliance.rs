@@ -8,107 +8,25 @@
 //! qemu runs under TCG here: a boot takes 25–60 s. The image is built once
 //! per test run (`make test` builds it; `KAKEHASHI_IMAGE_DIR` points at it).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::BufRead as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kakehashi_systest::netns::*;
 use kakehashi_systest::testdata;
-use kakehashi_systest::vm::{site_toml, BoxVm, Image, CENTER_DICOM_PORT, DICOM_PORT, DONE, READY};
+use kakehashi_systest::vm::{
+    by_uid, center_scp, site_toml, uid_of, wait_delivered, BoxVm, Image, CENTER_DICOM_PORT,
+    DICOM_PORT, DONE, READY,
+};
 use kakehashi_systest::*;
 
 const BOOT: Duration = Duration::from_secs(240);
 /// storescu must give up on a box whose power was cut (by default it would
 /// wait for a response forever).
 const STORESCU_TIMEOUTS: &[&str] = &["-to", "10", "-ta", "10", "-td", "20"];
-
-/// The reading center: like any PACS it serves several associations at
-/// once and gives up on one whose peer went silent (storescp `--fork`,
-/// `--dimse-timeout`). A single-process storescp without a timeout waits
-/// for ever on an association whose box lost its power in the middle of an
-/// instance, and answers no other: no box could deliver to it again.
-/// Each reception gets a file of its own (`--unique-filenames`): an instance
-/// the box sends again after a power cut is written next to the first copy,
-/// and the child that gave up on the cut association deletes only its own
-/// partial file (with file names from the SOP Instance UID it deleted the
-/// whole copy another child had written meanwhile).
-fn center_scp(site: &Site) -> StoreScp {
-    StoreScp::start_with(
-        CENTER_DICOM_PORT,
-        &std::env::temp_dir(),
-        Some(site.center.name()),
-        "READCENTER",
-        &["--fork", "--dimse-timeout", "60", "--unique-filenames"],
-    )
-}
-
-/// The center's files by SOP instance UID (a file storescp is still writing
-/// has none yet).
-/// A UID received more than once (sent again after a power cut) keeps its
-/// longest file: a whole copy, not one cut short.
-fn by_uid(scp: &StoreScp) -> HashMap<String, Vec<u8>> {
-    let mut out: HashMap<String, Vec<u8>> = HashMap::new();
-    for f in scp.files() {
-        let bytes = read(&f);
-        let Some(uid) = sop_instance_of_file(&bytes) else {
-            continue;
-        };
-        if out.get(&uid).is_none_or(|b| b.len() < bytes.len()) {
-            out.insert(uid, bytes);
-        }
-    }
-    out
-}
-
-fn uid_of(path: &Path) -> String {
-    sop_instance_of_file(&read(path)).expect("uid")
-}
-
-/// Every file in `sent` is at the center with an identical dataset.
-fn assert_arrived_identical(sent: &[PathBuf], scp: &StoreScp) {
-    let got = by_uid(scp);
-    for f in sent {
-        let original = read(f);
-        let uid = sop_instance_of_file(&original).expect("uid");
-        let arrived = got
-            .get(&uid)
-            .unwrap_or_else(|| panic!("{uid} did not arrive at the center"));
-        assert!(
-            testdata::dataset_of_file(arrived) == testdata::dataset_of_file(&original),
-            "{uid}: the dataset changed on the way"
-        );
-    }
-}
-
-/// Waits until every file in `sent` is at the center, whole (storescp
-/// writes a file as it receives it): then checks each is identical.
-fn wait_delivered(scp: &StoreScp, sent: &[PathBuf], timeout: Duration) {
-    let want: HashMap<String, usize> = sent
-        .iter()
-        .map(|f| {
-            let bytes = read(f);
-            let len = testdata::dataset_of_file(&bytes).map_or(0, <[u8]>::len);
-            (sop_instance_of_file(&bytes).expect("uid"), len)
-        })
-        .collect();
-    let start = std::time::Instant::now();
-    while start.elapsed() < timeout {
-        let got = by_uid(scp);
-        let whole = want.iter().all(|(u, len)| {
-            got.get(u)
-                .and_then(|b| testdata::dataset_of_file(b))
-                .is_some_and(|d| d.len() >= *len)
-        });
-        if whole {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    assert_arrived_identical(sent, scp);
-}
 
 /// nmap's verdict per port ("open", "filtered", "closed", …) on `target`,
 /// scanned from namespace `ns`.

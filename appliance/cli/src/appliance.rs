@@ -147,12 +147,17 @@ pub fn medium(device: &Path, config_path: &Path) -> i32 {
         eprintln!("kakehashi: cannot unmount {MOUNT}: {e}");
     }
     console(&summary.lines);
+    if let Some(when) = summary.reboot {
+        crate::update::schedule_reboot(when);
+    }
     i32::from(!summary.ok)
 }
 
 struct Summary {
     lines: Vec<String>,
     ok: bool,
+    /// An update was installed: restart into it, now or once idle.
+    reboot: Option<crate::update::RebootWhen>,
 }
 
 fn with_medium(mount: &Path, config_path: &Path) -> Summary {
@@ -229,8 +234,67 @@ fn with_medium(mount: &Path, config_path: &Path) -> Summary {
             .filter(|l| l.starts_with("[FAIL]"))
             .map(String::from),
     );
+    // An update bundle on the medium (`*.raucb` at its top): installed into
+    // the slot that did not boot; the box restarts once the relay is idle,
+    // or at once with a file named `reboot-now` next to it.
+    let paths = crate::update::Paths::default();
+    let mut bundles: Vec<PathBuf> = std::fs::read_dir(mount)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "raucb"))
+        .collect();
+    bundles.sort();
+    let mut reboot = None;
+    for bundle in bundles.iter().take(1) {
+        let when = if mount.join("reboot-now").exists() {
+            crate::update::RebootWhen::Now
+        } else {
+            crate::update::RebootWhen::WhenIdle
+        };
+        let name = bundle
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        lines.push(format!("update from {name}:"));
+        let said = std::cell::RefCell::new(Vec::new());
+        let say = |l: &str| said.borrow_mut().push(format!("  {l}"));
+        // The restart waits until the results are on the medium.
+        match crate::update::install(
+            &paths,
+            &bundle.to_string_lossy(),
+            crate::update::RebootWhen::No,
+            &say,
+        ) {
+            Ok(_) => reboot = Some(when),
+            Err(e) => {
+                ok = false;
+                said.borrow_mut()
+                    .push(format!("  UPDATE REFUSED OR FAILED: {e}"));
+            }
+        }
+        lines.extend(said.into_inner());
+    }
+    if bundles.len() > 1 {
+        lines.push(format!(
+            "[!!] {} bundles on the medium: only the first ({}) was looked at",
+            bundles.len(),
+            bundles[0].display()
+        ));
+    }
+    let update = crate::update::report(&paths);
+    match &update {
+        Ok(r) => lines.extend(r.lines()),
+        Err(e) => lines.push(format!("slots: {e}")),
+    }
     let dir = mount.join("kakehashi").join(&serial);
     let written = write_results(&dir, outcome.as_ref(), &selftest, status.as_deref(), &lines);
+    if let Ok(r) = &update {
+        if let Ok(text) = serde_json::to_string_pretty(r) {
+            let _ = std::fs::write(dir.join("update.json"), text);
+        }
+    }
     match written {
         Ok(()) => lines.push(format!(
             "results written to the medium: kakehashi/{serial}/"
@@ -245,7 +309,7 @@ fn with_medium(mount: &Path, config_path: &Path) -> Summary {
     } else {
         "done, with problems (above): the medium can be removed".into()
     });
-    Summary { lines, ok }
+    Summary { lines, ok, reboot }
 }
 
 fn serial_from_config(config_path: &Path) -> Option<String> {
@@ -316,7 +380,7 @@ fn write_results(
 }
 
 /// The summary on the box's screen and serial console.
-fn console(lines: &[String]) {
+pub(crate) fn console(lines: &[String]) {
     let text = format!(
         "\n{}\n{}\n{}\n",
         "=".repeat(72),

@@ -206,7 +206,7 @@ pub fn slots(linux_dir: &Path, cmdline: &str) -> Result<Vec<SlotReport>, String>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -253,7 +253,7 @@ mod tests {
     }
 
     /// A PE file with the sections given, as objcopy lays out a UKI.
-    fn pe_with(sections: &[(&str, &[u8])]) -> Vec<u8> {
+    pub(crate) fn pe_with(sections: &[(&str, &[u8])]) -> Vec<u8> {
         let pe_at = 128usize;
         let optional = 240usize;
         let table = pe_at + 24 + optional;

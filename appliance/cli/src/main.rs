@@ -3,7 +3,9 @@
 //! `provision` and `selftest` are for the box's installer (module
 //! `provision`, `selftest`); `appliance render|medium` are what the
 //! appliance image's units run (module `appliance`, `render`);
-//! `appliance slots` reads the A/B slots' boot entries (module `boot`).
+//! `appliance slots` reads the A/B slots' boot entries (module `boot`);
+//! `update` and `appliance rauc-*|health|update-settle` are the A/B update
+//! path (module `update`, docs/updates.md).
 //!
 //! Exit codes: 0 done; 1 the daemon answered with an error; 2 usage;
 //! 69 the daemon cannot be reached.
@@ -15,6 +17,7 @@ mod boot;
 mod provision;
 mod render;
 mod selftest;
+mod update;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -110,6 +113,9 @@ enum Command {
     /// What the appliance image's units run (not for a person at a prompt).
     #[command(subcommand)]
     Appliance(ApplianceCmd),
+    /// Signed A/B updates of the appliance image (docs/updates.md).
+    #[command(subcommand)]
+    Update(UpdateCmd),
     /// Check everything a working box needs, with a fix for each failure:
     /// config, TPM and keys, C-ECHO to local sources and destinations, tunnel,
     /// spool space, clock. Exit 0 only if all pass.
@@ -117,6 +123,30 @@ enum Command {
         /// The box's config.
         #[arg(long, env = "KAKEHASHI_CONFIG", default_value = kakehashi_config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UpdateCmd {
+    /// Install a signed bundle (`make update-bundle`) into the slot that did
+    /// not boot, to be tried once at the next boot. Refused: a bundle not
+    /// signed by the build's update key, for another compatible, or not
+    /// newer than the version running and the floor.
+    Install {
+        /// A file, file:///path, or http://host[:port]/path.
+        source: String,
+        /// When to restart into the new slot.
+        #[arg(long, value_enum, default_value = "when-idle")]
+        reboot: update::RebootWhen,
+    },
+    /// Both slots (version, good/trying/bad, which booted) and the last
+    /// update's outcome with its reason.
+    Status,
+    /// Restart once the relay is idle (what `install --reboot when-idle`
+    /// schedules).
+    Reboot {
+        #[arg(long, required = true)]
+        when_idle: bool,
     },
 }
 
@@ -149,6 +179,32 @@ enum ApplianceCmd {
         #[arg(long, default_value = "/proc/cmdline")]
         cmdline: PathBuf,
     },
+    /// RAUC's custom bootloader backend: get-primary, set-primary SLOT,
+    /// get-state SLOT, set-state SLOT good|bad.
+    RaucBackend {
+        #[arg(num_args = 1..=3)]
+        args: Vec<String>,
+    },
+    /// RAUC's pre-install handler: refuses what is not newer.
+    RaucPreInstall,
+    /// RAUC's post-install handler: the new slot's UKI to the ESP, tried once.
+    RaucPostInstall,
+    /// The boot's health check (before boot-complete.target): kakehashid
+    /// serves, the keys unseal, the spool opens, the tunnel handshakes,
+    /// the DICOM port answers C-ECHO. A failure in a counted boot restarts
+    /// the box into the previous slot.
+    Health {
+        #[arg(long, env = "KAKEHASHI_CONFIG", default_value = kakehashi_config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// How long to wait for the box to come good.
+        #[arg(long, default_value = "180", value_name = "SECONDS")]
+        wait: u64,
+        /// Record only; never restart.
+        #[arg(long)]
+        no_reboot: bool,
+    },
+    /// After the boot's assessment: the last update's outcome.
+    UpdateSettle,
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,6 +355,121 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
         }
         Command::Appliance(ApplianceCmd::Medium { device, config }) => {
             return Ok(ExitCode::from(appliance::medium(device, config) as u8));
+        }
+        Command::Appliance(ApplianceCmd::RaucBackend { args }) => {
+            return Ok(match update::backend(&update::Paths::default(), args) {
+                Ok(out) => {
+                    if let Some(o) = out {
+                        println!("{o}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kakehashi rauc-backend: {e}");
+                    ExitCode::from(1)
+                }
+            });
+        }
+        Command::Appliance(ApplianceCmd::RaucPreInstall | ApplianceCmd::RaucPostInstall) => {
+            let env = |k: &str| std::env::var(k).ok();
+            let paths = update::Paths::default();
+            let (what, result) = match &cli.command {
+                Command::Appliance(ApplianceCmd::RaucPreInstall) => {
+                    ("pre-install", update::pre_install(&paths, &env))
+                }
+                _ => ("post-install", update::post_install(&paths, &env)),
+            };
+            return Ok(match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kakehashi {what}: {e}");
+                    ExitCode::from(1)
+                }
+            });
+        }
+        Command::Appliance(ApplianceCmd::Health {
+            config,
+            wait,
+            no_reboot,
+        }) => {
+            let paths = update::Paths::default();
+            let wait = std::time::Duration::from_secs(*wait);
+            return Ok(match update::health(&paths, config, wait, !no_reboot) {
+                Ok(s) => {
+                    println!("healthy: {s}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kakehashi health: FAILED: {e}");
+                    ExitCode::from(1)
+                }
+            });
+        }
+        Command::Appliance(ApplianceCmd::UpdateSettle) => {
+            return Ok(match update::settle(&update::Paths::default()) {
+                Ok(Some(last)) => {
+                    println!(
+                        "last update: {} {} (slot {}){}",
+                        last.state,
+                        last.version,
+                        last.slot,
+                        last.reason.map(|r| format!(": {r}")).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kakehashi update-settle: {e}");
+                    ExitCode::from(1)
+                }
+            });
+        }
+        Command::Update(UpdateCmd::Install { source, reboot }) => {
+            let paths = update::Paths::default();
+            let say = |l: &str| eprintln!("kakehashi update: {l}");
+            return Ok(match update::install(&paths, source, *reboot, &say) {
+                Ok(last) if cli.common.json => {
+                    println!("{}", serde_json::to_string_pretty(&last)?);
+                    ExitCode::SUCCESS
+                }
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kakehashi update install: {e}");
+                    ExitCode::from(1)
+                }
+            });
+        }
+        Command::Update(UpdateCmd::Status) => {
+            return Ok(match update::report(&update::Paths::default()) {
+                Ok(r) if cli.common.json => {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    for l in r.lines() {
+                        println!("{l}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kakehashi update status: {e}");
+                    ExitCode::from(1)
+                }
+            });
+        }
+        Command::Update(UpdateCmd::Reboot { .. }) => {
+            return Ok(
+                match update::reboot_when_idle(
+                    &cli.common.socket,
+                    std::time::Duration::from_secs(10),
+                ) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("kakehashi update reboot: {e}");
+                        ExitCode::from(1)
+                    }
+                },
+            );
         }
         Command::Appliance(ApplianceCmd::Slots { esp_linux, cmdline }) => {
             let line = std::fs::read_to_string(cmdline).unwrap_or_default();

@@ -10,9 +10,9 @@ use kakehashi_dicom::scu::{Scu, ScuOptions};
 use kakehashi_dicom::uids;
 use kakehashi_tpm::keystore::{KeyStore, REENROLL};
 
-struct Check {
-    ok: bool,
-    what: String,
+pub(crate) struct Check {
+    pub(crate) ok: bool,
+    pub(crate) what: String,
     fix: Option<String>,
 }
 
@@ -53,7 +53,7 @@ async fn echo_destination(
     .await
 }
 
-async fn echo(address: &str, calling: &str, called: &str) -> Result<Duration, String> {
+pub(crate) async fn echo(address: &str, calling: &str, called: &str) -> Result<Duration, String> {
     let addrs = kakehashi_dicom::scu::resolve(address, Duration::from_secs(10))
         .await
         .map_err(|e| e.to_string())?;
@@ -180,7 +180,7 @@ pub fn run(config_path: &Path, socket: Option<&Path>, json: bool) -> i32 {
 
 /// On the appliance image (root on dm-verity): the root cannot be written,
 /// and it is the verified one. Elsewhere: nothing to check.
-fn appliance_root() -> Vec<Check> {
+pub(crate) fn appliance_root() -> Vec<Check> {
     let Some(hash) = std::fs::read_to_string("/proc/cmdline").ok().and_then(|c| {
         c.split_whitespace()
             .find_map(|a| a.strip_prefix("kakehashi.roothash=").map(String::from))

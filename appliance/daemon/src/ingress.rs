@@ -38,6 +38,16 @@ impl AddressMatch for Cidr {
     }
 }
 
+/// The box itself: loopback, or the address its listener is bound to.
+#[derive(Debug)]
+struct ThisBox(std::net::IpAddr);
+
+impl AddressMatch for ThisBox {
+    fn matches(&self, ip: std::net::IpAddr) -> bool {
+        ip.is_loopback() || ip == self.0
+    }
+}
+
 /// The networks behind the tunnel's peer: with a `[tunnel]`, results are
 /// taken only from there (WireGuard authenticated the packets as the
 /// center's).
@@ -100,6 +110,13 @@ impl Kind {
                             .address
                             .map(|a| Box::new(Cidr(a)) as Box<dyn AddressMatch>),
                     })
+                    // The box's own AE title from the box itself: the boot's
+                    // health check (`kakehashi appliance health`) proves
+                    // the DICOM port answers with a C-ECHO.
+                    .chain(std::iter::once(SourceRule {
+                        ae_title: config.dicom.ae_title.to_string(),
+                        address: Some(Box::new(ThisBox(config.dicom.listen.ip()))),
+                    }))
                     .collect(),
                 max_pdu: config.dicom.max_pdu,
                 sources_key: "dicom.sources",
