@@ -76,6 +76,11 @@ pub const VM_WAN_IF: &str = "enp0s4";
 pub const CENTER_DICOM_PORT: u16 = 11113;
 /// The DICOM port a box listens on by default.
 pub const DICOM_PORT: u16 = 104;
+/// How long a boot of the image may take under TCG (40–60 s is usual).
+pub const BOOT: Duration = Duration::from_secs(240);
+/// storescu must give up on a box whose power was cut (by default it would
+/// wait for a response forever).
+pub const STORESCU_TIMEOUTS: &[&str] = &["-to", "10", "-ta", "10", "-td", "20"];
 /// systemd's console line once kakehashid has said `READY=1`.
 pub const READY: &str = "Started kakehashid.service";
 /// The last line of the provisioning summary on the console.

@@ -18,15 +18,10 @@ use std::time::Duration;
 use kakehashi_systest::netns::*;
 use kakehashi_systest::testdata;
 use kakehashi_systest::vm::{
-    by_uid, center_scp, site_toml, uid_of, wait_delivered, BoxVm, Image, CENTER_DICOM_PORT,
-    DICOM_PORT, DONE, READY,
+    by_uid, center_scp, site_toml, uid_of, wait_delivered, BoxVm, Image, BOOT, CENTER_DICOM_PORT,
+    DICOM_PORT, DONE, READY, STORESCU_TIMEOUTS,
 };
 use kakehashi_systest::*;
-
-const BOOT: Duration = Duration::from_secs(240);
-/// storescu must give up on a box whose power was cut (by default it would
-/// wait for a response forever).
-const STORESCU_TIMEOUTS: &[&str] = &["-to", "10", "-ta", "10", "-td", "20"];
 
 /// nmap's verdict per port ("open", "filtered", "closed", …) on `target`,
 /// scanned from namespace `ns`.

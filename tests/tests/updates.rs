@@ -15,12 +15,10 @@ use std::time::{Duration, Instant};
 use kakehashi_systest::netns::*;
 use kakehashi_systest::testdata;
 use kakehashi_systest::vm::{
-    center_scp, site_toml, wait_delivered, BoxVm, Image, DICOM_PORT, DONE, READY,
+    center_scp, site_toml, wait_delivered, BoxVm, Image, BOOT, DICOM_PORT, DONE, READY,
+    STORESCU_TIMEOUTS,
 };
 use kakehashi_systest::*;
-
-const BOOT: Duration = Duration::from_secs(240);
-const STORESCU_TIMEOUTS: &[&str] = &["-to", "10", "-ta", "10", "-td", "20"];
 
 /// A release of the image's tree as `version` (`variant.sh`), in `dir`.
 fn release(dir: &Path, version: &str, kind: &str) -> PathBuf {
