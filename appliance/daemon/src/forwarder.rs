@@ -782,9 +782,14 @@ async fn outside_tunnel(handle: &Handle, shared: &Arc<Shared>, why: String) {
 
 fn destination_failed(handle: &Handle, shared: &Shared, e: impl std::fmt::Display) {
     let mut s = handle.stats();
-    let delay = s
+    let Some(delay) = s
         .gate
-        .connect_failed(shared.config.retry, now_ms(), fastrand::f64());
+        .connect_failed(shared.config.retry, now_ms(), fastrand::f64())
+    else {
+        drop(s);
+        tracing::debug!(destination = %handle.dest.name, "an association begun before the pause failed: {e}");
+        return;
+    };
     let failures = s.gate.connect_failures();
     drop(s);
     tracing::warn!(destination = %handle.dest.name, failures, retry_in = ?delay, "destination unreachable: {e}");

@@ -428,11 +428,22 @@ impl Gate {
     }
 
     /// A connection failed at `now`: the delay before the next attempt.
-    pub fn connect_failed(&mut self, policy: RetryPolicy, now_ms: u64, draw: f64) -> Duration {
+    /// `None` while paused: an attempt begun before the tunnel went down
+    /// and failing after is the tunnel's failure, already known; it does
+    /// not count against the destination (nothing is tried while paused).
+    pub fn connect_failed(
+        &mut self,
+        policy: RetryPolicy,
+        now_ms: u64,
+        draw: f64,
+    ) -> Option<Duration> {
+        if self.paused {
+            return None;
+        }
         self.connect_failures = self.connect_failures.saturating_add(1);
         let delay = backoff(policy, self.connect_failures, draw);
         self.blocked_until_ms = now_ms + delay.as_millis() as u64;
-        delay
+        Some(delay)
     }
 
     pub fn connected(&mut self) {
@@ -676,6 +687,16 @@ mod tests {
             "resumed {} ms after the handshake",
             done - back
         );
+    }
+
+    #[test]
+    fn an_attempt_that_fails_after_the_pause_began_does_not_count() {
+        let mut gate = Gate::default();
+        assert!(gate.connect_failed(policy(), 0, 0.5).is_some());
+        assert_eq!(gate.tunnel(false, 0, true), Some(Transition::Paused));
+        // Begun before the tunnel went down, failed after.
+        assert_eq!(gate.connect_failed(policy(), 5_000, 0.5), None);
+        assert_eq!(gate.connect_failures(), 1);
     }
 
     #[test]
