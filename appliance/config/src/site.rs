@@ -96,9 +96,10 @@ struct SiteTpm {
     backend: Option<String>,
     tcti: Option<String>,
     key_dir: Option<String>,
-    /// PCRs to bind the sealed keys to (SHA-256 bank).
-    #[serde(default)]
-    pcrs: Vec<u8>,
+    /// PCRs to bind the sealed keys to (SHA-256 bank). Unset: PCR 7 (the
+    /// Secure Boot state, which every release signed with the build's key
+    /// keeps, docs/updates.md); `[]`: none.
+    pcrs: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -271,8 +272,13 @@ impl Site {
                 );
             }
         }
-        if !self.tpm.pcrs.is_empty() {
-            t += &format!("pcrs = {:?}\n", self.tpm.pcrs);
+        let software = self.tpm.backend.as_deref() == Some("software");
+        match &self.tpm.pcrs {
+            None if !software => {
+                t += "pcrs = [7]   # the Secure Boot state: kept by signed updates, not by another system\n"
+            }
+            Some(p) if !p.is_empty() => t += &format!("pcrs = {p:?}\n"),
+            _ => {}
         }
         t += &format!(
             "key_dir = {}\n",
@@ -346,6 +352,24 @@ mod tests {
         assert!(Site::parse(&no_pacs)
             .expect_err("no pacs")
             .contains("[[pacs]]"));
+    }
+
+    #[test]
+    fn sealed_keys_are_bound_to_the_secure_boot_state_unless_the_site_says_otherwise() {
+        let base = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../provisioning/site.toml"),
+        )
+        .expect("example");
+        let pcrs = |extra: &str| {
+            let text = base.replace("[tpm]", &format!("[tpm]\n{extra}"));
+            let site = Site::parse(&text).expect("parses");
+            let config = Config::parse(&site.config_text(Path::new("site.toml"))).expect("config");
+            config.tpm.expect("tpm").pcrs
+        };
+        assert_eq!(pcrs(""), vec![7]);
+        assert_eq!(pcrs("pcrs = []"), Vec::<u8>::new());
+        assert_eq!(pcrs("pcrs = [0, 7]"), vec![0, 7]);
+        assert_eq!(pcrs("backend = \"software\""), Vec::<u8>::new());
     }
 
     #[test]
