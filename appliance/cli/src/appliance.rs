@@ -235,8 +235,9 @@ fn with_medium(mount: &Path, config_path: &Path) -> Summary {
             .map(String::from),
     );
     // An update bundle on the medium (`*.raucb` at its top): installed into
-    // the slot that did not boot; the box restarts once the relay is idle,
-    // or at once with a file named `reboot-now` next to it.
+    // the slot that did not boot and renamed `*.raucb.installed`; the box
+    // restarts once the relay is idle, or at once with a file named
+    // `reboot-now` next to it.
     let paths = crate::update::Paths::default();
     let mut bundles: Vec<PathBuf> = std::fs::read_dir(mount)
         .into_iter()
@@ -261,13 +262,32 @@ fn with_medium(mount: &Path, config_path: &Path) -> Summary {
         let said = std::cell::RefCell::new(Vec::new());
         let say = |l: &str| said.borrow_mut().push(format!("  {l}"));
         // The restart waits until the results are on the medium.
-        match crate::update::install(
-            &paths,
-            &bundle.to_string_lossy(),
-            crate::update::RebootWhen::No,
-            &say,
-        ) {
-            Ok(_) => reboot = Some(when),
+        match crate::update::install(&paths, &bundle.to_string_lossy(), &say) {
+            Ok(_) => {
+                // Not installed again at the next boot while the stick is
+                // still in (a release that fails its try would loop).
+                let done = bundle.with_file_name(format!("{name}.installed"));
+                match std::fs::rename(bundle, &done) {
+                    Ok(()) => {
+                        say(&format!(
+                            "renamed to {name}.installed on the medium: it is not installed again"
+                        ));
+                        say(match when {
+                            crate::update::RebootWhen::Now => {
+                                "restarting now (a file reboot-now is on the medium)"
+                            }
+                            _ => "restarting once the relay is idle (nothing received or sent for 10 s)",
+                        });
+                        reboot = Some(when);
+                    }
+                    Err(e) => {
+                        ok = false;
+                        say(&format!(
+                            "[!!] cannot rename {name} on the medium ({e}): no restart now; remove the medium, then restart the box to boot the new slot"
+                        ));
+                    }
+                }
+            }
             Err(e) => {
                 ok = false;
                 said.borrow_mut()

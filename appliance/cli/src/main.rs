@@ -427,12 +427,14 @@ fn run(cli: &Cli) -> Result<ExitCode, kakehashi_control::ClientError> {
         Command::Update(UpdateCmd::Install { source, reboot }) => {
             let paths = update::Paths::default();
             let say = |l: &str| eprintln!("kakehashi update: {l}");
-            return Ok(match update::install(&paths, source, *reboot, &say) {
-                Ok(last) if cli.common.json => {
-                    println!("{}", serde_json::to_string_pretty(&last)?);
+            return Ok(match update::install(&paths, source, &say) {
+                Ok(last) => {
+                    if cli.common.json {
+                        println!("{}", serde_json::to_string_pretty(&last)?);
+                    }
+                    update::restart(*reboot, &say);
                     ExitCode::SUCCESS
                 }
-                Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("kakehashi update install: {e}");
                     ExitCode::from(1)

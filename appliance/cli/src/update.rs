@@ -75,6 +75,18 @@ impl Paths {
         let text = std::fs::read_to_string(&self.os_release).ok()?;
         boot::os_release_value(&text, "IMAGE_VERSION")
     }
+    /// `Err` naming what is missing when this is not the appliance image
+    /// (a development machine, a container): no slots to report or write.
+    pub fn appliance(&self) -> Result<(), String> {
+        if self.esp_linux.is_dir() {
+            Ok(())
+        } else {
+            Err(format!(
+                "not an appliance image: no boot entries at {} (the appliance mounts its ESP at /efi)",
+                self.esp_linux.display()
+            ))
+        }
+    }
     fn read_floor(&self) -> Option<String> {
         std::fs::read_to_string(self.floor())
             .ok()
@@ -429,8 +441,24 @@ fn daemon_restarts() -> Option<(u32, String)> {
     Some((restarts, result))
 }
 
-/// One pass of the checks: `Ok` when the box works, `Err(reason)` otherwise.
-fn check_once(config_path: &Path, socket: Option<&Path>) -> Result<String, String> {
+/// Why a check failed, and whether waiting can help: not for keys the
+/// TPM refuses to unseal, nor for a daemon systemd has restarted 3 times.
+struct Unhealthy {
+    reason: String,
+    final_: bool,
+}
+
+impl From<String> for Unhealthy {
+    fn from(reason: String) -> Unhealthy {
+        Unhealthy {
+            reason,
+            final_: false,
+        }
+    }
+}
+
+/// One pass of the checks: `Ok` when the box works, `Err` why not.
+fn check_once(config_path: &Path, socket: Option<&Path>) -> Result<String, Unhealthy> {
     use kakehashi_control::{call, Request, Response};
     if !config_path.exists() {
         return Ok("not provisioned: nothing runs yet".into());
@@ -440,35 +468,44 @@ fn check_once(config_path: &Path, socket: Option<&Path>) -> Result<String, Strin
     let socket = socket.unwrap_or(&config.control.socket);
     let status = match call(socket, &Request::Status) {
         Ok(Response::Status(s)) => s,
-        Ok(other) => return Err(format!("kakehashid answered {other:?}")),
+        Ok(other) => return Err(format!("kakehashid answered {other:?}").into()),
         Err(e) => {
-            let why = match daemon_restarts() {
-                Some((n, result)) if n > 0 => {
-                    format!("kakehashid is not serving ({e}); it failed and was restarted {n} time(s) (last result: {result})")
-                }
-                _ => format!("kakehashid is not serving: {e}"),
-            };
-            return Err(why);
+            return Err(match daemon_restarts() {
+                Some((n, result)) if n > 0 => Unhealthy {
+                    reason: format!("kakehashid is not serving ({e}); it failed and was restarted {n} time(s) (last result: {result})"),
+                    final_: n >= 3,
+                },
+                _ => format!("kakehashid is not serving: {e}").into(),
+            });
         }
     };
     if let Some(p) = status.tpm.as_ref().and_then(|t| t.problem.as_ref()) {
-        return Err(format!("the TPM keys do not unseal: {p}"));
+        return Err(Unhealthy {
+            reason: format!("the TPM keys do not unseal: {p}"),
+            final_: true,
+        });
     }
     if config.tunnel.is_some() {
         match &status.tunnel {
-            None => return Err("the tunnel is configured but kakehashid runs none".into()),
+            None => {
+                return Err(
+                    String::from("the tunnel is configured but kakehashid runs none").into(),
+                )
+            }
             Some(t) if t.problem.is_some() => {
                 return Err(format!(
                     "tunnel {}: {}",
                     t.interface,
                     t.problem.as_deref().unwrap_or_default()
-                ))
+                )
+                .into())
             }
             Some(t) if t.last_handshake_age_s.is_none() => {
                 return Err(format!(
                     "tunnel {}: no handshake with {} yet",
                     t.interface, t.configured_endpoint
-                ))
+                )
+                .into())
             }
             Some(_) => {}
         }
@@ -520,15 +557,13 @@ pub fn health(
         None => loop {
             match check_once(config_path, None) {
                 Ok(s) => break Ok(s),
-                // A daemon that keeps failing will not come good by waiting.
-                Err(e)
-                    if e.contains("restarted")
-                        && daemon_restarts().is_some_and(|(n, _)| n >= 3) =>
-                {
-                    break Err(e)
-                }
+                Err(e) if e.final_ => break Err(e.reason),
                 Err(e) if start.elapsed() >= wait => {
-                    break Err(format!("{e} (after {} s)", start.elapsed().as_secs()))
+                    break Err(format!(
+                        "{} (after {} s)",
+                        e.reason,
+                        start.elapsed().as_secs()
+                    ))
                 }
                 Err(_) => std::thread::sleep(Duration::from_secs(2)),
             }
@@ -780,14 +815,11 @@ fn last_line(text: &str) -> &str {
         .trim()
 }
 
-/// `kakehashi update install`: fetch, check, install into the other slot,
-/// and restart when asked. Each step is told to `say`.
-pub fn install(
-    paths: &Paths,
-    source: &str,
-    when: RebootWhen,
-    say: &dyn Fn(&str),
-) -> Result<Last, String> {
+/// `kakehashi update install`: fetch, check, install into the other slot.
+/// Each step is told to `say`; the restart is the caller's
+/// ([`restart`]).
+pub fn install(paths: &Paths, source: &str, say: &dyn Fn(&str)) -> Result<Last, String> {
+    paths.appliance()?;
     if !nix::unistd::geteuid().is_root() {
         return Err("run as root: an update writes a slot and the ESP".into());
     }
@@ -810,14 +842,19 @@ pub fn install(
     };
     let result = fetched.and_then(|()| install_fetched(paths, &incoming, say));
     let _ = std::fs::remove_file(&incoming);
-    let last = result?;
+    result
+}
+
+/// Says when the new slot boots, and restarts accordingly.
+pub fn restart(when: RebootWhen, say: &dyn Fn(&str)) {
     say(match when {
         RebootWhen::No => "the new slot boots at the next restart",
         RebootWhen::Now => "restarting now",
-        RebootWhen::WhenIdle => "restarting once the relay is idle",
+        RebootWhen::WhenIdle => {
+            "restarting once the relay is idle (nothing received or sent for 10 s)"
+        }
     });
     schedule_reboot(when);
-    Ok(last)
 }
 
 /// Restarts now (kakehashid is stopped cleanly first), or leaves a
@@ -934,6 +971,7 @@ pub struct Report {
 }
 
 pub fn report(paths: &Paths) -> Result<Report, String> {
+    paths.appliance()?;
     let cmdline = std::fs::read_to_string(&paths.cmdline).unwrap_or_default();
     Ok(Report {
         slots: boot::slots(&paths.esp_linux, &cmdline)?,
