@@ -153,8 +153,12 @@ pub struct BoxVm {
     qemu: Option<Proc>,
     swtpm: Option<Proc>,
     boot_offset: u64,
+    /// The disk the box runs from (a restart keeps it).
+    disk_on: PathBuf,
     /// USB hot plugs so far (each needs its own drive and device id).
     plugs: u32,
+    /// The qemu device id of the stick in the box now, if any.
+    stick: Option<String>,
     pub boots: u32,
     pub started: Option<Instant>,
 }
@@ -189,7 +193,9 @@ impl BoxVm {
             qemu: None,
             swtpm: None,
             boot_offset: 0,
+            disk_on: PathBuf::new(),
             plugs: 0,
+            stick: None,
             boots: 0,
             started: None,
             dir,
@@ -217,6 +223,25 @@ impl BoxVm {
         }
         self.medium = Some(img);
         self.medium_inserted = true;
+    }
+
+    /// The field engineer's visit: the stick with `site`'s site.toml in,
+    /// power on, provisioned; the center learns the box's WireGuard key.
+    /// The stick stays in. Returns the box's serial.
+    pub fn provision(&mut self, site: &mut Site) -> String {
+        self.insert_medium(Some(&site_toml(site)));
+        self.boot();
+        self.wait_console(DONE, BOOT);
+        let serial = self
+            .medium_serials()
+            .first()
+            .cloned()
+            .expect("a result directory on the medium");
+        let wg = self
+            .medium_file(&format!("kakehashi/{serial}/wireguard.pub"))
+            .expect("wireguard.pub on the medium");
+        site.set_box_public(wg.trim());
+        serial
     }
 
     /// Copies `file` onto the medium as `name` (an update bundle, a
@@ -277,17 +302,15 @@ impl BoxVm {
         self.monitor(&format!(
             "device_add usb-storage,bus=xhci.0,drive=hot{n},id=hotstick{n}"
         ));
+        self.stick = Some(format!("hotstick{n}"));
         self.medium_inserted = true;
     }
 
     /// The stick is pulled out of the running box.
     pub fn unplug_medium(&mut self) {
-        let id = if self.plugs > 0 {
-            format!("hotstick{}", self.plugs)
-        } else {
-            "stickdev".into()
-        };
-        self.monitor(&format!("device_del {id}"));
+        if let Some(id) = self.stick.take() {
+            self.monitor(&format!("device_del {id}"));
+        }
         self.medium_inserted = false;
         // The guest lets go of it.
         std::thread::sleep(Duration::from_secs(2));
@@ -314,12 +337,14 @@ impl BoxVm {
             if self.console_after(mark).contains(needle) {
                 return start.elapsed();
             }
-            if let Some(q) = self.qemu.as_mut() {
-                if let Ok(Some(status)) = q.0.try_wait() {
-                    panic!(
-                        "qemu exited ({status}) before the console showed {needle:?}:\n{}",
-                        tail(&self.console_after(mark), 60)
-                    );
+            if !self.restarted() {
+                if let Some(q) = self.qemu.as_mut() {
+                    if let Ok(Some(status)) = q.0.try_wait() {
+                        panic!(
+                            "qemu exited ({status}) before the console showed {needle:?}:\n{}",
+                            tail(&self.console_after(mark), 60)
+                        );
+                    }
                 }
             }
             assert!(
@@ -384,6 +409,31 @@ impl BoxVm {
         std::fs::create_dir_all(&self.tpm_state).expect("tpm dir");
     }
 
+    /// Flips one bit of slot `slot`'s erofs superblock (read at every
+    /// mount) on the box's disk: its blocks are damaged, and dm-verity
+    /// must refuse the root at the next boot.
+    pub fn damage_root(&self, image: &Image, slot: &str) {
+        let (offset, _) = image.partition(&format!("root-{slot}"));
+        let at = offset + 1024 + 16;
+        let mut disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.disk)
+            .expect("disk");
+        use std::io::{Read as _, Seek as _, Write as _};
+        let mut byte = [0u8];
+        disk.seek(std::io::SeekFrom::Start(at)).expect("seek");
+        disk.read_exact(&mut byte).expect("read");
+        byte[0] ^= 0x01;
+        disk.seek(std::io::SeekFrom::Start(at)).expect("seek");
+        disk.write_all(&byte).expect("write");
+    }
+
+    /// The firmware's variable store (Secure Boot keys, boot entries).
+    pub fn vars(&self) -> PathBuf {
+        self.dir.path().join("vars.fd")
+    }
+
     /// Powers the box on (disk, firmware variables and TPM as they are).
     pub fn boot(&mut self) {
         self.boot_with(&self.disk.clone());
@@ -392,14 +442,47 @@ impl BoxVm {
     pub fn boot_with(&mut self, disk: &Path) {
         assert!(self.qemu.is_none(), "the box is already on");
         self.boots += 1;
+        self.note(&format!("power on #{}", self.boots));
+        self.boot_offset = std::fs::metadata(&self.serial).map_or(0, |m| m.len());
+        self.disk_on = disk.to_path_buf();
+        self.spawn();
+        self.started = Some(Instant::now());
+    }
+
+    /// A line of the test's own in the console log.
+    fn note(&self, what: &str) {
         let mut serial = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.serial)
             .expect("serial log");
         use std::io::Write as _;
-        writeln!(serial, "\n===== test: power on #{} =====", self.boots).expect("serial");
-        self.boot_offset = std::fs::metadata(&self.serial).map_or(0, |m| m.len());
+        writeln!(serial, "\n===== test: {what} =====").expect("serial");
+    }
+
+    /// The guest restarted itself (qemu runs with -no-reboot and exits):
+    /// it is started again with everything as it is, as a real box's
+    /// restart would be. qemu's own warm reset under TCG once hung in the
+    /// firmware for minutes (CI), which no real box does.
+    fn restarted(&mut self) -> bool {
+        let Some(q) = self.qemu.as_mut() else {
+            return false;
+        };
+        match q.0.try_wait() {
+            Ok(Some(status)) if status.success() => {
+                self.qemu = None;
+                self.swtpm = None;
+                self.note("the guest restarted itself");
+                self.spawn();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// qemu and swtpm with the box's state (no bookkeeping of a power-on).
+    fn spawn(&mut self) {
+        let disk = self.disk_on.clone();
         let sock = self.dir.path().join("swtpm.sock");
         let _ = std::fs::remove_file(&sock);
         let swtpm = Command::new("swtpm")
@@ -459,7 +542,7 @@ impl BoxVm {
             "file,id=ser,path={},append=on",
             self.serial.display()
         ))
-        .args(["-serial", "chardev:ser"])
+        .args(["-serial", "chardev:ser", "-no-reboot"])
         .arg("-monitor")
         .arg(format!(
             "unix:{},server,nowait",
@@ -486,18 +569,23 @@ impl BoxVm {
         } else {
             cmd.args(["-nic", "none"]);
         }
+        self.stick = None;
         if let Some(m) = self.medium.as_ref().filter(|_| self.medium_inserted) {
             cmd.arg("-drive")
                 .arg(format!("if=none,id=stick,format=raw,file={}", m.display()))
                 .args(["-device", "usb-storage,bus=xhci.0,drive=stick,id=stickdev"]);
+            self.stick = Some("stickdev".into());
         }
-        let log = std::fs::File::create(d.join(format!("qemu-{}.log", self.boots))).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join(format!("qemu-{}.log", self.boots)))
+            .expect("log");
         let child = cmd
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("qemu (apt-get install qemu-system-x86)");
-        self.started = Some(Instant::now());
         self.qemu = Some(Proc(child));
     }
 
@@ -518,12 +606,14 @@ impl BoxVm {
             if self.console().contains(needle) {
                 return self.started.map_or(Duration::ZERO, |s| s.elapsed());
             }
-            if let Some(q) = self.qemu.as_mut() {
-                if let Ok(Some(status)) = q.0.try_wait() {
-                    panic!(
-                        "qemu exited ({status}) before the console showed {needle:?}:\n{}",
-                        tail(&self.console(), 60)
-                    );
+            if !self.restarted() {
+                if let Some(q) = self.qemu.as_mut() {
+                    if let Ok(Some(status)) = q.0.try_wait() {
+                        panic!(
+                            "qemu exited ({status}) before the console showed {needle:?}:\n{}",
+                            tail(&self.console(), 60)
+                        );
+                    }
                 }
             }
             assert!(
@@ -566,8 +656,16 @@ impl Drop for BoxVm {
     /// A failed test keeps the box's console (its directory goes).
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let keep = std::env::temp_dir()
-                .join(format!("kakehashi-vm-failed-{}.log", std::process::id()));
+            // Tests of one binary run side by side: one file per box.
+            let keep = std::env::temp_dir().join(format!(
+                "kakehashi-vm-failed-{}-{}.log",
+                std::process::id(),
+                self.dir
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ));
             if std::fs::copy(&self.serial, &keep).is_ok() {
                 eprintln!("the box's serial console: {}", keep.display());
             }

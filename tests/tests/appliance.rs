@@ -399,22 +399,7 @@ fn the_image_boots_provisions_itself_relays_and_survives_power_cuts() {
 fn a_byte_flipped_in_the_root_filesystem_stops_the_boot() {
     let image = Image::get();
     let mut vm = BoxVm::new(&image, None);
-    let (offset, _) = image.partition("root-a");
-    // The erofs superblock (at 1 KiB): read at every mount.
-    let at = offset + 1024 + 16;
-    let mut disk = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&vm.disk)
-        .expect("disk");
-    use std::io::{Read as _, Seek as _, Write as _};
-    let mut byte = [0u8];
-    disk.seek(std::io::SeekFrom::Start(at)).expect("seek");
-    disk.read_exact(&mut byte).expect("read");
-    byte[0] ^= 0x01;
-    disk.seek(std::io::SeekFrom::Start(at)).expect("seek");
-    disk.write_all(&byte).expect("write");
-    drop(disk);
+    vm.damage_root(&image, "a");
     vm.boot();
     let t = vm.wait_console("fails verification", BOOT);
     let console = vm.console();
