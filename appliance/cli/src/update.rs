@@ -1031,6 +1031,93 @@ impl Report {
 mod tests {
     use super::*;
 
+    /// Python's own web server over `dir` on a free port, stopped on drop.
+    struct PyHttp(std::process::Child, u16);
+    impl PyHttp {
+        fn serve(dir: &Path) -> PyHttp {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .expect("port")
+                .local_addr()
+                .expect("addr")
+                .port();
+            let child = std::process::Command::new("python3")
+                .args(["-m", "http.server", "--bind", "127.0.0.1"])
+                .arg(port.to_string())
+                .current_dir(dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("python3");
+            let start = std::time::Instant::now();
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "http.server did not start"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            PyHttp(child, port)
+        }
+    }
+    impl Drop for PyHttp {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn a_bundle_is_fetched_byte_identical_from_a_real_http_server() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Larger than any buffer on the way, and not a repeating pattern.
+        let body: Vec<u8> = (0..3_000_003u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(dir.path().join("kakehashi-0.2.0.raucb"), &body).expect("write");
+        let server = PyHttp::serve(dir.path());
+        let to = dir.path().join("incoming.raucb");
+        let url = format!("http://127.0.0.1:{}/kakehashi-0.2.0.raucb", server.1);
+        http_get(&url, &to).expect("download");
+        assert!(
+            std::fs::read(&to).expect("read") == body,
+            "not byte-identical"
+        );
+
+        let missing = format!("http://127.0.0.1:{}/kakehashi-9.9.9.raucb", server.1);
+        let e = http_get(&missing, &to).expect_err("a 404 is an error");
+        assert!(
+            e.contains("the server answered") && e.contains("404"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_download_cut_short_or_refused_is_an_error_naming_the_url() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = std::thread::spawn(move || {
+            use std::io::{Read as _, Write as _};
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut request = [0u8; 1024];
+            let _ = s.read(&mut request);
+            s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+                .expect("write");
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let to = dir.path().join("incoming.raucb");
+        let url = format!("http://127.0.0.1:{port}/b.raucb");
+        let e = http_get(&url, &to).expect_err("cut short");
+        server.join().expect("server");
+        assert!(
+            e.contains(&url) && e.contains("ended after 10 of 1000 bytes"),
+            "{e}"
+        );
+
+        // Nothing listens there any more.
+        let e = http_get(&url, &to).expect_err("refused");
+        assert!(e.contains("cannot connect to 127.0.0.1"), "{e}");
+    }
+
     #[test]
     fn releases_are_compared_by_number_not_text() {
         assert_eq!(release("0.10.0+abc"), Some((0, 10, 0)));
