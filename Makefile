@@ -5,7 +5,7 @@
 CARGO ?= cargo
 BIN := target/release
 
-.PHONY: demo demo-image image image-reproducible update-bundle test bench deps build lint unit system fuzz-smoke clean help
+.PHONY: demo demo-image image image-reproducible update-bundle recovery-medium test bench deps build lint unit system fuzz-smoke clean help
 
 help:
 	@echo "make demo   provision the box against swtpm, then hospital -> box -> WireGuard -> reading center (namespaces)"
@@ -14,7 +14,8 @@ help:
 	@echo "make image  the appliance image (image-build/out: disk.img, UKIs, root hash, manifest)"
 	@echo "make demo-image  the demo's story on the image in qemu (Secure Boot, swtpm, USB provisioning)"
 	@echo "make image-reproducible  build the image twice and compare"
-	@echo "make update-bundle  a signed RAUC bundle of the image (image-build/out/kakehashi-VERSION.raucb; installing it is not built yet)"
+	@echo "make update-bundle  a signed RAUC bundle of the image (image-build/out/kakehashi-VERSION.raucb; docs/updates.md)"
+	@echo "make recovery-medium  a USB stick image that rewrites slot A of a box neither of whose slots boots"
 
 deps:
 	scripts/deps.sh
@@ -42,6 +43,10 @@ image-reproducible: deps build
 # A signed RAUC bundle of that image (image-build/bundle.sh; docs/updates.md).
 update-bundle: image
 	image-build/bundle.sh
+
+# A recovery stick of that image (image-build/recovery.sh; docs/updates.md).
+recovery-medium: image
+	image-build/recovery.sh
 
 demo-image: image
 	KAKEHASHI_IMAGE_DIR=$(CURDIR)/image-build/out $(BIN)/kakehashi-demo-image

@@ -159,6 +159,8 @@ pub struct BoxVm {
     plugs: u32,
     /// The qemu device id of the stick in the box now, if any.
     stick: Option<String>,
+    /// A recovery stick in the box, booted first (`image-build/recovery.sh`).
+    recovery: Option<PathBuf>,
     pub boots: u32,
     pub started: Option<Instant>,
 }
@@ -196,6 +198,7 @@ impl BoxVm {
             disk_on: PathBuf::new(),
             plugs: 0,
             stick: None,
+            recovery: None,
             boots: 0,
             started: None,
             dir,
@@ -429,6 +432,20 @@ impl BoxVm {
         disk.write_all(&byte).expect("write");
     }
 
+    /// Powers the box on with a recovery stick in, booted first (as a
+    /// field engineer picks it in the firmware's boot menu).
+    pub fn boot_recovery(&mut self, stick: &Path) {
+        self.recovery = Some(stick.to_path_buf());
+        self.boot();
+    }
+
+    /// The recovery stick is pulled out of the running box.
+    pub fn pull_recovery(&mut self) {
+        if self.recovery.take().is_some() {
+            self.monitor("device_del recoverydev");
+        }
+    }
+
     /// The firmware's variable store (Secure Boot keys, boot entries).
     pub fn vars(&self) -> PathBuf {
         self.dir.path().join("vars.fd")
@@ -575,6 +592,17 @@ impl BoxVm {
                 .arg(format!("if=none,id=stick,format=raw,file={}", m.display()))
                 .args(["-device", "usb-storage,bus=xhci.0,drive=stick,id=stickdev"]);
             self.stick = Some("stickdev".into());
+        }
+        if let Some(r) = &self.recovery {
+            cmd.arg("-drive")
+                .arg(format!(
+                    "if=none,id=recovery,format=raw,readonly=on,file={}",
+                    r.display()
+                ))
+                .args([
+                    "-device",
+                    "usb-storage,bus=xhci.0,drive=recovery,id=recoverydev,bootindex=0",
+                ]);
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
