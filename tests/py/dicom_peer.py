@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 from pydicom import dcmread
 from pynetdicom import AE, evt, StoragePresentationContexts, ALL_TRANSFER_SYNTAXES, _config
@@ -87,7 +88,10 @@ def store(args):
 
     assoc.dimse.send_msg, assoc.dimse.get_msg = record_send, record_get
     priority = {"low": 2, "medium": 0, "high": 1}[args.priority]
-    for path, ds in zip(args.files, datasets):
+    for i, (path, ds) in enumerate(zip(args.files, datasets)):
+        if i and args.gap:
+            # A modality that sends slowly: the association stays open.
+            time.sleep(args.gap)
         before = len(sent)
         status = assoc.send_c_store(path, priority=priority)
         out["results"].append(
@@ -175,6 +179,7 @@ def main():
     s.add_argument("--async-window", type=int, default=0)
     s.add_argument("--contexts", type=int, default=0, help="propose this many contexts in all")
     s.add_argument("--per-syntax", action="store_true")
+    s.add_argument("--gap", type=float, default=0, help="seconds between one C-STORE's response and the next request")
     s.add_argument("files", nargs="+")
     c = sub.add_parser("scp")
     c.add_argument("--port", type=int, required=True)

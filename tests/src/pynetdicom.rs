@@ -28,9 +28,20 @@ fn peer_script() -> PathBuf {
 /// Sends `files` to the box with pynetdicom; `extra` are `dicom_peer.py
 /// store` options. Its JSON report (see the script).
 pub fn store(port: u16, files: &[PathBuf], extra: &[&str]) -> serde_json::Value {
-    let out = Command::new(python())
+    store_in(None, "127.0.0.1", port, files, extra)
+}
+
+/// [`store`] from network namespace `ns` (or this one) to `host`.
+pub fn store_in(
+    ns: Option<&str>,
+    host: &str,
+    port: u16,
+    files: &[PathBuf],
+    extra: &[&str],
+) -> serde_json::Value {
+    let out = crate::netns::ns_command(ns, python())
         .arg(peer_script())
-        .args(["store", "--port", &port.to_string()])
+        .args(["store", "--host", host, "--port", &port.to_string()])
         .args(extra)
         .args(files)
         .output()

@@ -5,6 +5,7 @@
 //!   during the new slot's first boot (the box comes back on the slot it
 //!   ran, with its data), then uninterrupted: it boots, passes its health
 //!   check, is marked good, and delivers what it acknowledged before;
+//!   it restarts into it only once a modality sending slowly is done;
 //! - bundles that are unsigned, signed by another key, or older: refused,
 //!   nothing changes;
 //! - slot b's root, then slot a's, damaged on the disk: the damaged good
@@ -352,15 +353,59 @@ fn a_signed_update_survives_power_cuts_installs_is_marked_good_and_refused_bundl
         ],
     );
 
-    // ---- Installed and booted.
+    // ---- Installed and booted, restarting when the relay is idle: a
+    // modality sends a study slowly (8 s between instances, one
+    // association) from before the stick goes in until well after the
+    // install; the box restarts only once it is done.
+    let slow = testdata::ct_study(&data.path().join("slow"), "slow", 14, 100 * 1024);
+    let hospital = site.hospital.name().to_string();
+    let sender = {
+        let slow = slow.clone();
+        std::thread::spawn(move || {
+            kakehashi_systest::pynetdicom::store_in(
+                Some(&hospital),
+                BOX_LAN_IP,
+                DICOM_PORT,
+                &slow,
+                &["--gap", "8"],
+            )
+        })
+    };
     let boots = kernel_boots(&vm);
     let t = Instant::now();
-    let mark = offer(&mut vm, Some(&v2), true);
+    let mark = offer(&mut vm, Some(&v2), false);
     let said = summary(&mut vm, mark);
     println!("{said}");
-    assert_says(&said, &["installed 0.2.0 into slot b"]);
+    assert_says(
+        &said,
+        &[
+            "installed 0.2.0 into slot b",
+            "restarting once the relay is idle",
+        ],
+    );
     let installed = t.elapsed();
+    assert!(
+        !sender.is_finished(),
+        "the slow study was sent before the install ended: the wait for idle is not tested"
+    );
+    let sent_report = sender.join().expect("sender");
+    let sent_slowly = t.elapsed();
+    assert!(
+        !vm.console_after(mark).contains("reboot: Restarting system"),
+        "the box restarted while a modality was sending"
+    );
+    let acked = sent_report["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .filter(|r| r["status"] == 0)
+        .count();
+    assert_eq!(acked, slow.len(), "{sent_report}");
     up_from(&mut vm, mark, "b");
+    println!(
+        "when idle: the slow study ended {:.0} s after the install; the box restarted after it",
+        (sent_slowly - installed).as_secs_f64()
+    );
     println!(
         "0.2.0: installed in {:.0} s (stick plugged to summary); up from slot b {:.0} s later, {} kernel boot(s)",
         installed.as_secs_f64(),
@@ -371,6 +416,7 @@ fn a_signed_update_survives_power_cuts_installs_is_marked_good_and_refused_bundl
     // spool and its sealed key came through.
     let scp = center_scp(&site);
     wait_delivered(&scp, &second, Duration::from_secs(180));
+    wait_delivered(&scp, &slow, Duration::from_secs(180));
     let said = report(&mut vm);
     assert_slot(&said, "a", "good", "0.1.0", false);
     assert_slot(&said, "b", "good", "0.2.0", true);
