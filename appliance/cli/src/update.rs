@@ -702,11 +702,13 @@ fn http_get(url: &str, to: &Path) -> Result<(), String> {
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: kakehashi\r\n\r\n"
-    )
-    .map_err(|e| format!("{url}: {e}"))?;
+    // One write: the request leaves whole, not in pieces.
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: kakehashi\r\n\r\n")
+                .as_bytes(),
+        )
+        .map_err(|e| format!("{url}: {e}"))?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader
@@ -1098,8 +1100,15 @@ mod tests {
         let server = std::thread::spawn(move || {
             use std::io::{Read as _, Write as _};
             let (mut s, _) = listener.accept().expect("accept");
-            let mut request = [0u8; 1024];
-            let _ = s.read(&mut request);
+            // The whole request is read first: unread bytes at close
+            // would reset the connection instead of ending it.
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).expect("read");
+                assert!(n > 0, "the request ended early");
+                request.extend_from_slice(&buf[..n]);
+            }
             s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
                 .expect("write");
         });
