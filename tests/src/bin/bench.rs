@@ -23,6 +23,13 @@
 //! fraction of iperf3's. `--associations 4,8,16` measures the relay with
 //! each of those numbers of associations (the sweep the default was chosen
 //! from).
+//!
+//! `group`: whether concurrent associations share flushes. The MR study
+//! relayed with 1, 2, 4 and 8 storescu associations at once; for each, the
+//! rate at which the relay acknowledged, and the flush requests the spool's
+//! block device completed during the run (`/sys/dev/block/M:m/stat`, field
+//! 16) per acknowledged instance. One association needs one flush per
+//! instance; fewer than one per instance means flushes were shared.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -52,13 +59,13 @@ struct Args {
     /// as a PACS that sends in parallel does.
     #[arg(long, default_value_t = 1)]
     senders: usize,
-    /// Only these parts (ct, mr, mg on loopback; tunnel and wan in
-    /// namespaces; backlog: start-up and status with --backlog instances
-    /// queued).
+    /// Only these parts (ct, mr, mg on loopback; group: flushes shared by
+    /// concurrent associations; tunnel and wan in namespaces; backlog:
+    /// start-up and status with --backlog instances queued).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ct,mr,mg,tunnel,wan,backlog"
+        default_value = "ct,mr,mg,group,tunnel,wan,backlog"
     )]
     only: Vec<String>,
     /// Measure the relay on a new spool (its segment files written for the
@@ -166,7 +173,29 @@ fn direct(study: &Study, center: &Path, senders: usize) -> f64 {
     secs
 }
 
-fn relayed(study: &Study, center: &Path, senders: usize, sealed: bool, cold: bool) -> (f64, u64) {
+/// One relay run: seconds until every instance was acknowledged and until
+/// every one was at the destination, kakehashid's peak RSS, and the flush
+/// requests the spool's disk completed meanwhile (if the kernel counts them).
+struct RelayRun {
+    acked_secs: f64,
+    secs: f64,
+    peak: u64,
+    flushes: Option<u64>,
+}
+
+/// Flush requests completed by the block device holding `dir` (field 16 of
+/// its `stat` in sysfs; counted since Linux 5.5).
+fn device_flushes(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    // Linux's dev_t encoding (glibc's gnu_dev_major / gnu_dev_minor).
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    stat.split_whitespace().nth(15)?.parse().ok()
+}
+
+fn relayed(study: &Study, center: &Path, senders: usize, sealed: bool, cold: bool) -> RelayRun {
     let scp = StoreScp::start_in(free_port(), center);
     let keys = tempfile::tempdir().expect("tempdir");
     let mut opts = RelayOptions::to(scp.port);
@@ -187,16 +216,25 @@ fn relayed(study: &Study, center: &Path, senders: usize, sealed: bool, cold: boo
         std::thread::sleep(Duration::from_secs(2));
     }
     let before = scp.store_requests();
+    let flushes_before = device_flushes(relay.dir.path());
     let t = Instant::now();
     let acked = send(relay.port, "KAKEHASHI", &study.files, senders);
+    let acked_secs = t.elapsed().as_secs_f64();
+    let flushes = device_flushes(relay.dir.path())
+        .zip(flushes_before)
+        .map(|(a, b)| a - b);
     assert_eq!(acked, n, "relay send failed");
     wait_until(
         "every instance at the destination",
         Duration::from_secs(1800),
         || scp.store_requests() >= before + n && relay.queued() == 0,
     );
-    let secs = t.elapsed().as_secs_f64();
-    (secs, peak_rss(relay.pid()).unwrap_or(0))
+    RelayRun {
+        acked_secs,
+        secs: t.elapsed().as_secs_f64(),
+        peak: peak_rss(relay.pid()).unwrap_or(0),
+        flushes,
+    }
 }
 
 fn main() {
@@ -204,7 +242,7 @@ fn main() {
     std::fs::create_dir_all(&args.data).expect("bench data dir");
     let mut studies = Vec::new();
     for name in &args.only {
-        if name == "tunnel" || name == "backlog" || name == "wan" {
+        if ["tunnel", "backlog", "wan", "group"].contains(&name.as_str()) {
             continue;
         }
         studies.push(match name.as_str() {
@@ -219,7 +257,7 @@ fn main() {
                 27 * 1024 * 1024,
                 1.15,
             ),
-            other => panic!("unknown part {other:?} (ct, mr, mg, tunnel, wan, backlog)"),
+            other => panic!("unknown part {other:?} (ct, mr, mg, group, tunnel, wan, backlog)"),
         });
     }
     println!(
@@ -232,37 +270,21 @@ fn main() {
             "relay on a spool in service (the study sent through it once before, unmeasured)"
         }
     );
-    println!(
-        "sealed = the spool sealed (chunked ChaCha20-Poly1305, as on a provisioned box; software keys here, the data path is the same)"
-    );
-    println!(
-        "{:<4} {:>6} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>9} {:>8} | {:>6} {:>7} {:>6} | {:>9}",
-        "",
-        "inst",
-        "MB",
-        "direct/s",
-        "MB/s",
-        "relay/s",
-        "MB/s",
-        "sealed/s",
-        "MB/s",
-        "ratio",
-        "sealed",
-        "target",
-        "peak RSS"
-    );
+    if !studies.is_empty() {
+        print_header();
+    }
     let mut all_ok = true;
     for s in &studies {
         let (mut d, mut r, mut e) = (Vec::new(), Vec::new(), Vec::new());
         let mut rss = 0;
         for _ in 0..args.rounds {
             d.push(direct(s, &args.center_dir, args.senders));
-            let (secs, peak) = relayed(s, &args.center_dir, args.senders, false, args.cold);
-            r.push(secs);
-            rss = rss.max(peak);
-            let (secs, peak) = relayed(s, &args.center_dir, args.senders, true, args.cold);
-            e.push(secs);
-            rss = rss.max(peak);
+            let run = relayed(s, &args.center_dir, args.senders, false, args.cold);
+            r.push(run.secs);
+            rss = rss.max(run.peak);
+            let run = relayed(s, &args.center_dir, args.senders, true, args.cold);
+            e.push(run.secs);
+            rss = rss.max(run.peak);
         }
         let (d, r, e) = (median(d), median(r), median(e));
         let n = s.files.len() as f64;
@@ -295,6 +317,9 @@ fn main() {
             }
         );
     }
+    if args.only.iter().any(|o| o == "group") {
+        group_bench(&mr_study(&args.data), &args.center_dir, args.rounds);
+    }
     if args.only.iter().any(|o| o == "tunnel") {
         tunnel_bench(&ct_study(&args.data), args.rounds);
     }
@@ -306,6 +331,69 @@ fn main() {
     }
     if args.only.iter().any(|o| o == "backlog") {
         backlog_bench(&args.data, args.backlog);
+    }
+}
+
+fn print_header() {
+    println!(
+        "sealed = the spool sealed (chunked ChaCha20-Poly1305, as on a provisioned box; software keys here, the data path is the same)"
+    );
+    println!(
+        "{:<4} {:>6} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>9} {:>8} | {:>6} {:>7} {:>6} | {:>9}",
+        "",
+        "inst",
+        "MB",
+        "direct/s",
+        "MB/s",
+        "relay/s",
+        "MB/s",
+        "sealed/s",
+        "MB/s",
+        "ratio",
+        "sealed",
+        "target",
+        "peak RSS"
+    );
+}
+
+/// Whether concurrent associations share flushes: the MR study relayed with
+/// 1, 2, 4 and 8 senders; acknowledgement rate, end-to-end rate against
+/// direct with as many senders, and device flushes per acknowledged
+/// instance (medians of `rounds`).
+fn group_bench(study: &Study, center: &Path, rounds: usize) {
+    let n = study.files.len() as f64;
+    println!(
+        "group commit: {} relayed by N concurrent storescu associations (spool in service); flushes = flush requests completed by the spool's disk while the study was acknowledged",
+        study.name
+    );
+    println!(
+        "{:>7} | {:>9} {:>9} {:>9} | {:>6} | {:>14}",
+        "senders", "direct/s", "acked/s", "relay/s", "ratio", "flushes/inst"
+    );
+    for senders in [1, 2, 4, 8] {
+        let (mut d, mut a, mut r, mut f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            d.push(direct(study, center, senders));
+            let run = relayed(study, center, senders, false, false);
+            a.push(run.acked_secs);
+            r.push(run.secs);
+            if let Some(flushes) = run.flushes {
+                f.push(flushes as f64 / n);
+            }
+        }
+        let (d, a, r) = (median(d), median(a), median(r));
+        let flushes = if f.is_empty() {
+            "not counted".to_string()
+        } else {
+            format!("{:.2}", median(f))
+        };
+        println!(
+            "{senders:>7} | {:>9.1} {:>9.1} {:>9.1} | {:>6.2} | {flushes:>14}",
+            n / d,
+            n / a,
+            n / r,
+            r / d
+        );
     }
 }
 
