@@ -136,9 +136,9 @@ fn generate(
     }
 }
 
-/// CT 300 × 512 KiB (target ratio 1.15), also the tunnel part's study.
+/// CT 300 × 512 KiB (target ratio 1.3, issue 11), also the tunnel part's study.
 fn ct_study(data: &Path) -> Study {
-    generate(data, "ct", "CT", testdata::CT_IMAGE, 300, 512 * 1024, 1.15)
+    generate(data, "ct", "CT", testdata::CT_IMAGE, 300, 512 * 1024, 1.3)
 }
 
 fn mr_study(data: &Path) -> Study {
