@@ -232,10 +232,36 @@ fn big_instance(sealed: bool) {
 /// end to end.
 #[test]
 fn a_frame_is_flushed_before_its_instance_is_acknowledged() {
+    const SENDERS: usize = 6;
+    const PER_SENDER: usize = 6;
     let data = tempfile::tempdir().expect("tempdir");
-    let files = ct_study(data.path(), "order", 5, 64 * 1024);
-    // The center is down: nothing but receptions touches the spool.
-    let relay = Relay::start(RelayOptions::to(free_port()));
+    let center = StoreScp::start(free_port());
+    let relay = Relay::start(RelayOptions::to(center.port));
+    // A box in service: a study went through, so its segments are used
+    // again from their start, below their written-through marks, where
+    // frames share flushes (group commit).
+    let warm = ct_study(
+        &data.path().join("warm"),
+        "warm",
+        SENDERS * PER_SENDER,
+        64 * 1024,
+    );
+    let acked = send_concurrently(relay.port, &warm, SENDERS);
+    assert_eq!(acked, warm.len());
+    wait_until(
+        "the first study at the center",
+        Duration::from_secs(120),
+        || center.store_requests() >= warm.len() && relay.queued() == 0,
+    );
+    // Emptied segments are free again after the next checkpoint (1 s).
+    std::thread::sleep(Duration::from_secs(2));
+
+    let files = ct_study(
+        &data.path().join("order"),
+        "order",
+        SENDERS * PER_SENDER,
+        64 * 1024,
+    );
     let trace = data.path().join("strace.txt");
     let strace = Proc(
         std::process::Command::new("strace")
@@ -243,8 +269,15 @@ fn a_frame_is_flushed_before_its_instance_is_acknowledged() {
                 "-f",
                 "-qq",
                 "-yy",
+                "-s",
+                "4096",
                 "-e",
-                "trace=pwrite64,fdatasync,fsync,sendto,write,writev",
+                "trace=pwrite64,sync_file_range,fdatasync,fsync,sendto,write,writev",
+                // Each flush takes 20 ms more, as on a slow disk: frames
+                // written out meanwhile pile up behind it and share the
+                // next one, the case a wrong rule would get wrong.
+                "-e",
+                "inject=fdatasync:delay_enter=20000",
                 "-o",
             ])
             .arg(&trace)
@@ -258,60 +291,227 @@ fn a_frame_is_flushed_before_its_instance_is_acknowledged() {
         std::fs::metadata(&trace).is_ok()
     });
     std::thread::sleep(Duration::from_millis(500));
-    let out = storescu(relay.port, "MODALITY1", &files);
-    assert_eq!(out.acked.len(), 5, "{}", out.output);
+    assert_eq!(send_concurrently(relay.port, &files, SENDERS), files.len());
     std::thread::sleep(Duration::from_millis(300));
     drop(strace);
     let text = std::fs::read_to_string(&trace).expect("trace");
-    let events = parse_strace(&text);
+    let uids: Vec<String> = files.iter().map(|f| uid(f)).collect();
+    let _ = std::fs::copy(&trace, "/tmp/strace-keep.txt"); // SCRATCH
     let segments = relay
         .spool_dir()
         .canonicalize()
         .expect("spool dir")
         .join("seg");
+    let checked = check_flushed_before_acknowledged(&text, &segments, relay.port, &uids)
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    eprintln!("{checked:?}");
+    assert!(
+        checked.shared_path > 0 && checked.by_another_file > 0,
+        "no frame was made durable by another segment's flush: the test did not reach group commit\n{text}"
+    );
+}
+
+/// Sends `files` over `senders` concurrent storescu associations; the
+/// number acknowledged.
+fn send_concurrently(port: u16, files: &[PathBuf], senders: usize) -> usize {
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = files
+            .chunks(files.len().div_ceil(senders))
+            .map(|part| scope.spawn(move || storescu(port, "MODALITY1", part)))
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().map(|o| o.acked.len()).unwrap_or(0))
+            .sum()
+    })
+}
+
+/// What [`check_flushed_before_acknowledged`] saw.
+#[derive(Debug, Default)]
+struct FlushCheck {
+    /// C-STORE-RSPs checked.
+    responses: usize,
+    /// Frames written out (`sync_file_range`) for a shared flush.
+    shared_path: usize,
+    /// Frames made durable by an `fdatasync` of another segment.
+    by_another_file: usize,
+    /// `fdatasync` calls on segments.
+    flushes: usize,
+}
+
+/// A frame seen in the trace: its segment, its header's offset, the SOP
+/// Instance UID its log entry names, and how far it got.
+#[derive(Debug)]
+struct SeenFrame {
+    path: PathBuf,
+    at: u64,
+    uid: String,
+    written_out: bool,
+    flushed: bool,
+}
+
+/// Reads a `strace -f -yy -s 4096` trace of kakehashid receiving the
+/// instances `uids` on `port` and checks, for each, that its C-STORE-RSP
+/// left only after its frame was durable: flushed by an `fdatasync` of its
+/// own segment that began after its header was written, or written out by
+/// `sync_file_range` and then covered by an `fdatasync` of any segment that
+/// *began* after that writeout returned (a flush begun before covers
+/// nothing written after).
+fn check_flushed_before_acknowledged(
+    text: &str,
+    segments: &std::path::Path,
+    port: u16,
+    uids: &[String],
+) -> Result<FlushCheck, String> {
+    let mut frames: Vec<SeenFrame> = Vec::new();
+    // Per thread: the UID of the log entry it wrote last, and the frames a
+    // flush it began will cover.
+    let mut body_uid: std::collections::HashMap<String, String> = Default::default();
+    let mut flushing: std::collections::HashMap<String, Vec<usize>> = Default::default();
+    let mut out = FlushCheck::default();
+    let mut answered: HashSet<String> = HashSet::new();
     // `-yy` names a socket `TCP:[local->peer]`; the parser cuts at the first
     // `>`, so the local end and the `-` remain.
-    let port = format!(":{}-", relay.port);
-    let in_segment = |e: &Event| e.path.as_ref().is_some_and(|p| p.starts_with(&segments));
-
-    // Per segment: a frame header written and not flushed since.
-    let mut unflushed: Vec<PathBuf> = Vec::new();
-    let mut flushed_frames = 0;
-    let mut responses = 0;
-    for e in events.iter().filter(|e| e.done) {
-        let header = e.call == "pwrite64" && in_segment(e) && e.args.contains(", 512, ");
-        if header {
-            unflushed.push(e.path.clone().expect("path"));
-        } else if e.call == "fdatasync" && in_segment(e) {
-            let before = unflushed.len();
-            unflushed.retain(|p| Some(p) != e.path.as_ref());
-            flushed_frames += before - unflushed.len();
-        } else if ["sendto", "write", "writev"].contains(&e.call.as_str())
-            && e.path
-                .as_ref()
-                .is_some_and(|p| p.to_string_lossy().contains(&port))
-        {
-            // A PDU to the sender on the association (the C-STORE-RSP, or
-            // the A-ASSOCIATE-AC / A-RELEASE-RP): no frame may be waiting.
-            assert!(
-                unflushed.is_empty(),
-                "a response left while a frame header in {unflushed:?} was not flushed: \
-                 a power cut then loses an acknowledged instance\n{text}"
-            );
-            responses += 1;
+    let inbound = format!(":{port}-");
+    // The arguments of a call, without what strace adds after them.
+    let arg_list = |args: &str| -> Vec<String> {
+        let args = args.trim_end().trim_end_matches("(DELAYED)");
+        let end = args
+            .find(" <unfinished")
+            .or_else(|| args.rfind(')'))
+            .unwrap_or(args.len());
+        args[..end]
+            .split(", ")
+            .map(|a| a.trim().to_string())
+            .collect()
+    };
+    let last_num = |args: &str| -> Option<u64> { arg_list(args).last()?.parse().ok() };
+    for e in parse_strace(text) {
+        let pid = e.pid.clone();
+        let on_segment = e.path.as_ref().is_some_and(|p| p.starts_with(segments));
+        match (e.call.as_str(), e.done, on_segment) {
+            ("pwrite64", true, true) => {
+                // A log entry, JSON as strace quotes it.
+                if let Some(u) = e.args.split(r#"\"sop_instance_uid\":\""#).nth(1) {
+                    let u = u.split('\\').next().unwrap_or_default().to_string();
+                    body_uid.insert(pid.clone(), u);
+                } else if e.args.contains(", 512, ") && e.args.contains("\"KKSG") {
+                    let uid = body_uid
+                        .remove(&pid)
+                        .ok_or("a frame header with no log entry before it")?;
+                    let at = last_num(&e.args).ok_or("pwrite64 offset")?;
+                    frames.push(SeenFrame {
+                        path: e.path.clone().expect("path"),
+                        at,
+                        uid,
+                        written_out: false,
+                        flushed: false,
+                    });
+                }
+            }
+            ("sync_file_range", true, true) => {
+                // sync_file_range(fd, offset, nbytes, flags)
+                let nums: Vec<u64> = arg_list(&e.args)
+                    .iter()
+                    .skip(1)
+                    .take(2)
+                    .filter_map(|n| n.parse().ok())
+                    .collect();
+                let [off, len] = nums[..] else {
+                    return Err(format!("sync_file_range arguments: {}", e.args));
+                };
+                if !e.args.contains("WAIT_AFTER") || !e.args.contains("SYNC_FILE_RANGE_WRITE") {
+                    return Err(format!("a writeout that does not wait: {}", e.args));
+                }
+                for f in frames
+                    .iter_mut()
+                    .filter(|f| Some(&f.path) == e.path.as_ref())
+                {
+                    if f.at >= off && f.at < off + len {
+                        f.written_out = true;
+                        out.shared_path += 1;
+                    }
+                }
+            }
+            ("fdatasync" | "fsync", false, true) => {
+                // Begins: covers frames written out by now, and the frames of
+                // its own file written by now.
+                let covered = frames
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| {
+                        !f.flushed && (f.written_out || Some(&f.path) == e.path.as_ref())
+                    })
+                    .map(|(i, _)| i)
+                    .collect();
+                flushing.insert(pid.clone(), covered);
+            }
+            ("fdatasync" | "fsync", true, true) => {
+                out.flushes += 1;
+                let covered = flushing.remove(&pid).unwrap_or_default();
+                // `) = 0` (strace may pad before the `=`), perhaps followed
+                // by ` (DELAYED)`.
+                let ok = e
+                    .args
+                    .rsplit_once(" = ")
+                    .is_some_and(|(_, r)| r.split_whitespace().next() == Some("0"));
+                if ok {
+                    for i in covered {
+                        if Some(&frames[i].path) != e.path.as_ref() {
+                            out.by_another_file += 1;
+                        }
+                        frames[i].flushed = true;
+                    }
+                }
+            }
+            ("sendto" | "write" | "writev", true, false)
+                if e.path
+                    .as_ref()
+                    .is_some_and(|p| p.to_string_lossy().contains(&inbound)) =>
+            {
+                // A PDU to a sender: if it names an instance (its
+                // C-STORE-RSP), that instance's frame must be durable.
+                let Some(u) = uids
+                    .iter()
+                    .filter(|u| e.args.contains(u.as_str()))
+                    .max_by_key(|u| u.len())
+                else {
+                    continue;
+                };
+                let Some(f) = frames.iter().rev().find(|f| &f.uid == u) else {
+                    return Err(format!(
+                        "the response for {u} left before its frame was written"
+                    ));
+                };
+                if !f.flushed {
+                    return Err(format!(
+                        "the response for {u} left while its frame ({} at {}) was not durable{}: a power cut then loses an acknowledged instance",
+                        f.path.display(),
+                        f.at,
+                        if f.written_out { " (written out, but no flush began after that)" } else { "" }
+                    ));
+                }
+                answered.insert(u.clone());
+                out.responses += 1;
+            }
+            _ => {}
         }
     }
-    assert_eq!(
-        flushed_frames, 5,
-        "every instance's frame was written and flushed:\n{text}"
-    );
-    assert!(responses >= 5, "the responses were seen:\n{text}");
+    if answered.len() != uids.len() {
+        return Err(format!(
+            "responses seen for {} of {} instances",
+            answered.len(),
+            uids.len()
+        ));
+    }
+    Ok(out)
 }
 
 /// One syscall line of `strace -f -y`: the call, its first path argument
 /// (from `-y`), and whether this line is where the call returned.
 #[derive(Debug)]
 struct Event {
+    /// The thread (strace -f prefixes its id).
+    pid: String,
     call: String,
     args: String,
     path: Option<PathBuf>,
@@ -331,6 +531,7 @@ fn parse_strace(text: &str) -> Vec<Event> {
         if let Some(resumed) = rest.strip_prefix("<... ") {
             let call = resumed.split_whitespace().next().unwrap_or("").to_string();
             let mut e = pending.remove(&pid).unwrap_or(Event {
+                pid: pid.clone(),
                 call,
                 args: String::new(),
                 path: None,
@@ -357,6 +558,7 @@ fn parse_strace(text: &str) -> Vec<Event> {
             });
         let unfinished = rest.ends_with("<unfinished ...>");
         let e = Event {
+            pid: pid.clone(),
             call: call.to_string(),
             args: args.to_string(),
             path: path.clone(),
@@ -365,6 +567,7 @@ fn parse_strace(text: &str) -> Vec<Event> {
         if unfinished {
             // The start, as its own event; the end comes with "resumed".
             out.push(Event {
+                pid: pid.clone(),
                 call: call.to_string(),
                 args: args.to_string(),
                 path: path.clone(),
@@ -374,6 +577,7 @@ fn parse_strace(text: &str) -> Vec<Event> {
         } else {
             // Started and returned on one line: a start and an end.
             out.push(Event {
+                pid: pid.clone(),
                 call: call.to_string(),
                 args: args.to_string(),
                 path,

@@ -317,6 +317,22 @@ pub fn render(shared: &Shared) -> String {
         t.family(name, "gauge", help);
         t.sample(name, "", v);
     }
+    let (flushes, shared_frames) = spool.flush_counts();
+    for (name, help, v) in [
+        (
+            "kakehashi_spool_flushes_total",
+            "fdatasync calls made to acknowledge instances (group commit shares one among concurrent frames).",
+            flushes,
+        ),
+        (
+            "kakehashi_spool_shared_flush_frames_total",
+            "Instances acknowledged after a flush another instance started.",
+            shared_frames,
+        ),
+    ] {
+        t.family(name, "counter", help);
+        t.sample(name, "", v);
+    }
 
     for (name, help, bytes) in [
         (

@@ -2,7 +2,8 @@
 //!
 //! An instance is *accepted* when [`Incoming::commit`] returns: its payload
 //! and its log entry were appended to a segment file and flushed once
-//! (`fdatasync`; see [`segment`]), and its index record was committed with
+//! (`fdatasync`, shared with concurrent instances where the segment is
+//! used again: group commit; see [`segment`]), and its index record was committed with
 //! its audit record (redb, `Durability::None`: a checkpoint makes it durable
 //! within a second, and until then a restart applies the log entry again).
 //! Only then may the ingress answer C-STORE Success. A payload larger than
@@ -51,7 +52,9 @@
 //! transaction reopens it (redb repairs on open), so a disk that had filled
 //! up serves again without a restart.
 
-#![forbid(unsafe_code)]
+// One call into libc (`segment::write_out`, for the shared flush) is
+// allowed by name; nothing else may be unsafe.
+#![deny(unsafe_code)]
 
 pub mod record;
 pub mod seal;
@@ -487,6 +490,12 @@ impl Spool {
     /// Free space on the spool's filesystem, for `status`.
     pub fn free_bytes(&self) -> Result<u64, SpoolError> {
         free_space(&self.dir)
+    }
+
+    /// Flushes made to acknowledge instances since start, and how many
+    /// instances shared a flush another started (group commit).
+    pub fn flush_counts(&self) -> (u64, u64) {
+        self.segments.flush_counts()
     }
 
     /// What counts against `spool.max_size`: payloads and the index (it

@@ -3,9 +3,10 @@
 //!
 //! A segment (`seg/<n>.seg`) is a file of fixed size, allocated
 //! (`fallocate`) and flushed once when it is made and then only overwritten:
-//! appending a payload to it changes no file-system metadata, so `fdatasync` is one device flush with
-//! no journal commit (creating a file, renaming it and syncing its directory
-//! is three). Segments whose payloads have all left the spool are used again
+//! appending a payload to it changes no file size and no block map (its
+//! first pass only marks reserved blocks written), so `fdatasync` is one
+//! device flush (creating a file, renaming it and syncing its directory is
+//! three). Segments whose payloads have all left the spool are used again
 //! from their start; a few are kept ready, the rest deleted.
 //!
 //! A frame per instance, aligned to 4 KiB:
@@ -19,15 +20,33 @@
 //!                    index needs to accept it again (see `crate::LogEntry`)
 //! ```
 //!
-//! Header, payload and body are written, then the segment is flushed once
-//! (`fdatasync`); only then is the index updated, without waiting for its
-//! own flush. The log sequence number (lsn) orders the frames: at start,
-//! frames newer than the index's last durable lsn are verified (header
+//! Header, payload and body are written, then the frame is flushed once
+//! (shared with concurrent frames, see below); only then is the index
+//! updated, without waiting for its own flush. The log sequence number
+//! (lsn) orders the frames: at start, frames newer than the index's last
+//! durable lsn are verified (header
 //! digest, then the payload's own digest or seal) and applied again, in lsn
 //! order, so the index ends where it was when the power went. A frame torn
 //! by the power cut fails its check and was never acknowledged. A frame
 //! whose index update failed is marked void (the instance was refused), not
 //! wiped: the frames after it in its segment stay reachable.
+//!
+//! Concurrent frames share flushes (group commit, [`Flusher`]). Each
+//! association appends to a segment of its own, so sharing a flush means
+//! sharing a device cache flush across files: a frame is written out
+//! (`sync_file_range`, waiting for the writes to complete, no cache flush)
+//! and then waits for one `fdatasync` of any spool file that *began after*
+//! its writes completed: whoever finds no such flush running starts one and
+//! the others that wrote out meanwhile wait for it. On ext4 this is only
+//! sound where the frame changes no file-system metadata: the first write
+//! into a block `fallocate` reserved turns it from unwritten to written,
+//! a journal entry that only the segment's own `fdatasync` commits. So a
+//! segment keeps a *written-through* mark (the end of the region whose
+//! blocks are known written and committed): a frame wholly below it takes
+//! the shared flush; a frame above it (a segment's first pass) is flushed
+//! by its own `fdatasync`, which moves the mark past it. At start every
+//! segment is flushed once and its mark set at the end of its frames. A
+//! segment used again (the steady state of a box) is below its mark.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -55,8 +74,10 @@ pub(crate) const BODY_ROOM: u64 = 16 * 1024;
 /// A segment with less room left than this (or a quarter of it) takes no
 /// new frame.
 const MIN_ROOM: u64 = 64 * 1024;
-/// Emptied segments kept ready for use (the rest are deleted).
-const KEEP_FREE: usize = 4;
+/// Emptied segments kept ready for use (the rest are deleted): one per
+/// association of a busy modality or two, so that their frames land below
+/// written-through marks and share flushes (at most an eighth of the spool).
+const KEEP_FREE: usize = 8;
 
 /// Where a payload lies in a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -108,6 +129,12 @@ struct Seg {
     /// instance was refused), the segment is not reclaimed, whatever the
     /// durable lsn says.
     busy: u32,
+    /// Written through: every block below it was written by a frame that
+    /// was flushed by the segment's own `fdatasync` (or found at start and
+    /// flushed then), so overwriting it changes no metadata.
+    through: u64,
+    /// Where the frames found at start-up end.
+    found_end: u64,
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +152,7 @@ pub(crate) struct Segments {
     dir: PathBuf,
     size: u64,
     state: Arc<Mutex<State>>,
+    flusher: Arc<Flusher>,
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -143,7 +171,11 @@ pub(crate) struct Writer {
     /// Payload bytes written so far.
     pub written: u64,
     size: u64,
+    /// The segment's written-through mark when it was taken (only this
+    /// writer's own flush moves it while it lives).
+    through: u64,
     state: Arc<Mutex<State>>,
+    flusher: Arc<Flusher>,
 }
 
 impl Drop for Writer {
@@ -199,16 +231,29 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes the body and then the header of the frame, and flushes the
-    /// segment: the one flush of an acknowledgement. Returns where the next
-    /// frame may start.
+    /// Writes the body and then the header of the frame, and flushes it:
+    /// the one flush of an acknowledgement, shared with concurrent frames
+    /// when the frame lies below the segment's written-through mark (see
+    /// the module's doc). Returns where the next frame may start.
     pub fn seal_frame(&self, lsn: u64, body: &[u8]) -> std::io::Result<u64> {
         let body_at = self.payload_at() + self.written;
         self.file.write_all_at(body, body_at)?;
         self.file
             .write_all_at(&header(lsn, self.written, body), self.start)?;
-        self.file.sync_data()?;
-        Ok(align(body_at + body.len() as u64))
+        let end = align(body_at + body.len() as u64);
+        if end <= self.through {
+            write_out(&self.file, self.start, end - self.start)?;
+            self.flusher.join(&self.file)?;
+        } else {
+            self.flusher.own(&self.file)?;
+            let mut s = lock(&self.state);
+            if let Some(g) = s.segs.get_mut(&self.seg) {
+                if self.start <= g.through {
+                    g.through = g.through.max(end);
+                }
+            }
+        }
+        Ok(end)
     }
 
     /// Marks the frame sealed as `lsn` with `body` void (an index update
@@ -295,6 +340,8 @@ impl Segments {
                     live_bytes: 0,
                     max_lsn: u64::MAX,
                     busy: 0,
+                    through: 0,
+                    found_end: 0,
                 },
             );
         }
@@ -302,6 +349,7 @@ impl Segments {
             dir,
             size,
             state: Arc::new(Mutex::new(state)),
+            flusher: Arc::default(),
         })
     }
 
@@ -321,6 +369,11 @@ impl Segments {
     #[cfg(test)]
     pub fn live(&self) -> u64 {
         self.state().segs.values().map(|g| g.live).sum()
+    }
+
+    /// (flushes made, frames that shared another's flush).
+    pub fn flush_counts(&self) -> (u64, u64) {
+        self.flusher.counts()
     }
 
     /// Bytes of the payloads held in segments.
@@ -354,7 +407,7 @@ impl Segments {
             .map(|(n, s)| (*n, Arc::clone(&s.file)))
             .collect();
         let mut out = Vec::new();
-        let mut max_lsn: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut max_lsn: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
         for (no, file) in segs {
             let path = self.path(no);
             let len = file.metadata().map_err(io(&path))?.len();
@@ -408,12 +461,13 @@ impl Segments {
                 }
                 at = align(body_at + body_len);
             }
-            max_lsn.insert(no, newest);
+            max_lsn.insert(no, (newest, at));
         }
         let mut s = self.state();
-        for (no, lsn) in max_lsn {
+        for (no, (lsn, end)) in max_lsn {
             if let Some(seg) = s.segs.get_mut(&no) {
                 seg.max_lsn = lsn;
+                seg.found_end = end;
             }
         }
         Ok(out)
@@ -440,9 +494,21 @@ impl Segments {
 
     /// After start-up: `live` counts the records of each segment; every
     /// segment with none becomes free (everything in it is durable by then).
+    /// Each segment is flushed once, so that the frames found in it (which
+    /// may have been read from the page cache after a crash of the process
+    /// alone) are on the disk with their block map: they are its
+    /// written-through mark.
     pub fn settle(&self, live: &BTreeMap<u32, (u64, u64)>) {
         let mut s = self.state();
         for (no, seg) in s.segs.iter_mut() {
+            seg.through = 0;
+            match seg.file.sync_data() {
+                Ok(()) => seg.through = seg.found_end,
+                Err(e) => tracing::warn!(
+                    segment = %self.dir.join(format!("{no:08x}.seg")).display(),
+                    "spool segment not flushed at start; its frames get flushes of their own: {e}"
+                ),
+            }
             (seg.live, seg.live_bytes) = live.get(no).copied().unwrap_or((0, 0));
             seg.max_lsn = 0;
             seg.busy = 0;
@@ -489,7 +555,9 @@ impl Segments {
                     start: seg.pos,
                     written: 0,
                     size,
+                    through: seg.through,
                     state: Arc::clone(&self.state),
+                    flusher: Arc::clone(&self.flusher),
                 });
             }
         }
@@ -516,6 +584,8 @@ impl Segments {
                 live_bytes: 0,
                 max_lsn: 0,
                 busy: 1,
+                through: 0,
+                found_end: 0,
             },
         );
         Ok(Writer {
@@ -524,7 +594,9 @@ impl Segments {
             start: 0,
             written: 0,
             size: self.size,
+            through: 0,
             state: Arc::clone(&self.state),
+            flusher: Arc::clone(&self.flusher),
         })
     }
 
@@ -652,6 +724,126 @@ impl Read for SegReader {
         }
         self.pos += got as u64;
         Ok(got)
+    }
+}
+
+/// Writes the dirty pages of `len` bytes at `at` to the device and waits
+/// until those writes completed, without a cache flush
+/// (`sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`): the first half of
+/// a shared flush. nix has no wrapper for it; this is the spool's one call
+/// into libc.
+#[allow(unsafe_code)]
+fn write_out(file: &File, at: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    let (Ok(at), Ok(len)) = (libc::off64_t::try_from(at), libc::off64_t::try_from(len)) else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: sync_file_range reads no memory of ours; `file` keeps the
+    // descriptor open for the duration of the call.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), at, len, flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Group commit: device cache flushes shared by frames written out
+/// concurrently. Every flush of a spool file is numbered when it starts; a
+/// frame whose writes completed before flush `n` started is durable once a
+/// flush numbered `n` or later completes without error.
+#[derive(Debug, Default)]
+pub(crate) struct Flusher {
+    state: Mutex<FlushState>,
+    done: Condvar,
+    /// `fdatasync` calls made (own and shared).
+    flushes: std::sync::atomic::AtomicU64,
+    /// Frames made durable by a flush another frame started.
+    joined: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct FlushState {
+    /// Flushes started.
+    started: u64,
+    /// The highest numbered flush that completed without error.
+    ok: u64,
+    /// A shared flush is running.
+    leading: bool,
+    /// Frames waiting for a flush (tests).
+    #[cfg(test)]
+    waiting: usize,
+}
+
+impl Flusher {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FlushState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn flush(&self, file: &File, n: u64) -> std::io::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let r = file.sync_data();
+        if r.is_ok() {
+            let mut s = self.lock();
+            s.ok = s.ok.max(n);
+        }
+        self.done.notify_all();
+        r
+    }
+
+    /// `file`'s own `fdatasync` (its frame may change metadata); it serves
+    /// the frames written out before it too.
+    pub fn own(&self, file: &File) -> std::io::Result<()> {
+        let n = {
+            let mut s = self.lock();
+            s.started += 1;
+            s.started
+        };
+        self.flush(file, n)
+    }
+
+    /// For a frame in `file` already written out: returns once a flush
+    /// that started after now completed, starting one (of `file`) if none
+    /// is running. A failed flush does not count; its waiters try again.
+    pub fn join(&self, file: &File) -> std::io::Result<()> {
+        let mut s = self.lock();
+        let need = s.started + 1;
+        loop {
+            if s.ok >= need {
+                self.joined
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(());
+            }
+            if !s.leading {
+                s.leading = true;
+                s.started += 1;
+                let n = s.started;
+                drop(s);
+                let r = self.flush(file, n);
+                self.lock().leading = false;
+                self.done.notify_all();
+                return r;
+            }
+            #[cfg(test)]
+            {
+                s.waiting += 1;
+            }
+            s = self.done.wait(s).unwrap_or_else(|p| p.into_inner());
+            #[cfg(test)]
+            {
+                s.waiting -= 1;
+            }
+        }
+    }
+
+    /// (flushes made, frames that shared another's flush).
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.flushes.load(Relaxed), self.joined.load(Relaxed))
     }
 }
 
@@ -853,6 +1045,178 @@ mod tests {
             (w5.seg, w5.start),
             (seg, start),
             "used again from its start"
+        );
+    }
+
+    #[test]
+    fn a_segment_used_again_shares_flushes_and_its_first_pass_does_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segs = Segments::open(dir.path(), 1 << 20).expect("open");
+        segs.settle(&BTreeMap::new());
+        // First pass: each frame turns reserved blocks into written ones,
+        // so it is flushed by its own fdatasync and moves the mark.
+        let mut ends = Vec::new();
+        for lsn in 1..=3 {
+            let mut w = segs.take(None, |_| Ok(())).expect("take");
+            assert_eq!(w.through, ends.last().copied().unwrap_or(0));
+            w.append(&[7u8; 5000]).expect("append");
+            let next = w.seal_frame(lsn, b"body").expect("seal");
+            segs.put_back(w.seg, next);
+            ends.push(next);
+        }
+        assert_eq!(segs.flush_counts(), (3, 0), "three own flushes");
+        // Used again from its start (as after a reclaim): every frame lies
+        // below the mark and takes the shared flush (alone, it leads it).
+        {
+            let mut s = segs.state();
+            let g = s.segs.values_mut().next().expect("segment");
+            assert_eq!(g.through, ends[2]);
+            g.pos = 0;
+            g.status = Status::Open;
+        }
+        let mut w = segs.take(None, |_| Ok(())).expect("take");
+        assert_eq!((w.start, w.through), (0, ends[2]));
+        w.append(&[8u8; 5000]).expect("append");
+        assert_eq!(w.seal_frame(4, b"body").expect("seal"), ends[0]);
+        assert_eq!(segs.flush_counts(), (4, 0));
+        // A frame that crosses the mark is flushed as its own.
+        segs.put_back(w.seg, ends[2] - ALIGN);
+        let mut w = segs.take(None, |_| Ok(())).expect("take");
+        w.append(&[9u8; 9000]).expect("append");
+        let end = w.seal_frame(5, b"body").expect("seal");
+        assert!(end > ends[2]);
+        let s = segs.state();
+        assert_eq!(s.segs.values().next().expect("segment").through, end);
+    }
+
+    #[test]
+    fn the_mark_found_at_start_is_where_the_frames_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let end = {
+            let segs = Segments::open(dir.path(), 1 << 20).expect("open");
+            segs.settle(&BTreeMap::new());
+            let mut w = segs.take(None, |_| Ok(())).expect("take");
+            w.append(&[1u8; 10_000]).expect("append");
+            w.seal_frame(1, b"body").expect("seal")
+        };
+        let segs = Segments::open(dir.path(), 1 << 20).expect("open");
+        assert_eq!(segs.scan(0).expect("scan").len(), 1);
+        segs.settle(&BTreeMap::new());
+        let w = segs.take(None, |_| Ok(())).expect("take");
+        assert_eq!((w.start, w.through), (0, end));
+    }
+
+    #[test]
+    fn a_flush_shared_must_have_started_after_the_frame_was_written_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = Arc::new(make_segment(&dir.path().join("a.seg"), 1 << 16).expect("segment"));
+        for later_flush_started in [false, true] {
+            let flusher = Arc::new(Flusher::default());
+            {
+                // Flush 5 is running: it began before the frame below was
+                // written out, so it does not cover it.
+                let mut s = flusher.lock();
+                (s.started, s.ok, s.leading) = (5, 4, true);
+            }
+            let joiner = {
+                let (flusher, file) = (Arc::clone(&flusher), Arc::clone(&file));
+                std::thread::spawn(move || flusher.join(&file))
+            };
+            while flusher.lock().waiting == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            {
+                let mut s = flusher.lock();
+                if later_flush_started {
+                    // ...but flush 6, begun after, completed: it does.
+                    s.started = 6;
+                    s.ok = 6;
+                } else {
+                    s.ok = 5;
+                    s.leading = false;
+                }
+            }
+            flusher.done.notify_all();
+            joiner.join().expect("thread").expect("join");
+            let expect = if later_flush_started { (0, 1) } else { (1, 0) };
+            assert_eq!(
+                flusher.counts(),
+                expect,
+                "later flush: {later_flush_started}"
+            );
+        }
+    }
+
+    #[test]
+    fn concurrent_frames_below_their_marks_share_flushes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segs = Arc::new(Segments::open(dir.path(), 1 << 20).expect("open"));
+        segs.settle(&BTreeMap::new());
+        const WRITERS: usize = 8;
+        const ROUNDS: u64 = 20;
+        // A segment per writer, written through once.
+        let mut writers: Vec<Writer> = (0..WRITERS)
+            .map(|_| segs.take(None, |_| Ok(())).expect("take"))
+            .collect();
+        for (i, w) in writers.iter_mut().enumerate() {
+            w.append(&vec![1u8; 600 * 1024]).expect("append");
+            w.seal_frame(i as u64 + 1, b"b").expect("seal");
+        }
+        let seg_nos: Vec<u32> = writers.iter().map(|w| w.seg).collect();
+        drop(writers);
+        {
+            let mut s = segs.state();
+            for g in s.segs.values_mut() {
+                assert!(g.through > 600 * 1024);
+                (g.pos, g.status) = (0, Status::Closed);
+            }
+        }
+        let before = segs.flush_counts();
+        let barrier = Arc::new(std::sync::Barrier::new(WRITERS));
+        let threads: Vec<_> = seg_nos
+            .into_iter()
+            .enumerate()
+            .map(|(i, no)| {
+                let (segs, barrier) = (Arc::clone(&segs), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    for r in 0..ROUNDS {
+                        // A writer on this thread's own segment.
+                        let mut w = {
+                            let s = segs.state();
+                            let g = s.segs.get(&no).expect("segment");
+                            Writer {
+                                seg: no,
+                                file: Arc::clone(&g.file),
+                                start: (r % 64) * 8192,
+                                written: 0,
+                                size: segs.size,
+                                through: g.through,
+                                state: Arc::clone(&segs.state),
+                                flusher: Arc::clone(&segs.flusher),
+                            }
+                        };
+                        w.append(&[r as u8; 4000]).expect("append");
+                        barrier.wait();
+                        w.seal_frame(100 + i as u64 * ROUNDS + r, b"b")
+                            .expect("seal");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        let (flushes, joined) = segs.flush_counts();
+        let frames = WRITERS as u64 * ROUNDS;
+        assert_eq!(
+            flushes - before.0 + joined - before.1,
+            frames,
+            "every frame flushed once: by itself or with others"
+        );
+        assert!(
+            flushes - before.0 < frames,
+            "{} flushes for {frames} frames written out together",
+            flushes - before.0
         );
     }
 
