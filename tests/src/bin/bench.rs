@@ -181,6 +181,32 @@ struct RelayRun {
     secs: f64,
     peak: u64,
     flushes: Option<u64>,
+    /// The spool's own count while the study was acknowledged: its
+    /// `fdatasync` calls, and the instances that shared a flush another
+    /// started (group commit), from its metrics endpoint.
+    spool_flushes: Option<(u64, u64)>,
+}
+
+/// `kakehashi_spool_flushes_total` and
+/// `kakehashi_spool_shared_flush_frames_total` from the metrics endpoint.
+fn spool_flushes(metrics: u16) -> Option<(u64, u64)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let value = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((
+        value("kakehashi_spool_flushes_total")?,
+        value("kakehashi_spool_shared_flush_frames_total")?,
+    ))
 }
 
 /// Flush requests completed by the block device holding `dir` (field 16 of
@@ -202,6 +228,8 @@ fn relayed(study: &Study, center: &Path, senders: usize, sealed: bool, cold: boo
     if sealed {
         opts = opts.with_software_keys(keys.path());
     }
+    let metrics = free_port();
+    opts.extra_toml += &format!("\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n");
     let relay = Relay::start(opts);
     let n = study.files.len();
     if !cold {
@@ -217,12 +245,16 @@ fn relayed(study: &Study, center: &Path, senders: usize, sealed: bool, cold: boo
     }
     let before = scp.store_requests();
     let flushes_before = device_flushes(relay.dir.path());
+    let spool_before = spool_flushes(metrics);
     let t = Instant::now();
     let acked = send(relay.port, "KAKEHASHI", &study.files, senders);
     let acked_secs = t.elapsed().as_secs_f64();
     let flushes = device_flushes(relay.dir.path())
         .zip(flushes_before)
         .map(|(a, b)| a - b);
+    let spool_flushes = spool_flushes(metrics)
+        .zip(spool_before)
+        .map(|(a, b)| (a.0 - b.0, a.1 - b.1));
     assert_eq!(acked, n, "relay send failed");
     wait_until(
         "every instance at the destination",
@@ -234,6 +266,7 @@ fn relayed(study: &Study, center: &Path, senders: usize, sealed: bool, cold: boo
         secs: t.elapsed().as_secs_f64(),
         peak: peak_rss(relay.pid()).unwrap_or(0),
         flushes,
+        spool_flushes,
     }
 }
 
@@ -363,15 +396,23 @@ fn print_header() {
 fn group_bench(study: &Study, center: &Path, rounds: usize) {
     let n = study.files.len() as f64;
     println!(
-        "group commit: {} relayed by N concurrent storescu associations (spool in service); flushes = flush requests completed by the spool's disk while the study was acknowledged",
+        "group commit: {} relayed by N concurrent storescu associations (spool in service); device = flush requests completed by the spool's disk while the study was acknowledged; fdatasync = the spool's own flushes; shared = instances acknowledged after a flush another started",
         study.name
     );
     println!(
-        "{:>7} | {:>9} {:>9} {:>9} | {:>6} | {:>14}",
-        "senders", "direct/s", "acked/s", "relay/s", "ratio", "flushes/inst"
+        "{:>7} | {:>9} {:>9} {:>9} | {:>6} | {:>12} {:>15} {:>7}",
+        "senders",
+        "direct/s",
+        "acked/s",
+        "relay/s",
+        "ratio",
+        "device/inst",
+        "fdatasync/inst",
+        "shared"
     );
     for senders in [1, 2, 4, 8] {
         let (mut d, mut a, mut r, mut f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut own, mut shared) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             d.push(direct(study, center, senders));
             let run = relayed(study, center, senders, false, false);
@@ -380,6 +421,10 @@ fn group_bench(study: &Study, center: &Path, rounds: usize) {
             if let Some(flushes) = run.flushes {
                 f.push(flushes as f64 / n);
             }
+            if let Some((flushes, joined)) = run.spool_flushes {
+                own.push(flushes as f64 / n);
+                shared.push(joined as f64 / n);
+            }
         }
         let (d, a, r) = (median(d), median(a), median(r));
         let flushes = if f.is_empty() {
@@ -387,8 +432,16 @@ fn group_bench(study: &Study, center: &Path, rounds: usize) {
         } else {
             format!("{:.2}", median(f))
         };
+        let (own, shared) = if own.is_empty() {
+            ("?".to_string(), "?".to_string())
+        } else {
+            (
+                format!("{:.2}", median(own)),
+                format!("{:.0} %", 100.0 * median(shared)),
+            )
+        };
         println!(
-            "{senders:>7} | {:>9.1} {:>9.1} {:>9.1} | {:>6.2} | {flushes:>14}",
+            "{senders:>7} | {:>9.1} {:>9.1} {:>9.1} | {:>6.2} | {flushes:>12} {own:>15} {shared:>7}",
             n / d,
             n / a,
             n / r,
