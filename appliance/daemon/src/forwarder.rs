@@ -1040,7 +1040,9 @@ fn stream_dataset(spool: Arc<kakehashi_spool::Spool>, dataset: DatasetRef) -> Ch
             }
         };
         loop {
-            let mut block = vec![0u8; 256 * 1024];
+            // 64 KiB blocks, at most 4 queued: each association in flight
+            // holds about half a megabyte (8 by default).
+            let mut block = vec![0u8; 64 * 1024];
             match reader.read(&mut block) {
                 Ok(0) => return,
                 Ok(n) => {

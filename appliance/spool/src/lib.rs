@@ -1259,7 +1259,7 @@ impl Spool {
                 _ => io(&path)(e),
             })?),
         };
-        let mut reader = std::io::BufReader::with_capacity(256 * 1024, raw);
+        let mut reader = std::io::BufReader::with_capacity(64 * 1024, raw);
         let mut magic = [0u8; 4];
         reader.read_exact(&mut magic).map_err(read_err(&path))?;
         if seal::is_sealed(&magic) {
