@@ -296,7 +296,6 @@ fn a_frame_is_flushed_before_its_instance_is_acknowledged() {
     drop(strace);
     let text = std::fs::read_to_string(&trace).expect("trace");
     let uids: Vec<String> = files.iter().map(|f| uid(f)).collect();
-    let _ = std::fs::copy(&trace, "/tmp/strace-keep.txt"); // SCRATCH
     let segments = relay
         .spool_dir()
         .canonicalize()
