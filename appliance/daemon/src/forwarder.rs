@@ -815,10 +815,17 @@ async fn send_one(
     };
     // Nothing leaves the box unchecked: a sealed payload must authenticate
     // to its last chunk and every dataset must match its recorded digest
-    // before its C-STORE starts. Up to 32 MiB this is one pass into memory;
-    // larger ones are checked, then streamed (and the association aborted
-    // if they change in between).
-    let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if item.size <= SMALL {
+    // before its C-STORE starts. Within the memory budget shared by all
+    // associations this is one pass into memory, held until the C-STORE
+    // ends; outside it the dataset is checked, then streamed (and the
+    // association aborted if it changed in between).
+    let held = if item.size <= HELD_BUDGET {
+        let units = u32::try_from(item.size.div_ceil(HELD_UNIT).max(1)).unwrap_or(u32::MAX);
+        Arc::clone(&shared.held).try_acquire_many_owned(units).ok()
+    } else {
+        None
+    };
+    let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if held.is_some() {
         let spool = Arc::clone(&shared.spool);
         let d = dataset.clone();
         let loaded = tokio::task::spawn_blocking(move || spool.read_dataset(&d)).await;
@@ -1017,9 +1024,15 @@ async fn settle(shared: &Arc<Shared>, handle: &Arc<Handle>, item: &Item, outcome
     }
 }
 
-/// Datasets up to this size are checked and sent from memory in one pass
-/// (a mammogram fits); larger ones are read twice (check, then stream).
-const SMALL: u64 = 32 << 20;
+/// How many bytes of datasets all associations together may hold in memory
+/// while sending them: a dataset that fits what is left is checked and sent
+/// from memory in one pass (CT and MR slices, a mammogram); the others are
+/// read twice (checked, then streamed in 64 KiB blocks). Without a shared
+/// budget each of a destination's associations could hold a mammogram.
+pub const HELD_BUDGET: u64 = 32 << 20;
+/// The budget's unit (a semaphore permit).
+const HELD_UNIT: u64 = 64 << 10;
+pub const HELD_UNITS: usize = (HELD_BUDGET / HELD_UNIT) as usize;
 
 /// Streams a dataset from a blocking reader (decrypting if sealed) to the
 /// async sender through a small bounded channel.
