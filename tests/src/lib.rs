@@ -166,6 +166,18 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// CPU time (user and system, seconds) a process has used so far.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces and
+    // parentheses): state is the first, utime the 12th, stime the 13th.
+    let after = stat.get(stat.rfind(')')? + 1..)?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some(ticks as f64 / hz as f64)
+}
+
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
     pub destinations: Vec<(String, String, u16)>,

@@ -3,8 +3,11 @@
 //! For each study: DCMTK storescu → storescp directly, then storescu →
 //! kakehashid → storescp, end to end (until every instance is at the
 //! destination and the spool is empty). Both with TCP_NODELAY. Prints
-//! instances/s, MB/s, the ratio relay/direct (time; lower is better) and
-//! kakehashid's peak RSS. Each pair runs `--rounds` times; the median counts.
+//! instances/s, MB/s, the ratio relay/direct (time; lower is better),
+//! kakehashid's peak RSS, and the CPU time kakehashid spent on the study
+//! beside the direct transfer's wall time (on two cores shared by storescu,
+//! kakehashid and storescp, the relay's CPU is time taken from the others).
+//! Each pair runs `--rounds` times; the median counts.
 //!
 //! `tunnel` (in the default set): the whole path in network namespaces
 //! (see `kakehashi_systest::netns`). iperf3 through kakehashid's boringtun ↔
@@ -185,6 +188,8 @@ struct RelayRun {
     /// `fdatasync` calls, and the instances that shared a flush another
     /// started (group commit), from its metrics endpoint.
     spool_flushes: Option<(u64, u64)>,
+    /// kakehashid's CPU time (user + system) for the measured study.
+    cpu: Option<f64>,
 }
 
 /// `kakehashi_spool_flushes_total` and
@@ -246,6 +251,7 @@ fn relayed(study: &Study, center: &Path, senders: usize, sealed: bool, cold: boo
     let before = scp.store_requests();
     let flushes_before = device_flushes(relay.dir.path());
     let spool_before = spool_flushes(metrics);
+    let cpu_before = cpu_secs(relay.pid());
     let t = Instant::now();
     let acked = send(relay.port, "KAKEHASHI", &study.files, senders);
     let acked_secs = t.elapsed().as_secs_f64();
@@ -261,12 +267,14 @@ fn relayed(study: &Study, center: &Path, senders: usize, sealed: bool, cold: boo
         Duration::from_secs(1800),
         || scp.store_requests() >= before + n && relay.queued() == 0,
     );
+    let secs = t.elapsed().as_secs_f64();
     RelayRun {
         acked_secs,
-        secs: t.elapsed().as_secs_f64(),
+        secs,
         peak: peak_rss(relay.pid()).unwrap_or(0),
         flushes,
         spool_flushes,
+        cpu: cpu_secs(relay.pid()).zip(cpu_before).map(|(a, b)| a - b),
     }
 }
 
@@ -309,22 +317,33 @@ fn main() {
     let mut all_ok = true;
     for s in &studies {
         let (mut d, mut r, mut e) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut rc, mut ec) = (Vec::new(), Vec::new());
         let mut rss = 0;
         for _ in 0..args.rounds {
             d.push(direct(s, &args.center_dir, args.senders));
             let run = relayed(s, &args.center_dir, args.senders, false, args.cold);
             r.push(run.secs);
+            rc.extend(run.cpu);
             rss = rss.max(run.peak);
             let run = relayed(s, &args.center_dir, args.senders, true, args.cold);
             e.push(run.secs);
+            ec.extend(run.cpu);
             rss = rss.max(run.peak);
         }
+        let cpu = |v: Vec<f64>| {
+            if v.is_empty() {
+                "?".to_string()
+            } else {
+                format!("{:.2}", median(v))
+            }
+        };
+        let (rc, ec) = (cpu(rc), cpu(ec));
         let (d, r, e) = (median(d), median(r), median(e));
         let n = s.files.len() as f64;
         let mb = s.bytes as f64 / 1e6;
         all_ok &= r / d <= s.target && e / d <= s.target;
         println!(
-            "{:<4} {:>6} {:>9.1} | {:>9.1} {:>8.1} | {:>9.1} {:>8.1} | {:>9.1} {:>8.1} | {:>6.2} {:>7.2} {:>6.2} | {:>6} MiB",
+            "{:<4} {:>6} {:>9.1} | {:>9.1} {:>8.1} | {:>9.1} {:>8.1} | {:>9.1} {:>8.1} | {:>6.2} {:>7.2} {:>6.2} | {:>6} MiB | {:>6.2} {:>5} {:>6}",
             s.name,
             s.files.len(),
             mb,
@@ -337,7 +356,10 @@ fn main() {
             r / d,
             e / d,
             s.target,
-            rss >> 20
+            rss >> 20,
+            d,
+            rc,
+            ec
         );
     }
     if !studies.is_empty() {
@@ -372,7 +394,10 @@ fn print_header() {
         "sealed = the spool sealed (chunked ChaCha20-Poly1305, as on a provisioned box; software keys here, the data path is the same)"
     );
     println!(
-        "{:<4} {:>6} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>9} {:>8} | {:>6} {:>7} {:>6} | {:>9}",
+        "CPU s = kakehashid's CPU time (user + system) for the study, plain and sealed, beside the direct transfer's wall time"
+    );
+    println!(
+        "{:<4} {:>6} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>9} {:>8} | {:>6} {:>7} {:>6} | {:>9} | {:>6} {:>5} {:>6}",
         "",
         "inst",
         "MB",
@@ -385,7 +410,10 @@ fn print_header() {
         "ratio",
         "sealed",
         "target",
-        "peak RSS"
+        "peak RSS",
+        "direct",
+        "CPU s",
+        "sealed"
     );
 }
 
