@@ -36,7 +36,7 @@ use std::io::{Read, Write};
 use chacha20::cipher::consts::U10;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use sha2::Digest as _;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize as _, Zeroizing};
 
 pub const MAGIC: &[u8; 4] = b"KKSE";
 /// The version written; 1 is still read.
@@ -162,9 +162,10 @@ impl SpoolKey {
 fn xchacha(key: &[u8; 32], nonce: &[u8; 24]) -> (Zeroizing<[u8; 32]>, [u8; 12]) {
     let mut first = [0u8; 16];
     first.copy_from_slice(&nonce[..16]);
-    let sub = chacha20::hchacha::<U10>(key.into(), &first.into());
+    let mut sub = chacha20::hchacha::<U10>(key.into(), &first.into());
     let mut subkey = Zeroizing::new([0u8; 32]);
     subkey.copy_from_slice(&sub);
+    sub.as_mut_slice().zeroize();
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&nonce[16..]);
     (subkey, n)
