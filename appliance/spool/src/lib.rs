@@ -1121,7 +1121,10 @@ impl Spool {
             header_len: header.len() as u64,
             dataset_len: 0,
             reserved: 0,
-            hasher: Sha256::new(),
+            // A sealed payload is authenticated by its seal; a digest would
+            // only serve to tell a re-sent copy, which is rare and compared
+            // byte for byte instead (see [`Spool::same_dataset`]).
+            hasher: self.key.is_none().then(Sha256::new),
         };
         incoming.reserve(header.len() as u64)?;
         sink.write_all(header)
@@ -2721,7 +2724,8 @@ pub struct Incoming {
     header_len: u64,
     dataset_len: u64,
     reserved: u64,
-    hasher: Sha256,
+    /// `None` on a sealed spool.
+    hasher: Option<Sha256>,
 }
 
 impl Incoming {
@@ -2756,7 +2760,9 @@ impl Incoming {
         let written = file.write_all(bytes);
         self.file = Some(file);
         written.map_err(|e| self.write_error(e))?;
-        self.hasher.update(bytes);
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(bytes);
+        }
         self.dataset_len += bytes.len() as u64;
 
         // Re-check the filesystem every 64 MiB: other writers share it.
@@ -2795,7 +2801,10 @@ impl Incoming {
         };
         let mut out = writer.finish().map_err(|e| self.write_error(e))?;
         let stored = out.written;
-        let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        let sha256 = match self.hasher.take() {
+            Some(h) => hex::encode(h.finalize()),
+            None => no_digest(self.id),
+        };
 
         let mut meta = meta;
         let patient = Some(meta.patient_id.trim().to_string()).filter(|p| !p.is_empty());
@@ -2933,6 +2942,35 @@ impl Drop for PathGuard {
     }
 }
 
+/// What [`InstanceRecord::sha256`] holds for a payload received without a
+/// digest (a sealed one): never a hex digest, and never equal to another
+/// record's, so an earlier kakehashid of the same spool format, which only
+/// compares digests (after a rollback to the other slot), takes a re-send
+/// for a correction, never for a duplicate.
+fn no_digest(id: u64) -> String {
+    format!("{NO_DIGEST}{id:016x}")
+}
+
+const NO_DIGEST: &str = "none:";
+
+fn has_digest(sha256: &str) -> bool {
+    !sha256.is_empty() && !sha256.starts_with(NO_DIGEST)
+}
+
+/// Reads until `buf` is full or the reader ends.
+fn fill(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 impl Spool {
     /// Commits a received instance: its record, UID mapping and audit
     /// record; or, if the instance is still spooled with the same bytes,
@@ -2946,6 +2984,39 @@ impl Spool {
     ///
     /// `lsn` is the instance's log entry (recorded with it, so a restart
     /// replays only newer ones).
+    /// Whether `new` (just written) holds the same dataset as the spooled
+    /// `old`: by digest when both have one, else byte for byte (a sealed
+    /// payload has none; this happens only when an instance comes again
+    /// while its first copy is still spooled). An `old` payload that cannot
+    /// be read (key lost, damaged) is not the same: the new copy replaces it.
+    fn same_dataset(&self, old: &InstanceRecord, new: &InstanceRecord) -> Result<bool, SpoolError> {
+        if old.dataset_size != new.dataset_size {
+            return Ok(false);
+        }
+        if has_digest(&old.sha256) && has_digest(&new.sha256) {
+            return Ok(old.sha256 == new.sha256);
+        }
+        let Ok(mut theirs) = self.dataset_reader(&DatasetRef::from(old)) else {
+            return Ok(false);
+        };
+        let new_ref = DatasetRef::from(new);
+        let path = self.dataset_path(&new_ref);
+        let mut ours = self.dataset_reader(&new_ref)?;
+        let (mut a, mut b) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+        loop {
+            let n = fill(&mut ours, &mut a).map_err(read_err(&path))?;
+            let Ok(m) = fill(&mut theirs, &mut b) else {
+                return Ok(false);
+            };
+            if a[..n] != b[..m] {
+                return Ok(false);
+            }
+            if n == 0 {
+                return Ok(true);
+            }
+        }
+    }
+
     fn commit_received(
         &self,
         mut rec: InstanceRecord,
@@ -2986,7 +3057,7 @@ impl Spool {
                 None => None,
             };
             if let Some(old) = previous.filter(|p| !p.is_done()) {
-                if old.sha256 == rec.sha256 {
+                if self.same_dataset(&old, &rec)? {
                     append_audit(
                         &mut audit,
                         AuditRecord::new(

@@ -354,7 +354,9 @@ pub struct InstanceRecord {
     pub dataset_size: u64,
     /// Offset of the dataset in the payload file (after the Part 10 header).
     pub dataset_offset: u64,
-    /// SHA-256 of the dataset bytes, hex.
+    /// SHA-256 of the dataset bytes, hex. A sealed payload is not hashed
+    /// (its seal authenticates it): `none:` and the id, which never equals
+    /// another record's; a re-sent copy is then compared byte for byte.
     pub sha256: String,
     pub received_ms: u64,
     pub routes: Vec<Route>,
