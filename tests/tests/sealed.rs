@@ -1,5 +1,7 @@
-//! The spool at rest: sealed payloads, no patient name or ID in clear, and
-//! a tampered file that is dead-lettered as "integrity" and never sent.
+//! The spool at rest: sealed payloads, no patient name or ID in clear, a
+//! tampered file that is dead-lettered as "integrity" and never sent, and
+//! re-sends told from corrections by their bytes (sealed payloads have no
+//! digest).
 //! Uses the software key store (same sealing as with a TPM; the TPM path is
 //! in provision.rs).
 
@@ -13,6 +15,13 @@ use kakehashi_systest::*;
 /// kakehashid with provisioned software keys, forwarding to `center_port`.
 fn sealed_relay(keys: &Path, center_port: u16) -> Relay {
     Relay::start(RelayOptions::to(center_port).with_software_keys(keys))
+}
+
+/// The dataset of a Part 10 file (empty if it has none).
+fn dataset(file: &[u8]) -> Vec<u8> {
+    testdata::dataset_of_file(file)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default()
 }
 
 /// Every file under `dir`, recursively.
@@ -145,4 +154,47 @@ fn a_flipped_byte_is_dead_lettered_as_integrity_and_never_sent() {
             || audit.contains("integrity"),
         "{audit}"
     );
+}
+
+#[test]
+fn a_sealed_spool_tells_a_resend_from_a_correction_by_its_bytes() {
+    // Sealed payloads are not hashed: an instance that comes again while
+    // its first copy is spooled is compared with it byte for byte, here
+    // across a kill -9 (the first copies are read back from the spool).
+    let keys = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("tempdir");
+    let center_port = free_port();
+    let mut relay = sealed_relay(keys.path(), center_port);
+    let files = testdata::ct_study(data.path(), "again", 4, 200 * 1024);
+    let out = storescu(relay.port, "MODALITY1", &files);
+    assert_eq!(out.acked.len(), 4, "{}", out.output);
+    relay.kill9();
+    relay.restart();
+
+    // The PACS sends two of them again, byte-identical: acknowledged, not queued.
+    let out = storescu(relay.port, "MODALITY1", &files[..2]);
+    assert_eq!(out.acked.len(), 2, "{}", out.output);
+    assert_eq!(relay.queued(), 4);
+    // Then a corrected third one: same UID, same size, its last byte changed.
+    let mut bytes = read(&files[2]);
+    *bytes.last_mut().expect("bytes") ^= 0x5a;
+    let fixed = data.path().join("fixed.dcm");
+    std::fs::write(&fixed, &bytes).expect("write");
+    let out = storescu(relay.port, "MODALITY1", std::slice::from_ref(&fixed));
+    assert_eq!(out.acked.len(), 1, "{}", out.output);
+    assert_eq!(relay.queued(), 4, "the correction replaced the queued copy");
+
+    let center = StoreScp::start(center_port);
+    relay.wait_drained(Duration::from_secs(60));
+    assert_eq!(center.store_requests(), 4, "each instance sent once");
+    let arrived: Vec<Vec<u8>> = center.files().iter().map(|p| dataset(&read(p))).collect();
+    assert!(
+        arrived.contains(&dataset(&bytes)),
+        "the corrected version arrived"
+    );
+    assert!(!arrived.contains(&dataset(&read(&files[2]))));
+    let events: Vec<_> = relay.audit().into_iter().map(|a| a.event).collect();
+    let count = |e| events.iter().filter(|x| **x == e).count();
+    use kakehashi_control::AuditEvent::{Duplicate, Superseded};
+    assert_eq!((count(Duplicate), count(Superseded)), (2, 1), "{events:?}");
 }
