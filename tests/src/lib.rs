@@ -166,16 +166,32 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The numeric fields of `/proc/<pid>/stat` after the command name (which
+/// may hold spaces and parentheses): state is `[0]`, minflt `[7]`, utime
+/// `[11]`, stime `[12]`.
+fn proc_stat(pid: u32) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.get(stat.rfind(')')? + 1..)?;
+    Some(
+        after
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
 /// CPU time (user and system, seconds) a process has used so far.
 pub fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name (which may hold spaces and
-    // parentheses): state is the first, utime the 12th, stime the 13th.
-    let after = stat.get(stat.rfind(')')? + 1..)?;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let f = proc_stat(pid)?;
+    let ticks = f.get(11)? + f.get(12)?;
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
     Some(ticks as f64 / hz as f64)
+}
+
+/// Minor page faults a process has taken so far (pages it touched that
+/// the kernel had to map: memory given back and taken again shows here).
+pub fn minor_faults(pid: u32) -> Option<u64> {
+    proc_stat(pid)?.get(7).copied()
 }
 
 #[derive(Debug, Clone)]

@@ -204,6 +204,8 @@ struct RelayRun {
     spool_flushes: Option<(u64, u64)>,
     /// kakehashid's CPU time (user + system) for the measured study.
     cpu: Option<f64>,
+    /// kakehashid's minor page faults for the measured study.
+    faults: Option<u64>,
 }
 
 /// `kakehashi_spool_flushes_total` and
@@ -266,6 +268,7 @@ fn relayed(study: &Study, center: &Path, senders: usize, sealed: bool, cold: boo
     let flushes_before = device_flushes(relay.dir.path());
     let spool_before = spool_flushes(metrics);
     let cpu_before = cpu_secs(relay.pid());
+    let faults_before = minor_faults(relay.pid());
     let t = Instant::now();
     let acked = send(relay.port, "KAKEHASHI", &study.files, senders);
     let acked_secs = t.elapsed().as_secs_f64();
@@ -289,6 +292,9 @@ fn relayed(study: &Study, center: &Path, senders: usize, sealed: bool, cold: boo
         flushes,
         spool_flushes,
         cpu: cpu_secs(relay.pid()).zip(cpu_before).map(|(a, b)| a - b),
+        faults: minor_faults(relay.pid())
+            .zip(faults_before)
+            .map(|(a, b)| a - b),
     }
 }
 
@@ -335,6 +341,9 @@ fn main() {
         let (mut rc, mut ec) = (Vec::new(), Vec::new());
         // Per round: relay, sealed, acknowledged (plain, sealed) over direct.
         let (mut rr, mut er, mut ar, mut aer) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // kakehashid's minor page faults per instance, plain and sealed.
+        let per = |f: Option<u64>| f.map(|f| f as f64 / s.files.len() as f64);
+        let (mut rf, mut ef) = (Vec::new(), Vec::new());
         let mut rss = 0;
         for _ in 0..args.rounds {
             let direct = direct(s, &args.center_dir, args.senders);
@@ -343,22 +352,26 @@ fn main() {
             r.push(run.secs);
             rr.push(run.secs / direct);
             ar.push(run.acked_secs / direct);
+            rf.extend(per(run.faults));
             rc.extend(run.cpu);
             rss = rss.max(run.peak);
             let run = relayed(s, &args.center_dir, args.senders, true, args.cold);
             e.push(run.secs);
             er.push(run.secs / direct);
             aer.push(run.acked_secs / direct);
+            ef.extend(per(run.faults));
             ec.extend(run.cpu);
             rss = rss.max(run.peak);
         }
         let rounds = format!(
-            "{:<4} per round: relay {}; sealed {}; acked {}; sealed acked {}",
+            "{:<4} per round: relay {}; sealed {}; acked {}; sealed acked {}; kakehashid page faults per instance {} / sealed {}",
             s.name,
             list(&rr),
             list(&er),
             list(&ar),
-            list(&aer)
+            list(&aer),
+            list(&rf),
+            list(&ef)
         );
         let (ratio, sealed) = (median(rr), median(er));
         let acked = format!("{:.2}/{:.2}", median(ar), median(aer));
