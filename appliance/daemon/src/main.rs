@@ -170,7 +170,8 @@ fn trusted_signers(config: &Config) -> Result<kakehashi_dicom::signature::Truste
 /// page faults, memory-cgroup charges and TLB shootdowns in the profile).
 /// It is set to 2 MiB, twice the mmap threshold, which is the ratio glibc
 /// keeps itself when it moves the threshold: 10 calls in the same run, and
-/// a fifth less of kakehashid's CPU for a CT study, for 4–5 MiB more RSS.
+/// 12–16 % less of kakehashid's CPU for a CT or MR study, for about 3 MiB
+/// more peak RSS (docs/benchmarks.md).
 #[cfg(target_env = "gnu")]
 #[allow(unsafe_code)]
 fn large_blocks_go_back_when_freed() {

@@ -2972,18 +2972,6 @@ fn fill(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 impl Spool {
-    /// Commits a received instance: its record, UID mapping and audit
-    /// record; or, if the instance is still spooled with the same bytes,
-    /// only a `duplicate` audit record. A still-pending older version with
-    /// other bytes is superseded in the same transaction.
-    ///
-    /// A study from the hospital is recorded in the studies table (with the
-    /// keyed digest of its Accession Number); a result is matched against
-    /// that table by Study Instance UID or Accession Number, and held when
-    /// it matches nothing.
-    ///
-    /// `lsn` is the instance's log entry (recorded with it, so a restart
-    /// replays only newer ones).
     /// Whether `new` (just written) holds the same dataset as the spooled
     /// `old`: by digest when both have one, else byte for byte (a sealed
     /// payload has none; this happens only when an instance comes again
@@ -3017,6 +3005,18 @@ impl Spool {
         }
     }
 
+    /// Commits a received instance: its record, UID mapping and audit
+    /// record; or, if the instance is still spooled with the same bytes,
+    /// only a `duplicate` audit record. A still-pending older version with
+    /// other bytes is superseded in the same transaction.
+    ///
+    /// A study from the hospital is recorded in the studies table (with the
+    /// keyed digest of its Accession Number); a result is matched against
+    /// that table by Study Instance UID or Accession Number, and held when
+    /// it matches nothing.
+    ///
+    /// `lsn` is the instance's log entry (recorded with it, so a restart
+    /// replays only newer ones).
     fn commit_received(
         &self,
         mut rec: InstanceRecord,
