@@ -303,7 +303,7 @@ fn large_instances_leaving_together_stay_within_one_memory_budget() {
 /// Memory freed after one instance serves the next: the allocator does not
 /// give it back to the kernel and fault it in again per instance (with
 /// glibc's trim threshold at its 128 KiB default, a 512 KiB instance cost
-/// kakehashid about 195 page faults in and out, a fifth of its CPU). Counts,
+/// kakehashid about 195 page faults in and out, 12–16 % of its CPU). Counts,
 /// not time: the minor page faults kakehashid takes for a study, relayed
 /// sealed through a spool in service, per instance.
 #[test]

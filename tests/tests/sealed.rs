@@ -17,11 +17,11 @@ fn sealed_relay(keys: &Path, center_port: u16) -> Relay {
     Relay::start(RelayOptions::to(center_port).with_software_keys(keys))
 }
 
-/// The dataset of a Part 10 file (empty if it has none).
+/// The dataset of a Part 10 file.
 fn dataset(file: &[u8]) -> Vec<u8> {
     testdata::dataset_of_file(file)
-        .map(<[u8]>::to_vec)
-        .unwrap_or_default()
+        .expect("a Part 10 file")
+        .to_vec()
 }
 
 /// Every file under `dir`, recursively.
