@@ -173,7 +173,7 @@ fn a_several_hundred_mb_instance_relays_with_small_memory() {
     big_instance(false);
 }
 
-/// Sealed: checked to its last chunk, then streamed; memory stays small.
+/// Sealed: streamed, authenticated chunk by chunk as it is sent; memory stays small.
 #[test]
 fn a_several_hundred_mb_sealed_instance_relays_with_small_memory() {
     big_instance(true);
@@ -224,25 +224,31 @@ fn big_instance(sealed: bool) {
     );
 }
 
-/// Mammograms that leave together are not all held in memory, and what
-/// was held is given back. Datasets are checked and sent from memory only
-/// within one budget shared by all associations (32 MiB); the others are
-/// checked, then streamed. Two centers, each getting six 24 MiB mammograms
-/// queued while it was down:
-/// - one serving one association at a time: one is held at a time, but
-///   each by another thread. Without the allocator's fixed mmap threshold
-///   (kakehashid's main.rs) each thread's arena kept the mammogram it had
-///   held (136 MiB measured).
-/// - one serving each association in a process of its own (as a PACS
-///   does): the six are in flight at once. Without the budget every
-///   association holds its own (157 MiB measured).
+/// Datasets that leave together are not all held in memory, and what was
+/// held is given back. A dataset of at most 4 MiB (`forwarder::HELD_MAX`)
+/// is checked into memory and sent from there only within one budget
+/// shared by all associations of all destinations (32 MiB); the others are
+/// streamed. Two destinations with 16 associations each, each getting the
+/// same sixteen datasets of just under 4 MiB queued while it was down:
+/// - centers serving one association at a time: one is held per center at
+///   a time, but each by another thread. Without the allocator's fixed
+///   mmap threshold (kakehashid's main.rs) each thread's arena kept the one
+///   it had held (136 MiB measured with six 24 MiB ones, when those were
+///   held).
+/// - centers serving each association in a process of its own (as a PACS
+///   does): the 32 are in flight at once. Without the budget every
+///   association holds its own.
 #[test]
 fn large_instances_leaving_together_stay_within_one_memory_budget() {
-    const SIZE: usize = 24 * 1024 * 1024;
+    const SIZE: usize = 4 * 1024 * 1024 - 64 * 1024;
     let keys = tempfile::tempdir().expect("tempdir");
     let data = tempfile::tempdir().expect("tempdir");
-    let center_port = free_port();
-    let relay = Relay::start(RelayOptions::to(center_port).with_software_keys(keys.path()));
+    let ports = [free_port(), free_port()];
+    let mut opts = RelayOptions::to(ports[0]).with_software_keys(keys.path());
+    opts.destinations
+        .push(("second-center".into(), "READCENTER".into(), ports[1]));
+    opts.associations = Some(16);
+    let relay = Relay::start(opts);
     let by_uid = |paths: &[PathBuf]| {
         let mut v: Vec<(String, Option<Vec<u8>>)> = paths
             .iter()
@@ -254,7 +260,7 @@ fn large_instances_leaving_together_stay_within_one_memory_budget() {
         v.sort();
         v
     };
-    // The one-at-a-time center first: a forking one's children would keep
+    // The one-at-a-time centers first: a forking one's children would keep
     // the port for a while after it stops.
     for (study, forking) in [("screening", false), ("follow-up", true)] {
         let files = testdata::study(
@@ -264,26 +270,24 @@ fn large_instances_leaving_together_stay_within_one_memory_budget() {
             testdata::MG_IMAGE,
             Syntax::ExplicitLe,
             Name::Utf8,
-            6,
+            16,
             SIZE,
         )
         .expect("data");
         let out = storescu(relay.port, "MODALITY1", &files);
         assert_eq!(out.acked.len(), files.len(), "{}", out.output);
         let extra: &[&str] = if forking { &["--fork"] } else { &[] };
-        let center = StoreScp::start_with(
-            center_port,
-            &std::env::temp_dir(),
-            None,
-            "READCENTER",
-            extra,
-        );
+        let centers = ports.map(|port| {
+            StoreScp::start_with(port, &std::env::temp_dir(), None, "READCENTER", extra)
+        });
         relay.wait_drained(Duration::from_secs(300));
-        assert!(by_uid(&center.files()) == by_uid(&files), "byte-identical");
+        for center in &centers {
+            assert!(by_uid(&center.files()) == by_uid(&files), "byte-identical");
+        }
         let peak = peak_rss(relay.pid()).expect("VmHWM");
         println!(
-            "6 instances of {} MiB relayed to a center {}; kakehashid peak RSS so far {} MiB",
-            SIZE >> 20,
+            "16 instances of {:.1} MiB relayed to two centers {}; kakehashid peak RSS so far {} MiB",
+            SIZE as f64 / (1 << 20) as f64,
             if forking {
                 "serving them all at once"
             } else {

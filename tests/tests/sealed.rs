@@ -1,5 +1,6 @@
 //! The spool at rest: sealed payloads, no patient name or ID in clear, a
-//! tampered file that is dead-lettered as "integrity" and never sent, and
+//! tampered file that is dead-lettered as "integrity" and never sent (or,
+//! for a large instance checked as it is streamed, never delivered), and
 //! re-sends told from corrections by their bytes (sealed payloads have no
 //! digest).
 //! Uses the software key store (same sealing as with a TPM; the TPM path is
@@ -22,6 +23,48 @@ fn dataset(file: &[u8]) -> Vec<u8> {
     testdata::dataset_of_file(file)
         .expect("a Part 10 file")
         .to_vec()
+}
+
+/// Flips one bit of the byte at `at` in `path` (a payload at rest).
+fn flip_byte(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("the payload's file");
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, at).expect("read");
+    byte[0] ^= 0x01;
+    file.write_all_at(&byte, at).expect("tamper");
+}
+
+/// Waits until nothing is queued and one instance is dead-lettered; checks
+/// that it was for integrity (authentication failed).
+fn wait_for_one_integrity_dead_letter(relay: &Relay) {
+    wait_until(
+        "the others delivered, one dead-lettered",
+        Duration::from_secs(120),
+        || {
+            let d = &relay.status().destinations[0];
+            d.queued == 0 && d.dead_letter == 1
+        },
+    );
+    let dead = relay.request(&kakehashi_control::Request::QueueList {
+        destination: None,
+        dead_only: true,
+        limit: None,
+    });
+    let kakehashi_control::Response::Queue { entries, .. } = dead else {
+        panic!("{dead:?}")
+    };
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].state, RouteState::DeadLetter);
+    let why = entries[0].last_error.clone().unwrap_or_default();
+    assert!(
+        why.starts_with("integrity:") && why.contains("authentication"),
+        "{why}"
+    );
 }
 
 /// Every file under `dir`, recursively.
@@ -104,47 +147,15 @@ fn a_flipped_byte_is_dead_lettered_as_integrity_and_never_sent() {
     // Flip one byte in the middle of one payload while the center is down:
     // the first frame of the first segment (its payload starts after the
     // 512-byte frame header and is 200 KiB long).
-    let seg = relay.spool_dir().join("seg/00000000.seg");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&seg)
-        .expect("the first segment");
-    let at = 512 + 100_000;
-    let mut byte = [0u8; 1];
-    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, at).expect("read");
-    byte[0] ^= 0x01;
-    std::os::unix::fs::FileExt::write_all_at(&file, &byte, at).expect("tamper");
+    flip_byte(&relay.spool_dir().join("seg/00000000.seg"), 512 + 100_000);
 
     let center = StoreScp::start(center_port);
-    wait_until(
-        "two instances delivered, one dead-lettered",
-        Duration::from_secs(60),
-        || {
-            let d = &relay.status().destinations[0];
-            d.queued == 0 && d.dead_letter == 1
-        },
-    );
+    wait_for_one_integrity_dead_letter(&relay);
     assert_eq!(center.files().len(), files.len() - 1);
     assert_eq!(
         center.store_requests(),
         files.len() - 1,
         "the tampered instance was never sent"
-    );
-    let dead = relay.request(&kakehashi_control::Request::QueueList {
-        destination: None,
-        dead_only: true,
-        limit: None,
-    });
-    let kakehashi_control::Response::Queue { entries, .. } = dead else {
-        panic!("{dead:?}")
-    };
-    assert_eq!(entries.len(), 1);
-    assert_eq!(entries[0].state, RouteState::DeadLetter);
-    let why = entries[0].last_error.clone().unwrap_or_default();
-    assert!(
-        why.starts_with("integrity:") && why.contains("authentication"),
-        "{why}"
     );
     let audit =
         String::from_utf8_lossy(&relay.cli(&["audit", "--limit", "1000"]).stdout).to_string();
@@ -153,6 +164,52 @@ fn a_flipped_byte_is_dead_lettered_as_integrity_and_never_sent() {
             || audit.contains("dead_letter")
             || audit.contains("integrity"),
         "{audit}"
+    );
+}
+
+/// A large instance is not checked before its C-STORE starts but as it is
+/// streamed, and its last fragment leaves only once the whole payload has
+/// authenticated. Here its final chunk is altered: the forwarder sends the
+/// rest, then aborts the association instead of the last fragment; the
+/// center (a real storescp) discards what it got, and the instance is
+/// dead-lettered as "integrity". The intact one next to it arrives whole.
+#[test]
+fn a_streamed_instance_altered_in_its_last_chunk_never_reaches_the_center() {
+    const SIZE: usize = 6 * 1024 * 1024;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("tempdir");
+    let center_port = free_port();
+    let mut opts = RelayOptions::to(center_port).with_software_keys(keys.path());
+    // 4 MiB segments: each instance is a payload file of its own.
+    opts.max_size = "256 MiB".into();
+    let relay = Relay::start(opts);
+    let files = testdata::ct_study(data.path(), "streamed", 2, SIZE);
+    let out = storescu(relay.port, "MODALITY1", &files);
+    assert_eq!(out.acked.len(), 2, "{}", out.output);
+
+    // The first one received has the lower id: its file sorts first.
+    let mut payloads: Vec<_> = std::fs::read_dir(relay.spool_dir().join("data"))
+        .expect("payload files")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    payloads.sort();
+    assert_eq!(payloads.len(), 2, "{payloads:?}");
+    let len = std::fs::metadata(&payloads[0]).expect("size").len();
+    flip_byte(&payloads[0], len - 100);
+
+    let center = StoreScp::start(center_port);
+    wait_for_one_integrity_dead_letter(&relay);
+    assert_eq!(
+        center.store_requests(),
+        2,
+        "the altered instance's C-STORE was begun (streamed), then aborted"
+    );
+    let arrived = center.files();
+    assert_eq!(arrived.len(), 1, "the altered instance reached the center");
+    assert_eq!(
+        dataset(&std::fs::read(&arrived[0]).expect("read")),
+        dataset(&std::fs::read(&files[1]).expect("read")),
+        "the intact one arrived whole"
     );
 }
 

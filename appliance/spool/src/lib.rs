@@ -1290,47 +1290,39 @@ impl Spool {
     /// chunk (which also proves its content), a clear one must hash to the
     /// digest recorded when it was received.
     pub fn verify_dataset(&self, rec: &DatasetRef) -> Result<(), SpoolError> {
-        self.checked_read(rec, None)
+        let mut r = self.checked_reader(rec)?;
+        std::io::copy(&mut r, &mut std::io::sink()).map_err(read_err(&r.path))?;
+        Ok(())
     }
 
     /// Like [`Spool::verify_dataset`], returning the dataset (for small ones).
     pub fn read_dataset(&self, rec: &DatasetRef) -> Result<Vec<u8>, SpoolError> {
+        let mut r = self.checked_reader(rec)?;
         let mut out = Vec::with_capacity(rec.size as usize);
-        self.checked_read(rec, Some(&mut out))?;
+        r.read_to_end(&mut out).map_err(read_err(&r.path))?;
         Ok(out)
     }
 
-    fn checked_read(
-        &self,
-        rec: &DatasetRef,
-        mut keep: Option<&mut Vec<u8>>,
-    ) -> Result<(), SpoolError> {
+    /// The dataset of `rec`, checked as it is read, in one pass: the read
+    /// that would complete it first reads the payload to its end and
+    /// checks all of it (authentication to the last chunk, or the SHA-256
+    /// recorded at reception, and the size), and fails instead of returning
+    /// the last bytes if anything is wrong. So a consumer that sends what it
+    /// reads never sends a whole dataset that fails its check (the forwarder
+    /// sends the last fragment of a C-STORE only once it has its bytes).
+    /// Opening checks what precedes the dataset (a missing file, a lost key,
+    /// the header); read errors are `InvalidData` for a failed check and
+    /// the disk's own kind otherwise.
+    pub fn checked_reader(&self, rec: &DatasetRef) -> Result<CheckedReader, SpoolError> {
         let path = self.dataset_path(rec);
-        let (mut reader, sealed) = self.open_dataset(rec)?;
-        let mut hasher = (!sealed).then(Sha256::new);
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0u64;
-        loop {
-            let n = reader.read(&mut buf).map_err(read_err(&path))?;
-            if n == 0 {
-                break;
-            }
-            if let Some(h) = hasher.as_mut() {
-                h.update(&buf[..n]);
-            }
-            if let Some(k) = keep.as_mut() {
-                k.extend_from_slice(&buf[..n]);
-            }
-            total += n as u64;
-        }
-        let digest_ok = hasher.is_none_or(|h| hex::encode(h.finalize()) == rec.sha256);
-        if total != rec.size || !digest_ok {
-            return Err(SpoolError::Integrity {
-                path,
-                detail: "the dataset does not match what was recorded when it was received".into(),
-            });
-        }
-        Ok(())
+        let (inner, sealed) = self.open_dataset(rec)?;
+        Ok(CheckedReader {
+            inner,
+            hasher: (!sealed).then(Sha256::new),
+            expected: rec.sha256.clone(),
+            left: rec.size,
+            path,
+        })
     }
 
     /// The Patient ID of `rec` in clear (the index keeps it sealed); `None`
@@ -2553,6 +2545,77 @@ fn fs_size(dir: &Path) -> Result<u64, SpoolError> {
 fn free_space(dir: &Path) -> Result<u64, SpoolError> {
     let st = statvfs(dir)?;
     Ok(st.blocks_available() * st.fragment_size())
+}
+
+/// A dataset read and checked in one pass (see [`Spool::checked_reader`]).
+pub struct CheckedReader {
+    inner: Box<dyn Read + Send>,
+    /// A payload in clear is checked against its digest; a sealed one is
+    /// authenticated chunk by chunk by its reader.
+    hasher: Option<Sha256>,
+    expected: String,
+    /// Bytes of the dataset not yet returned.
+    left: u64,
+    path: PathBuf,
+}
+
+impl CheckedReader {
+    fn failed(&self, what: String) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, what)
+    }
+
+    /// Reads the payload to its end and checks the whole of it.
+    fn finish(&mut self) -> std::io::Result<()> {
+        let mut rest = [0u8; 512];
+        let extra = self.inner.read(&mut rest)?;
+        if extra > 0 {
+            return Err(self.failed("the payload is longer than the dataset recorded".into()));
+        }
+        if let Some(h) = self.hasher.take() {
+            if hex::encode(h.finalize()) != self.expected {
+                return Err(self.failed(
+                    "the dataset does not match the digest recorded when it was received".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for CheckedReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckedReader")
+            .field("path", &self.path)
+            .field("left", &self.left)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Read for CheckedReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 || out.is_empty() {
+            return Ok(0);
+        }
+        let want = out
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut out[..want])?;
+        if n == 0 {
+            return Err(self.failed(format!(
+                "the payload ends {} bytes before the end of the dataset recorded",
+                self.left
+            )));
+        }
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&out[..n]);
+        }
+        self.left -= n as u64;
+        if self.left == 0 {
+            // The bytes that complete the dataset only once all of it checked out.
+            self.finish()?;
+        }
+        Ok(n)
+    }
 }
 
 /// What [`Spool::dataset_reader`] needs to find and check a dataset.

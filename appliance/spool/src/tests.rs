@@ -564,6 +564,88 @@ fn a_keyed_spool_seals_payloads_and_patient_ids_and_catches_tampering() {
     assert!(spool.read_dataset(&dataset).is_err());
 }
 
+/// The checked reader gives every byte of an intact dataset and withholds
+/// the last bytes of one that fails its check, so a consumer that sends
+/// what it reads (the forwarder streaming a large dataset) never sends the
+/// whole of a damaged one. Clear and sealed, in a segment and in a file of
+/// its own; one byte flipped in the middle or at the very end of the
+/// payload, or the payload cut short.
+#[test]
+fn a_checked_reader_withholds_the_end_of_a_dataset_that_fails_its_check() {
+    fn read_all(spool: &Spool, dataset: &DatasetRef) -> (Vec<u8>, Option<std::io::Error>) {
+        // A payload of one chunk fails when it is opened: nothing is given.
+        let mut r = match spool.checked_reader(dataset) {
+            Ok(r) => r,
+            Err(e @ SpoolError::Integrity { .. }) => {
+                let e = std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+                return (Vec::new(), Some(e));
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => return (got, None),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, Some(e)),
+            }
+        }
+    }
+    for sealed in [false, true] {
+        for size in [20usize << 10, 300 << 10] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (spool, _) = if sealed {
+                open_keyed(
+                    dir.path(),
+                    SpoolKey::new(zeroize::Zeroizing::new([5u8; 32])),
+                )
+                .expect("open")
+            } else {
+                open(dir.path(), 1 << 20)
+            };
+            let body: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            let rec = queued(receive(&spool, "1.5", &body).expect("receive"));
+            let own_file = rec.segment.is_none();
+            assert_eq!(own_file, size > (32 << 10), "where it is stored");
+            let dataset = DatasetRef::from(&*rec);
+            let case = format!("sealed {sealed}, {size} bytes");
+            let (got, err) = read_all(&spool, &dataset);
+            assert!(err.is_none() && got == body, "{case}: intact, {err:?}");
+
+            let on_disk = payload(&spool, &rec);
+            for at in [on_disk.len() / 2, on_disk.len() - 1] {
+                let mut bad = on_disk.clone();
+                bad[at] ^= 0x01;
+                set_payload(&spool, &rec, &bad);
+                let (got, err) = read_all(&spool, &dataset);
+                let e = err.unwrap_or_else(|| panic!("{case}, byte {at} flipped: read whole"));
+                assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{case}: {e}");
+                assert!(
+                    got.len() < body.len(),
+                    "{case}, byte {at} flipped: its last bytes were given"
+                );
+            }
+            set_payload(&spool, &rec, &on_disk);
+            if own_file {
+                let (path, _, len) = spool.payload_location(&rec);
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .expect("open")
+                    .set_len(len - 1000)
+                    .expect("cut");
+                let (got, err) = read_all(&spool, &dataset);
+                let e = err.unwrap_or_else(|| panic!("{case}, cut short: read whole"));
+                assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{case}: {e}");
+                assert!(got.len() < body.len(), "{case}");
+                set_payload(&spool, &rec, &on_disk);
+            }
+            assert_eq!(read_all(&spool, &dataset).0, body, "{case}: restored");
+        }
+    }
+}
+
 #[test]
 fn a_sealed_payload_cut_at_a_chunk_boundary_fails_its_check() {
     let dir = tempfile::tempdir().expect("tempdir");
