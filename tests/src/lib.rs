@@ -650,6 +650,16 @@ impl StoreScp {
             .matches("Received Store Request")
             .count()
     }
+
+    /// Associations it accepted (its log's "Association Acknowledged"; a
+    /// connection that negotiates nothing, such as the readiness probe, is
+    /// "Received" but not acknowledged).
+    pub fn associations(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("Association Acknowledged")
+            .count()
+    }
 }
 
 /// What storescu reported, file by file.

@@ -389,6 +389,42 @@ fn associations_that_find_nothing_left_do_not_hold_a_one_at_a_time_center() {
     );
 }
 
+/// An instance that comes while an association lingers after the last
+/// one goes over it: the worker holding it is woken, not one without an
+/// association (which would open another: to a center serving one at a
+/// time, the instance would wait until the linger ends; measured 1 s per
+/// instance with the bench's linger). Three instances, each sent once the
+/// one before was delivered, to a center that takes many associations:
+/// one association carries all three.
+#[test]
+fn an_instance_that_comes_while_an_association_lingers_goes_over_it() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let center = StoreScp::start_with(
+        free_port(),
+        &std::env::temp_dir(),
+        None,
+        "READCENTER",
+        &["--fork"],
+    );
+    let mut opts = RelayOptions::to(center.port);
+    opts.linger = "60s".into();
+    let relay = Relay::start(opts);
+    for i in 1..=3 {
+        let file = testdata::ct_study(data.path(), &format!("trickle{i}"), 1, 64 * 1024);
+        assert_eq!(storescu(relay.port, "MODALITY1", &file).acked.len(), 1);
+        wait_until(
+            "the instance at the center",
+            Duration::from_secs(30),
+            || center.files().len() == i,
+        );
+    }
+    assert_eq!(
+        center.associations(),
+        1,
+        "associations the center accepted for three instances, each sent while the first lingered"
+    );
+}
+
 /// `kakehashi studies --json`, as an operator's script reads it.
 fn studies_json(relay: &Relay) -> Vec<kakehashi_control::StudyInfo> {
     let out = relay.cli(&["studies", "--json"]);

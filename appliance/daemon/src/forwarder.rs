@@ -145,7 +145,12 @@ struct Limit {
 pub struct Handle {
     pub dest: Destination,
     queue: Mutex<Queue>,
+    /// Wakes a worker for new work (see [`Handle::wake_one`]).
     notify: Notify,
+    /// Wakes a worker idle with an association open.
+    notify_open: Notify,
+    /// Workers idle with an association open, waiting for work.
+    idle_open: AtomicUsize,
     stats: Mutex<Stats>,
     /// Associations open now.
     open: AtomicUsize,
@@ -163,6 +168,8 @@ impl Handle {
             dest,
             queue: Mutex::new(queue),
             notify: Notify::new(),
+            notify_open: Notify::new(),
+            idle_open: AtomicUsize::new(0),
             stats: Mutex::new(Stats::default()),
             open: AtomicUsize::new(0),
             slots: AtomicUsize::new(0),
@@ -233,7 +240,7 @@ impl Handle {
         if let Some(item) = Item::from_record(rec, &self.dest.name, q.strings()) {
             q.push(item);
             drop(q);
-            self.notify.notify_one();
+            self.wake_one();
         }
     }
 
@@ -247,7 +254,21 @@ impl Handle {
     /// Lets an operator's retry skip the current backoff.
     pub fn wake(&self) {
         self.stats().gate.wake();
-        self.notify.notify_one();
+        self.wake_one();
+    }
+
+    /// Wakes one worker for new work, preferring one idle with an
+    /// association open: it can send at once, while a worker without one
+    /// would open another association (to a center serving one at a time,
+    /// a wait until the idle one's linger ends). Every worker looks at the
+    /// queue again whenever it wakes, for whatever reason, so if the idle
+    /// one is leaving just now, it still finds the work.
+    fn wake_one(&self) {
+        if self.idle_open.load(Ordering::SeqCst) > 0 {
+            self.notify_open.notify_one();
+        } else {
+            self.notify.notify_one();
+        }
     }
 
     /// The destination's status; `dead_letter` comes from the spool (the
@@ -580,12 +601,23 @@ async fn worker(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTok
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
+            let open = assoc.is_some();
+            if open {
+                handle.idle_open.fetch_add(1, Ordering::SeqCst);
+            }
+            let lingered = tokio::select! {
                 _ = token.cancelled() => break,
-                _ = handle.notify.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-                _ = tunnel_changed, if blocked_until > now => {}
-                _ = tokio::time::sleep(linger) => close(&handle, &mut assoc, false).await,
+                _ = handle.notify.notified() => false,
+                _ = handle.notify_open.notified(), if open => false,
+                _ = tokio::time::sleep(wait) => false,
+                _ = tunnel_changed, if blocked_until > now => false,
+                _ = tokio::time::sleep(linger) => true,
+            };
+            if open {
+                handle.idle_open.fetch_sub(1, Ordering::SeqCst);
+            }
+            if lingered {
+                close(&handle, &mut assoc, false).await;
             }
             continue;
         };
@@ -672,7 +704,7 @@ async fn worker(shared: Arc<Shared>, handle: Arc<Handle>, token: CancellationTok
             }
             if q.next_due_ms() == Some(0) {
                 // More is due: another worker may take it.
-                handle.notify.notify_one();
+                handle.wake_one();
             }
             claimed
         };
