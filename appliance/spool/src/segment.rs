@@ -47,6 +47,11 @@
 //! by its own `fdatasync`, which moves the mark past it. At start every
 //! segment is flushed once and its mark set at the end of its frames. A
 //! segment used again (the steady state of a box) is below its mark.
+//!
+//! While a payload arrives its write-out is started early, every
+//! [`EARLY_WRITE_OUT`] bytes, on a thread of its own (see
+//! [`EarlyWriteOut`]); the frame's flush still writes out and waits for
+//! all of it.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -153,6 +158,36 @@ pub(crate) struct Segments {
     size: u64,
     state: Arc<Mutex<State>>,
     flusher: Arc<Flusher>,
+    /// Starts the write-out of payloads while they are still arriving
+    /// (see [`Writer::append`]); `None` if its thread could not start.
+    early: Option<EarlyWriteOut>,
+}
+
+/// Where [`Writer::append`] hands the regions of a payload written so far
+/// to be written out early: a thread of the spool's own starts their
+/// write-out (`sync_file_range(WRITE)`, which may wait for the device's
+/// queue) while the receiving thread goes on receiving. The frame's flush
+/// then finds most of its pages written and waits only for the rest.
+/// Nothing relies on it for durability: the flush writes out and waits for
+/// the whole frame as before.
+type EarlyWriteOut = std::sync::mpsc::Sender<(Arc<File>, u64, u64)>;
+
+/// How much of a payload is appended before its write-out is started early.
+const EARLY_WRITE_OUT: u64 = 256 << 10;
+
+fn early_write_out_thread() -> Option<EarlyWriteOut> {
+    let (tx, rx) = std::sync::mpsc::channel::<(Arc<File>, u64, u64)>();
+    std::thread::Builder::new()
+        .name("spool-writeout".into())
+        .spawn(move || {
+            // Ends when the segments and their writers are gone.
+            for (file, at, len) in rx {
+                // An error shows again in the frame's own flush.
+                let _ = sync_file_range(&file, at, len, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        })
+        .ok()?;
+    Some(tx)
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -176,6 +211,9 @@ pub(crate) struct Writer {
     through: u64,
     state: Arc<Mutex<State>>,
     flusher: Arc<Flusher>,
+    early: Option<EarlyWriteOut>,
+    /// Where the early write-out of this frame has been started up to.
+    started: u64,
 }
 
 impl Drop for Writer {
@@ -206,11 +244,22 @@ impl Writer {
         self.start + HEADER_LEN
     }
 
-    /// Appends payload bytes (the caller checked [`Writer::room`]).
+    /// Appends payload bytes (the caller checked [`Writer::room`]). Every
+    /// [`EARLY_WRITE_OUT`] bytes the whole pages written so far are handed
+    /// to the early write-out (pages this frame will not write again; the
+    /// frame's first page, which its header goes into, is left to the flush).
     pub fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.file
             .write_all_at(bytes, self.payload_at() + self.written)?;
         self.written += bytes.len() as u64;
+        let done = (self.payload_at() + self.written) & !(ALIGN - 1);
+        let from = self.started.max(self.start + ALIGN);
+        if done >= from + EARLY_WRITE_OUT {
+            if let Some(early) = &self.early {
+                let _ = early.send((Arc::clone(&self.file), from, done - from));
+            }
+            self.started = done;
+        }
         Ok(())
     }
 
@@ -350,6 +399,7 @@ impl Segments {
             size,
             state: Arc::new(Mutex::new(state)),
             flusher: Arc::default(),
+            early: early_write_out_thread(),
         })
     }
 
@@ -558,6 +608,8 @@ impl Segments {
                     through: seg.through,
                     state: Arc::clone(&self.state),
                     flusher: Arc::clone(&self.flusher),
+                    early: self.early.clone(),
+                    started: seg.pos,
                 });
             }
         }
@@ -597,6 +649,8 @@ impl Segments {
             through: 0,
             state: Arc::clone(&self.state),
             flusher: Arc::clone(&self.flusher),
+            early: self.early.clone(),
+            started: 0,
         })
     }
 
@@ -730,14 +784,28 @@ impl Read for SegReader {
 /// Writes the dirty pages of `len` bytes at `at` to the device and waits
 /// until those writes completed, without a cache flush
 /// (`sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`): the first half of
-/// a shared flush. nix has no wrapper for it; this is the spool's one call
+/// a shared flush.
+fn write_out(file: &File, at: u64, len: u64) -> std::io::Result<()> {
+    sync_file_range(
+        file,
+        at,
+        len,
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+    )
+}
+
+/// nix has no wrapper for `sync_file_range`; this is the spool's one call
 /// into libc.
 #[allow(unsafe_code)]
-fn write_out(file: &File, at: u64, len: u64) -> std::io::Result<()> {
+fn sync_file_range(
+    file: &File,
+    at: u64,
+    len: u64,
+    flags: std::os::raw::c_uint,
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
-    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-        | libc::SYNC_FILE_RANGE_WRITE
-        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
     let (Ok(at), Ok(len)) = (libc::off64_t::try_from(at), libc::off64_t::try_from(len)) else {
         return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
     };
@@ -1193,6 +1261,8 @@ mod tests {
                                 through: g.through,
                                 state: Arc::clone(&segs.state),
                                 flusher: Arc::clone(&segs.flusher),
+                                early: segs.early.clone(),
+                                started: (r % 64) * 8192,
                             }
                         };
                         w.append(&[r as u8; 4000]).expect("append");
