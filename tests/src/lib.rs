@@ -188,6 +188,16 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks as f64 / hz as f64)
 }
 
+/// CPU time (user + system) of this process's children that have ended
+/// and been waited for, so far (`getrusage(RUSAGE_CHILDREN)`): the
+/// difference around a run of storescu is its CPU time.
+pub fn ended_children_cpu_secs() -> Option<f64> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_CHILDREN).ok()?;
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    Some(secs(u.user_time()) + secs(u.system_time()))
+}
+
 /// Minor page faults a process has taken so far (pages it touched that
 /// the kernel had to map: memory given back and taken again shows here).
 pub fn minor_faults(pid: u32) -> Option<u64> {
@@ -644,6 +654,10 @@ impl StoreScp {
     }
 
     /// How many C-STORE requests it received (re-sends included).
+    pub fn pid(&self) -> u32 {
+        self._child.pid()
+    }
+
     pub fn store_requests(&self) -> usize {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()

@@ -206,6 +206,9 @@ struct RelayRun {
     cpu: Option<f64>,
     /// kakehashid's minor page faults for the measured study.
     faults: Option<u64>,
+    /// The CPU time of the peers (storescu and the destination's storescp)
+    /// over the same span as `cpu`.
+    peers_cpu: Option<f64>,
 }
 
 /// `kakehashi_spool_flushes_total` and
@@ -269,6 +272,7 @@ fn relayed(study: &Study, center: &Path, senders: usize, sealed: bool, cold: boo
     let spool_before = spool_flushes(metrics);
     let cpu_before = cpu_secs(relay.pid());
     let faults_before = minor_faults(relay.pid());
+    let peers_before = ended_children_cpu_secs().zip(cpu_secs(scp.pid()));
     let t = Instant::now();
     let acked = send(relay.port, "KAKEHASHI", &study.files, senders);
     let acked_secs = t.elapsed().as_secs_f64();
@@ -285,9 +289,14 @@ fn relayed(study: &Study, center: &Path, senders: usize, sealed: bool, cold: boo
         || scp.store_requests() >= before + n && relay.queued() == 0,
     );
     let secs = t.elapsed().as_secs_f64();
+    let peers_cpu = ended_children_cpu_secs()
+        .zip(cpu_secs(scp.pid()))
+        .zip(peers_before)
+        .map(|((sender, center), (sender0, center0))| sender - sender0 + center - center0);
     RelayRun {
         acked_secs,
         secs,
+        peers_cpu,
         peak: peak_rss(relay.pid()).unwrap_or(0),
         flushes,
         spool_flushes,
@@ -344,6 +353,13 @@ fn main() {
         // kakehashid's minor page faults per instance, plain and sealed.
         let per = |f: Option<u64>| f.map(|f| f as f64 / s.files.len() as f64);
         let (mut rf, mut ef) = (Vec::new(), Vec::new());
+        // The least each round's relay could take on this machine's CPUs.
+        let floor = |run: &RelayRun, direct: f64| {
+            run.cpu
+                .zip(run.peers_cpu)
+                .map(|(k, p)| (k + p) / (cpus() * direct))
+        };
+        let (mut rfl, mut efl) = (Vec::new(), Vec::new());
         let mut rss = 0;
         for _ in 0..args.rounds {
             let direct = direct(s, &args.center_dir, args.senders);
@@ -353,6 +369,7 @@ fn main() {
             rr.push(run.secs / direct);
             ar.push(run.acked_secs / direct);
             rf.extend(per(run.faults));
+            rfl.extend(floor(&run, direct));
             rc.extend(run.cpu);
             rss = rss.max(run.peak);
             let run = relayed(s, &args.center_dir, args.senders, true, args.cold);
@@ -360,18 +377,21 @@ fn main() {
             er.push(run.secs / direct);
             aer.push(run.acked_secs / direct);
             ef.extend(per(run.faults));
+            efl.extend(floor(&run, direct));
             ec.extend(run.cpu);
             rss = rss.max(run.peak);
         }
         let rounds = format!(
-            "{:<4} per round: relay {}; sealed {}; acked {}; sealed acked {}; kakehashid page faults per instance {} / sealed {}",
+            "{:<4} per round: relay {}; sealed {}; acked {}; sealed acked {}; kakehashid page faults per instance {} / sealed {}; CPU floor {} / sealed {}",
             s.name,
             list(&rr),
             list(&er),
             list(&ar),
             list(&aer),
             list(&rf),
-            list(&ef)
+            list(&ef),
+            list(&rfl),
+            list(&efl)
         );
         let (ratio, sealed) = (median(rr), median(er));
         let acked = format!("{:.2}/{:.2}", median(ar), median(aer));
@@ -408,6 +428,15 @@ fn main() {
             ec
         );
         per_round.push(rounds);
+        if !rfl.is_empty() && !efl.is_empty() {
+            per_round.push(format!(
+                "{:<4} CPU floor {:.2} / sealed {:.2} (median): the ratio no schedule on these {} CPUs could beat",
+                s.name,
+                median(rfl),
+                median(efl),
+                cpus()
+            ));
+        }
     }
     for line in per_round {
         println!("{line}");
@@ -439,6 +468,11 @@ fn main() {
     }
 }
 
+/// CPUs this process may run on.
+fn cpus() -> f64 {
+    std::thread::available_parallelism().map_or(1, usize::from) as f64
+}
+
 fn print_header() {
     println!(
         "sealed = the spool sealed (chunked ChaCha20-Poly1305, as on a provisioned box; software keys here, the data path is the same)"
@@ -448,6 +482,9 @@ fn print_header() {
     );
     println!(
         "ratios: median of each round's relay / direct; acked = until the sender's last C-STORE-RSP / direct (plain/sealed): the box's reception; the rest is the store-and-forward tail"
+    );
+    println!(
+        "CPU floor = the CPU time storescu, kakehashid and the destination's storescp spent on the relayed study, over (CPUs × the direct time): the relay's ratio if every CPU were busy all the time"
     );
     println!(
         "{:<4} {:>6} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>9} {:>8} | {:>6} {:>7} {:>6} {:>9} | {:>9} | {:>6} {:>5} {:>6}",
