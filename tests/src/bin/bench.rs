@@ -14,6 +14,10 @@
 //! time until storescu had its last C-STORE-RSP (the box's reception, with
 //! its flushes) over the direct time; the rest of the relay's time is the
 //! store-and-forward tail.
+//! The CPU floor is the CPU time storescu, kakehashid and the center's
+//! storescp spent on the relayed study over (CPUs × the direct time): the
+//! ratio the relay would reach if every CPU were busy all the time, which no
+//! schedule on this machine can beat.
 //!
 //! `tunnel` (in the default set): the whole path in network namespaces
 //! (see `kakehashi_systest::netns`). iperf3 through kakehashid's boringtun ↔
